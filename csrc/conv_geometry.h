@@ -1,0 +1,89 @@
+// Geometry of a 2-D convolution shared by every compiled backend: sizes, and for one kernel tap (kh, kw) the range
+// of output positions whose input position falls inside the (unpadded) image. Iterating only over that range is how
+// the sparse kernels implement zero padding without materialising a padded copy of the input.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace ptd_sparse {
+
+struct ConvGeometry {
+  int64_t batch, in_channels, in_h, in_w;
+  int64_t out_channels, kernel_h, kernel_w;
+  int64_t out_h, out_w;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+
+  int64_t taps() const { return kernel_h * kernel_w; }
+  int64_t in_plane() const { return in_h * in_w; }
+  int64_t out_plane() const { return out_h * out_w; }
+};
+
+// Half-open range [begin, end) of output coordinates o with 0 <= o * stride + offset < in_size, clipped to
+// [0, out_size). offset = tap * dilation - padding.
+struct OutputRange {
+  int64_t begin, end;
+};
+
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline OutputRange valid_output_range(int64_t offset, int64_t stride, int64_t in_size, int64_t out_size) {
+  int64_t begin = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  int64_t last_in = in_size - 1 - offset;  // largest o * stride allowed
+  int64_t end = last_in < 0 ? 0 : last_in / stride + 1;
+  if (end > out_size) end = out_size;
+  if (begin > end) begin = end;
+  return {begin, end};
+}
+
+// Builds the geometry from the kernel-op arguments and checks everything a kernel relies on, with messages that
+// name the argument. The public Python layer validates user input first; these checks guard direct calls.
+inline ConvGeometry make_geometry(at::IntArrayRef input_shape, at::IntArrayRef weight_shape, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(input_shape.size() == 4, "input must be 4-D (N, C_in, H, W), got ", input_shape.size(), " dims");
+  TORCH_CHECK_VALUE(weight_shape.size() == 4, "weight_shape must have 4 entries (C_out, C_in, KH, KW), got ",
+                    weight_shape);
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "stride, padding and dilation must have 2 entries each");
+  TORCH_CHECK_VALUE(input_shape[1] == weight_shape[1], "input has ", input_shape[1],
+                    " channels but weight_shape expects C_in = ", weight_shape[1]);
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, "dilation must be >= 1, got ", dilation);
+  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "padding must be >= 0, got ", padding);
+  ConvGeometry g{};
+  g.batch = input_shape[0];
+  g.in_channels = input_shape[1];
+  g.in_h = input_shape[2];
+  g.in_w = input_shape[3];
+  g.out_channels = weight_shape[0];
+  g.kernel_h = weight_shape[2];
+  g.kernel_w = weight_shape[3];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dil_h = dilation[0];
+  g.dil_w = dilation[1];
+  g.out_h = (g.in_h + 2 * g.pad_h - g.dil_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+  g.out_w = (g.in_w + 2 * g.pad_w - g.dil_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+  TORCH_CHECK_VALUE(g.out_h > 0 && g.out_w > 0, "input of size ", input_shape,
+                    " is too small for kernel ", weight_shape, " with padding ", padding, " and dilation ", dilation);
+  return g;
+}
+
+inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
+                      int64_t out_channels) {
+  TORCH_CHECK_VALUE(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt,
+                    "row_ptr and col_idx must be int32, got ", row_ptr.scalar_type(), " and ",
+                    col_idx.scalar_type());
+  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() == out_channels + 1, "row_ptr must have C_out + 1 = ",
+                    out_channels + 1, " entries, got shape ", row_ptr.sizes());
+  TORCH_CHECK_VALUE(col_idx.dim() == 1 && values.dim() == 1 && col_idx.numel() == values.numel(),
+                    "col_idx and values must be 1-D with one entry per nonzero, got ", col_idx.sizes(), " and ",
+                    values.sizes());
+}
+
+}  // namespace ptd_sparse

@@ -1,0 +1,235 @@
+// CPU kernels of the masked sparse convolution: forward, backward-data and backward-weight (at the nonzeros only).
+//
+// Direct sparse convolution: every nonzero weight w[co, ci, kh, kw] adds w * (a shifted window of input plane ci) to
+// output plane co. Work is nnz * N * OH * OW multiply-adds, proportional to the nonzeros; nothing dense is built.
+// Each parallel task owns one output plane (forward) or one input-gradient plane (backward-data), so no two threads
+// write the same memory and no atomics are needed. Sums are accumulated in at::opmath_type (float for half/bfloat16).
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "../conv_geometry.h"
+
+namespace ptd_sparse {
+namespace {
+
+struct Tap {
+  int64_t channel, kh, kw;
+};
+
+inline Tap decode_column(int32_t column, const ConvGeometry& g) {
+  const int64_t tap = column % g.taps();
+  return {column / g.taps(), tap / g.kernel_w, tap % g.kernel_w};
+}
+
+// acc[o_h, o_w] += weight * src[o_h * stride_h + off_h, o_w * stride_w + off_w] over the valid output window.
+template <typename acc_t, typename scalar_t>
+inline void axpy_window(acc_t* acc, const scalar_t* src, acc_t weight, const ConvGeometry& g, int64_t off_h,
+                        int64_t off_w) {
+  const OutputRange rows = valid_output_range(off_h, g.stride_h, g.in_h, g.out_h);
+  const OutputRange cols = valid_output_range(off_w, g.stride_w, g.in_w, g.out_w);
+  for (int64_t oh = rows.begin; oh < rows.end; ++oh) {
+    acc_t* out_row = acc + oh * g.out_w;
+    const scalar_t* in_row = src + (oh * g.stride_h + off_h) * g.in_w + off_w;
+    if (g.stride_w == 1) {
+      for (int64_t ow = cols.begin; ow < cols.end; ++ow) out_row[ow] += weight * static_cast<acc_t>(in_row[ow]);
+    } else {
+      for (int64_t ow = cols.begin; ow < cols.end; ++ow)
+        out_row[ow] += weight * static_cast<acc_t>(in_row[ow * g.stride_w]);
+    }
+  }
+}
+
+// The transpose of axpy_window: acc[i_h, i_w] += weight * src[o_h, o_w] where i = o * stride + off.
+template <typename acc_t, typename scalar_t>
+inline void scatter_window(acc_t* acc, const scalar_t* src, acc_t weight, const ConvGeometry& g, int64_t off_h,
+                           int64_t off_w) {
+  const OutputRange rows = valid_output_range(off_h, g.stride_h, g.in_h, g.out_h);
+  const OutputRange cols = valid_output_range(off_w, g.stride_w, g.in_w, g.out_w);
+  for (int64_t oh = rows.begin; oh < rows.end; ++oh) {
+    acc_t* in_row = acc + (oh * g.stride_h + off_h) * g.in_w + off_w;
+    const scalar_t* out_row = src + oh * g.out_w;
+    if (g.stride_w == 1) {
+      for (int64_t ow = cols.begin; ow < cols.end; ++ow) in_row[ow] += weight * static_cast<acc_t>(out_row[ow]);
+    } else {
+      for (int64_t ow = cols.begin; ow < cols.end; ++ow)
+        in_row[ow * g.stride_w] += weight * static_cast<acc_t>(out_row[ow]);
+    }
+  }
+}
+
+// sum over the valid window of a[o_h, o_w] * b[o_h * stride_h + off_h, o_w * stride_w + off_w].
+template <typename acc_t, typename scalar_t>
+inline acc_t dot_window(const scalar_t* a, const scalar_t* b, const ConvGeometry& g, int64_t off_h, int64_t off_w) {
+  const OutputRange rows = valid_output_range(off_h, g.stride_h, g.in_h, g.out_h);
+  const OutputRange cols = valid_output_range(off_w, g.stride_w, g.in_w, g.out_w);
+  acc_t sum = 0;
+  for (int64_t oh = rows.begin; oh < rows.end; ++oh) {
+    const scalar_t* a_row = a + oh * g.out_w;
+    const scalar_t* b_row = b + (oh * g.stride_h + off_h) * g.in_w + off_w;
+    for (int64_t ow = cols.begin; ow < cols.end; ++ow)
+      sum += static_cast<acc_t>(a_row[ow]) * static_cast<acc_t>(b_row[ow * g.stride_w]);
+  }
+  return sum;
+}
+
+// Enough planes per task that scheduling overhead stays small for tiny feature maps.
+inline int64_t plane_grain(int64_t plane_size) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, plane_size)); }
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the cpu backend, got ", t.device());
+}
+
+at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                            const at::Tensor& col_idx, at::IntArrayRef weight_shape,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation) {
+  for (auto [t, name] : {std::pair{&input, "input"}, {&values, "values"}, {&row_ptr, "row_ptr"}, {&col_idx, "col_idx"}})
+    check_cpu(*t, name);
+  const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
+  check_csr(row_ptr, col_idx, values, g.out_channels);
+  TORCH_CHECK_VALUE(values.scalar_type() == input.scalar_type(), "values dtype ", values.scalar_type(),
+                    " must match input dtype ", input.scalar_type());
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->numel() == g.out_channels && bias->scalar_type() == input.scalar_type(),
+                      "bias must have C_out = ", g.out_channels, " entries of dtype ", input.scalar_type());
+    bias_c = bias->contiguous();
+  }
+  const at::Tensor x = input.contiguous();
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor rp = row_ptr.contiguous();
+  const at::Tensor ci = col_idx.contiguous();
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  if (out.numel() == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* v_ptr = vals.const_data_ptr<scalar_t>();
+    const scalar_t* b_ptr = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
+    const int32_t* ci_ptr = ci.const_data_ptr<int32_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * g.out_channels, plane_grain(g.out_plane()), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(g.out_plane());
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / g.out_channels, co = task % g.out_channels;
+        std::fill(acc.begin(), acc.end(), b_ptr ? static_cast<acc_t>(b_ptr[co]) : acc_t(0));
+        const scalar_t* image = x_ptr + n * g.in_channels * g.in_plane();
+        for (int32_t e = rp_ptr[co]; e < rp_ptr[co + 1]; ++e) {
+          const Tap tap = decode_column(ci_ptr[e], g);
+          axpy_window(acc.data(), image + tap.channel * g.in_plane(), static_cast<acc_t>(v_ptr[e]), g,
+                      tap.kh * g.dil_h - g.pad_h, tap.kw * g.dil_w - g.pad_w);
+        }
+        scalar_t* dst = out_ptr + task * g.out_plane();
+        for (int64_t i = 0; i < g.out_plane(); ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& col_idx,
+                                   const at::Tensor& t_ptr, const at::Tensor& t_rows, const at::Tensor& t_perm,
+                                   at::IntArrayRef weight_shape, at::IntArrayRef input_shape, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  for (auto [t, name] : {std::pair{&grad_output, "grad_output"}, {&values, "values"}, {&t_ptr, "t_ptr"}})
+    check_cpu(*t, name);
+  const ConvGeometry g = make_geometry(input_shape, weight_shape, stride, padding, dilation);
+  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                        grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+                    "grad_output has shape ", grad_output.sizes(), ", expected [", g.batch, ", ", g.out_channels, ", ",
+                    g.out_h, ", ", g.out_w, "]");
+  TORCH_CHECK_VALUE(t_ptr.numel() == g.in_channels + 1 && t_rows.numel() == values.numel() &&
+                        t_perm.numel() == values.numel(),
+                    "the transposed pattern must have C_in + 1 pointers and one row and permutation entry per nonzero");
+  const at::Tensor go = grad_output.contiguous();
+  const at::Tensor vals = values.contiguous(), cols = col_idx.contiguous();
+  const at::Tensor tp = t_ptr.contiguous(), tr = t_rows.contiguous(), tperm = t_perm.contiguous();
+  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options());
+  if (grad_input.numel() == 0) return grad_input;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "conv_backward_input_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go_ptr = go.const_data_ptr<scalar_t>();
+    const scalar_t* v_ptr = vals.const_data_ptr<scalar_t>();
+    const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
+    const int32_t* tp_ptr = tp.const_data_ptr<int32_t>();
+    const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
+    const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
+    scalar_t* gi_ptr = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * g.in_channels, plane_grain(g.in_plane()), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(g.in_plane());
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / g.in_channels, c = task % g.in_channels;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const scalar_t* grad_image = go_ptr + n * g.out_channels * g.out_plane();
+        for (int32_t j = tp_ptr[c]; j < tp_ptr[c + 1]; ++j) {
+          const int32_t e = perm_ptr[j];
+          const Tap tap = decode_column(col_ptr[e], g);
+          scatter_window(acc.data(), grad_image + tr_ptr[j] * g.out_plane(), static_cast<acc_t>(v_ptr[e]), g,
+                         tap.kh * g.dil_h - g.pad_h, tap.kw * g.dil_w - g.pad_w);
+        }
+        scalar_t* dst = gi_ptr + task * g.in_plane();
+        for (int64_t i = 0; i < g.in_plane(); ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return grad_input;
+}
+
+at::Tensor conv_backward_values_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& row_ptr,
+                                    const at::Tensor& col_idx, at::IntArrayRef weight_shape, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation) {
+  for (auto [t, name] : {std::pair{&grad_output, "grad_output"}, {&input, "input"}, {&row_ptr, "row_ptr"}})
+    check_cpu(*t, name);
+  const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
+  TORCH_CHECK_VALUE(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ", grad_output.scalar_type(),
+                    " must match input dtype ", input.scalar_type());
+  const at::Tensor go = grad_output.contiguous(), x = input.contiguous();
+  const at::Tensor rp = row_ptr.contiguous(), cols = col_idx.contiguous();
+  const int64_t nnz = cols.numel();
+  at::Tensor grad_values = at::empty({nnz}, input.options());
+  if (nnz == 0) return grad_values;
+  if (g.batch == 0) return grad_values.zero_();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_backward_values_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go_ptr = go.const_data_ptr<scalar_t>();
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
+    const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
+    scalar_t* gv_ptr = grad_values.mutable_data_ptr<scalar_t>();
+    const int64_t work_per_entry = g.batch * g.out_plane();
+    at::parallel_for(0, nnz, std::max<int64_t>(1, 16384 / work_per_entry), [&](int64_t begin, int64_t end) {
+      // Row (output channel) of the first entry of this chunk; later rows follow by walking row_ptr.
+      int64_t co = std::upper_bound(rp_ptr, rp_ptr + g.out_channels + 1, static_cast<int32_t>(begin)) - rp_ptr - 1;
+      for (int64_t e = begin; e < end; ++e) {
+        while (rp_ptr[co + 1] <= e) ++co;
+        const Tap tap = decode_column(col_ptr[e], g);
+        acc_t sum = 0;
+        for (int64_t n = 0; n < g.batch; ++n) {
+          sum += dot_window<acc_t>(go_ptr + (n * g.out_channels + co) * g.out_plane(),
+                                   x_ptr + (n * g.in_channels + tap.channel) * g.in_plane(), g,
+                                   tap.kh * g.dil_h - g.pad_h, tap.kw * g.dil_w - g.pad_w);
+        }
+        gv_ptr[e] = static_cast<scalar_t>(sum);
+      }
+    });
+  });
+  return grad_values;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ptd_sparse_kernels, CPU, m) {
+  m.impl("conv_forward", &conv_forward_cpu);
+  m.impl("conv_backward_input", &conv_backward_input_cpu);
+  m.impl("conv_backward_values", &conv_backward_values_cpu);
+}
+
+}  // namespace ptd_sparse

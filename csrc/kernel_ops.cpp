@@ -1,0 +1,43 @@
+// Schemas of the kernel-level operators: the contract that every compiled backend (cpu here, cuda in csrc/cuda)
+// implements for its device. Users never call these directly; the public operators in ptd_sparse/ops/ route a call
+// to them when the `cpu` or `cuda` backend is chosen.
+//
+// Sparse weights come in the canonical CSR-by-output-channel format of DESIGN.md:
+//   row_ptr int32 [C_out + 1], col_idx int32 [nnz] = (c_in * KH + kh) * KW + kw, values [nnz].
+// The data gradient walks a transposed (CSC-by-input-channel) view of the same nonzeros, built once per mask:
+//   t_ptr int32 [C_in + 1], t_rows int32 [nnz] (output channel of each entry), t_perm int32 [nnz] (its CSR position).
+#include <torch/extension.h>
+
+#ifndef PTD_TORCH_VERSION
+#define PTD_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(ptd_sparse_kernels, m) {
+  m.def(
+      "conv_forward(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int[] weight_shape, "
+      "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "conv_backward_input(Tensor grad_output, Tensor values, Tensor col_idx, Tensor t_ptr, Tensor t_rows, "
+      "Tensor t_perm, int[] weight_shape, int[] input_shape, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def(
+      "conv_backward_values(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx, int[] weight_shape, "
+      "int[] stride, int[] padding, int[] dilation) -> Tensor");
+  // reduction: 0 = none, 1 = sum, 2 = batchmean. Returns (loss, grad_student); grad_student is empty when
+  // compute_grad is false.
+  m.def(
+      "kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? target, float temperature, float alpha, "
+      "int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+}
+
+// The Python side compares this with the running torch to refuse a stale build with one clear sentence.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("torch_version", []() { return std::string(PTD_TORCH_VERSION); },
+             "The torch version this extension was compiled against.");
+  module.def("has_cuda", []() {
+#ifdef WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled into this build.");
+}

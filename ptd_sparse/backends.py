@@ -1,0 +1,104 @@
+"""Which backend runs an operator call.
+
+Four backends compute the same functions (DESIGN.md): `cpu` and `cuda` (the compiled extension), `triton`
+(kernels/), and `reference` (plain PyTorch, the oracle). Every backend answers `unsupported_reasons(...)`: an empty
+list means it can run the call. The choice, in order of precedence:
+  1. `backend=` given to the call, else 2. the environment variable PTD_BACKEND, else 3. automatic.
+An explicit choice (1 or 2) that cannot run raises an error listing why. The automatic choice takes the first backend
+of the device's preference list that can run and logs once why it skipped the others. For the sparse convolution it
+picks `reference` -- the dense masked path, F.conv2d on weight * mask -- when the weight is denser than the measured
+crossover of the preferred sparse backend, since dense kernels win there (early pruning rounds, the first layer).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ptd_sparse._extension import extension_problem, has_compiled_cuda
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+SPARSE_CONV = "sparse_conv2d"
+KD_LOSS = "kd_loss"
+
+# Automatic preference per device type.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+# Density above which the dense masked path beats the sparse kernel of that backend, measured with
+# bench/bench_sparse_conv2d.py (see docs/benchmarks.md); 1.0 disables the dense path.
+DENSE_CROSSOVER = {"cpu": 0.30, "cuda": 1.0, "triton": 1.0}
+
+# Which operators each backend implements in this build.
+IMPLEMENTED = {
+    "reference": {SPARSE_CONV, KD_LOSS},
+    "cpu": {SPARSE_CONV, KD_LOSS},
+    "cuda": set(),
+    "triton": set(),
+}
+
+_logger = logging.getLogger("ptd_sparse")
+_already_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _already_logged:
+        _already_logged.add(message)
+        _logger.warning(message)
+
+
+def unsupported_reasons(backend: str, op: str, device: torch.device) -> list[str]:
+    """Why `backend` cannot run `op` on `device`; empty when it can."""
+    reasons = []
+    if op not in IMPLEMENTED[backend]:
+        reasons.append(f"the {backend} backend does not implement {op} in this build")
+    if backend == "cpu":
+        if device.type != "cpu":
+            reasons.append(f"the cpu backend runs on CPU tensors, the inputs are on {device}")
+        problem = extension_problem()
+        if problem:
+            reasons.append(problem)
+    elif backend == "cuda":
+        if device.type != "cuda":
+            reasons.append(f"the cuda backend runs on CUDA tensors, the inputs are on {device}")
+        if not has_compiled_cuda():
+            reasons.append(extension_problem() or "the C++ extension was built without its CUDA kernels")
+    elif backend == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            reasons.append("triton is not installed")
+    return reasons
+
+
+def _requested(backend: str | None) -> str | None:
+    name = backend if backend is not None else os.environ.get("PTD_BACKEND")
+    if name is None or name == "auto":
+        return None
+    if name not in BACKENDS:
+        source = "backend" if backend is not None else "the environment variable PTD_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+def choose_backend(op: str, device: torch.device, backend: str | None = None, density: float | None = None) -> str:
+    """Name of the backend that runs `op` for inputs on `device` (and, for the convolution, weight `density`)."""
+    name = _requested(backend)
+    if name is not None:
+        reasons = unsupported_reasons(name, op, device)
+        if reasons:
+            raise RuntimeError(f"{op}: the requested backend {name!r} cannot run: " + "; ".join(reasons))
+        return name
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        if candidate == "reference":
+            return candidate
+        reasons = unsupported_reasons(candidate, op, device)
+        if reasons:
+            _log_once(f"ptd_sparse: {op} on {device.type} skips the {candidate} backend: " + "; ".join(reasons))
+            continue
+        if op == SPARSE_CONV and density is not None and density > DENSE_CROSSOVER[candidate]:
+            return "reference"
+        return candidate
+    return "reference"

@@ -1,0 +1,153 @@
+"""The public functions: argument checks, the backend choice, then the registered operators (ptd_sparse/ops/)."""
+from __future__ import annotations
+
+import weakref
+from numbers import Integral
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ptd_sparse import _validation as check
+from ptd_sparse import ops
+from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, choose_backend
+from ptd_sparse.pattern import ConvPattern, SparseConvWeight
+from ptd_sparse.reference.kd_loss import REDUCTIONS
+
+DEFAULT_TEMPERATURE = 10.0  # the paper's setting (Park & No 2022, following their CIFAR experiments)
+DEFAULT_ALPHA = 0.95  # the paper's weight of the distillation term
+
+# Patterns of the masks seen by masked_conv2d, so a mask is compressed once, not on every call. Keyed by the mask
+# tensor's identity; an entry is rebuilt when the mask is modified in place (its version counter moves) and dropped
+# when the mask is freed.
+_pattern_cache: dict[int, tuple[weakref.ref, tuple[int, int], ConvPattern]] = {}
+
+
+def _mask_version(mask: Tensor) -> tuple[int, int]:
+    try:
+        version = mask._version
+    except RuntimeError:  # inference tensors carry no version counter
+        version = -1
+    return version, mask.data_ptr()
+
+
+def pattern_of(mask: Tensor) -> ConvPattern:
+    """The cached ConvPattern of `mask`, rebuilt only when the mask changed."""
+    key = id(mask)
+    entry = _pattern_cache.get(key)
+    if entry is not None and entry[0]() is mask and entry[1] == _mask_version(mask):
+        return entry[2]
+    pattern = ConvPattern.from_mask(mask.detach())
+    _pattern_cache[key] = (weakref.ref(mask, lambda _, key=key: _pattern_cache.pop(key, None)),
+                           _mask_version(mask), pattern)
+    return pattern
+
+
+def _conv_arguments(input, weight_shape, bias, stride, padding, dilation):
+    batched, unbatched = check.conv_input(input, weight_shape[1])
+    check.conv_bias(bias, weight_shape[0])
+    stride, padding, dilation = check.pair(stride, "stride", 1), check.pair(padding, "padding", 0), \
+        check.pair(dilation, "dilation", 1)
+    check.conv_output_fits(batched.shape, weight_shape, stride, padding, dilation)
+    return batched, unbatched, stride, padding, dilation
+
+
+def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                  dilation=1, backend: str | None = None) -> Tensor:
+    """F.conv2d(input, weight * mask, bias, stride, padding, dilation) with sparse kernels.
+
+    input [N, C_in, H, W] (or [C_in, H, W]), weight and mask [C_out, C_in, KH, KW] (mask bool or 0/1), bias [C_out].
+    Returns [N, C_out, OH, OW]. The gradient of weight is zero wherever mask is zero. The mask is compressed once and
+    cached until it changes. backend: None (automatic; PTD_BACKEND overrides), "cpu", "cuda", "triton" or
+    "reference" (the dense masked path: F.conv2d on weight * mask).
+    """
+    check.tensor(weight, "weight", dims=(4,), floating=True)
+    check.tensor(mask, "mask", dims=(4,))
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has shape {tuple(weight.shape)}; "
+                         "they must match")
+    check.same_device(weight, "weight", input=input, mask=mask, bias=bias)
+    check.same_dtype(weight, "weight", input=input, bias=bias)
+    batched, unbatched, stride, padding, dilation = _conv_arguments(input, tuple(weight.shape), bias, stride, padding,
+                                                                    dilation)
+    pattern = pattern_of(mask)
+    chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density)
+    if chosen == "reference":
+        out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
+    else:
+        out = _run_sparse_conv(batched, pattern, pattern.gather(weight), bias, stride, padding, dilation, chosen)
+    return out.squeeze(0) if unbatched else out
+
+
+def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
+                  dilation=1, backend: str | None = None) -> Tensor:
+    """Convolution with a weight in the canonical CSR format; gradients flow to input, sparse_weight.values and bias.
+
+    input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, OH, OW]. backend as for masked_conv2d.
+    """
+    if not isinstance(sparse_weight, SparseConvWeight):
+        raise TypeError(f"sparse_weight must be a ptd_sparse.SparseConvWeight, got {type(sparse_weight).__name__}")
+    check.same_device(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
+    check.same_dtype(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
+    batched, unbatched, stride, padding, dilation = _conv_arguments(input, sparse_weight.shape, bias, stride, padding,
+                                                                    dilation)
+    chosen = choose_backend(SPARSE_CONV, batched.device, backend, sparse_weight.density)
+    out = _run_sparse_conv(batched, sparse_weight.pattern, sparse_weight.values, bias, stride, padding, dilation,
+                           chosen)
+    return out.squeeze(0) if unbatched else out
+
+
+def _run_sparse_conv(input: Tensor, pattern: ConvPattern, values: Tensor, bias, stride, padding, dilation,
+                     backend: str) -> Tensor:
+    return ops.sparse_conv2d.sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
+                                           pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, stride, padding,
+                                           dilation, backend)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,
+            temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA, reduction: str = "batchmean",
+            ignore_index: int = -100, backend: str | None = None) -> Tensor:
+    """alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, target), fused.
+
+    student_logits [N, C] (float16, bfloat16, float32 or float64), teacher_logits [N, C] (any of those; a gradient
+    never flows to it), target [N] integer class indices or None.
+    - Rows whose target equals ignore_index contribute nothing to either term.
+    - target=None means no hard labels: the loss is the distillation term alpha * T^2 * KL alone, with the same weight
+      it has in the full loss, so adding or removing labels never rescales the distillation gradient; every row
+      counts. alpha=0 with target=None is refused, as that loss is identically zero.
+    - reduction: "batchmean" (the sum over rows divided by the number of rows not ignored; 0 when every row is
+      ignored), "sum", or "none" (one loss per row, 0 for ignored rows).
+    - Teacher entries of -inf mean the teacher rules that class out (probability 0). NaN or +inf anywhere, or a row
+      with no finite entry, is an error.
+    Returns a float32 loss (float64 for float64 students): a scalar, or [N] for reduction="none".
+    Defaults are the paper's: temperature 10, alpha 0.95.
+    """
+    check.tensor(student_logits, "student_logits", dims=(2,), floating=True)
+    check.tensor(teacher_logits, "teacher_logits", dims=(2,), floating=True)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but student_logits has shape "
+                         f"{tuple(student_logits.shape)}; they must match")
+    if student_logits.shape[1] == 0:
+        raise ValueError("student_logits has 0 classes; expected at least 1")
+    check.same_device(student_logits, "student_logits", teacher_logits=teacher_logits, target=target)
+    if target is not None:
+        check.tensor(target, "target", dims=(1,))
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        if target.shape[0] != student_logits.shape[0]:
+            raise ValueError(f"target has {target.shape[0]} labels but student_logits has "
+                             f"{student_logits.shape[0]} rows")
+    temperature = check.temperature(temperature)
+    alpha = check.alpha(alpha)
+    if target is None and alpha == 0:
+        raise ValueError("alpha=0 with target=None leaves no loss term; give target or an alpha > 0")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+    chosen = choose_backend(KD_LOSS, student_logits.device, backend)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _ = ops.kd_loss.kd_loss(student_logits, teacher_logits.detach(), target, temperature, alpha,
+                                  REDUCTIONS[reduction], int(ignore_index), compute_grad, chosen)
+    return loss

@@ -1,0 +1,63 @@
+"""MaskedConv2d: a drop-in nn.Conv2d whose weight is multiplied by a `mask` buffer, run by the sparse kernels."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ptd_sparse.functional import masked_conv2d
+
+
+class MaskedConv2d(nn.Conv2d):
+    """nn.Conv2d computing conv2d(input, weight * mask, bias). `mask` is a bool buffer of the weight's shape (all
+    True at construction), saved in the state dict. The mask is compressed once per change (set_mask, in-place edits,
+    load_state_dict) and reused by every call. groups != 1 runs the dense masked path (F.conv2d on weight * mask).
+    `backend` fixes the backend for this module (None: automatic, see ptd_sparse.backends)."""
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device))
+        self.backend = backend
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "MaskedConv2d":
+        """A MaskedConv2d with the configuration, weight and bias of `conv` (shared, not copied) and `mask`."""
+        masked = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, conv.padding_mode, device="meta", backend=backend)
+        masked.weight = conv.weight
+        masked.bias = conv.bias
+        masked.mask = torch.ones(conv.weight.shape, dtype=torch.bool, device=conv.weight.device)
+        if mask is not None:
+            masked.set_mask(mask)
+        return masked
+
+    @torch.no_grad()
+    def set_mask(self, mask: Tensor) -> None:
+        """Replace the mask (any dtype; nonzero means keep) and zero the pruned weights."""
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(self.weight.shape):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {shape}")
+        self.mask.copy_(mask != 0)
+        self.weight.mul_(self.mask)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.mask.numel()
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.groups != 1:
+            return super()._conv_forward(input, weight * self.mask, bias)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            # Explicit padding (non-zero modes, 'same'), as nn.Conv2d does, then an unpadded convolution.
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        return masked_conv2d(input, weight, self.mask, bias, self.stride, padding, self.dilation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", density={self.density:.4f}"

@@ -1,0 +1,73 @@
+"""SparseConv2d: a convolution whose weight is stored only as its nonzeros (the canonical CSR format)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ptd_sparse._validation import pair
+from ptd_sparse.functional import sparse_conv2d
+from ptd_sparse.pattern import ConvPattern, SparseConvWeight
+
+
+def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
+    """conv's zero padding as [pad_h, pad_w], or None when it cannot be written so (asymmetric 'same', or a
+    non-zero padding mode)."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return [0, 0]
+    if conv.padding == "same":
+        left_w, right_w, left_h, right_h = conv._reversed_padding_repeated_twice
+        return [left_h, left_w] if (left_h, left_w) == (right_h, right_w) else None
+    return list(conv.padding)
+
+
+class SparseConv2d(nn.Module):
+    """Convolution with a SparseConvWeight: pattern tensors as buffers, the nonzero `values` [nnz] as a parameter
+    (so they can be fine-tuned), optional bias. Memory and work scale with the nonzeros."""
+
+    def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
+                 dilation=1, backend: str | None = None):
+        super().__init__()
+        self.weight_shape = sparse_weight.shape
+        for name in ConvPattern.index_names():
+            self.register_buffer(name, getattr(sparse_weight.pattern, name))
+        self.values = nn.Parameter(sparse_weight.values.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.stride, self.padding, self.dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), \
+            pair(dilation, "dilation", 1)
+        self.backend = backend
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "SparseConv2d":
+        """Compress `conv` (groups=1, zero padding). Without a mask, the nonzero weights are kept."""
+        padding = explicit_padding(conv)
+        if conv.groups != 1 or padding is None:
+            raise ValueError(f"SparseConv2d needs groups=1 and symmetric zero padding; got groups={conv.groups}, "
+                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        weight = conv.weight.detach()
+        sparse_weight = SparseConvWeight.from_dense(weight, mask)
+        return cls(sparse_weight, conv.bias, conv.stride, padding, conv.dilation, backend)
+
+    @property
+    def sparse_weight(self) -> SparseConvWeight:
+        pattern = ConvPattern(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()))
+        return SparseConvWeight(pattern, self.values)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        return self.sparse_weight.density
+
+    def forward(self, input: Tensor) -> Tensor:
+        return sparse_conv2d(input, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
+                             backend=self.backend)
+
+    def extra_repr(self) -> str:
+        c_out, c_in, kh, kw = self.weight_shape
+        return (f"{c_in}, {c_out}, kernel_size=({kh}, {kw}), stride={tuple(self.stride)}, "
+                f"padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, bias={self.bias is not None}, "
+                f"nnz={self.nnz}, density={self.density:.4f}")

@@ -1,0 +1,77 @@
+"""ptd_sparse::kd_loss and ptd_sparse::kd_loss_backward.
+
+kd_loss returns (loss, grad_student): the fused kernels compute the gradient of the reduced loss with respect to the
+student logits in the same pass as the loss, so the backward operator only scales that saved gradient by the
+incoming gradient of the loss.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ptd_sparse.compiled import kd_loss as compiled_impl
+from ptd_sparse.reference import kd_loss as reference_impl
+
+# Backend name -> function of the common signature.
+IMPLEMENTATIONS = {"reference": reference_impl.kd_loss, "cpu": compiled_impl.kd_loss, "cuda": compiled_impl.kd_loss}
+REDUCTION_NONE = 0
+
+
+@torch.library.custom_op("ptd_sparse::kd_loss", mutates_args=())
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor], temperature: float,
+            alpha: float, reduction: int, ignore_index: int, compute_grad: bool,
+            backend: str) -> Tuple[Tensor, Tensor]:
+    """student_logits, teacher_logits [N, C]; target [N] or None; reduction 0 none / 1 sum / 2 batchmean.
+    Returns (loss: [] or [N], float32 (float64 for float64 students); grad_student: [N, C] in the student's dtype,
+    or empty when compute_grad is False)."""
+    if backend not in IMPLEMENTATIONS:
+        raise ValueError(f"kd_loss: backend {backend!r} has no implementation; available: {sorted(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[backend](student_logits, teacher_logits, target, temperature, alpha, reduction,
+                                    ignore_index, compute_grad)
+
+
+def loss_dtype(student_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if student_dtype == torch.float64 else torch.float32
+
+
+@kd_loss.register_fake
+def _kd_loss_fake(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index, compute_grad,
+                  backend):
+    torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
+    loss_shape = (student_logits.shape[0],) if reduction == REDUCTION_NONE else ()
+    loss = student_logits.new_empty(loss_shape, dtype=loss_dtype(student_logits.dtype))
+    grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
+    return loss, grad
+
+
+@torch.library.custom_op("ptd_sparse::kd_loss_backward", mutates_args=())
+def kd_loss_backward(grad_loss: Tensor, grad_student: Tensor, reduction: int) -> Tensor:
+    """grad_loss [] or [N] (the incoming gradient), grad_student [N, C] saved by kd_loss -> gradient [N, C]."""
+    scale = grad_loss[:, None] if reduction == REDUCTION_NONE else grad_loss
+    return (grad_student * scale).to(grad_student.dtype)
+
+
+@kd_loss_backward.register_fake
+def _kd_loss_backward_fake(grad_loss, grad_student, reduction):
+    return torch.empty_like(grad_student)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[5]
+    ctx.compute_grad = inputs[7]
+    loss, grad_student = output
+    ctx.mark_non_differentiable(grad_student)
+    ctx.save_for_backward(grad_student)
+
+
+def _backward(ctx, grad_loss, _unused_grad_of_grad_student):
+    if not ctx.compute_grad:
+        raise RuntimeError("kd_loss was called with compute_grad=False, so it saved no gradient to backpropagate; "
+                           "call ptd_sparse.kd_loss, which sets it when student_logits requires grad")
+    (grad_student,) = ctx.saved_tensors
+    return kd_loss_backward(grad_loss, grad_student, ctx.reduction), None, None, None, None, None, None, None, None
+
+
+kd_loss.register_autograd(_backward, setup_context=_setup_context)

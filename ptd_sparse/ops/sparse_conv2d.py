@@ -1,0 +1,90 @@
+"""ptd_sparse::sparse_conv2d and ptd_sparse::sparse_conv2d_backward.
+
+out = F.conv2d(input, W, bias, stride, padding, dilation) where W is the dense weight whose nonzeros are given in the
+canonical CSR format (ptd_sparse.pattern). Gradients: input, values (the nonzeros only) and bias.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ptd_sparse.compiled import sparse_conv2d as compiled_impl
+from ptd_sparse.reference import sparse_conv2d as reference_impl
+
+# Backend name -> module with forward(...) and backward(...) of the common signature.
+IMPLEMENTATIONS = {"reference": reference_impl, "cpu": compiled_impl, "cuda": compiled_impl}
+
+
+def _implementation(backend: str):
+    if backend not in IMPLEMENTATIONS:
+        raise ValueError(f"sparse_conv2d: backend {backend!r} has no implementation; available: "
+                         f"{sorted(IMPLEMENTATIONS)}")
+    return IMPLEMENTATIONS[backend]
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op("ptd_sparse::sparse_conv2d", mutates_args=())
+def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor, t_rows: Tensor,
+                  t_perm: Tensor, weight_shape: List[int], bias: Optional[Tensor], stride: List[int],
+                  padding: List[int], dilation: List[int], backend: str) -> Tensor:
+    """input [N, C_in, H, W], values [nnz], CSR and transposed pattern (see ConvPattern) -> [N, C_out, OH, OW]."""
+    return _implementation(backend).forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding,
+                                            dilation)
+
+
+@sparse_conv2d.register_fake
+def _sparse_conv2d_fake(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding,
+                        dilation, backend):
+    torch._check(input.dim() == 4, lambda: "input must be 4-D")
+    torch._check(input.shape[1] == weight_shape[1], lambda: "input channels must match weight_shape[1]")
+    out_h = output_size(input.shape[2], weight_shape[2], stride[0], padding[0], dilation[0])
+    out_w = output_size(input.shape[3], weight_shape[3], stride[1], padding[1], dilation[1])
+    return input.new_empty((input.shape[0], weight_shape[0], out_h, out_w))
+
+
+@torch.library.custom_op("ptd_sparse::sparse_conv2d_backward", mutates_args=())
+def sparse_conv2d_backward(grad_output: Tensor, input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                           t_ptr: Tensor, t_rows: Tensor, t_perm: Tensor, weight_shape: List[int], stride: List[int],
+                           padding: List[int], dilation: List[int], output_mask: List[bool],
+                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input [N, C_in, H, W], grad_values [nnz], grad_bias [C_out]); an output not asked for by output_mask
+    comes back empty."""
+    grads = _implementation(backend).backward(grad_output.contiguous(), input, values, row_ptr, col_idx, t_ptr,
+                                              t_rows, t_perm, weight_shape, stride, padding, dilation, output_mask)
+    return tuple(g if g is not None else grad_output.new_empty(0) for g in grads)
+
+
+@sparse_conv2d_backward.register_fake
+def _sparse_conv2d_backward_fake(grad_output, input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape,
+                                 stride, padding, dilation, output_mask, backend):
+    shapes = (input.shape, values.shape, (weight_shape[0],))
+    return tuple(grad_output.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
+     backend) = inputs
+    ctx.save_for_backward(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm)
+    ctx.conv_args = (weight_shape, stride, padding, dilation)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_output):
+    input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], ctx.has_bias and needs[8]]
+    grad_input, grad_values, grad_bias = sparse_conv2d_backward(
+        grad_output, input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, *ctx.conv_args, output_mask,
+        ctx.backend)
+    return (grad_input if output_mask[0] else None, grad_values if output_mask[1] else None,
+            None, None, None, None, None, None,
+            grad_bias if output_mask[2] else None, None, None, None, None)
+
+
+sparse_conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,158 @@
+"""The canonical sparse weight format shared by every backend (DESIGN.md, "Kernels").
+
+A 4-D convolution weight [C_out, C_in, KH, KW] is stored as CSR by output channel:
+    row_ptr int32 [C_out + 1], col_idx int32 [nnz] = (c_in * KH + kh) * KW + kw, values [nnz] (the weight's dtype).
+`ConvPattern` is the part that depends only on the mask: the CSR structure plus the layouts derived from it once per
+mask (the transposed CSC-by-input-channel view for the data gradient, and the flat positions used to gather values
+from a dense weight). `SparseConvWeight` is a pattern plus its values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+INT32_MAX = 2**31 - 1
+
+
+def _counts_to_pointers(counts: Tensor) -> Tensor:
+    pointers = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    pointers[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return pointers
+
+
+@dataclass(frozen=True)
+class ConvPattern:
+    """Nonzero structure of a [C_out, C_in, KH, KW] weight; built once per mask, shared by all calls."""
+
+    shape: tuple[int, int, int, int]
+    row_ptr: Tensor  # int32 [C_out + 1]
+    col_idx: Tensor  # int32 [nnz], column = (c_in * KH + kh) * KW + kw, ascending within a row
+    t_ptr: Tensor  # int32 [C_in + 1], entries of input channel c are t_ptr[c] .. t_ptr[c + 1]
+    t_rows: Tensor  # int32 [nnz], output channel of each transposed entry
+    t_perm: Tensor  # int32 [nnz], CSR position of each transposed entry
+    flat_index: Tensor  # int64 [nnz], position of each nonzero in weight.reshape(-1)
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> "ConvPattern":
+        """Pattern of the nonzero entries of `mask` ([C_out, C_in, KH, KW], bool or 0/1 valued)."""
+        if not isinstance(mask, Tensor) or mask.dim() != 4:
+            raise ValueError(f"mask must be a 4-D tensor [C_out, C_in, KH, KW], got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("mask must be boolean or hold only 0 and 1, so that weight * mask keeps or drops "
+                                 "each weight; got other values")
+        c_out, c_in, kh, kw = mask.shape
+        taps = c_in * kh * kw
+        flat_index = torch.nonzero(mask.reshape(-1) != 0).reshape(-1)
+        if flat_index.numel() > INT32_MAX or mask.numel() > INT32_MAX:
+            raise ValueError(f"mask has {mask.numel()} entries; the int32 CSR format holds at most {INT32_MAX}")
+        rows = torch.div(flat_index, taps, rounding_mode="floor")
+        cols = flat_index - rows * taps
+        in_channels = torch.div(cols, kh * kw, rounding_mode="floor")
+        order = torch.argsort(in_channels, stable=True)
+        return cls(
+            shape=(int(c_out), int(c_in), int(kh), int(kw)),
+            row_ptr=_counts_to_pointers(torch.bincount(rows, minlength=c_out)),
+            col_idx=cols.to(torch.int32),
+            t_ptr=_counts_to_pointers(torch.bincount(in_channels, minlength=c_in)),
+            t_rows=rows[order].to(torch.int32),
+            t_perm=order.to(torch.int32),
+            flat_index=flat_index,
+        )
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col_idx.numel())
+
+    @property
+    def density(self) -> float:
+        total = self.shape[0] * self.shape[1] * self.shape[2] * self.shape[3]
+        return self.nnz / total if total else 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_ptr.device
+
+    def to(self, device: torch.device | str) -> "ConvPattern":
+        return ConvPattern(self.shape, *(getattr(self, name).to(device) for name in self.index_names()))
+
+    @staticmethod
+    def index_names() -> tuple[str, ...]:
+        return ("row_ptr", "col_idx", "t_ptr", "t_rows", "t_perm", "flat_index")
+
+    def gather(self, weight: Tensor) -> Tensor:
+        """values [nnz] of a dense weight at this pattern's nonzeros (differentiable)."""
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"weight has shape {tuple(weight.shape)} but the pattern was built for {self.shape}")
+        return weight.reshape(-1).index_select(0, self.flat_index)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """The dense weight holding `values` at the nonzeros and 0 elsewhere."""
+        dense = values.new_zeros(self.shape[0] * self.shape[1] * self.shape[2] * self.shape[3])
+        return dense.index_put((self.flat_index,), values).reshape(self.shape)
+
+
+class SparseConvWeight:
+    """A convolution weight in the canonical CSR format: a `ConvPattern` plus `values` [nnz].
+
+    `values` may require grad: `ptd_sparse.sparse_conv2d` then trains the nonzero values in place of the dense weight.
+    """
+
+    def __init__(self, pattern: ConvPattern, values: Tensor):
+        if values.dim() != 1 or values.numel() != pattern.nnz:
+            raise ValueError(f"values must be 1-D with nnz = {pattern.nnz} entries, got shape {tuple(values.shape)}")
+        if not values.is_floating_point():
+            raise ValueError(f"values must be floating point, got {values.dtype}")
+        if values.device != pattern.device:
+            raise ValueError(f"values are on {values.device} but the pattern is on {pattern.device}")
+        self.pattern = pattern
+        self.values = values
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> "SparseConvWeight":
+        """Compress `weight` [C_out, C_in, KH, KW]; with no mask, its nonzero entries are kept."""
+        if not isinstance(weight, Tensor) or weight.dim() != 4 or not weight.is_floating_point():
+            raise ValueError("weight must be a 4-D floating-point tensor [C_out, C_in, KH, KW]")
+        if mask is None:
+            mask = weight.detach() != 0
+        elif tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has shape {tuple(weight.shape)}")
+        elif mask.device != weight.device:
+            raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
+        pattern = ConvPattern.from_mask(mask)
+        return cls(pattern, pattern.gather(weight.detach()).clone())
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.pattern.shape
+
+    @property
+    def nnz(self) -> int:
+        return self.pattern.nnz
+
+    @property
+    def density(self) -> float:
+        return self.pattern.density
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to_dense(self) -> Tensor:
+        """The dense [C_out, C_in, KH, KW] weight, zero outside the pattern."""
+        return self.pattern.scatter(self.values)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseConvWeight":
+        pattern = self.pattern if device is None else self.pattern.to(device)
+        return SparseConvWeight(pattern, self.values.to(device=device, dtype=dtype))
+
+    def __repr__(self) -> str:
+        return (f"SparseConvWeight(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
+                f"dtype={self.dtype}, device={self.device})")

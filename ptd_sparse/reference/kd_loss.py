@@ -1,0 +1,80 @@
+"""Reference KD loss: the formula written with PyTorch's softmax functions, loss and gradient computed explicitly.
+
+Accumulates in float32 (float64 for float64 students), like the fused kernels, and raises the same errors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
+
+
+def first_bad_row(logits: Tensor) -> int | None:
+    """First row holding NaN or +inf or having no finite entry, else None."""
+    bad = torch.isnan(logits).any(1) | torch.isposinf(logits).any(1) | (logits == float("-inf")).all(1)
+    rows = torch.nonzero(bad).reshape(-1)
+    return int(rows[0]) if rows.numel() else None
+
+
+def check_logits(logits: Tensor, name: str) -> None:
+    row = first_bad_row(logits)
+    if row is not None:
+        raise ValueError(f"kd_loss: {name} row {row} holds NaN or +inf, or has no finite entry; "
+                         "logits must be finite or -inf")
+
+
+def check_target(target: Tensor, classes: int, ignore_index: int) -> Tensor:
+    """Mask of the rows that count; raises on a label outside [0, classes) that is not ignore_index."""
+    valid = target != ignore_index
+    out_of_range = valid & ((target < 0) | (target >= classes))
+    rows = torch.nonzero(out_of_range).reshape(-1)
+    if rows.numel():
+        row = int(rows[0])
+        raise ValueError(f"kd_loss: target has value {int(target[row])} at row {row}; expected a class index in "
+                         f"[0, {classes}) or ignore_index = {ignore_index}")
+    return valid
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float, alpha: float,
+            reduction: int, ignore_index: int, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """(loss, grad of the reduced loss w.r.t. student_logits, or an empty tensor when compute_grad is False)."""
+    acc_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    s = student_logits.to(acc_dtype)
+    t = teacher_logits.to(acc_dtype)
+    check_logits(s, "student_logits")
+    check_logits(t, "teacher_logits")
+    rows, classes = s.shape
+    valid = torch.ones(rows, dtype=torch.bool, device=s.device)
+    if target is not None:
+        valid = check_target(target, classes, ignore_index)
+    counted = int(valid.sum())
+    scale = 1.0 / max(counted, 1) if reduction == REDUCTIONS["batchmean"] else 1.0
+
+    T = float(temperature)
+    log_p_student = torch.log_softmax(s / T, dim=1)
+    log_p_teacher = torch.log_softmax(t / T, dim=1)
+    p_teacher = log_p_teacher.exp()
+    row_loss = torch.zeros(rows, dtype=acc_dtype, device=s.device)
+    grad = torch.zeros_like(s)
+    if alpha != 0:
+        # 0 * log 0 = 0: classes the teacher rules out (-inf) contribute nothing.
+        kl_terms = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), torch.zeros_like(s))
+        row_loss += alpha * T * T * kl_terms.sum(1)
+        grad += alpha * T * (log_p_student.exp() - p_teacher)
+    if target is not None and alpha != 1:
+        log_p_hard = torch.log_softmax(s, dim=1)
+        labels = torch.where(valid, target.long(), torch.zeros_like(target, dtype=torch.long))
+        row_loss += (1 - alpha) * -log_p_hard.gather(1, labels[:, None])[:, 0]
+        one_hot = torch.nn.functional.one_hot(labels, classes).to(acc_dtype)
+        grad += (1 - alpha) * (log_p_hard.exp() - one_hot)
+    row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
+    grad = torch.where(valid[:, None], grad * scale, torch.zeros_like(grad))
+
+    if reduction == REDUCTIONS["none"]:
+        loss = row_loss
+    else:
+        loss = row_loss.sum() * (scale if reduction == REDUCTIONS["batchmean"] else 1.0)
+    if not compute_grad:
+        return loss, student_logits.new_empty(0)
+    return loss, grad.to(student_logits.dtype)

@@ -1,0 +1,47 @@
+"""Builds ptd_sparse and its extension ptd_sparse._C.
+
+The C++ CPU kernels (csrc/*.cpp, csrc/cpu/) are always built. The CUDA kernels (csrc/cuda/*.cu) are built only when
+the installed torch has CUDA, nvcc is found (CUDA_HOME) and PTD_SKIP_CUDA_BUILD is not set to 1. Triton kernels
+(kernels/) are plain Python and are installed as the subpackage ptd_sparse.kernels.
+
+Build against the torch you run with: `pip install --no-build-isolation .` (an isolated build fetches its own torch).
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    if os.environ.get("PTD_SKIP_CUDA_BUILD", "0") == "1":
+        return False
+    cuda_sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    return bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", f'-DPTD_TORCH_VERSION="{torch.__version__}"']
+    # -fopenmp is needed in the extension itself: at::parallel_for expands to an OpenMP region in our own code.
+    link_flags = ["-fopenmp"]
+    if want_cuda():
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        return CUDAExtension(
+            "ptd_sparse._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA", "-lineinfo"]},
+            extra_link_args=link_flags,
+        )
+    return CppExtension("ptd_sparse._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+
+
+setup(
+    packages=find_packages(include=["ptd_sparse", "ptd_sparse.*"]) + ["ptd_sparse.kernels"],
+    package_dir={"ptd_sparse.kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
