@@ -1,0 +1,253 @@
+"""Fused KD loss: every backend against a float64 eager oracle (log_softmax, softmax, KL, cross-entropy, autograd),
+over temperatures, alphas, reductions, dtypes, ignored rows, extreme and -inf logits, and bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, runnable_backends
+
+import ptd_sparse
+from ptd_sparse.backends import KD_LOSS
+from ptd_sparse.ops.kd_loss import kd_loss as kd_loss_op
+from ptd_sparse.ops.kd_loss import kd_loss_backward as kd_loss_backward_op
+
+BACKENDS = runnable_backends(KD_LOSS)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = lambda d: str(d).split(".")[-1]  # noqa: E731
+
+
+def oracle(student, teacher, target, temperature, alpha, reduction, ignore_index=-100):
+    """(loss, grad wrt student) of the documented definition, in float64, by eager composition and autograd."""
+    s = student.detach().double().requires_grad_()
+    t = teacher.detach().double()
+    T = temperature
+    log_p_s = F.log_softmax(s / T, dim=1)
+    log_p_t = F.log_softmax(t / T, dim=1)
+    p_t = log_p_t.exp()
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(s)).sum(1)
+    rows = alpha * T * T * kl
+    valid = torch.ones(s.shape[0], dtype=torch.bool)
+    if target is not None:
+        valid = target != ignore_index
+        ce = F.cross_entropy(s, target, ignore_index=ignore_index, reduction="none")
+        rows = rows + (1 - alpha) * ce
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / max(int(valid.sum()), 1)
+    grad_out = torch.ones_like(loss) if reduction != "none" else torch.linspace(-1, 2, loss.numel(), dtype=loss.dtype)
+    (grad,) = torch.autograd.grad(loss, s, grad_out) if s.shape[0] else (torch.zeros_like(s),)
+    return loss.detach(), grad, grad_out
+
+
+def check(backend, student, teacher, target, temperature, alpha, reduction, dtype_tol, ignore_index=-100):
+    student = student.detach().requires_grad_()
+    loss = ptd_sparse.kd_loss(student, teacher, target, temperature=temperature, alpha=alpha, reduction=reduction,
+                              ignore_index=ignore_index, backend=backend)
+    want_loss, want_grad, grad_out = oracle(student, teacher, target, temperature, alpha, reduction, ignore_index)
+    assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
+    assert loss.shape == want_loss.shape
+    assert_close(loss, want_loss, dtype_tol, "loss")
+    if student.shape[0]:
+        (grad,) = torch.autograd.grad(loss, student, grad_out.to(loss.dtype))
+        assert grad.dtype == student.dtype
+        assert_close(grad, want_grad, dtype_tol, "grad_student")
+
+
+def logits(rows, classes, generator, scale=3.0, dtype=torch.float32):
+    return (torch.randn(rows, classes, generator=generator) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 10.0])
+def test_matches_oracle(backend, temperature, alpha, reduction, generator):
+    s, t = logits(37, 13, generator), logits(37, 13, generator)
+    target = torch.randint(0, 13, (37,), generator=generator)
+    target[::5] = -100  # some ignored rows
+    check(backend, s, t, target, temperature, alpha, reduction, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("student_dtype", DTYPES + [torch.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("teacher_dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_dtype_pair(backend, student_dtype, teacher_dtype, generator):
+    s = logits(29, 100, generator, dtype=student_dtype)
+    t = logits(29, 100, generator, dtype=teacher_dtype)
+    target = torch.randint(0, 100, (29,), generator=generator)
+    # The oracle sees the same rounded inputs, so the tolerance is that of the student's dtype (its gradient's).
+    check(backend, s, t, target, 4.0, 0.5, "batchmean", student_dtype if student_dtype != torch.float64 else
+          torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 10.0])
+def test_extreme_logits(backend, temperature, generator):
+    s = logits(16, 50, generator, scale=1e4)
+    t = logits(16, 50, generator, scale=1e4)
+    target = torch.randint(0, 50, (16,), generator=generator)
+    check(backend, s, t, target, temperature, 0.5, "batchmean", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_teacher_minus_inf_entries(backend, alpha, generator):
+    s, t = logits(12, 20, generator), logits(12, 20, generator)
+    t[:, 5:9] = float("-inf")
+    t[3, :19] = float("-inf")  # a teacher that is certain
+    target = torch.randint(0, 20, (12,), generator=generator)
+    loss = ptd_sparse.kd_loss(s, t, target, temperature=4.0, alpha=alpha, backend=backend)
+    assert math.isfinite(float(loss))
+    check(backend, s, t, target, 4.0, alpha, "batchmean", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_loss_and_gradient(backend, reduction, generator):
+    s = logits(6, 10, generator).requires_grad_()
+    target = torch.full((6,), -1, dtype=torch.long)
+    loss = ptd_sparse.kd_loss(s, logits(6, 10, generator), target, ignore_index=-1, reduction=reduction,
+                              backend=backend)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,classes", [(0, 10), (1, 1), (1, 7), (33, 3), (5, 1001)])
+def test_odd_and_empty_shapes(backend, rows, classes, generator):
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    check(backend, logits(rows, classes, generator), logits(rows, classes, generator), target, 2.0, 0.7,
+          "batchmean", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_target_none_is_the_weighted_distillation_term(backend, reduction, generator):
+    s, t = logits(9, 11, generator), logits(9, 11, generator)
+    check(backend, s, t, None, 4.0, 0.8, reduction, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_logits(backend, generator):
+    s = logits(20, 30, generator).t()  # [30, 20] transposed view
+    t = logits(60, 20, generator)[::2]  # every other row
+    assert not s.is_contiguous() and not t.is_contiguous()
+    target = torch.randint(0, 20, (60,), generator=generator)[::2]
+    check(backend, s, t, target, 4.0, 0.5, "batchmean", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_eager_composition(backend, generator):
+    """The textbook eager loss (kl_div batchmean + cross_entropy) that users replace with kd_loss."""
+    s, t = logits(64, 100, generator).requires_grad_(), logits(64, 100, generator)
+    target = torch.randint(0, 100, (64,), generator=generator)
+    T, alpha = 4.0, 0.9
+    eager = alpha * T * T * F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean",
+                                     log_target=True) + (1 - alpha) * F.cross_entropy(s, target)
+    fused = ptd_sparse.kd_loss(s, t, target, temperature=T, alpha=alpha, backend=backend)
+    torch.testing.assert_close(fused, eager.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(fused, s)[0], torch.autograd.grad(eager, s)[0], atol=1e-6,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_gradcheck_float64(backend, reduction, generator):
+    s = logits(7, 9, generator, dtype=torch.float64).requires_grad_()
+    t = logits(7, 9, generator, dtype=torch.float64)
+    target = torch.randint(0, 9, (7,), generator=generator)
+    target[2] = -100
+
+    def loss(s):
+        return kd_loss_op(s, t, target, 3.0, 0.6, reduction, -100, True, backend)[0]
+
+    assert torch.autograd.gradcheck(loss, (s,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, generator):
+    for rows, reduction, with_target in ((8, 2, True), (0, 0, True), (5, 1, False)):
+        s = logits(rows, 6, generator).requires_grad_()
+        t = logits(rows, 6, generator)
+        target = torch.randint(0, 6, (rows,), generator=generator) if with_target else None
+        torch.library.opcheck(kd_loss_op, (s, t, target, 2.0, 0.5, reduction, -100, True, backend))
+        loss, grad = kd_loss_op(s.detach(), t, target, 2.0, 0.5, reduction, -100, True, backend)
+        torch.library.opcheck(kd_loss_backward_op, (torch.ones_like(loss), grad, reduction))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_is_computed_without_requires_grad(backend, generator):
+    s, t = logits(4, 5, generator), logits(4, 5, generator)
+    with torch.no_grad():
+        loss = ptd_sparse.kd_loss(s, t, torch.arange(4), backend=backend)
+    assert loss.shape == () and not loss.requires_grad
+
+
+def test_kdloss_module_matches_function(generator):
+    s, t = logits(10, 8, generator), logits(10, 8, generator)
+    target = torch.randint(0, 8, (10,), generator=generator)
+    module = ptd_sparse.nn.KDLoss(temperature=3.0, alpha=0.25, reduction="sum")
+    torch.testing.assert_close(module(s, t, target),
+                               ptd_sparse.kd_loss(s, t, target, temperature=3.0, alpha=0.25, reduction="sum"))
+    assert "temperature=3.0" in repr(module)
+
+
+# --- bad input: the error names the argument and what was expected -------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["student_logits", "teacher_logits"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "plus_inf"])
+def test_nan_or_inf_logits_are_refused(backend, which, bad, generator):
+    s, t = logits(5, 4, generator), logits(5, 4, generator)
+    (s if which == "student_logits" else t)[3, 2] = bad
+    with pytest.raises(ValueError, match=f"{which} row 3"):
+        ptd_sparse.kd_loss(s, t, torch.arange(5) % 4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_out_of_range_is_refused(backend, generator):
+    target = torch.tensor([0, 1, 4, 2])
+    with pytest.raises(ValueError, match="target has value 4 at row 2"):
+        ptd_sparse.kd_loss(logits(4, 4, generator), logits(4, 4, generator), target, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(temperature=-2.0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
+    (dict(alpha=1.5), r"alpha must be a number in \[0, 1\]"),
+    (dict(alpha=-0.1), r"alpha must be a number in \[0, 1\]"),
+    (dict(reduction="mean"), "reduction must be one of"),
+    (dict(backend="gpu"), "backend must be one of"),
+])
+def test_bad_arguments(kwargs, match, generator):
+    with pytest.raises(ValueError, match=match):
+        ptd_sparse.kd_loss(logits(3, 4, generator), logits(3, 4, generator), torch.arange(3), **kwargs)
+
+
+def test_bad_tensors(generator):
+    s, t = logits(3, 4, generator), logits(3, 4, generator)
+    with pytest.raises(ValueError, match="teacher_logits has shape"):
+        ptd_sparse.kd_loss(s, logits(3, 5, generator))
+    with pytest.raises(ValueError, match="student_logits must be 2-D"):
+        ptd_sparse.kd_loss(s[0], t[0])
+    with pytest.raises(TypeError, match="student_logits must have dtype"):
+        ptd_sparse.kd_loss(s.long(), t)
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
+        ptd_sparse.kd_loss(s, t, torch.zeros(3))
+    with pytest.raises(ValueError, match="target has 2 labels"):
+        ptd_sparse.kd_loss(s, t, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="alpha=0 with target=None"):
+        ptd_sparse.kd_loss(s, t, alpha=0.0)
+    with pytest.raises(ValueError, match="student_logits has 0 classes"):
+        ptd_sparse.kd_loss(s[:, :0], t[:, :0])
+    with pytest.raises(ValueError, match="teacher_logits is on meta"):
+        ptd_sparse.kd_loss(s, t.to("meta"))

@@ -1,0 +1,220 @@
+"""Masked sparse convolution: every backend against the float64 oracle F.conv2d(input, weight * mask), forward and
+all three gradients, over the geometry, density, batch, layout and dtype cases of the foundation issue."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, random_mask, runnable_backends
+
+import ptd_sparse
+from ptd_sparse.backends import SPARSE_CONV
+from ptd_sparse.ops.sparse_conv2d import sparse_conv2d as sparse_conv2d_op
+from ptd_sparse.ops.sparse_conv2d import sparse_conv2d_backward as sparse_conv2d_backward_op
+from ptd_sparse.pattern import ConvPattern
+
+BACKENDS = runnable_backends(SPARSE_CONV)
+DENSITIES = (0.0, 0.01, 0.1, 0.5, 1.0)
+
+
+def geometries():
+    """Every kernel size x stride x padding x dilation, on odd spatial sizes large enough for the dilated kernel."""
+    for kernel, stride, padding, dilation in itertools.product((1, 3, 5), (1, 2), (0, 1, 2), (1, 2)):
+        span = dilation * (kernel - 1) + 1
+        yield pytest.param(kernel, stride, padding, dilation, (span + 4, span + 2),
+                           id=f"k{kernel}-s{stride}-p{padding}-d{dilation}")
+
+
+def oracle(x, weight, mask, bias, stride, padding, dilation, grad_out):
+    """Forward and gradients of F.conv2d(x, weight * mask, bias) in float64 via autograd."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_() if bias is not None else None
+    out = F.conv2d(x64, w64 * mask.double(), b64, stride, padding, dilation)
+    inputs = (x64, w64) + ((b64,) if bias is not None else ())
+    grads = torch.autograd.grad(out, inputs, grad_out.double(), allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(i) for g, i in zip(grads, inputs)]
+    return out, grads
+
+
+def run_case(backend, x, weight, mask, bias, stride, padding, dilation, dtype, generator):
+    x = x.to(dtype).requires_grad_()
+    weight = weight.to(dtype).requires_grad_()
+    bias = bias.to(dtype).requires_grad_() if bias is not None else None
+    out = ptd_sparse.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, backend=backend)
+    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
+    expected_out, expected_grads = oracle(x, weight, mask, bias, stride, padding, dilation, grad_out)
+    assert out.shape == expected_out.shape and out.dtype == dtype
+    assert_close(out, expected_out, dtype, "output")
+    inputs = (x, weight) + ((bias,) if bias is not None else ())
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), grads, expected_grads):
+        assert got.dtype == dtype
+        assert_close(got, want, dtype, name)
+    # The weight gradient is exactly zero where the mask is zero.
+    assert not grads[1][~mask].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("kernel,stride,padding,dilation,size", list(geometries()))
+def test_matches_oracle_over_geometry_and_density(backend, density, kernel, stride, padding, dilation, size,
+                                                  generator):
+    c_in, c_out = 3, 5  # channel counts that are multiples of nothing useful
+    x = torch.randn(3, c_in, *size, generator=generator)
+    weight = torch.randn(c_out, c_in, kernel, kernel, generator=generator)
+    mask = random_mask(weight.shape, density, generator)
+    bias = torch.randn(c_out, generator=generator)
+    run_case(backend, x, weight, mask, bias, stride, padding, dilation, torch.float32, generator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (5, 2, 2, 1), (3, 2, 0, 2), (1, 1, 0, 1)])
+def test_matches_oracle_in_every_dtype(backend, dtype, kernel, stride, padding, dilation, generator):
+    x = torch.randn(2, 7, 13, 10, generator=generator)
+    weight = torch.randn(11, 7, kernel, kernel, generator=generator)
+    mask = random_mask(weight.shape, 0.3, generator)
+    run_case(backend, x, weight, mask, torch.randn(11, generator=generator), stride, padding, dilation, dtype,
+             generator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [0, 1, 5])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_batch_sizes_and_optional_bias(backend, batch, with_bias, generator):
+    x = torch.randn(batch, 4, 9, 7, generator=generator)
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, 0.2, generator)
+    bias = torch.randn(6, generator=generator) if with_bias else None
+    run_case(backend, x, weight, mask, bias, 1, 1, 1, torch.float32, generator)
+
+
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def strided_view(x):
+    """Same values, non-contiguous: every other column of a twice-as-wide tensor."""
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1])
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def transposed_view(x):
+    return x.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", [channels_last, strided_view, transposed_view], ids=lambda f: f.__name__)
+def test_non_contiguous_inputs(backend, layout, generator):
+    x = layout(torch.randn(3, 5, 11, 9, generator=generator))
+    weight = layout(torch.randn(8, 5, 3, 3, generator=generator))
+    assert not x.is_contiguous()
+    mask = random_mask(weight.shape, 0.25, generator)
+    run_case(backend, x, weight, mask, torch.randn(8, generator=generator), 2, 1, 1, torch.float32, generator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_output_from_sum(backend, generator):
+    """The gradient of .sum() arrives as an expanded view with stride 0."""
+    x = torch.randn(2, 3, 8, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, generator=generator, requires_grad=True)
+    mask = random_mask(weight.shape, 0.5, generator)
+    ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend=backend).sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    F.conv2d(x_ref, w_ref * mask, padding=1).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbatched_input(backend, generator):
+    x = torch.randn(3, 9, 9, generator=generator)
+    weight = torch.randn(4, 3, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, 0.4, generator)
+    out = ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend=backend)
+    torch.testing.assert_close(out, F.conv2d(x, weight * mask, padding=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_conv2d_trains_values(backend, generator):
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, 0.3, generator)
+    sparse = ptd_sparse.SparseConvWeight.from_dense(weight, mask)
+    sparse.values.requires_grad_()
+    x = torch.randn(2, 4, 10, 10, generator=generator)
+    out = ptd_sparse.sparse_conv2d(x, sparse, stride=2, padding=1, backend=backend)
+    grad_out = torch.randn(out.shape, generator=generator)
+    (grad_values,) = torch.autograd.grad(out, sparse.values, grad_out)
+    dense = weight.clone().requires_grad_()
+    expected = F.conv2d(x, dense * mask, stride=2, padding=1)
+    (grad_dense,) = torch.autograd.grad(expected, dense, grad_out)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_values, grad_dense.reshape(-1)[sparse.pattern.flat_index], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 2, 2), (2, 0, 1)])
+def test_gradcheck_float64(backend, stride, padding, dilation, generator):
+    weight = torch.randn(4, 3, 3, 3, generator=generator, dtype=torch.float64)
+    pattern = ConvPattern.from_mask(random_mask(weight.shape, 0.4, generator))
+    values = pattern.gather(weight).requires_grad_()
+    x = torch.randn(2, 3, 8, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, values, bias):
+        return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
+                                pattern.t_perm, list(pattern.shape), bias, [stride] * 2, [padding] * 2,
+                                [dilation] * 2, backend)
+
+    assert torch.autograd.gradcheck(conv, (x, values, bias))
+
+
+def op_samples(generator):
+    for density, batch, bias in ((0.3, 2, True), (0.0, 1, False), (1.0, 0, True)):
+        weight = torch.randn(5, 3, 3, 3, generator=generator)
+        pattern = ConvPattern.from_mask(random_mask(weight.shape, density, generator))
+        x = torch.randn(batch, 3, 7, 6, generator=generator, requires_grad=True)
+        values = pattern.gather(weight).requires_grad_()
+        b = torch.randn(5, generator=generator, requires_grad=True) if bias else None
+        yield x, values, pattern, b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, generator):
+    for x, values, p, bias in op_samples(generator):
+        args = (x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape), bias, [2, 1], [1, 1],
+                [1, 2], backend)
+        torch.library.opcheck(sparse_conv2d_op, args)
+        grad_out = torch.randn(sparse_conv2d_op(*args).shape, generator=generator)
+        backward_args = (grad_out, x.detach(), values.detach(), p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
+                         list(p.shape), [2, 1], [1, 1], [1, 2], [True, True, bias is not None], backend)
+        torch.library.opcheck(sparse_conv2d_backward_op, backward_args)
+
+
+def test_reference_backend_agrees_with_the_op_reference(generator):
+    """masked_conv2d(backend='reference') takes the dense masked path; the op's reference must agree with it."""
+    weight = torch.randn(5, 3, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, 0.3, generator)
+    x = torch.randn(2, 3, 9, 9, generator=generator)
+    dense_path = ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend="reference")
+    op_path = ptd_sparse.sparse_conv2d(x, ptd_sparse.SparseConvWeight.from_dense(weight, mask), padding=1,
+                                       backend="reference")
+    torch.testing.assert_close(dense_path, op_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_treats_the_op_as_opaque(backend, generator):
+    weight = torch.randn(5, 3, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, 0.3, generator)
+    x = torch.randn(2, 3, 9, 9, generator=generator)
+
+    def fn(x, weight):
+        return torch.relu(ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend=backend))
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=False)
+    torch.testing.assert_close(compiled(x, weight), fn(x, weight))
