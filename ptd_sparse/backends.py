@@ -25,9 +25,9 @@ KD_LOSS = "kd_loss"
 # Automatic preference per device type.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
-# Density above which the dense masked path beats the sparse kernel of that backend, measured with
-# bench/bench_sparse_conv2d.py (see docs/benchmarks.md); 1.0 disables the dense path.
-DENSE_CROSSOVER = {"cpu": 0.30, "cuda": 1.0, "triton": 1.0}
+# Density above which the dense masked path (oneDNN/cuDNN through F.conv2d) beats the sparse kernel of that backend,
+# measured with bench/bench_sparse_conv2d.py on the CIFAR VGG layers (docs/benchmarks.md); 1.0 never goes dense.
+DENSE_CROSSOVER = {"cpu": 0.04, "cuda": 1.0, "triton": 1.0}
 
 # Which operators each backend implements in this build.
 IMPLEMENTED = {

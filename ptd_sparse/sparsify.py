@@ -32,13 +32,24 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """deepcopy, except that torch.nn.utils.prune's computed `weight` (a non-leaf tensor, which deepcopy refuses) is
+    copied detached; the prune hook recomputes it from weight_orig * weight_mask on the next forward anyway."""
+    memo = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "weight_mask") and isinstance(weight, Tensor) and not weight.is_leaf:
+            memo[id(weight)] = weight.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 @torch.no_grad()
 def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None) -> nn.Module:
     """Return `model` (a copy unless inplace) with every pruned groups=1 convolution replaced by a SparseConv2d that
     stores only the nonzeros. The rest of the model is unchanged."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     for name, module in list(target.named_modules()):
         if not isinstance(module, nn.Conv2d):
             continue

@@ -1,0 +1,228 @@
+"""MaskedConv2d, SparseConv2d, sparsify and the canonical CSR format."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as prune
+from conftest import random_mask, runnable_backends
+from torch import nn
+
+import ptd_sparse
+from ptd_sparse import functional
+from ptd_sparse.backends import SPARSE_CONV
+from ptd_sparse.nn import MaskedConv2d, SparseConv2d
+from ptd_sparse.pattern import ConvPattern, SparseConvWeight
+
+BACKENDS = runnable_backends(SPARSE_CONV)
+
+
+def test_csr_format_is_canonical(generator):
+    weight = torch.zeros(3, 2, 2, 2)
+    weight[0, 1, 0, 1] = 1.5  # column (1 * 2 + 0) * 2 + 1 = 5
+    weight[2, 0, 1, 0] = -2.0  # column 2
+    weight[2, 1, 1, 1] = 3.0  # column 7
+    sparse = SparseConvWeight.from_dense(weight)
+    assert sparse.pattern.row_ptr.tolist() == [0, 1, 1, 3]
+    assert sparse.pattern.col_idx.tolist() == [5, 2, 7]
+    assert sparse.values.tolist() == [1.5, -2.0, 3.0]
+    assert sparse.pattern.row_ptr.dtype == torch.int32 and sparse.pattern.col_idx.dtype == torch.int32
+    assert sparse.nnz == 3 and sparse.density == pytest.approx(3 / 24)
+    assert torch.equal(sparse.to_dense(), weight)
+    # Transposed view by input channel: channel 0 holds entry 1 (row 2), channel 1 entries 0 and 2 (rows 0, 2).
+    assert sparse.pattern.t_ptr.tolist() == [0, 1, 3]
+    assert sparse.pattern.t_perm.tolist() == [1, 0, 2]
+    assert sparse.pattern.t_rows.tolist() == [2, 0, 2]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0])
+def test_from_dense_with_mask_round_trips(density, generator):
+    weight = torch.randn(7, 5, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, density, generator)
+    sparse = SparseConvWeight.from_dense(weight, mask)
+    assert sparse.nnz == int(mask.sum())
+    assert torch.equal(sparse.to_dense(), weight * mask)
+    assert torch.equal(SparseConvWeight.from_dense(weight, mask.float()).to_dense(), weight * mask)
+    moved = sparse.to(dtype=torch.float64)
+    assert moved.dtype == torch.float64 and moved.nnz == sparse.nnz
+
+
+def test_pattern_errors():
+    with pytest.raises(ValueError, match="mask must be boolean or hold only 0 and 1"):
+        ConvPattern.from_mask(torch.full((2, 2, 3, 3), 0.5))
+    with pytest.raises(ValueError, match="mask must be a 4-D tensor"):
+        ConvPattern.from_mask(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="mask has shape"):
+        SparseConvWeight.from_dense(torch.randn(2, 2, 3, 3), torch.ones(2, 2, 1, 1))
+    with pytest.raises(ValueError, match="values must be 1-D with nnz = 36"):
+        SparseConvWeight(ConvPattern.from_mask(torch.ones(2, 2, 3, 3)), torch.zeros(5))
+
+
+def test_mask_is_compressed_once_per_change(monkeypatch, generator):
+    calls = []
+    original = ConvPattern.from_mask.__func__
+
+    def counting(cls, mask):
+        calls.append(1)
+        return original(cls, mask)
+
+    monkeypatch.setattr(ConvPattern, "from_mask", classmethod(counting))
+    conv = MaskedConv2d(3, 4, 3, padding=1)
+    conv.set_mask(random_mask(conv.weight.shape, 0.3, generator))
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    for _ in range(3):
+        conv(x).sum().backward()
+    assert len(calls) == 1
+    conv.set_mask(random_mask(conv.weight.shape, 0.1, generator))
+    out = conv(x)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight * conv.mask, conv.bias, padding=1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, padding="same"),
+    dict(kernel_size=4, padding="same"),  # asymmetric 'same'
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), bias=False),
+    dict(kernel_size=3, padding=1, groups=2),  # dense masked path
+], ids=["pad1", "same", "same_even", "reflect", "rect", "groups2"])
+def test_masked_conv2d_is_a_drop_in_conv2d(backend, config, generator):
+    conv = nn.Conv2d(4, 6, **config)
+    masked = MaskedConv2d(4, 6, backend=backend, **config)
+    masked.load_state_dict(conv.state_dict(), strict=False)
+    mask = random_mask(masked.weight.shape, 0.35, generator)
+    masked.set_mask(mask)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(3, 4, 9, 8, generator=generator)
+    out, expected = masked(x), conv(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(masked.weight.grad, conv.weight.grad * mask, atol=1e-4, rtol=1e-5)
+    assert not masked.weight.grad[~mask].any()
+
+
+def test_masked_conv2d_state_dict_round_trip(generator):
+    conv = MaskedConv2d(3, 5, 3, padding=1)
+    conv.set_mask(random_mask(conv.weight.shape, 0.2, generator))
+    buffer = io.BytesIO()
+    torch.save(conv.state_dict(), buffer)
+    buffer.seek(0)
+    restored = MaskedConv2d(3, 5, 3, padding=1)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(1, 3, 6, 6, generator=generator)
+    torch.testing.assert_close(restored(x), conv(x))
+    assert restored.mask.dtype == torch.bool and restored.nnz == conv.nnz
+    assert "density=0.2" in repr(restored)
+
+
+def test_masked_conv2d_from_conv_shares_parameters(generator):
+    conv = nn.Conv2d(3, 4, 3)
+    masked = MaskedConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.5, generator))
+    assert masked.weight is conv.weight
+    with pytest.raises(ValueError, match="mask must have the weight's shape"):
+        masked.set_mask(torch.ones(4, 3, 1, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_conv2d_module(backend, generator):
+    conv = nn.Conv2d(5, 7, 3, stride=2, padding="valid")
+    mask = random_mask(conv.weight.shape, 0.25, generator)
+    sparse = SparseConv2d.from_conv(conv, mask, backend=backend)
+    x = torch.randn(2, 5, 11, 11, generator=generator)
+    torch.testing.assert_close(sparse(x), F.conv2d(x, conv.weight * mask, conv.bias, stride=2), atol=1e-5,
+                               rtol=1e-5)
+    assert sparse.nnz == int(mask.sum())
+    restored = SparseConv2d.from_conv(conv, mask)
+    restored.load_state_dict(sparse.state_dict())
+    with pytest.raises(ValueError, match="groups=1"):
+        SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+class SmallNet(nn.Module):
+    def __init__(self, conv=nn.Conv2d):
+        super().__init__()
+        self.features = nn.Sequential(conv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      conv(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                                      conv(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def test_sparsify_masked_model(generator):
+    model = SmallNet(MaskedConv2d).eval()
+    for module in model.modules():
+        if isinstance(module, MaskedConv2d):
+            module.set_mask(random_mask(module.weight.shape, 0.2, generator))
+    sparse = ptd_sparse.sparsify(model)
+    kinds = [type(m).__name__ for m in sparse.features]
+    assert kinds[0] == "SparseConv2d" and kinds[3] == "MaskedConv2d" and kinds[5] == "SparseConv2d"
+    assert isinstance(model.features[0], MaskedConv2d)  # the original is untouched
+    x = torch.randn(2, 3, 12, 12, generator=generator)
+    torch.testing.assert_close(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sparsify_torch_prune_model(generator):
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    convs = [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d)]
+    prune.global_unstructured(convs, pruning_method=prune.L1Unstructured, amount=0.8)
+    sparse = ptd_sparse.sparsify(model)
+    first = sparse.features[0]
+    assert isinstance(first, SparseConv2d)
+    assert first.nnz == int(model.features[0].weight_mask.sum())
+    x = torch.randn(2, 3, 12, 12, generator=generator)
+    torch.testing.assert_close(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sparsify_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ptd_sparse.sparsify("not a model")
+
+
+def test_functional_pattern_cache_follows_in_place_mask_edits(generator):
+    weight = torch.randn(4, 3, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, 0.5, generator)
+    first = functional.pattern_of(mask)
+    assert functional.pattern_of(mask) is first
+    mask[0].zero_()
+    second = functional.pattern_of(mask)
+    assert second is not first and second.nnz == int(mask.sum())
+
+
+# --- bad input to the convolution --------------------------------------------------------------------------------
+
+def test_conv_errors(generator):
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    mask = torch.ones_like(w, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mask has shape"):
+        ptd_sparse.masked_conv2d(x, w, mask[:, :2])
+    with pytest.raises(ValueError, match="input has 5 channels"):
+        ptd_sparse.masked_conv2d(torch.randn(2, 5, 8, 8), w, mask)
+    with pytest.raises(ValueError, match="input must be 3-D or 4-D"):
+        ptd_sparse.masked_conv2d(torch.randn(8, 8), w, mask)
+    with pytest.raises(TypeError, match="input has dtype torch.float64 but weight has dtype torch.float32"):
+        ptd_sparse.masked_conv2d(x.double(), w, mask)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        ptd_sparse.masked_conv2d(x, w.long(), mask)
+    with pytest.raises(ValueError, match="bias must have C_out = 4 entries"):
+        ptd_sparse.masked_conv2d(x, w, mask, torch.zeros(3))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        ptd_sparse.masked_conv2d(x, w, mask, stride=0)
+    with pytest.raises(ValueError, match="padding must be an int or a pair of ints"):
+        ptd_sparse.masked_conv2d(x, w, mask, padding=(1, 1, 1))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        ptd_sparse.masked_conv2d(torch.randn(1, 3, 4, 4), w, mask, dilation=3)
+    with pytest.raises(ValueError, match="mask must be boolean or hold only 0 and 1"):
+        ptd_sparse.masked_conv2d(x, w, torch.full_like(w, 2.0))
+    with pytest.raises(ValueError, match="mask is on meta but weight is on cpu"):
+        ptd_sparse.masked_conv2d(x, w, mask.to("meta"))
+    with pytest.raises(TypeError, match="sparse_weight must be a ptd_sparse.SparseConvWeight"):
+        ptd_sparse.sparse_conv2d(x, w)
