@@ -25,7 +25,10 @@ def want_cuda() -> bool:
 
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", f'-DPTD_TORCH_VERSION="{torch.__version__}"']
+    # The CPU kernels are written with portable vector types; -march lets the compiler use the widest vectors of the
+    # building machine (AVX2/FMA, AVX-512). PTD_CPU_ARCH=x86-64-v2 (or any -march value) builds for other machines.
+    arch = os.environ.get("PTD_CPU_ARCH", "native")
+    cxx_flags = ["-O3", "-fopenmp", f"-march={arch}", f'-DPTD_TORCH_VERSION="{torch.__version__}"']
     # -fopenmp is needed in the extension itself: at::parallel_for expands to an OpenMP region in our own code.
     link_flags = ["-fopenmp"]
     if want_cuda():

@@ -102,21 +102,29 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
         if (bad_t) record_first(bad_teacher, r);
         continue;
       }
-      const acc_t lse_student_t = st.student_max * inv_t + std::log(st.student_sum_t);
-      const acc_t lse_student_1 = st.student_max + std::log(st.student_sum_1);
-      const acc_t lse_teacher = st.teacher_max * inv_t + std::log(st.teacher_sum);
+      // Everything is computed relative to the row maxima: x - max is exact for nearby values, so large logits
+      // (|x| ~ 1e4) lose no precision before the exponentials.
+      const acc_t log_z_student_t = std::log(st.student_sum_t), log_z_student_1 = std::log(st.student_sum_1);
+      const acc_t log_z_teacher = std::log(st.teacher_sum);
       acc_t loss = 0;
-      if (kd_weight != 0) loss += kd_weight * (st.teacher_weighted / st.teacher_sum - lse_teacher + lse_student_t);
-      if (ce_weight != 0) loss += ce_weight * (lse_student_1 - static_cast<acc_t>(s_row[target[r]]));
+      if (kd_weight != 0) {
+        // KL = sum p_t (t - s) / T - lse(t / T) + lse(s / T)
+        const acc_t lse_difference = (st.teacher_max - st.student_max) * inv_t + log_z_teacher - log_z_student_t;
+        loss += kd_weight * (st.teacher_weighted / st.teacher_sum - lse_difference);
+      }
+      if (ce_weight != 0)
+        loss += ce_weight * (st.student_max - static_cast<acc_t>(s_row[target[r]]) + log_z_student_1);
       loss_ptr[r] = loss;
       if (!g_row) continue;
       // d/ds [alpha T^2 KL] = alpha T (p_s^T - p_t^T);  d/ds [(1 - alpha) CE] = (1 - alpha) (p_s - onehot(y)).
       const acc_t kd_grad = static_cast<acc_t>(alpha) * T * scale, ce_grad = ce_weight * scale;
       for (int64_t c = 0; c < classes; ++c) {
-        const acc_t s = static_cast<acc_t>(s_row[c]), t = static_cast<acc_t>(t_row[c]);
+        const acc_t s = static_cast<acc_t>(s_row[c]) - st.student_max;
+        const acc_t t = static_cast<acc_t>(t_row[c]) - st.teacher_max;
         acc_t g = 0;
-        if (kd_weight != 0) g += kd_grad * (std::exp(s * inv_t - lse_student_t) - std::exp(t * inv_t - lse_teacher));
-        if (ce_grad != 0) g += ce_grad * (std::exp(s - lse_student_1) - (c == target[r] ? acc_t(1) : acc_t(0)));
+        if (kd_weight != 0)
+          g += kd_grad * (std::exp(s * inv_t - log_z_student_t) - std::exp(t * inv_t - log_z_teacher));
+        if (ce_grad != 0) g += ce_grad * (std::exp(s - log_z_student_1) - (c == target[r] ? acc_t(1) : acc_t(0)));
         g_row[c] = static_cast<student_t>(g);
       }
     }

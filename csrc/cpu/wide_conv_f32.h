@@ -1,0 +1,167 @@
+// Fast float32 CPU kernels of the sparse convolution ("wide" direct sparse convolution, after SkimCaffe).
+//
+// The input of every image is packed once per call into zero-padded, stride-phase-split planes
+// [C, stride_h, stride_w, Hq, Wq]: then the input window that one kernel tap (c, kh, kw) reads for all output
+// positions is a single contiguous run starting at a fixed offset, whatever the stride, dilation or padding. Output
+// positions are enumerated "wide", q = oh * Wq + ow with ow running over the full packed width Wq; the columns
+// ow >= OW are computed and discarded, which buys loops with no bounds checks. A sparse row is then a list of
+// (offset, value) taps and an output block is
+//     acc[q .. q + 32) = bias + sum_taps value * src[offset + q .. offset + q + 32)
+// with the 32 accumulators held in registers across all taps of the row (register blocking). Work and traffic scale
+// with the nonzeros; nothing dense is ever built.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace ptd_sparse {
+namespace wide {
+
+// GCC/Clang vector extension: 8 floats, lowered to AVX when the build enables it (-march), to SSE pairs otherwise.
+typedef float vec8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+constexpr int64_t kBlock = 4 * kLanes;  // outputs per register block
+
+inline vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
+inline vec8 broadcast8(float x) { return vec8{} + x; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Tap {
+  int32_t offset;  // into one packed image, in floats
+  float value;
+};
+
+// Shape of one packed image: C planes per phase, each Hq x Wq, and the wide output length.
+struct PackedGeometry {
+  int64_t channels, phase_h, phase_w, rows, cols;  // cols = Wq, the wide row stride
+  int64_t out_h, out_w;                            // valid output size
+  int64_t plane() const { return rows * cols; }
+  int64_t image() const { return channels * phase_h * phase_w * plane(); }
+  int64_t wide_length() const { return round_up(out_h * cols, kLanes); }
+  // Reads run up to one row plus a vector past the last plane: the slack after the last image.
+  int64_t slack() const { return cols + 2 * kBlock; }
+  int32_t tap_offset(int64_t channel, int64_t tap_h, int64_t tap_w) const {
+    const int64_t phase = (channel * phase_h + tap_h % phase_h) * phase_w + tap_w % phase_w;
+    return static_cast<int32_t>(phase * plane() + (tap_h / phase_h) * cols + tap_w / phase_w);
+  }
+};
+
+// Geometry for a convolution over an H x W input with the given padding, stride and output size. Offsets within an
+// image must fit int32 (checked by the caller through fits_int32).
+inline PackedGeometry packed_geometry(int64_t channels, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
+                                      int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w) {
+  const int64_t padded_h = in_h + 2 * pad_h, padded_w = in_w + 2 * pad_w;
+  return {channels, stride_h, stride_w, (padded_h + stride_h - 1) / stride_h, (padded_w + stride_w - 1) / stride_w,
+          out_h, out_w};
+}
+
+inline bool fits_int32(const PackedGeometry& p) { return p.image() + p.slack() < (int64_t{1} << 31); }
+
+// Packs images [N, C, H, W] (contiguous) into [N, packed image] plus slack; zero outside the image.
+inline at::Tensor pack_images(const float* src, int64_t batch, int64_t in_h, int64_t in_w, int64_t pad_h,
+                              int64_t pad_w, const PackedGeometry& p) {
+  at::Tensor packed = at::empty({batch * p.image() + p.slack()}, at::TensorOptions().dtype(at::kFloat));
+  float* base = packed.mutable_data_ptr<float>();
+  std::fill(base + batch * p.image(), base + batch * p.image() + p.slack(), 0.0f);
+  const int64_t channel_size = p.phase_h * p.phase_w * p.plane();
+  at::parallel_for(0, batch * p.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      float* channel_dst = base + task * channel_size;  // images are stored back to back, channels within
+      std::fill(channel_dst, channel_dst + channel_size, 0.0f);
+      const float* plane_src = src + task * in_h * in_w;
+      for (int64_t h = 0; h < in_h; ++h) {
+        const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
+        const float* row_src = plane_src + h * in_w;
+        for (int64_t pw = 0; pw < p.phase_w; ++pw) {
+          float* row_dst = channel_dst + (ph * p.phase_w + pw) * p.plane() + row * p.cols;
+          // Input column w lands in phase (w + pad_w) % phase_w at column (w + pad_w) / phase_w.
+          const int64_t first_w = ((pw - pad_w) % p.phase_w + p.phase_w) % p.phase_w;
+          for (int64_t w = first_w; w < in_w; w += p.phase_w) row_dst[(w + pad_w) / p.phase_w] = row_src[w];
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// dst[q] = init + sum over taps of value * src[offset + q], q in [0, length); length is a multiple of kLanes.
+inline void gather_row(const float* src, const Tap* taps, int64_t count, float init, float* dst, int64_t length) {
+  int64_t q = 0;
+  for (; q + kBlock <= length; q += kBlock) {
+    vec8 a0 = broadcast8(init), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t t = 0; t < count; ++t) {
+      const float* s = src + taps[t].offset + q;
+      const vec8 v = broadcast8(taps[t].value);
+      a0 += v * load8(s);
+      a1 += v * load8(s + kLanes);
+      a2 += v * load8(s + 2 * kLanes);
+      a3 += v * load8(s + 3 * kLanes);
+    }
+    store8(dst + q, a0);
+    store8(dst + q + kLanes, a1);
+    store8(dst + q + 2 * kLanes, a2);
+    store8(dst + q + 3 * kLanes, a3);
+  }
+  for (; q < length; q += kLanes) {
+    vec8 a = broadcast8(init);
+    for (int64_t t = 0; t < count; ++t) a += broadcast8(taps[t].value) * load8(src + taps[t].offset + q);
+    store8(dst + q, a);
+  }
+}
+
+// sum over q in [0, length) of a[q] * b[q]; length is a multiple of kLanes.
+inline float dot(const float* a, const float* b, int64_t length) {
+  vec8 s0{}, s1{}, s2{}, s3{};
+  int64_t q = 0;
+  for (; q + kBlock <= length; q += kBlock) {
+    s0 += load8(a + q) * load8(b + q);
+    s1 += load8(a + q + kLanes) * load8(b + q + kLanes);
+    s2 += load8(a + q + 2 * kLanes) * load8(b + q + 2 * kLanes);
+    s3 += load8(a + q + 3 * kLanes) * load8(b + q + 3 * kLanes);
+  }
+  for (; q < length; q += kLanes) s0 += load8(a + q) * load8(b + q);
+  const vec8 s = (s0 + s1) + (s2 + s3);
+  float total = 0;
+  for (int i = 0; i < kLanes; ++i) total += s[i];
+  return total;
+}
+
+// out[n, r] (valid OH x OW of the wide result) for every image n and sparse row r: each task computes one plane.
+// row_ptr [rows + 1] indexes taps; bias may be null; relu clamps the result at 0.
+inline void sparse_rows(const float* packed, const PackedGeometry& p, const std::vector<Tap>& taps,
+                        const int32_t* row_ptr, int64_t rows, int64_t batch, const float* bias, bool relu,
+                        float* out) {
+  const int64_t length = p.wide_length(), out_plane = p.out_h * p.out_w;
+  at::parallel_for(0, batch * rows, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, length)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> wide(length);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / rows, r = task % rows;
+      gather_row(packed + n * p.image(), taps.data() + row_ptr[r], row_ptr[r + 1] - row_ptr[r],
+                 bias ? bias[r] : 0.0f, wide.data(), length);
+      float* dst = out + task * out_plane;
+      for (int64_t oh = 0; oh < p.out_h; ++oh) {
+        const float* src_row = wide.data() + oh * p.cols;
+        float* dst_row = dst + oh * p.out_w;
+        if (relu) {
+          for (int64_t ow = 0; ow < p.out_w; ++ow) dst_row[ow] = std::max(src_row[ow], 0.0f);
+        } else {
+          std::memcpy(dst_row, src_row, p.out_w * sizeof(float));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace wide
+}  // namespace ptd_sparse
