@@ -27,7 +27,7 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 
 # Density above which the dense masked path (oneDNN/cuDNN through F.conv2d) beats the sparse kernel of that backend,
 # measured with bench/bench_sparse_conv2d.py on the CIFAR VGG layers (docs/benchmarks.md); 1.0 never goes dense.
-DENSE_CROSSOVER = {"cpu": 0.04, "cuda": 1.0, "triton": 1.0}
+DENSE_CROSSOVER = {"cpu": 0.20, "cuda": 1.0, "triton": 1.0}
 
 # Which operators each backend implements in this build.
 IMPLEMENTED = {

@@ -100,8 +100,82 @@ wide::PackedGeometry input_packing(const ConvGeometry& g) {
                                g.out_w);
 }
 
+// Small feature maps with enough images go batch-innermost (see batch_inner in wide_conv_f32.h); the threshold is
+// where the wide layout's discarded columns start to dominate (bench/bench_sparse_conv2d.py).
+constexpr int64_t kBatchInnerMaxPositions = 64;
+constexpr int64_t kBatchInnerMinBatch = 16;
+
+batch_inner::Geometry batch_inner_packing(const ConvGeometry& g) {
+  return {g.in_channels, g.in_h + 2 * g.pad_h, g.in_w + 2 * g.pad_w};
+}
+
+bool use_batch_inner(const ConvGeometry& g) {
+  return g.out_h * g.out_w <= kBatchInnerMaxPositions && g.batch >= kBatchInnerMinBatch &&
+         batch_inner::fits_int32(batch_inner_packing(g));
+}
+
+// Offsets of the CSR taps into one batch-innermost input block.
+std::vector<wide::Tap> batch_inner_taps(const float* values, const int32_t* col_idx, int64_t nnz,
+                                        const ConvGeometry& g, const batch_inner::Geometry& p) {
+  std::vector<wide::Tap> taps(nnz);
+  for (int64_t e = 0; e < nnz; ++e) {
+    const Tap tap = decode_column(col_idx[e], g);
+    const int64_t offset = ((tap.channel * p.padded_h + tap.kh * g.dil_h) * p.padded_w + tap.kw * g.dil_w) *
+                           batch_inner::kBatch;
+    taps[e] = {static_cast<int32_t>(offset), values ? values[e] : 0.0f};
+  }
+  return taps;
+}
+
+void conv_forward_batch_inner_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
+                                  const at::Tensor& cols, const float* bias, const ConvGeometry& g, at::Tensor& out) {
+  const batch_inner::Geometry p = batch_inner_packing(g);
+  const at::Tensor packed =
+      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const auto taps = batch_inner_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
+  batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels,
+                           g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, false,
+                           out.mutable_data_ptr<float>());
+}
+
+// Data gradient, batch-innermost: the flipped transposed kernel over grad_output padded by (K - 1) * dilation - pad.
+void conv_backward_input_batch_inner_f32(const at::Tensor& go, const at::Tensor& vals, const at::Tensor& cols,
+                                         const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
+                                         const ConvGeometry& g, at::Tensor& grad_input) {
+  const int64_t pad_h = (g.kernel_h - 1) * g.dil_h - g.pad_h, pad_w = (g.kernel_w - 1) * g.dil_w - g.pad_w;
+  const batch_inner::Geometry p{g.out_channels, g.out_h + 2 * pad_h, g.out_w + 2 * pad_w};
+  const at::Tensor packed = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, pad_h, pad_w, p);
+  const float* v_ptr = vals.const_data_ptr<float>();
+  const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
+  const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
+  const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
+  std::vector<wide::Tap> taps(vals.numel());
+  for (int64_t j = 0; j < vals.numel(); ++j) {
+    const Tap tap = decode_column(col_ptr[perm_ptr[j]], g);
+    const int64_t offset = ((tr_ptr[j] * p.padded_h + (g.kernel_h - 1 - tap.kh) * g.dil_h) * p.padded_w +
+                            (g.kernel_w - 1 - tap.kw) * g.dil_w) * batch_inner::kBatch;
+    taps[j] = {static_cast<int32_t>(offset), v_ptr[perm_ptr[j]]};
+  }
+  batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels,
+                           g.batch, g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
+}
+
+void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
+                                          const at::Tensor& cols, const ConvGeometry& g, at::Tensor& grad_values) {
+  const batch_inner::Geometry p = batch_inner_packing(g);
+  const at::Tensor packed_x =
+      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
+                                                 {g.out_channels, g.out_h, g.out_w});
+  const auto taps = batch_inner_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);
+  batch_inner::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
+                           rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h,
+                           g.stride_w, grad_values.mutable_data_ptr<float>());
+}
+
 void conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp, const at::Tensor& cols,
                       const float* bias, const ConvGeometry& g, at::Tensor& out) {
+  if (use_batch_inner(g)) return conv_forward_batch_inner_f32(x, vals, rp, cols, bias, g, out);
   const wide::PackedGeometry p = input_packing(g);
   const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const auto taps = forward_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
@@ -254,7 +328,10 @@ at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tens
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
   if (go.scalar_type() == at::kFloat && backward_input_is_wide(g)) {
-    conv_backward_input_f32(go, vals, cols, tp, tr, tperm, g, grad_input);
+    if (g.in_h * g.in_w <= kBatchInnerMaxPositions && use_batch_inner(g))
+      conv_backward_input_batch_inner_f32(go, vals, cols, tp, tr, tperm, g, grad_input);
+    else
+      conv_backward_input_f32(go, vals, cols, tp, tr, tperm, g, grad_input);
     return grad_input;
   }
 
@@ -301,6 +378,10 @@ at::Tensor conv_backward_values_cpu(const at::Tensor& grad_output, const at::Ten
   at::Tensor grad_values = at::empty({nnz}, input.options());
   if (nnz == 0) return grad_values;
   if (g.batch == 0) return grad_values.zero_();
+  if (x.scalar_type() == at::kFloat && use_batch_inner(g)) {
+    conv_backward_values_batch_inner_f32(go, x, rp, cols, g, grad_values);
+    return grad_values;
+  }
   if (x.scalar_type() == at::kFloat && wide::fits_int32(input_packing(g))) {
     conv_backward_values_f32(go, x, rp, cols, g, grad_values);
     return grad_values;

@@ -165,3 +165,131 @@ inline void sparse_rows(const float* packed, const PackedGeometry& p, const std:
 
 }  // namespace wide
 }  // namespace ptd_sparse
+
+namespace ptd_sparse {
+namespace batch_inner {
+
+// Batch-innermost sparse convolution for small feature maps (after SparseProp, ICML 2023): with 4x4 or 2x2 maps the
+// wide layout wastes most of every vector on discarded columns, so the vectors run over images instead. Input is
+// packed as [batch blocks][C][Hp][Wp][kBatch] (zero padded, missing images zero); one register block is one output
+// position for kBatch images, accumulated over every tap of the row.
+using wide::broadcast8;
+using wide::kLanes;
+using wide::load8;
+using wide::store8;
+using wide::vec8;
+constexpr int64_t kBatch = 4 * kLanes;
+
+struct Geometry {
+  int64_t channels, padded_h, padded_w;
+  int64_t block() const { return channels * padded_h * padded_w * kBatch; }  // floats per batch block
+};
+
+inline bool fits_int32(const Geometry& p) { return p.block() < (int64_t{1} << 31); }
+
+inline at::Tensor pack(const float* src, int64_t batch, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
+                       const Geometry& p) {
+  const int64_t blocks = (batch + kBatch - 1) / kBatch;
+  at::Tensor packed = at::empty({blocks * p.block()}, at::TensorOptions().dtype(at::kFloat));
+  float* base = packed.mutable_data_ptr<float>();
+  const int64_t plane = p.padded_h * p.padded_w * kBatch;
+  at::parallel_for(0, blocks * p.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task / p.channels, c = task % p.channels;
+      float* dst = base + task * plane;
+      std::fill(dst, dst + plane, 0.0f);
+      for (int64_t i = 0; i < kBatch && nb * kBatch + i < batch; ++i) {
+        const float* image_plane = src + ((nb * kBatch + i) * p.channels + c) * in_h * in_w;
+        for (int64_t h = 0; h < in_h; ++h)
+          for (int64_t w = 0; w < in_w; ++w)
+            dst[((h + pad_h) * p.padded_w + w + pad_w) * kBatch + i] = image_plane[h * in_w + w];
+      }
+    }
+  });
+  return packed;
+}
+
+// out[n, r, oh, ow] = bias[r] + sum over taps of row r of value * input window, for every image n.
+inline void sparse_rows(const float* packed, const Geometry& p, const std::vector<wide::Tap>& taps,
+                        const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
+                        int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
+  const int64_t blocks = (batch + kBatch - 1) / kBatch, positions = out_h * out_w;
+  at::parallel_for(0, blocks * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(positions * kBatch);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task / rows, r = task % rows;
+      const float* block = packed + nb * p.block();
+      const wide::Tap* row_taps = taps.data() + row_ptr[r];
+      const int64_t count = row_ptr[r + 1] - row_ptr[r];
+      const float init = bias ? bias[r] : 0.0f;
+      for (int64_t oh = 0; oh < out_h; ++oh) {
+        for (int64_t ow = 0; ow < out_w; ++ow) {
+          const float* at = block + (oh * stride_h * p.padded_w + ow * stride_w) * kBatch;
+          vec8 a0 = broadcast8(init), a1 = a0, a2 = a0, a3 = a0;
+          for (int64_t t = 0; t < count; ++t) {
+            const float* s = at + row_taps[t].offset;
+            const vec8 v = broadcast8(row_taps[t].value);
+            a0 += v * load8(s);
+            a1 += v * load8(s + kLanes);
+            a2 += v * load8(s + 2 * kLanes);
+            a3 += v * load8(s + 3 * kLanes);
+          }
+          if (relu) {
+            const vec8 zero{};
+            a0 = a0 > zero ? a0 : zero;
+            a1 = a1 > zero ? a1 : zero;
+            a2 = a2 > zero ? a2 : zero;
+            a3 = a3 > zero ? a3 : zero;
+          }
+          float* dst = tile.data() + (oh * out_w + ow) * kBatch;
+          store8(dst, a0);
+          store8(dst + kLanes, a1);
+          store8(dst + 2 * kLanes, a2);
+          store8(dst + 3 * kLanes, a3);
+        }
+      }
+      for (int64_t i = 0; i < kBatch && nb * kBatch + i < batch; ++i) {
+        float* plane = out + ((nb * kBatch + i) * rows + r) * positions;
+        for (int64_t q = 0; q < positions; ++q) plane[q] = tile[q * kBatch + i];
+      }
+    }
+  });
+}
+
+// grad[e] += sum over images and output positions of grad_output[n, r(e), pos] * input[n, window of tap e at pos].
+// packed_grad is grad_output packed by pack() with no padding: [blocks][rows][out_h][out_w][kBatch]. Each task owns a
+// range of rows (so its entries); batch blocks run outermost inside it so one input block stays in cache.
+inline void grad_values(const float* packed_input, const Geometry& p, const float* packed_grad,
+                        const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                        int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
+  const int64_t blocks = (batch + kBatch - 1) / kBatch, positions = out_h * out_w;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::fill(grad + row_ptr[begin], grad + row_ptr[end], 0.0f);
+    for (int64_t nb = 0; nb < blocks; ++nb) {
+      const float* block = packed_input + nb * p.block();
+      for (int64_t r = begin; r < end; ++r) {
+        const float* grad_plane = packed_grad + (nb * rows + r) * positions * kBatch;
+        for (int32_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
+          vec8 a0{}, a1{}, a2{}, a3{};
+          for (int64_t oh = 0; oh < out_h; ++oh) {
+            for (int64_t ow = 0; ow < out_w; ++ow) {
+              const float* s = block + taps[e].offset + (oh * stride_h * p.padded_w + ow * stride_w) * kBatch;
+              const float* g = grad_plane + (oh * out_w + ow) * kBatch;
+              a0 += load8(g) * load8(s);
+              a1 += load8(g + kLanes) * load8(s + kLanes);
+              a2 += load8(g + 2 * kLanes) * load8(s + 2 * kLanes);
+              a3 += load8(g + 3 * kLanes) * load8(s + 3 * kLanes);
+            }
+          }
+          const vec8 sum = (a0 + a1) + (a2 + a3);
+          float total = 0;
+          for (int i = 0; i < kLanes; ++i) total += sum[i];
+          grad[e] += total;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace batch_inner
+}  // namespace ptd_sparse
