@@ -180,7 +180,21 @@ def test_opcheck(backend, generator):
         target = torch.randint(0, 6, (rows,), generator=generator) if with_target else None
         torch.library.opcheck(kd_loss_op, (s, t, target, 2.0, 0.5, reduction, -100, True, backend))
         loss, grad = kd_loss_op(s.detach(), t, target, 2.0, 0.5, reduction, -100, True, backend)
-        torch.library.opcheck(kd_loss_backward_op, (torch.ones_like(loss), grad, reduction))
+        torch.library.opcheck(kd_loss_backward_op, (torch.full_like(loss, 0.5), grad, reduction))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_and_gradient_accumulation(backend, generator):
+    """The saved gradient is handed out without a copy when the incoming gradient is 1; a second backward over the
+    same graph and accumulation into .grad must still be right."""
+    s = logits(4, 5, generator).requires_grad_()
+    loss = ptd_sparse.kd_loss(s, logits(4, 5, generator), torch.arange(4), backend=backend)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(s.grad, 2 * first)
+    (scaled,) = torch.autograd.grad(loss * 3, s)
+    torch.testing.assert_close(scaled, 3 * first)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

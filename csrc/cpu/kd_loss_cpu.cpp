@@ -11,6 +11,9 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#include "vec_math.h"
 
 namespace ptd_sparse {
 namespace {
@@ -58,6 +61,16 @@ inline void record_first(std::atomic<int64_t>& slot, int64_t row) {
   }
 }
 
+void report_bad_rows(int64_t bad_student, int64_t bad_teacher, int64_t rows) {
+  TORCH_CHECK_VALUE(bad_student == rows, "kd_loss: student_logits row ", bad_student,
+                    " holds NaN or +inf, or has no finite entry; logits must be finite or -inf");
+  TORCH_CHECK_VALUE(bad_teacher == rows, "kd_loss: teacher_logits row ", bad_teacher,
+                    " holds NaN or +inf, or has no finite entry; logits must be finite or -inf");
+}
+
+// Rows per parallel task: about 64K logits, so small losses run on one thread instead of paying a fork/join.
+inline int64_t rows_per_task(int64_t classes) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, classes)); }
+
 inline bool is_bad(double v) { return std::isnan(v) || v == std::numeric_limits<double>::infinity(); }
 
 template <typename student_t, typename teacher_t>
@@ -76,7 +89,7 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
   // First offending row per problem; reported after the parallel region so no exception crosses threads.
   std::atomic<int64_t> bad_student{rows}, bad_teacher{rows};
 
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, classes)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const student_t* s_row = s_ptr + r * classes;
       const teacher_t* t_row = t_ptr + r * classes;
@@ -129,10 +142,156 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       }
     }
   });
-  TORCH_CHECK_VALUE(bad_student.load() == rows, "kd_loss: student_logits row ", bad_student.load(),
-                    " holds NaN or +inf, or has no finite entry; logits must be finite or -inf");
-  TORCH_CHECK_VALUE(bad_teacher.load() == rows, "kd_loss: teacher_logits row ", bad_teacher.load(),
-                    " holds NaN or +inf, or has no finite entry; logits must be finite or -inf");
+  report_bad_rows(bad_student.load(), bad_teacher.load(), rows);
+}
+
+// ---- fast path: every student dtype but double, rows as float (converted per row when needed), vectorised.
+// Per row: a sweep for the maxima (and the NaN/+inf check), a sweep for the three normalisers and the teacher-
+// weighted sum, and a sweep writing the gradient; the row stays in L2 between sweeps, so each logit comes from memory
+// once. This costs three exponentials per logit and sweep instead of the rescaling exponentials of an online softmax.
+
+struct RowResult {
+  float loss;
+  bool bad_student, bad_teacher;
+};
+
+// scratch holds 3 * classes floats.
+RowResult kd_row_f32(const float* s, const float* t, int64_t classes, int64_t label, float inv_t, float kd_weight,
+                     float ce_weight, float kd_grad, float ce_grad, float* scratch, float* grad) {
+  using wide::broadcast8;
+  using wide::kLanes;
+  using wide::load8;
+  using wide::vec8;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const int64_t vector_end = classes / kLanes * kLanes;
+  vec8 max_s = broadcast8(-inf), max_t = broadcast8(-inf);
+  vmath::ivec8 bad_s{}, bad_t{};
+  for (int64_t c = 0; c < vector_end; c += kLanes) {
+    const vec8 vs = load8(s + c), vt = load8(t + c);
+    bad_s |= (vs != vs) | (vs == inf);
+    bad_t |= (vt != vt) | (vt == inf);
+    max_s = vs > max_s ? vs : max_s;
+    max_t = vt > max_t ? vt : max_t;
+  }
+  float ms = vmath::horizontal_max(max_s), mt = vmath::horizontal_max(max_t);
+  bool any_bad_s = false, any_bad_t = false;
+  for (int i = 0; i < kLanes; ++i) any_bad_s |= bad_s[i] != 0, any_bad_t |= bad_t[i] != 0;
+  for (int64_t c = vector_end; c < classes; ++c) {
+    any_bad_s |= std::isnan(s[c]) || s[c] == inf;
+    any_bad_t |= std::isnan(t[c]) || t[c] == inf;
+    ms = std::max(ms, s[c]);
+    mt = std::max(mt, t[c]);
+  }
+  any_bad_s |= ms == -inf;
+  any_bad_t |= mt == -inf;
+  if (any_bad_s || any_bad_t) return {0.0f, any_bad_s, any_bad_t};
+
+  // Sweep 2: the exponentials, kept in the scratch rows for sweep 3 so each is computed once.
+  const vec8 v_inv_t = broadcast8(inv_t), v_ms = broadcast8(ms), v_mt = broadcast8(mt), zero{};
+  vec8 z_st{}, z_s1{}, z_t{}, weighted{};
+  const bool need_kd = kd_weight != 0, need_ce = ce_weight != 0, same_scale = inv_t == 1.0f;
+  float* e_st = scratch;                 // exp((s - ms) / T)
+  float* e_t = scratch + classes;        // exp((t - mt) / T)
+  float* e_s1 = same_scale ? e_st : scratch + 2 * classes;  // exp(s - ms)
+  for (int64_t c = 0; c < vector_end; c += kLanes) {
+    const vec8 vs = load8(s + c), vt = load8(t + c);
+    const vec8 ds = vs - v_ms;
+    if (need_kd) {
+      const vec8 et = vmath::exp8_nonpositive((vt - v_mt) * v_inv_t), est = vmath::exp8_nonpositive(ds * v_inv_t);
+      wide::store8(e_t + c, et);
+      wide::store8(e_st + c, est);
+      z_st += est;
+      z_t += et;
+      weighted += et > zero ? et * ((vt - vs) * v_inv_t) : zero;  // classes the teacher rules out add nothing
+    }
+    if (need_ce) {
+      const vec8 es1 = same_scale && need_kd ? load8(e_st + c) : vmath::exp8_nonpositive(ds);
+      wide::store8(e_s1 + c, es1);
+      z_s1 += es1;
+    }
+  }
+  float sum_st = vmath::horizontal_sum(z_st), sum_s1 = vmath::horizontal_sum(z_s1);
+  float sum_t = vmath::horizontal_sum(z_t), sum_w = vmath::horizontal_sum(weighted);
+  for (int64_t c = vector_end; c < classes; ++c) {
+    e_t[c] = std::exp((t[c] - mt) * inv_t);
+    e_st[c] = std::exp((s[c] - ms) * inv_t);
+    e_s1[c] = std::exp(s[c] - ms);
+    sum_st += e_st[c];
+    sum_s1 += e_s1[c];
+    sum_t += e_t[c];
+    if (e_t[c] > 0) sum_w += e_t[c] * (t[c] - s[c]) * inv_t;
+  }
+  float loss = 0;
+  if (need_kd) loss += kd_weight * (sum_w / sum_t - ((mt - ms) * inv_t + std::log(sum_t) - std::log(sum_st)));
+  if (need_ce) loss += ce_weight * (ms - s[label] + std::log(sum_s1));
+  if (!grad) return {loss, false, false};
+
+  // Sweep 3: the gradient from the stored exponentials.
+  const float kd_st = need_kd ? kd_grad / sum_st : 0.0f, kd_t = need_kd ? kd_grad / sum_t : 0.0f;
+  const float ce_s1 = need_ce ? ce_grad / sum_s1 : 0.0f;
+  const vec8 v_kd_st = broadcast8(kd_st), v_kd_t = broadcast8(kd_t), v_ce_s1 = broadcast8(ce_s1);
+  for (int64_t c = 0; c < vector_end; c += kLanes) {
+    vec8 g{};
+    if (need_kd) g += v_kd_st * load8(e_st + c) - v_kd_t * load8(e_t + c);
+    if (need_ce) g += v_ce_s1 * load8(e_s1 + c);
+    wide::store8(grad + c, g);
+  }
+  for (int64_t c = vector_end; c < classes; ++c)
+    grad[c] = (need_kd ? kd_st * e_st[c] - kd_t * e_t[c] : 0.0f) + (need_ce ? ce_s1 * e_s1[c] : 0.0f);
+  if (need_ce) grad[label] -= ce_grad;
+  return {loss, false, false};
+}
+
+template <typename T>
+const float* row_as_float(const T* row, int64_t classes, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    for (int64_t c = 0; c < classes; ++c) buffer[c] = static_cast<float>(row[c]);
+    return buffer.data();
+  }
+}
+
+template <typename student_t, typename teacher_t>
+void kd_loss_rows_fast(const at::Tensor& student, const at::Tensor& teacher, const int64_t* target,
+                       double temperature, double alpha, int64_t ignore_index, double grad_scale,
+                       at::Tensor& row_loss, at::Tensor& grad) {
+  const int64_t rows = student.size(0), classes = student.size(1);
+  const student_t* s_ptr = student.const_data_ptr<student_t>();
+  const teacher_t* t_ptr = teacher.const_data_ptr<teacher_t>();
+  float* loss_ptr = row_loss.mutable_data_ptr<float>();
+  student_t* g_ptr = grad.defined() ? grad.mutable_data_ptr<student_t>() : nullptr;
+  const float T = static_cast<float>(temperature), inv_t = 1.0f / T;
+  const float kd_weight = static_cast<float>(alpha) * T * T;
+  const float ce_weight = target ? static_cast<float>(1.0 - alpha) : 0.0f;
+  const float kd_grad = static_cast<float>(alpha) * T * static_cast<float>(grad_scale);
+  const float ce_grad = ce_weight * static_cast<float>(grad_scale);
+  std::atomic<int64_t> bad_student{rows}, bad_teacher{rows};
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+    std::vector<float> s_buffer, t_buffer, g_buffer, scratch(3 * classes);
+    if (!std::is_same_v<student_t, float>) s_buffer.resize(classes), g_buffer.resize(classes);
+    if (!std::is_same_v<teacher_t, float>) t_buffer.resize(classes);
+    for (int64_t r = begin; r < end; ++r) {
+      student_t* g_row = g_ptr ? g_ptr + r * classes : nullptr;
+      if (target && target[r] == ignore_index) {
+        loss_ptr[r] = 0;
+        if (g_row) std::fill(g_row, g_row + classes, student_t(0));
+        continue;
+      }
+      const float* s_row = row_as_float(s_ptr + r * classes, classes, s_buffer);
+      const float* t_row = row_as_float(t_ptr + r * classes, classes, t_buffer);
+      float* g_float = nullptr;
+      if (g_row) g_float = std::is_same_v<student_t, float> ? reinterpret_cast<float*>(g_row) : g_buffer.data();
+      const RowResult result = kd_row_f32(s_row, t_row, classes, target ? target[r] : 0, inv_t, kd_weight,
+                                          ce_weight, kd_grad, ce_grad, scratch.data(), g_float);
+      if (result.bad_student) record_first(bad_student, r);
+      if (result.bad_teacher) record_first(bad_teacher, r);
+      loss_ptr[r] = result.loss;
+      if (g_row && !std::is_same_v<student_t, float>)
+        for (int64_t c = 0; c < classes; ++c) g_row[c] = static_cast<student_t>(g_float[c]);
+    }
+  });
+  report_bad_rows(bad_student.load(), bad_teacher.load(), rows);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -182,21 +341,30 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_cpu", [&] {
       using student_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "kd_loss_cpu_teacher", [&] {
-        kd_loss_rows<student_t, scalar_t>(student, teacher, label_ptr, temperature, alpha, ignore_index, grad_scale,
-                                          row_loss, grad);
+        if constexpr (std::is_same_v<student_t, double>) {
+          kd_loss_rows<student_t, scalar_t>(student, teacher, label_ptr, temperature, alpha, ignore_index,
+                                            grad_scale, row_loss, grad);
+        } else {
+          kd_loss_rows_fast<student_t, scalar_t>(student, teacher, label_ptr, temperature, alpha, ignore_index,
+                                                 grad_scale, row_loss, grad);
+        }
       });
     });
   } else if (grad.defined()) {
     grad.zero_();
   }
-  at::Tensor loss;
-  if (reduction == kNone) {
-    loss = row_loss;
-  } else {
-    loss = row_loss.sum();
-    if (reduction == kBatchMean) loss = loss / static_cast<double>(std::max<int64_t>(counted_rows, 1));
-  }
-  return {loss, compute_grad ? grad : at::empty({0}, student.options())};
+  if (!compute_grad) grad = at::empty({0}, student.options());
+  if (reduction == kNone) return {row_loss, grad};
+  // The row losses are summed serially in double, in row order: deterministic whatever the thread count.
+  at::Tensor loss = at::empty({}, row_loss.options());
+  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "kd_loss_cpu_reduce", [&] {
+    const scalar_t* rows_ptr = row_loss.const_data_ptr<scalar_t>();
+    double total = 0;
+    for (int64_t r = 0; r < rows; ++r) total += rows_ptr[r];
+    if (reduction == kBatchMean) total /= static_cast<double>(std::max<int64_t>(counted_rows, 1));
+    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+  });
+  return {loss, grad};
 }
 
 }  // namespace

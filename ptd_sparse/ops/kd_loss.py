@@ -50,7 +50,7 @@ def _kd_loss_fake(student_logits, teacher_logits, target, temperature, alpha, re
 def kd_loss_backward(grad_loss: Tensor, grad_student: Tensor, reduction: int) -> Tensor:
     """grad_loss [] or [N] (the incoming gradient), grad_student [N, C] saved by kd_loss -> gradient [N, C]."""
     scale = grad_loss[:, None] if reduction == REDUCTION_NONE else grad_loss
-    return (grad_student * scale).to(grad_student.dtype)
+    return grad_student * scale.to(grad_student.dtype)
 
 
 @kd_loss_backward.register_fake
@@ -66,12 +66,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_student)
 
 
+def _is_one(grad_loss: Tensor) -> bool:
+    """True for the usual scalar gradient 1 of loss.backward(); checked only for plain eager CPU tensors, where reading
+    the value is free (never while tracing, where the value is unknown)."""
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    return eager and grad_loss.device.type == "cpu" and grad_loss.dim() == 0 and bool(grad_loss == 1)
+
+
 def _backward(ctx, grad_loss, _unused_grad_of_grad_student):
     if not ctx.compute_grad:
         raise RuntimeError("kd_loss was called with compute_grad=False, so it saved no gradient to backpropagate; "
                            "call ptd_sparse.kd_loss, which sets it when student_logits requires grad")
     (grad_student,) = ctx.saved_tensors
-    return kd_loss_backward(grad_loss, grad_student, ctx.reduction), None, None, None, None, None, None, None, None
+    # loss.backward() passes 1: the saved gradient is the answer, and no second gradient-sized buffer is made.
+    grad = grad_student if _is_one(grad_loss) else kd_loss_backward(grad_loss, grad_student, ctx.reduction)
+    return grad, None, None, None, None, None, None, None, None
 
 
 kd_loss.register_autograd(_backward, setup_context=_setup_context)
