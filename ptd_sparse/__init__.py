@@ -12,7 +12,14 @@ from ptd_sparse.functional import kd_loss, masked_conv2d, sparse_conv2d
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 from ptd_sparse.sparsify import sparsify
 
+
+def design_student(*args, **kwargs):
+    """See ptd_sparse.pipeline.design.design_student (imported lazily: the pipeline is optional for kernel users)."""
+    from ptd_sparse.pipeline.design import design_student as rule
+
+    return rule(*args, **kwargs)
+
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ConvPattern", "SparseConvWeight", "choose_backend", "kd_loss", "masked_conv2d", "nn",
-           "sparse_conv2d", "sparsify"]
+           "sparse_conv2d", "sparsify", "design_student"]

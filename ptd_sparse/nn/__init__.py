@@ -1,6 +1,7 @@
-"""Modules: MaskedConv2d (training a pruned convolution), SparseConv2d (a convolution stored sparse), KDLoss."""
+"""Modules: MaskedConv2d / MaskedLinear (training pruned layers), SparseConv2d (a convolution stored sparse), KDLoss."""
 from ptd_sparse.nn.kd_loss import KDLoss
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
+from ptd_sparse.nn.masked_linear import MaskedLinear
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d
 
-__all__ = ["KDLoss", "MaskedConv2d", "SparseConv2d"]
+__all__ = ["KDLoss", "MaskedConv2d", "MaskedLinear", "SparseConv2d"]

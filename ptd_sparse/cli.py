@@ -1,0 +1,87 @@
+"""The `ptd` command line: train | prune | design | distill | report | run | import.
+
+Each stage subcommand runs that stage (and nothing else) on a run directory; `ptd run` chains all of them and
+resumes an interrupted run. Configuration: a TOML file (--config, see configs/) plus `--set section.key=value`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "runs/default"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "train the teacher"), ("prune", "prune the teacher iteratively"),
+                            ("design", "design students from the pruned teacher"),
+                            ("distill", "train every student variant of the comparison"),
+                            ("report", "write the summary table and plots"), ("run", "all stages, resumable")):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", help="TOML file (default: the fast Fashion-MNIST preset)")
+        command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override one configuration value (repeatable)")
+        command.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
+        command.add_argument("--seeds", type=int, help="repeat the comparison with N seeds (run.seeds)")
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
+    imported = sub.add_parser("import", help="turn a torch.nn.utils.prune state dict into a ptd model folder")
+    imported.add_argument("state_dict", help="a file saved with torch.save(model.state_dict()), loaded weights_only")
+    imported.add_argument("--model", required=True, help="architecture name (vgg11/16/19, vgg_fmnist, resnet18, ...)")
+    imported.add_argument("--in-channels", type=int, default=3)
+    imported.add_argument("--classes", type=int, default=10)
+    imported.add_argument("--image-size", type=int, default=32)
+    imported.add_argument("--out", required=True, help="folder to write (model.json, weights and masks)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ptd_sparse.pipeline.config import ConfigError, load_config
+
+    if args.command == "import":
+        from ptd_sparse.pipeline.importing import import_state_dict_file
+
+        sparsity = import_state_dict_file(Path(args.state_dict), args.model, args.in_channels, args.classes,
+                                          args.image_size, Path(args.out))
+        print(f"wrote {args.out} (sparsity {sparsity:.4f})")
+        return 0
+    overrides = list(args.set)
+    if args.seeds is not None:
+        overrides.append(f"run.seeds={args.seeds}")
+    if args.quiet:
+        overrides.append("run.progress=false")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"ptd: configuration error: {error}", file=sys.stderr)
+        return 2
+    from ptd_sparse.pipeline import distributed, stages
+    from ptd_sparse.pipeline.data import MissingDataError
+    from ptd_sparse.pipeline.report import write_report
+
+    try:
+        run = stages.Run(Path(args.out), config)
+        action = {"train": stages.train_teacher, "prune": stages.prune_teacher, "design": stages.design_students,
+                  "distill": stages.distill_students, "report": write_report, "run": stages.run_all}[args.command]
+        result = action(run)
+    except MissingDataError as error:
+        print(f"ptd: {error}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        if args.command in ("run", "report"):
+            print((run.dir / "report" / "summary.md").read_text())
+            print(f"report: {run.dir / 'report'}")
+        else:
+            print(stages.describe(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The run configuration: defaults, a TOML file, then `--set section.key=value` overrides, checked key by key.
+
+Every key has a default here (the fast Fashion-MNIST preset); configs/*.toml hold the paper's settings. Unknown
+keys and wrongly typed values are errors that name the key, so a typo never silently runs the default.
+"""
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+DEFAULTS = {
+    "run": {"seed": 0, "seeds": 1, "device": "auto", "threads": 0, "progress": True},
+    "data": {"name": "fashion_mnist", "root": "", "val_fraction": 0.1, "train_subset": 0, "batch_size": 128,
+             "crop_padding": 2, "flip": True},
+    "teacher": {"model": "vgg_fmnist", "plan": [], "epochs": 4, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                "milestones": [2, 3], "gamma": 0.2},
+    "prune": {"targets": [0.79], "rate": 0.2, "scope": "global", "method": "lr_rewind", "skip": [],
+              "epochs": 1, "lr": 0.05, "weight_decay": 2e-4, "milestones": [], "gamma": 0.1, "finetune_lr": 0.001},
+    "student": {"model": "vgg_fmnist", "plan": [16, 16, "M", 32, 32, "M", 64, "M"], "multiple": 1, "min_width": 4},
+    "distill": {"alpha": 0.95, "temperature": 10.0, "epochs": 4, "lr": 0.05, "weight_decay": 5e-4,
+                "milestones": [2, 3], "gamma": 0.2,
+                "variants": ["student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned"]},
+}
+
+VARIANTS = ("student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned")
+PRUNE_METHODS = ("lr_rewind", "weight_rewind", "finetune", "oneshot")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+def _check_type(key: str, value, default):
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def merge(config: dict, updates: dict, source: str) -> dict:
+    for section, values in updates.items():
+        if section not in DEFAULTS:
+            raise ConfigError(f"{source}: unknown section [{section}]; known: {sorted(DEFAULTS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise ConfigError(f"{source}: unknown key {section}.{key}; known: {sorted(DEFAULTS[section])}")
+            config[section][key] = _check_type(f"{section}.{key}", value, DEFAULTS[section][key])
+    return config
+
+
+def parse_override(text: str) -> dict:
+    """'section.key=value' (value in TOML syntax; bare words are strings) -> {section: {key: value}}."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"an override must look like section.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return {section: {key: value}}
+
+
+def validate(config: dict) -> dict:
+    prune, distill, data = config["prune"], config["distill"], config["data"]
+    targets = prune["targets"]
+    if not targets or any(not isinstance(t, (int, float)) or not 0 < t < 1 for t in targets):
+        raise ConfigError(f"prune.targets must be a non-empty list of sparsities in (0, 1), got {targets}")
+    prune["targets"] = sorted(float(t) for t in targets)
+    if prune["method"] not in PRUNE_METHODS:
+        raise ConfigError(f"prune.method must be one of {PRUNE_METHODS}, got {prune['method']!r}")
+    if prune["scope"] not in ("global", "layer"):
+        raise ConfigError(f"prune.scope must be 'global' or 'layer', got {prune['scope']!r}")
+    if not 0 < prune["rate"] < 1:
+        raise ConfigError(f"prune.rate must lie in (0, 1), got {prune['rate']}")
+    if not 0 <= distill["alpha"] <= 1:
+        raise ConfigError(f"distill.alpha must lie in [0, 1], got {distill['alpha']}")
+    if not distill["temperature"] > 0:
+        raise ConfigError(f"distill.temperature must be > 0, got {distill['temperature']}")
+    unknown = [v for v in distill["variants"] if v not in VARIANTS]
+    if unknown or not distill["variants"]:
+        raise ConfigError(f"distill.variants must be chosen from {VARIANTS}, got {distill['variants']}")
+    if not 0 < data["val_fraction"] < 1:
+        raise ConfigError(f"data.val_fraction must lie in (0, 1), got {data['val_fraction']}")
+    for section in ("teacher", "distill", "prune"):
+        if config[section]["epochs"] < 1:
+            raise ConfigError(f"{section}.epochs must be >= 1, got {config[section]['epochs']}")
+    if data["batch_size"] < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {data['batch_size']}")
+    if config["run"]["seeds"] < 1:
+        raise ConfigError(f"run.seeds must be >= 1, got {config['run']['seeds']}")
+    if config["student"]["multiple"] < 1 or config["student"]["min_width"] < 1:
+        raise ConfigError("student.multiple and student.min_width must be >= 1")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    config = copy.deepcopy(DEFAULTS)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                merge(config, tomllib.load(f), str(path))
+        except FileNotFoundError as error:
+            raise ConfigError(f"config file {path} does not exist") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+    for text in overrides or []:
+        merge(config, parse_override(text), f"--set {text}")
+    return validate(config)

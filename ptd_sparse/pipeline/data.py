@@ -1,0 +1,252 @@
+"""Data sets held in memory as uint8 image tensors, a seeded validation split, and batched tensor augmentation.
+
+Fashion-MNIST (default; the four idx .gz files, as Debian's dataset-fashion-mnist installs them), CIFAR-10/100 (the
+python pickle batches, read with an unpickler that admits only plain containers and numpy arrays) and Tiny-ImageNet
+(the standard folder of JPEGs; needs Pillow). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FASHION_MNIST_DEFAULT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
+                       "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
+
+
+@dataclass
+class Split:
+    images: Tensor  # uint8 [N, C, H, W]
+    labels: Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, index: Tensor) -> "Split":
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: Tensor  # [C] of the training images in [0, 1]
+    std: Tensor
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[2])
+
+    def identity(self) -> dict:
+        """What identifies this data (for manifests and reports)."""
+        return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test),
+                "classes": self.num_classes, "shape": list(self.train.images.shape[1:])}
+
+
+class MissingDataError(FileNotFoundError):
+    """A data set is not where it was looked for; the message says how to get it."""
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (corrupt or wrong file)")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {body.size} values")
+    return body.reshape(shape)
+
+
+def load_fashion_mnist(root: Path | None) -> tuple[Split, Split, int]:
+    root = Path(root) if root else FASHION_MNIST_DEFAULT
+    missing = [name for name in FASHION_MNIST_FILES.values() if not (root / name).is_file()]
+    if missing:
+        raise MissingDataError(
+            f"Fashion-MNIST is not in {root} (missing {', '.join(missing)}). Install it with "
+            "`apt-get install -y dataset-fashion-mnist` (files land in /usr/share/datasets/fashion-mnist), or set "
+            "data.root to a folder holding the four idx .gz files.")
+    arrays = {key: _read_idx(root / name) for key, name in FASHION_MNIST_FILES.items()}
+    train = Split(torch.from_numpy(arrays["train_images"].copy())[:, None], torch.from_numpy(
+        arrays["train_labels"].astype(np.int64)))
+    test = Split(torch.from_numpy(arrays["test_images"].copy())[:, None], torch.from_numpy(
+        arrays["test_labels"].astype(np.int64)))
+    return train, test, 10
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only dicts, lists, strings, bytes, numbers and numpy arrays: a CIFAR batch, never code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("builtins", "bytes")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file (only arrays are allowed)")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    labels = batch.get("labels", batch.get("fine_labels"))
+    if "data" not in batch or labels is None:
+        raise ValueError(f"{path} is not a CIFAR python batch (no data/labels)")
+    return np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
+
+
+def load_cifar(root: Path | None, classes: int) -> tuple[Split, Split, int]:
+    folder = Path(root or ".") / ("cifar-10-batches-py" if classes == 10 else "cifar-100-python")
+    if not folder.is_dir() and root and Path(root).is_dir():
+        folder = Path(root)
+    train_files = [folder / f"data_batch_{i}" for i in range(1, 6)] if classes == 10 else [folder / "train"]
+    test_file = folder / ("test_batch" if classes == 10 else "test")
+    missing = [str(p) for p in train_files + [test_file] if not p.is_file()]
+    if missing:
+        raise MissingDataError(
+            f"CIFAR-{classes} python batches not found (missing {', '.join(missing)}). Download "
+            f"cifar-{classes}-python.tar.gz on a machine with internet access, unpack it and set data.root to the "
+            "folder that holds it; nothing is downloaded at run time.")
+    parts = [_read_cifar_batch(p) for p in train_files]
+    train = Split(torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(
+        np.concatenate([p[1] for p in parts])))
+    test_images, test_labels = _read_cifar_batch(test_file)
+    return train, Split(torch.from_numpy(test_images), torch.from_numpy(test_labels)), classes
+
+
+def load_tiny_imagenet(root: Path | None) -> tuple[Split, Split, int]:
+    folder = Path(root or ".")
+    if not (folder / "wnids.txt").is_file():
+        raise MissingDataError(f"Tiny-ImageNet not found in {folder} (no wnids.txt). Unpack tiny-imagenet-200.zip "
+                               "and set data.root to its folder.")
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise MissingDataError("reading Tiny-ImageNet's JPEGs needs Pillow: `pip install pillow`") from error
+    wnids = (folder / "wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+
+    def load(paths_labels):
+        images = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+                           for p, _ in paths_labels])
+        return Split(torch.from_numpy(images), torch.tensor([label for _, label in paths_labels]))
+
+    train = [(p, index[w]) for w in wnids for p in sorted((folder / "train" / w / "images").glob("*.JPEG"))]
+    annotations = (folder / "val" / "val_annotations.txt").read_text().splitlines()
+    val = [(folder / "val" / "images" / line.split("\t")[0], index[line.split("\t")[1]]) for line in annotations]
+    return load(train), load(val), len(wnids)
+
+
+def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """A seeded random `fraction` of the training set held out for validation."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.val_fraction must lie in (0, 1), got {fraction}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    held_out = int(round(fraction * len(train)))
+    return train.subset(order[held_out:]), train.subset(order[:held_out])
+
+
+def load_dataset(name: str, root: str | None = None, val_fraction: float = 0.1, seed: int = 0,
+                 train_subset: int | None = None) -> Dataset:
+    """Load `name`, hold out a validation split, optionally keep a seeded subset of the training images."""
+    if name == "fashion_mnist":
+        train, test, classes = load_fashion_mnist(Path(root) if root else None)
+    elif name in ("cifar10", "cifar100"):
+        train, test, classes = load_cifar(Path(root) if root else None, 10 if name == "cifar10" else 100)
+    elif name == "tiny_imagenet":
+        train, test, classes = load_tiny_imagenet(Path(root) if root else None)
+    else:
+        raise ValueError(f"data.name must be one of {DATASETS}, got {name!r}")
+    train, val = split_validation(train, val_fraction, seed)
+    if train_subset is not None:
+        if train_subset <= 0:
+            raise ValueError(f"data.train_subset must be a positive number of images, got {train_subset}")
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:train_subset]
+        train = train.subset(keep)
+    scaled = train.images.float() / 255
+    mean = scaled.mean(dim=(0, 2, 3))
+    std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return Dataset(name, train, val, test, classes, mean, std)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    crop_padding: int = 0  # random crop of the original size from the zero-padded image; 0 = no crop
+    flip: bool = False  # random horizontal flip
+
+
+@dataclass
+class Views:
+    """The augmentation applied to each image of a batch (what a teacher-logit cache must replay)."""
+
+    crop_y: Tensor  # int64 [B], offset into the padded image
+    crop_x: Tensor
+    flip: Tensor  # bool [B]
+
+
+def sample_views(batch: int, augmentation: Augmentation, generator: torch.Generator) -> Views:
+    pad = augmentation.crop_padding
+    crop_y = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    crop_x = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5 if augmentation.flip else torch.zeros(batch, dtype=torch.bool)
+    return Views(crop_y, crop_x, flip)
+
+
+def apply_views(images: Tensor, views: Views, padding: int) -> Tensor:
+    """Crop and flip a whole batch [B, C, H, W] at once with gathered indices (no per-image Python loop)."""
+    if padding:
+        batch, channels, height, width = images.shape
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        rows = (views.crop_y.to(images.device)[:, None] + torch.arange(height, device=images.device))
+        cols = (views.crop_x.to(images.device)[:, None] + torch.arange(width, device=images.device))
+        images = padded[torch.arange(batch, device=images.device)[:, None, None, None],
+                        torch.arange(channels, device=images.device)[None, :, None, None],
+                        rows[:, None, :, None], cols[:, None, None, :]]
+    flip = views.flip.to(images.device)[:, None, None, None]
+    return torch.where(flip, images.flip(3), images)
+
+
+def normalize(images: Tensor, dataset: Dataset) -> Tensor:
+    """uint8 [B, C, H, W] -> float32 standardized with the training set's statistics."""
+    mean = dataset.mean.to(images.device)[None, :, None, None]
+    std = dataset.std.to(images.device)[None, :, None, None]
+    return (images.float() / 255 - mean) / std
+
+
+def batches(split: Split, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+            world_size: int = 1):
+    """Yield (index, images, labels) batches; with world_size > 1 each rank takes its own equal share."""
+    if shuffle:
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    else:
+        order = torch.arange(len(split))
+    if world_size > 1:
+        per_rank = len(order) // world_size
+        order = order[rank * per_rank:(rank + 1) * per_rank]
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        yield index, split.images[index], split.labels[index]
+
+
+def resolve_root(root: str | None) -> str | None:
+    return os.path.expanduser(root) if root else None

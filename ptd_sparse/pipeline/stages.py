@@ -1,0 +1,242 @@
+"""The stages of prune-then-distill, each a function over one run directory:
+
+    train (teacher) -> prune -> design -> distill -> report
+
+A stage writes its results under its own folder and a `done.json` last; a stage whose done.json exists is skipped,
+and a training interrupted mid-way resumes from its per-epoch state. Layout of a run directory:
+    config.json                      the resolved configuration
+    metrics.jsonl                    one line per epoch of every training, and stage events
+    teacher/model, teacher/init      the trained teacher (and its initial weights, for weight rewinding)
+    prune/round_<k>/                 the teacher after round k; prune/sparsity_<s>/ the pruned teacher of target s
+    design/sparsity_<s>.json         the designed student plan and its per-group report
+    students/<variant>/seed_<n>/     each student of the comparison
+    report/                          summary.md, summary.json, plots
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ptd_sparse.pipeline import design as design_rule
+from ptd_sparse.pipeline import distributed, pruning
+from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model, write_json
+from ptd_sparse.pipeline.data import Augmentation, load_dataset, resolve_root
+from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan
+from ptd_sparse.pipeline.training import Context, Distillation, Schedule, fit
+
+logger = logging.getLogger("ptd_sparse.pipeline")
+
+
+class Run:
+    """A run directory and everything the stages share (configuration, data, device)."""
+
+    def __init__(self, directory: Path, config: dict):
+        self.dir = Path(directory)
+        self.config = config
+        self.device = distributed.local_device(config["run"]["device"])
+        if config["run"]["threads"]:
+            torch.set_num_threads(config["run"]["threads"])
+        distributed.setup(self.device)
+        self._dataset = None
+        stored = self.dir / "config.json"
+        if stored.exists() and read_json(stored) != config:
+            raise ValueError(f"{self.dir} holds a run with another configuration ({stored}); resume it with the same "
+                             "configuration or choose a new --out directory")
+        if distributed.is_main():
+            write_json(stored, config)
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            data = self.config["data"]
+            self._dataset = load_dataset(data["name"], resolve_root(data["root"]), data["val_fraction"],
+                                         self.config["run"]["seed"], data["train_subset"] or None)
+        return self._dataset
+
+    def context(self, seed: int, **extra) -> Context:
+        data = self.config["data"]
+        return Context(self.dataset, Augmentation(data["crop_padding"], data["flip"]), self.device, seed,
+                       self.config["run"]["progress"], self.dir / "metrics.jsonl", extra)
+
+    def spec(self, section: str, plan=None) -> dict:
+        name = self.config[section]["model"]
+        plan = plan if plan is not None else (self.config[section]["plan"] or default_plan(name))
+        return {"name": name, "plan": plan, "in_channels": self.dataset.in_channels,
+                "num_classes": self.dataset.num_classes, "image_size": self.dataset.image_size}
+
+    def schedule(self, section: str) -> Schedule:
+        s = self.config[section]
+        milestones = s.get("milestones", [])
+        return Schedule(s["epochs"], s["lr"], s["weight_decay"], tuple(milestones), s.get("gamma", 0.1),
+                        batch_size=self.config["data"]["batch_size"])
+
+    def done(self, folder: Path) -> dict | None:
+        marker = Path(folder) / "done.json"
+        return read_json(marker) if marker.exists() else None
+
+    def finish(self, folder: Path, result: dict) -> dict:
+        if distributed.is_main():
+            write_json(Path(folder) / "done.json", result)
+        distributed.barrier()
+        return result
+
+
+def sparsity_name(target: float) -> str:
+    return f"sparsity_{target:.2f}"
+
+
+def train_teacher(run: Run) -> dict:
+    folder = run.dir / "teacher"
+    if (result := run.done(folder)) is not None:
+        return result
+    torch.manual_seed(run.config["run"]["seed"])
+    spec = run.spec("teacher")
+    model = build_model(**spec)
+    if not (folder / "init" / "model.json").exists() and distributed.is_main():
+        save_model(model, folder / "init", spec)  # the starting point weight rewinding returns to
+    init, _ = load_model(folder / "init")
+    model.load_state_dict(init.state_dict())
+    result = fit(model, run.context(run.config["run"]["seed"], stage="teacher"), run.schedule("teacher"),
+                 folder / "state.pt", "teacher")
+    result["parameters"] = count_parameters(model)
+    if distributed.is_main():
+        save_model(model, folder / "model", spec)
+    return run.finish(folder, result)
+
+
+def prune_teacher(run: Run) -> dict:
+    """Iterative pruning to every target: rounds of `rate` of the remaining weights, retraining after each."""
+    folder = run.dir / "prune"
+    if (result := run.done(folder)) is not None:
+        return result
+    p = run.config["prune"]
+    targets = p["targets"]
+    if p["method"] == "oneshot":
+        levels = list(targets)
+    else:
+        levels = [pruning.sparsity_after(k, p["rate"]) for k in range(1, pruning.rounds_for(targets[-1], p["rate"]) + 1)]
+        for target in targets:  # each target replaces the round level closest to it, so it is met exactly
+            k = pruning.rounds_for(target, p["rate"])
+            levels[k - 1] = target
+        levels = sorted(set(levels))
+    model, spec = load_model(run.dir / "teacher" / "model")
+    init, _ = load_model(run.dir / "teacher" / "init")
+    results = {}
+    for k, level in enumerate(levels, start=1):
+        round_folder = folder / f"round_{k}"
+        if (done := run.done(round_folder)) is not None:
+            model, _ = load_model(round_folder / "model")
+            results[f"round_{k}"] = done
+            continue
+        pruning.prune_to(model, level, p["scope"], p["skip"])
+        if p["method"] == "weight_rewind":
+            with torch.no_grad():
+                for (_, layer), (_, start) in zip(_masked(model), _masked(init)):
+                    layer.weight.copy_(start.weight * layer.mask)
+        schedule = run.schedule("prune")
+        if p["method"] == "finetune":
+            schedule = Schedule(schedule.epochs, p["finetune_lr"], schedule.weight_decay, (), 1.0,
+                                batch_size=schedule.batch_size)
+        achieved = pruning.check_sparsity(model, level, p["skip"])
+        table = pruning.format_table(pruning.sparsity_table(model))
+        logger.info("prune round %d: sparsity %.4f\n%s", k, achieved, table)
+        result = fit(model, run.context(run.config["run"]["seed"], stage="prune", round=k), schedule,
+                     round_folder / "state.pt", f"prune round {k} ({level:.2f})")
+        pruning.check_sparsity(model, level, p["skip"])  # retraining must not revive pruned weights
+        result.update(sparsity=achieved, round=k)
+        if distributed.is_main():
+            save_model(model, round_folder / "model", spec)
+            (round_folder / "sparsity.md").write_text(table + "\n")
+            if level in targets:
+                save_model(model, folder / sparsity_name(level) / "model", spec)
+                write_json(folder / sparsity_name(level) / "layers.json",
+                           [r.__dict__ for r in pruning.sparsity_table(model)])
+        results[f"round_{k}"] = run.finish(round_folder, result)
+    return run.finish(folder, {"targets": targets, "rounds": results})
+
+
+def _masked(model):
+    from ptd_sparse.pipeline.models import prunable_layers
+
+    return prunable_layers(model)
+
+
+def design_students(run: Run) -> dict:
+    folder = run.dir / "design"
+    if (result := run.done(folder)) is not None:
+        return result
+    s = run.config["student"]
+    designs = {}
+    for target in run.config["prune"]["targets"]:
+        teacher, spec = load_model(run.dir / "prune" / sparsity_name(target) / "model")
+        plan, rows = design_rule.design_student(teacher, spec["in_channels"], s["multiple"], s["min_width"])
+        student = build_model(spec["name"], plan, spec["in_channels"], spec["num_classes"], spec["image_size"])
+        designs[sparsity_name(target)] = {
+            "plan": plan, "teacher_nonzeros": sum(r.teacher_nonzeros for r in rows),
+            "student_parameters": count_parameters(student), "rows": [r.__dict__ for r in rows],
+            "table": design_rule.format_design(rows)}
+        logger.info("designed student for sparsity %.2f: plan %s\n%s", target, plan, designs[sparsity_name(target)]
+                    ["table"])
+    if distributed.is_main():
+        write_json(folder / "students.json", designs)
+    return run.finish(folder, designs)
+
+
+def distill_students(run: Run) -> dict:
+    """Every variant of the comparison, for every seed (and every target for the pruned-teacher variants)."""
+    d = run.config["distill"]
+    designs = read_json(run.dir / "design" / "students.json") if (run.dir / "design" / "done.json").exists() else {}
+    teacher_unpruned = None
+    results = {}
+    for seed_index in range(run.config["run"]["seeds"]):
+        seed = run.config["run"]["seed"] + seed_index
+        for variant in d["variants"]:
+            targets = run.config["prune"]["targets"] if variant in ("kd_pruned", "designed_kd_pruned") else [None]
+            for target in targets:
+                key = variant if target is None else f"{variant}@{target:.2f}"
+                folder = run.dir / "students" / key.replace("@", "_") / f"seed_{seed}"
+                if (done := run.done(folder)) is not None:
+                    results.setdefault(key, []).append(done)
+                    continue
+                torch.manual_seed(seed)
+                if variant == "designed_kd_pruned":
+                    spec = run.spec("student", designs[sparsity_name(target)]["plan"])
+                else:
+                    spec = run.spec("student")
+                student = build_model(**spec)
+                distillation = None
+                if variant == "kd_unpruned":
+                    teacher_unpruned = teacher_unpruned or load_model(run.dir / "teacher" / "model")[0]
+                    distillation = Distillation(teacher_unpruned, d["alpha"], d["temperature"])
+                elif variant in ("kd_pruned", "designed_kd_pruned"):
+                    teacher = load_model(run.dir / "prune" / sparsity_name(target) / "model")[0]
+                    distillation = Distillation(teacher, d["alpha"], d["temperature"])
+                result = fit(student, run.context(seed, stage="distill", variant=key), run.schedule("distill"),
+                             folder / "state.pt", f"{key} seed {seed}", distillation)
+                result.update(variant=variant, target=target, seed=seed, parameters=count_parameters(student),
+                              plan=spec["plan"])
+                if distributed.is_main():
+                    save_model(student, folder / "model", spec)
+                results.setdefault(key, []).append(run.finish(folder, result))
+    return results
+
+
+def run_all(run: Run) -> dict:
+    """`ptd run`: every stage in order, each skipped if already done."""
+    from ptd_sparse.pipeline.report import write_report
+
+    teacher = train_teacher(run)
+    prune_teacher(run)
+    designs = design_students(run)
+    students = distill_students(run)
+    summary = write_report(run) if distributed.is_main() else {}
+    distributed.barrier()
+    return {"teacher": teacher, "designs": {k: v["plan"] for k, v in designs.items()}, "students": students,
+            "summary": summary}
+
+
+def describe(results: dict) -> str:
+    return json.dumps(results, indent=1, default=str)

@@ -1,0 +1,159 @@
+"""One training loop for every stage: the teacher, retraining between pruning rounds, and distillation.
+
+SGD with Nesterov momentum and a multi-step schedule; batched tensor augmentation; the model with the best
+validation accuracy is kept and evaluated on the test split. Distillation runs the teacher in eval mode on the same
+augmented batch and uses the fused kd_loss. The loop saves its state after every epoch and resumes from it, so an
+interrupted stage continues where it stopped. Under torchrun it wraps the model in DistributedDataParallel and
+each rank trains on its own share of every epoch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptd_sparse.functional import kd_loss
+from ptd_sparse.pipeline import distributed
+from ptd_sparse.pipeline.checkpoint import load_state, save_state
+from ptd_sparse.pipeline.data import Augmentation, Dataset, Split, apply_views, batches, normalize, sample_views
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    lr: float
+    weight_decay: float
+    milestones: tuple = ()
+    gamma: float = 0.1
+    momentum: float = 0.9
+    batch_size: int = 128
+
+
+@dataclass
+class Distillation:
+    teacher: nn.Module
+    alpha: float
+    temperature: float
+
+
+@dataclass
+class Context:
+    dataset: Dataset
+    augmentation: Augmentation
+    device: torch.device
+    seed: int = 0
+    progress: bool = True
+    metrics_path: Path | None = None
+    extra: dict = field(default_factory=dict)  # written with every metrics line (stage, variant, ...)
+
+
+def evaluate(model: nn.Module, split: Split, ctx: Context, batch_size: int = 512) -> float:
+    """Top-1 accuracy of `model` on `split`."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for _, images, labels in batches(split, batch_size, shuffle=False):
+            logits = model(normalize(images.to(ctx.device), ctx.dataset))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+    model.train(was_training)
+    return correct / max(len(split), 1)
+
+
+def _log(ctx: Context, record: dict) -> None:
+    if ctx.metrics_path is None or not distributed.is_main():
+        return
+    ctx.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(ctx.metrics_path, "a") as f:
+        f.write(json.dumps({**ctx.extra, **record}) + "\n")
+
+
+def _progress(iterable, total: int, enabled: bool, description: str):
+    if not enabled or not distributed.is_main():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+
+
+def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, label: str,
+        distillation: Distillation | None = None, on_epoch_end=None) -> dict:
+    """Train `model` in place; returns {"best_val_acc", "test_acc", "epochs"}. Resumes from `state_path`."""
+    model.to(ctx.device)
+    if ctx.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum, nesterov=True,
+                                weight_decay=schedule.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(schedule.milestones), schedule.gamma)
+    start_epoch, best_acc, best_state = 0, -1.0, None
+    if Path(state_path).exists():
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
+        _log(ctx, {"event": "resumed", "label": label, "epoch": start_epoch})
+    trained = distributed.wrap(model)
+    teacher = distillation.teacher.to(ctx.device).eval() if distillation else None
+    split = ctx.dataset.train
+    steps = -(-len(split) // (schedule.batch_size * distributed.world_size()))
+    for epoch in range(start_epoch, schedule.epochs):
+        trained.train()
+        generator = torch.Generator().manual_seed(ctx.seed * 7919 + epoch * 31 + distributed.rank())
+        started, total_loss, correct, seen = time.time(), 0.0, 0, 0
+        stream = batches(split, schedule.batch_size, True, ctx.seed, epoch, distributed.rank(),
+                         distributed.world_size())
+        bar = _progress(stream, steps, ctx.progress, f"{label} {epoch + 1}/{schedule.epochs}")
+        for _, images, labels in bar:
+            views = sample_views(len(labels), ctx.augmentation, generator)
+            inputs = normalize(apply_views(images.to(ctx.device), views, ctx.augmentation.crop_padding), ctx.dataset)
+            labels = labels.to(ctx.device)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+                logits = trained(inputs)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(inputs)
+                    loss = kd_loss(logits.float(), teacher_logits.float(), labels, alpha=distillation.alpha,
+                                   temperature=distillation.temperature)
+                else:
+                    loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss) * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        scheduler.step()
+        val_acc = evaluate(model, ctx.dataset.val, ctx)
+        if val_acc > best_acc:
+            best_acc = val_acc
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        record = {"label": label, "epoch": epoch + 1, "train_loss": total_loss / max(seen, 1),
+                  "train_acc": correct / max(seen, 1), "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
+                  "seconds": round(time.time() - started, 2)}
+        _log(ctx, record)
+        if distributed.is_main():
+            save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
+                                    "best_model": best_state})
+        distributed.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test_acc = evaluate(model, ctx.dataset.test, ctx)
+    result = {"best_val_acc": best_acc, "test_acc": test_acc, "epochs": schedule.epochs}
+    _log(ctx, {"label": label, "event": "finished", **result})
+    return result
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
