@@ -11,13 +11,13 @@ from pathlib import Path
 
 DEFAULTS = {
     "run": {"seed": 0, "seeds": 1, "device": "auto", "threads": 0, "progress": True},
-    "data": {"name": "fashion_mnist", "root": "", "val_fraction": 0.1, "train_subset": 0, "batch_size": 128,
+    "data": {"name": "fashion_mnist", "root": "", "val_fraction": 0.1, "train_subset": 20000, "batch_size": 128,
              "crop_padding": 2, "flip": True},
     "teacher": {"model": "vgg_fmnist", "plan": [], "epochs": 4, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                 "milestones": [2, 3], "gamma": 0.2},
     "prune": {"targets": [0.79], "rate": 0.2, "scope": "global", "method": "lr_rewind", "skip": [],
               "epochs": 1, "lr": 0.05, "weight_decay": 2e-4, "milestones": [], "gamma": 0.1, "finetune_lr": 0.001},
-    "student": {"model": "vgg_fmnist", "plan": [16, 16, "M", 32, 32, "M", 64, "M"], "multiple": 1, "min_width": 4},
+    "student": {"model": "vgg_fmnist", "plan": [16, "M", 32, "M", 64, "M"], "multiple": 1, "min_width": 4},
     "distill": {"alpha": 0.95, "temperature": 10.0, "epochs": 4, "lr": 0.05, "weight_decay": 5e-4,
                 "milestones": [2, 3], "gamma": 0.2,
                 "variants": ["student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned"]},

@@ -13,8 +13,9 @@ from ptd_sparse.pipeline.pruning import achieved_sparsity
 
 
 def convert_pruned_state(state: dict) -> dict:
-    """torch.nn.utils.prune keys -> ptd_sparse keys (weight = weight_orig * weight_mask, mask = weight_mask != 0)."""
-    converted = {}
+    """torch.nn.utils.prune keys -> ptd_sparse keys (weight = weight_orig * weight_mask, mask = weight_mask != 0).
+    A prune mask wins over a `mask` buffer the module may also carry."""
+    converted = {k: v for k, v in state.items() if not k.endswith((".weight_orig", ".weight_mask"))}
     for key, value in state.items():
         if key.endswith(".weight_orig"):
             base = key[: -len("weight_orig")]
@@ -23,8 +24,6 @@ def convert_pruned_state(state: dict) -> dict:
                 raise CheckpointError(f"{key} has no matching {base}weight_mask")
             converted[base + "weight"] = value * mask
             converted[base + "mask"] = mask != 0
-        elif not key.endswith(".weight_mask"):
-            converted[key] = value
     return converted
 
 

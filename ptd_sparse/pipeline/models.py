@@ -22,7 +22,7 @@ VGG_PLANS = {
     "vgg16": [64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512],
     "vgg19": [64, 64, POOL, 128, 128, POOL, 256, 256, 256, 256, POOL, 512, 512, 512, 512, POOL, 512, 512, 512, 512],
     # The fast default for Fashion-MNIST (28 x 28, one channel): small enough to train in minutes on 2 cores.
-    "vgg_fmnist": [32, 32, POOL, 64, 64, POOL, 128, POOL],
+    "vgg_fmnist": [32, POOL, 64, POOL, 128, POOL],
 }
 RESNET18_STAGES = [64, 128, 256, 512]
 # (expansion, output width, repeats, stride) of MobileNetV2's blocks, CIFAR variant (stride 1 in the first stages).

@@ -97,6 +97,7 @@ def train_teacher(run: Run) -> dict:
     model = build_model(**spec)
     if not (folder / "init" / "model.json").exists() and distributed.is_main():
         save_model(model, folder / "init", spec)  # the starting point weight rewinding returns to
+    distributed.barrier()  # every rank starts from the weights rank 0 saved
     init, _ = load_model(folder / "init")
     model.load_state_dict(init.state_dict())
     result = fit(model, run.context(run.config["run"]["seed"], stage="teacher"), run.schedule("teacher"),

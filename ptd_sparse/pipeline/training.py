@@ -126,7 +126,7 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(labels)
+            total_loss += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
             if hasattr(bar, "set_postfix"):
