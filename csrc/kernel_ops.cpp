@@ -15,7 +15,8 @@
 TORCH_LIBRARY(ptd_sparse_kernels, m) {
   m.def(
       "conv_forward(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int[] weight_shape, "
-      "Tensor? bias, int[] stride, int[] padding, int[] dilation) -> Tensor");
+      "Tensor? bias, int[] stride, int[] padding, int[] dilation, bool relu=False) -> Tensor");
+  // relu=True clamps the output at 0 in the kernel's epilogue (inference with folded BatchNorm and ReLU).
   m.def(
       "conv_backward_input(Tensor grad_output, Tensor values, Tensor col_idx, Tensor t_ptr, Tensor t_rows, "
       "Tensor t_perm, int[] weight_shape, int[] input_shape, int[] stride, int[] padding, int[] dilation) -> Tensor");

@@ -80,10 +80,11 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
 
 
 def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
-                  dilation=1, backend: str | None = None) -> Tensor:
+                  dilation=1, backend: str | None = None, relu: bool = False) -> Tensor:
     """Convolution with a weight in the canonical CSR format; gradients flow to input, sparse_weight.values and bias.
 
-    input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, OH, OW]. backend as for masked_conv2d.
+    input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, OH, OW]. backend as for masked_conv2d. relu=True fuses
+    max(0, .) into the kernel's epilogue (used by sparsify for Conv-BN-ReLU inference).
     """
     if not isinstance(sparse_weight, SparseConvWeight):
         raise TypeError(f"sparse_weight must be a ptd_sparse.SparseConvWeight, got {type(sparse_weight).__name__}")
@@ -93,15 +94,15 @@ def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor |
                                                                     dilation)
     chosen = choose_backend(SPARSE_CONV, batched.device, backend, sparse_weight.density)
     out = _run_sparse_conv(batched, sparse_weight.pattern, sparse_weight.values, bias, stride, padding, dilation,
-                           chosen)
+                           chosen, bool(relu))
     return out.squeeze(0) if unbatched else out
 
 
 def _run_sparse_conv(input: Tensor, pattern: ConvPattern, values: Tensor, bias, stride, padding, dilation,
-                     backend: str) -> Tensor:
+                     backend: str, relu: bool = False) -> Tensor:
     return ops.sparse_conv2d.sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
                                            pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, stride, padding,
-                                           dilation, backend)
+                                           dilation, backend, relu)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,

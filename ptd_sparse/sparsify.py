@@ -1,8 +1,13 @@
-"""sparsify(model): turn a pruned model's convolutions into SparseConv2d modules for inference.
+"""sparsify(model): turn a pruned model into its fast inference form.
 
 A convolution counts as pruned when it is a MaskedConv2d (its `mask` buffer) or carries a mask from
-torch.nn.utils.prune (`weight_orig` and `weight_mask`). Convolutions that SparseConv2d cannot express (groups != 1,
-asymmetric or non-zero padding) keep running densely on weight * mask and are reported in the log.
+torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
+- A BatchNorm2d that directly follows it in an nn.Sequential is folded into its weights and bias (with the running
+  statistics: inference only), and a ReLU after that is fused into the kernel's epilogue; both become nn.Identity.
+- If the layer is sparse enough to gain (density at most the measured crossover of the backend that will run it,
+  ptd_sparse.backends.DENSE_CROSSOVER) it becomes a SparseConv2d storing only the nonzeros; otherwise it becomes a
+  dense nn.Conv2d with the folded weights, since dense kernels win there (the first layer, early pruning rounds).
+- Layers SparseConv2d cannot express (groups != 1, asymmetric or non-zero padding) stay as they are, noted in the log.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from ptd_sparse.backends import DENSE_CROSSOVER, SPARSE_CONV, choose_backend
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
 
@@ -27,9 +33,12 @@ def pruned_weight_and_mask(conv: nn.Conv2d) -> tuple[Tensor, Tensor] | None:
     return None
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+def fold_batch_norm(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weights and bias of conv followed by bn (running statistics): w * g / s, (b - mean) * g / s + beta."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    bias = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    return weight * scale[:, None, None, None], (bias - bn.running_mean) * scale + shift
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -43,27 +52,72 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _convert(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, backend: str | None):
+    """The inference module replacing conv (and bn, relu), or None to leave conv alone."""
+    found = pruned_weight_and_mask(conv)
+    if found is None:
+        return None
+    if conv.groups != 1 or explicit_padding(conv) is None:
+        _logger.warning("ptd_sparse.sparsify: %s stays as it is (groups=%d, padding=%r, padding_mode=%r)", name,
+                        conv.groups, conv.padding, conv.padding_mode)
+        return None
+    weight, mask = found
+    bias = conv.bias
+    if bn is not None:
+        weight, bias = fold_batch_norm(weight, bias, bn)
+    density = float(mask.count_nonzero()) / mask.numel()
+    chosen = choose_backend(SPARSE_CONV, weight.device, backend, density)
+    if chosen == "reference" and backend != "reference":  # denser than the crossover: the dense kernel is faster
+        dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
+                          conv.dilation, bias=True, device=weight.device, dtype=weight.dtype)
+        dense.weight.copy_(weight)
+        dense.bias.copy_(bias if bias is not None else torch.zeros(conv.out_channels))
+        return nn.Sequential(dense, nn.ReLU()) if relu else dense
+    template = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
+                         conv.dilation, bias=False, device="meta")
+    template.weight = nn.Parameter(weight.detach())
+    template.bias = nn.Parameter(bias.detach()) if bias is not None else None
+    sparse = SparseConv2d.from_conv(template, mask, backend=backend)
+    sparse.relu = relu
+    return sparse
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 @torch.no_grad()
-def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None) -> nn.Module:
-    """Return `model` (a copy unless inplace) with every pruned groups=1 convolution replaced by a SparseConv2d that
-    stores only the nonzeros. The rest of the model is unchanged."""
+def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None,
+             fold_bn: bool = True) -> nn.Module:
+    """Return `model` (a copy unless inplace) in inference form, in eval mode: pruned convolutions stored sparse
+    (or dense above the crossover), BatchNorm folded and ReLU fused where they follow a pruned convolution."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target = model if inplace else _copy(model)
+    target = (model if inplace else _copy(model)).eval()
+    handled = set()
+    if fold_bn:
+        for parent_name, parent in list(target.named_modules()):
+            if not isinstance(parent, nn.Sequential):
+                continue
+            children = list(parent.named_children())
+            for i, (child_name, child) in enumerate(children):
+                following = [c for _, c in children[i + 1:i + 3]]
+                if not isinstance(child, nn.Conv2d) or not following or not isinstance(following[0], nn.BatchNorm2d):
+                    continue
+                relu = len(following) > 1 and isinstance(following[1], nn.ReLU)
+                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+                new = _convert(full_name, child, following[0], relu, backend)
+                if new is None:
+                    continue
+                setattr(parent, child_name, new)
+                setattr(parent, children[i + 1][0], nn.Identity())
+                if relu:
+                    setattr(parent, children[i + 2][0], nn.Identity())
+                handled.add(id(new))
     for name, module in list(target.named_modules()):
-        if not isinstance(module, nn.Conv2d):
-            continue
-        found = pruned_weight_and_mask(module)
-        if found is None:
-            continue
-        if module.groups != 1 or explicit_padding(module) is None:
-            _logger.warning("ptd_sparse.sparsify: %s stays dense (groups=%d, padding=%r, padding_mode=%r)", name,
-                            module.groups, module.padding, module.padding_mode)
-            continue
-        weight, mask = found
-        dense = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                          module.padding, module.dilation, bias=module.bias is not None, device="meta")
-        dense.weight = nn.Parameter(weight.detach())
-        dense.bias = module.bias
-        _replace(target, name, SparseConv2d.from_conv(dense, mask, backend=backend))
+        if isinstance(module, nn.Conv2d) and id(module) not in handled:
+            new = _convert(name, module, None, False, backend)
+            if new is not None:
+                _replace(target, name, new)
     return target

@@ -231,3 +231,33 @@ def test_many_images_of_small_maps(backend, size, kernel, stride, padding, dilat
     mask = random_mask(weight.shape, 0.3, generator)
     run_case(backend, x, weight, mask, torch.randn(9, generator=generator), stride, padding, dilation,
              torch.float32, generator)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("batch,size", [(3, (9, 7)), (40, (4, 4))])
+def test_fused_relu_forward_and_backward(backend, dtype, batch, size, generator):
+    weight = torch.randn(6, 5, 3, 3, generator=generator, dtype=dtype)
+    sparse = ptd_sparse.SparseConvWeight.from_dense(weight, random_mask(weight.shape, 0.3, generator))
+    sparse.values.requires_grad_()
+    x = torch.randn(batch, 5, *size, generator=generator, dtype=dtype, requires_grad=True)
+    bias = torch.randn(6, generator=generator, dtype=dtype, requires_grad=True)
+    fused = ptd_sparse.sparse_conv2d(x, sparse, bias, padding=1, backend=backend, relu=True)
+    expected = torch.relu(F.conv2d(x, sparse.to_dense(), bias, padding=1))
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn(fused.shape, generator=generator, dtype=dtype)
+    got = torch.autograd.grad(fused, (x, sparse.values, bias), grad_out)
+    want = torch.autograd.grad(expected, (x, sparse.values, bias), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    if dtype == torch.float64 and batch < 10:
+        pattern = sparse.pattern
+
+        def conv(x, values):
+            return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
+                                    pattern.t_perm, list(pattern.shape), None, [1, 1], [1, 1], [1, 1], backend, True)
+
+        assert torch.autograd.gradcheck(conv, (x.detach()[:1].requires_grad_(), sparse.values))
+        torch.library.opcheck(sparse_conv2d_op, (x, sparse.values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
+                                                 pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, [1, 1],
+                                                 [1, 1], [1, 1], backend, True))

@@ -128,13 +128,14 @@ std::vector<wide::Tap> batch_inner_taps(const float* values, const int32_t* col_
 }
 
 void conv_forward_batch_inner_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
-                                  const at::Tensor& cols, const float* bias, const ConvGeometry& g, at::Tensor& out) {
+                                  const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
+                                  at::Tensor& out) {
   const batch_inner::Geometry p = batch_inner_packing(g);
   const at::Tensor packed =
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const auto taps = batch_inner_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
   batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels,
-                           g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, false,
+                           g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu,
                            out.mutable_data_ptr<float>());
 }
 
@@ -174,13 +175,13 @@ void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at::Tensor
 }
 
 void conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp, const at::Tensor& cols,
-                      const float* bias, const ConvGeometry& g, at::Tensor& out) {
-  if (use_batch_inner(g)) return conv_forward_batch_inner_f32(x, vals, rp, cols, bias, g, out);
+                      const float* bias, bool relu, const ConvGeometry& g, at::Tensor& out) {
+  if (use_batch_inner(g)) return conv_forward_batch_inner_f32(x, vals, rp, cols, bias, relu, g, out);
   const wide::PackedGeometry p = input_packing(g);
   const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const auto taps = forward_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
   wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
-                    bias, /*relu=*/false, out.mutable_data_ptr<float>());
+                    bias, relu, out.mutable_data_ptr<float>());
 }
 
 // The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
@@ -256,7 +257,7 @@ void conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, const a
 at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                             const at::Tensor& col_idx, at::IntArrayRef weight_shape,
                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation) {
+                            at::IntArrayRef dilation, bool relu) {
   for (auto [t, name] : {std::pair{&input, "input"}, {&values, "values"}, {&row_ptr, "row_ptr"}, {&col_idx, "col_idx"}})
     check_cpu(*t, name);
   const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
@@ -277,7 +278,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (out.numel() == 0) return out;
   if (input.scalar_type() == at::kFloat && wide::fits_int32(input_packing(g))) {
-    conv_forward_f32(x, vals, rp, ci, bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, g, out);
+    conv_forward_f32(x, vals, rp, ci, bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr, relu, g, out);
     return out;
   }
 
@@ -301,7 +302,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
                       tap.kh * g.dil_h - g.pad_h, tap.kw * g.dil_w - g.pad_w);
         }
         scalar_t* dst = out_ptr + task * g.out_plane();
-        for (int64_t i = 0; i < g.out_plane(); ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+        for (int64_t i = 0; i < g.out_plane(); ++i)
+          dst[i] = static_cast<scalar_t>(relu ? std::max(acc[i], acc_t(0)) : acc[i]);
       }
     });
   });

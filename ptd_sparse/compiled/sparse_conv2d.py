@@ -7,8 +7,9 @@ from ptd_sparse._extension import kernels
 
 
 def forward(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int],
-            bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    return kernels().conv_forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation)
+            bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], relu: bool) -> Tensor:
+    return kernels().conv_forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation,
+                                  relu)
 
 
 def backward(grad_output: Tensor, input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor,

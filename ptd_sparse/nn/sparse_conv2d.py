@@ -27,7 +27,7 @@ class SparseConv2d(nn.Module):
     (so they can be fine-tuned), optional bias. Memory and work scale with the nonzeros."""
 
     def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
-                 dilation=1, backend: str | None = None):
+                 dilation=1, backend: str | None = None, relu: bool = False):
         super().__init__()
         self.weight_shape = sparse_weight.shape
         for name in ConvPattern.index_names():
@@ -37,6 +37,7 @@ class SparseConv2d(nn.Module):
         self.stride, self.padding, self.dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), \
             pair(dilation, "dilation", 1)
         self.backend = backend
+        self.relu = relu  # max(0, .) fused into the kernel's epilogue
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "SparseConv2d":
@@ -64,10 +65,10 @@ class SparseConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return sparse_conv2d(input, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
-                             backend=self.backend)
+                             backend=self.backend, relu=self.relu)
 
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight_shape
         return (f"{c_in}, {c_out}, kernel_size=({kh}, {kw}), stride={tuple(self.stride)}, "
                 f"padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, bias={self.bias is not None}, "
-                f"nnz={self.nnz}, density={self.density:.4f}")
+                f"nnz={self.nnz}, density={self.density:.4f}" + (", relu" if self.relu else ""))

@@ -31,15 +31,16 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
 @torch.library.custom_op("ptd_sparse::sparse_conv2d", mutates_args=())
 def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor, t_rows: Tensor,
                   t_perm: Tensor, weight_shape: List[int], bias: Optional[Tensor], stride: List[int],
-                  padding: List[int], dilation: List[int], backend: str) -> Tensor:
-    """input [N, C_in, H, W], values [nnz], CSR and transposed pattern (see ConvPattern) -> [N, C_out, OH, OW]."""
+                  padding: List[int], dilation: List[int], backend: str, relu: bool = False) -> Tensor:
+    """input [N, C_in, H, W], values [nnz], CSR and transposed pattern (see ConvPattern) -> [N, C_out, OH, OW].
+    relu=True applies max(0, .) in the kernel's epilogue (its gradient is masked by the saved output)."""
     return _implementation(backend).forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding,
-                                            dilation)
+                                            dilation, relu)
 
 
 @sparse_conv2d.register_fake
 def _sparse_conv2d_fake(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding,
-                        dilation, backend):
+                        dilation, backend, relu=False):
     torch._check(input.dim() == 4, lambda: "input must be 4-D")
     torch._check(input.shape[1] == weight_shape[1], lambda: "input channels must match weight_shape[1]")
     out_h = output_size(input.shape[2], weight_shape[2], stride[0], padding[0], dilation[0])
@@ -68,15 +69,19 @@ def _sparse_conv2d_backward_fake(grad_output, input, values, row_ptr, col_idx, t
 
 def _setup_context(ctx, inputs, output):
     (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
-     backend) = inputs
-    ctx.save_for_backward(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm)
+     backend, relu) = inputs
+    # With a fused ReLU the output is saved too: its sign masks the incoming gradient.
+    ctx.relu = relu
+    ctx.save_for_backward(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output if relu else None)
     ctx.conv_args = (weight_shape, stride, padding, dilation)
     ctx.backend = backend
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_output):
-    input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm = ctx.saved_tensors
+    input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output = ctx.saved_tensors
+    if ctx.relu:
+        grad_output = grad_output * (output > 0)
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[1], ctx.has_bias and needs[8]]
     grad_input, grad_values, grad_bias = sparse_conv2d_backward(
@@ -84,7 +89,7 @@ def _backward(ctx, grad_output):
         ctx.backend)
     return (grad_input if output_mask[0] else None, grad_values if output_mask[1] else None,
             None, None, None, None, None, None,
-            grad_bias if output_mask[2] else None, None, None, None, None)
+            grad_bias if output_mask[2] else None, None, None, None, None, None)
 
 
 sparse_conv2d.register_autograd(_backward, setup_context=_setup_context)

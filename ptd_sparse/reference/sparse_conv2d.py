@@ -22,9 +22,10 @@ def flat_positions(row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int]) ->
 
 
 def forward(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int],
-            bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+            bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], relu: bool) -> Tensor:
     weight = dense_weight(values, row_ptr, col_idx, weight_shape)
-    return F.conv2d(input, weight, bias, stride, padding, dilation).contiguous()
+    out = F.conv2d(input, weight, bias, stride, padding, dilation).contiguous()
+    return F.relu(out) if relu else out
 
 
 def backward(grad_output: Tensor, input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor,
