@@ -27,7 +27,17 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 
 # Density above which the dense masked path (oneDNN/cuDNN through F.conv2d) beats the sparse kernel of that backend,
 # measured with bench/bench_sparse_conv2d.py on the CIFAR VGG layers (docs/benchmarks.md); 1.0 never goes dense.
-DENSE_CROSSOVER = {"cpu": 0.20, "cuda": 1.0, "triton": 1.0}
+DENSE_CROSSOVER = {"cpu": 0.30, "cuda": 1.0, "triton": 1.0}
+# Below SMALL_BATCH images per call (batch-1 inference) the sparse kernels have less work to amortise their set-up,
+# and the crossover is lower.
+SMALL_BATCH = 8
+SMALL_BATCH_CROSSOVER = {"cpu": 0.20, "cuda": 1.0, "triton": 1.0}
+
+
+def dense_crossover(backend: str, batch: int | None = None) -> float:
+    """Density above which the dense path is faster than `backend`'s sparse kernel for a batch of `batch` images."""
+    table = SMALL_BATCH_CROSSOVER if batch is not None and batch < SMALL_BATCH else DENSE_CROSSOVER
+    return table[backend]
 
 # Which operators each backend implements in this build.
 IMPLEMENTED = {
@@ -83,8 +93,10 @@ def _requested(backend: str | None) -> str | None:
     return name
 
 
-def choose_backend(op: str, device: torch.device, backend: str | None = None, density: float | None = None) -> str:
-    """Name of the backend that runs `op` for inputs on `device` (and, for the convolution, weight `density`)."""
+def choose_backend(op: str, device: torch.device, backend: str | None = None, density: float | None = None,
+                   batch: int | None = None) -> str:
+    """Name of the backend that runs `op` for inputs on `device` (and, for the convolution, weight `density` and
+    the number of images `batch`)."""
     name = _requested(backend)
     if name is not None:
         reasons = unsupported_reasons(name, op, device)
@@ -98,7 +110,7 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None, de
         if reasons:
             _log_once(f"ptd_sparse: {op} on {device.type} skips the {candidate} backend: " + "; ".join(reasons))
             continue
-        if op == SPARSE_CONV and density is not None and density > DENSE_CROSSOVER[candidate]:
+        if op == SPARSE_CONV and density is not None and density > dense_crossover(candidate, batch):
             return "reference"
         return candidate
     return "reference"

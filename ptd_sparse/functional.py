@@ -71,7 +71,7 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
     batched, unbatched, stride, padding, dilation = _conv_arguments(input, tuple(weight.shape), bias, stride, padding,
                                                                     dilation)
     pattern = pattern_of(mask)
-    chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density)
+    chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density, batched.shape[0])
     if chosen == "reference":
         out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
     else:
@@ -92,7 +92,7 @@ def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor |
     check.same_dtype(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
     batched, unbatched, stride, padding, dilation = _conv_arguments(input, sparse_weight.shape, bias, stride, padding,
                                                                     dilation)
-    chosen = choose_backend(SPARSE_CONV, batched.device, backend, sparse_weight.density)
+    chosen = choose_backend(SPARSE_CONV, batched.device, backend, sparse_weight.density, batched.shape[0])
     out = _run_sparse_conv(batched, sparse_weight.pattern, sparse_weight.values, bias, stride, padding, dilation,
                            chosen, bool(relu))
     return out.squeeze(0) if unbatched else out

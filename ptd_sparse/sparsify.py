@@ -5,8 +5,9 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
 - A BatchNorm2d that directly follows it in an nn.Sequential is folded into its weights and bias (with the running
   statistics: inference only), and a ReLU after that is fused into the kernel's epilogue; both become nn.Identity.
 - If the layer is sparse enough to gain (density at most the measured crossover of the backend that will run it,
-  ptd_sparse.backends.DENSE_CROSSOVER) it becomes a SparseConv2d storing only the nonzeros; otherwise it becomes a
+  ptd_sparse.backends.dense_crossover) it becomes a SparseConv2d storing only the nonzeros; otherwise it becomes a
   dense nn.Conv2d with the folded weights, since dense kernels win there (the first layer, early pruning rounds).
+  Where the crossover for small batches is lower, the SparseConv2d also keeps a dense copy and picks per call.
 - Layers SparseConv2d cannot express (groups != 1, asymmetric or non-zero padding) stay as they are, noted in the log.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from ptd_sparse.backends import DENSE_CROSSOVER, SPARSE_CONV, choose_backend
+from ptd_sparse.backends import SPARSE_CONV, choose_backend, dense_crossover
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
 
@@ -79,6 +80,8 @@ def _convert(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, 
     template.bias = nn.Parameter(bias.detach()) if bias is not None else None
     sparse = SparseConv2d.from_conv(template, mask, backend=backend)
     sparse.relu = relu
+    if chosen != "reference" and backend is None and density > dense_crossover(chosen, batch=1):
+        sparse.keep_dense_copy()
     return sparse
 
 

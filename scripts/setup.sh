@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=23" 2>/dev/null || true
 "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install --quiet "setuptools>=64" wheel ninja numpy pytest expecttest safetensors tqdm matplotlib
+"$VENV/bin/python" -m pip install --quiet "setuptools>=64" wheel ninja numpy pytest pytest-benchmark expecttest safetensors tqdm matplotlib
 # --no-build-isolation: compile against the torch installed above, not one fetched into an isolated build env.
 "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e .
 "$VENV/bin/python" -c "import ptd_sparse, ptd_sparse._extension as e; assert e.extension_problem() is None, e.extension_problem(); print('ptd_sparse', ptd_sparse.__version__, 'ready in', '$VENV')"

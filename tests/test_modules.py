@@ -12,7 +12,7 @@ from torch import nn
 
 import ptd_sparse
 from ptd_sparse import functional
-from ptd_sparse.backends import SPARSE_CONV
+from ptd_sparse.backends import DENSE_CROSSOVER, SPARSE_CONV
 from ptd_sparse.nn import MaskedConv2d, SparseConv2d
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 
@@ -199,7 +199,7 @@ def test_sparsify_torch_prune_model(generator):
     prune.global_unstructured(convs, pruning_method=prune.L1Unstructured, amount=0.9)
     sparse = ptd_sparse.sparsify(model)
     sparse_layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
-    assert sparse_layers and all(m.density <= 0.2 for m in sparse_layers)
+    assert sparse_layers and all(m.density <= DENSE_CROSSOVER["cpu"] for m in sparse_layers)
     x = torch.randn(2, 3, 12, 12, generator=generator)
     torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
 
@@ -248,3 +248,24 @@ def test_conv_errors(generator):
         ptd_sparse.masked_conv2d(x, w, mask.to("meta"))
     with pytest.raises(TypeError, match="sparse_weight must be a ptd_sparse.SparseConvWeight"):
         ptd_sparse.sparse_conv2d(x, w)
+
+
+def test_sparse_conv2d_with_dense_copy_picks_by_batch(generator, monkeypatch):
+    """Between the small-batch and the large-batch crossover the layer keeps both forms and picks per call."""
+    from ptd_sparse import backends
+
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    mask = random_mask(conv.weight.shape, 0.25, generator)
+    layer = SparseConv2d.from_conv(conv, mask)
+    layer.relu = True
+    layer.keep_dense_copy()
+    monkeypatch.setitem(backends.SMALL_BATCH_CROSSOVER, "cpu", 0.2)
+    monkeypatch.setitem(backends.DENSE_CROSSOVER, "cpu", 0.3)
+    calls = []
+    original = F.conv2d
+    monkeypatch.setattr("ptd_sparse.nn.sparse_conv2d.F.conv2d", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for batch in (1, 16):
+        x = torch.randn(batch, 6, 7, 7, generator=generator)
+        expected = torch.relu(original(x, conv.weight * mask, conv.bias, padding=1))
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1  # batch 1 went dense, batch 16 sparse

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptd_sparse._validation import pair
+from ptd_sparse.backends import SPARSE_CONV, choose_backend
 from ptd_sparse.functional import sparse_conv2d
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 
@@ -38,6 +40,14 @@ class SparseConv2d(nn.Module):
             pair(dilation, "dilation", 1)
         self.backend = backend
         self.relu = relu  # max(0, .) fused into the kernel's epilogue
+        self._density = sparse_weight.density
+        # Optional dense copy for layers whose best kernel depends on the batch size (see keep_dense_copy).
+        self.register_buffer("dense_weight", None)
+
+    def keep_dense_copy(self) -> None:
+        """Also keep the dense weight, so calls whose batch makes the dense kernel faster (by the measured
+        crossover, ptd_sparse.backends.dense_crossover) use it instead of the sparse kernel."""
+        self.dense_weight = self.sparse_weight.to_dense().detach()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "SparseConv2d":
@@ -61,9 +71,14 @@ class SparseConv2d(nn.Module):
 
     @property
     def density(self) -> float:
-        return self.sparse_weight.density
+        return self._density
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.dense_weight is not None:
+            batch = input.shape[0] if input.dim() == 4 else 1
+            if choose_backend(SPARSE_CONV, input.device, self.backend, self._density, batch) == "reference":
+                out = F.conv2d(input, self.dense_weight, self.bias, self.stride, self.padding, self.dilation)
+                return F.relu(out) if self.relu else out
         return sparse_conv2d(input, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
                              backend=self.backend, relu=self.relu)
 
