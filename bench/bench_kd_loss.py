@@ -13,16 +13,15 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import ptd_sparse
+from timing import median_ms  # bench/timing.py
 
 SHAPES = ((256, 100), (128, 1000), (8192, 32000))
 T, ALPHA = 4.0, 0.9
@@ -38,17 +37,6 @@ def fused(backend):
     def run(student, teacher, target):
         return ptd_sparse.kd_loss(student, teacher, target, temperature=T, alpha=ALPHA, backend=backend)
     return run
-
-
-def median_ms(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def step(loss_fn, student, teacher, target):

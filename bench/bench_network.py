@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ import ptd_sparse
 from ptd_sparse.nn import MaskedConv2d, MaskedLinear
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
+from timing import median_ms  # bench/timing.py
 
 
 def pruned_vgg19(sparsity: float) -> nn.Module:
@@ -54,17 +53,6 @@ def eager_dense(model: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(dense.get_submodule(parent_name) if parent_name else dense, child, plain)
     return dense.eval()
-
-
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def onnxruntime_runner(model: nn.Module, batch: int, threads: int):

@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import ptd_sparse
+from timing import median_ms  # bench/timing.py
 
 # (channels, spatial size) of the 3x3 layers of CIFAR VGG, one per resolution.
 VGG_LAYERS = ((64, 32), (128, 16), (256, 8), (512, 4), (512, 2))
@@ -37,17 +36,6 @@ class Row:
     dense_train_ms: float
     sparse_train_ms: float
     train_speedup: float
-
-
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def measure(channels: int, size: int, density: float, batch: int, backend: str, warmup: int, repeats: int) -> Row:

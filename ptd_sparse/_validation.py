@@ -12,7 +12,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def pair(value, name: str, minimum: int) -> list[int]:
     """An int or a pair of ints, each >= minimum, as a list of two ints."""
-    items = (value, value) if isinstance(value, Integral) else tuple(value) if isinstance(value, (tuple, list)) else None
+    items = None
+    if isinstance(value, Integral):
+        items = (value, value)
+    elif isinstance(value, (tuple, list)):
+        items = tuple(value)
     if items is None or len(items) != 2 or not all(isinstance(v, Integral) for v in items):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in items):

@@ -36,7 +36,8 @@ TOLERANCE = {
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     atol, rtol = TOLERANCE[dtype]
     scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def random_mask(shape, density: float, generator: torch.Generator) -> torch.Tensor:

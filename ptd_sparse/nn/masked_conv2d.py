@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptd_sparse.functional import masked_conv2d
+from ptd_sparse.nn._masked import MaskedWeight
 
 
-class MaskedConv2d(nn.Conv2d):
+class MaskedConv2d(MaskedWeight, nn.Conv2d):
     """nn.Conv2d computing conv2d(input, weight * mask, bias). `mask` is a bool buffer of the weight's shape (all
     True at construction), saved in the state dict. The mask is compressed once per change (set_mask, in-place edits,
     load_state_dict) and reused by every call. groups != 1 runs the dense masked path (F.conv2d on weight * mask).
@@ -16,7 +17,7 @@ class MaskedConv2d(nn.Conv2d):
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("mask", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device))
+        self._register_mask()
         self.backend = backend
 
     @classmethod
@@ -30,23 +31,6 @@ class MaskedConv2d(nn.Conv2d):
         if mask is not None:
             masked.set_mask(mask)
         return masked
-
-    @torch.no_grad()
-    def set_mask(self, mask: Tensor) -> None:
-        """Replace the mask (any dtype; nonzero means keep) and zero the pruned weights."""
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(self.weight.shape):
-            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {shape}")
-        self.mask.copy_(mask != 0)
-        self.weight.mul_(self.mask)
-
-    @property
-    def nnz(self) -> int:
-        return int(self.mask.sum())
-
-    @property
-    def density(self) -> float:
-        return self.nnz / self.mask.numel()
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.groups != 1:

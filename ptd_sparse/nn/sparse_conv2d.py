@@ -1,7 +1,6 @@
 """SparseConv2d: a convolution whose weight is stored only as its nonzeros (the canonical CSR format)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -118,7 +118,8 @@ def prune_teacher(run: Run) -> dict:
     if p["method"] == "oneshot":
         levels = list(targets)
     else:
-        levels = [pruning.sparsity_after(k, p["rate"]) for k in range(1, pruning.rounds_for(targets[-1], p["rate"]) + 1)]
+        rounds = pruning.rounds_for(targets[-1], p["rate"])
+        levels = [pruning.sparsity_after(k, p["rate"]) for k in range(1, rounds + 1)]
         for target in targets:  # each target replaces the round level closest to it, so it is met exactly
             k = pruning.rounds_for(target, p["rate"])
             levels[k - 1] = target
