@@ -3,14 +3,16 @@ L1 magnitude) through ptd_sparse.sparsify against eager PyTorch on the same prun
 ONNX Runtime on the same model. All in one run, medians after warm-up, batch 64 and batch 1.
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_network.py
-(ONNX Runtime is optional: pip install onnx onnxruntime.) Neural Magic DeepSparse needs numpy<2 and an old onnx, so
-it lives in a separate venv; its figures for this machine are quoted in docs/benchmarks.md, not measured here.
+(ONNX Runtime is optional: pip install onnx onnxruntime.) Neural Magic DeepSparse 1.8.0 needs numpy<2 and an old
+onnx, so it lives in a separate venv: pass its python with --deepsparse-python (see bench/deepsparse_runner.py); it
+then runs on the same ONNX export in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -55,13 +57,30 @@ def eager_dense(model: nn.Module) -> nn.Module:
     return dense.eval()
 
 
+def export_onnx(model: nn.Module, batch: int) -> Path:
+    path = Path(tempfile.mkdtemp()) / "vgg19.onnx"
+    torch.onnx.export(model, (torch.randn(batch, 3, 32, 32),), str(path), input_names=["x"], dynamo=False,
+                      opset_version=13)  # DeepSparse 1.8 reads opsets up to 19
+    return path
+
+
+def deepsparse_ms(python: str | None, model: nn.Module, batch: int, threads: int, warmup: int,
+                  repeats: int) -> float:
+    """DeepSparse's median time for the same model, run in its own venv by bench/deepsparse_runner.py."""
+    if not python:
+        return float("nan")
+    runner = Path(__file__).parent / "deepsparse_runner.py"
+    result = subprocess.run([python, str(runner), str(export_onnx(model, batch)), str(batch), str(threads),
+                             str(warmup), str(repeats)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["median_ms"]
+
+
 def onnxruntime_runner(model: nn.Module, batch: int, threads: int):
     try:
         import onnxruntime
     except ImportError:
         return None
-    path = Path(tempfile.mkdtemp()) / "vgg19.onnx"
-    torch.onnx.export(model, (torch.randn(batch, 3, 32, 32),), str(path), input_names=["x"], dynamo=False)
+    path = export_onnx(model, batch)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -75,13 +94,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 1])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--deepsparse-python", help="python of a venv with deepsparse 1.8.0 (see deepsparse_runner)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "network.json")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     print(f"CIFAR VGG19, float32, torch {torch.__version__}, {threads} threads, "
           f"GOMP_CPU_AFFINITY={os.environ.get('GOMP_CPU_AFFINITY', 'unset')}")
-    print(f"{'sparsity':>8} {'batch':>5} {'eager ms':>9} {'onnxrt ms':>9} {'ptd ms':>8} {'vs eager':>8} "
-          f"{'vs onnxrt':>9} {'sparse layers':>13}")
+    print(f"{'sparsity':>8} {'batch':>5} {'eager ms':>9} {'onnxrt ms':>9} {'dsparse ms':>10} {'ptd ms':>8} "
+          f"{'vs eager':>8} {'vs onnxrt':>9} {'vs dsparse':>10} {'sparse layers':>13}")
     rows = []
     for sparsity in args.sparsities:
         model = pruned_vgg19(sparsity)
@@ -96,12 +116,14 @@ def main() -> None:
                 ptd_ms = median_ms(lambda: fast(x), args.warmup, args.repeats)
             ort = onnxruntime_runner(dense, batch, threads)
             ort_ms = median_ms(lambda: ort(x.numpy()), args.warmup, args.repeats) if ort else float("nan")
-            row = dict(sparsity=sparsity, batch=batch, eager_ms=eager_ms, onnxruntime_ms=ort_ms, ptd_ms=ptd_ms,
-                       speedup_vs_eager=eager_ms / ptd_ms, speedup_vs_onnxruntime=ort_ms / ptd_ms,
-                       sparse_layers=sparse_layers)
+            ds_ms = deepsparse_ms(args.deepsparse_python, dense, batch, threads, args.warmup, args.repeats)
+            row = dict(sparsity=sparsity, batch=batch, eager_ms=eager_ms, onnxruntime_ms=ort_ms, deepsparse_ms=ds_ms,
+                       ptd_ms=ptd_ms, speedup_vs_eager=eager_ms / ptd_ms, speedup_vs_onnxruntime=ort_ms / ptd_ms,
+                       speedup_vs_deepsparse=ds_ms / ptd_ms, sparse_layers=sparse_layers)
             rows.append(row)
-            print(f"{sparsity:>8.2f} {batch:>5} {eager_ms:>9.2f} {ort_ms:>9.2f} {ptd_ms:>8.2f} "
-                  f"{eager_ms / ptd_ms:>8.2f} {ort_ms / ptd_ms:>9.2f} {sparse_layers:>13}", flush=True)
+            print(f"{sparsity:>8.2f} {batch:>5} {eager_ms:>9.2f} {ort_ms:>9.2f} {ds_ms:>10.2f} {ptd_ms:>8.2f} "
+                  f"{eager_ms / ptd_ms:>8.2f} {ort_ms / ptd_ms:>9.2f} {ds_ms / ptd_ms:>10.2f} {sparse_layers:>13}",
+                  flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": threads,
                                              "pinning": os.environ.get("GOMP_CPU_AFFINITY", "unset")},
