@@ -142,3 +142,29 @@ def test_default_config_is_the_fast_preset():
     cfg = config_module.load_config(Path(__file__).parent.parent / "configs" / "default.toml")
     assert cfg == config_module.load_config(None)
     assert stages.sparsity_name(0.79) == "sparsity_0.79"
+
+
+@pytest.mark.parametrize("method", ["weight_rewind", "finetune", "oneshot"])
+def test_other_pruning_methods(tmp_path, method):
+    root = fake_fashion_mnist(tmp_path / "data", train=300, test=50)
+    out = tmp_path / "run"
+    assert cli.main(ptd_args("train", out, root, f"prune.method={method}", "prune.targets=[0.5]")) == 0
+    assert cli.main(ptd_args("prune", out, root, f"prune.method={method}", "prune.targets=[0.5]")) == 0
+    rounds = json.loads((out / "prune" / "done.json").read_text())["rounds"]
+    assert len(rounds) == (1 if method == "oneshot" else 3)  # 1 - 0.8^3 = 0.488 is closest to 0.5
+    assert list(rounds.values())[-1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    if method == "weight_rewind":  # the surviving weights restart from the teacher's initial values
+        from ptd_sparse.pipeline.checkpoint import load_model
+
+        init, _ = load_model(out / "teacher" / "init")
+        first_round, _ = load_model(out / "prune" / "round_1" / "model")
+        assert not torch.equal(init.features[0].weight, first_round.features[0].weight)  # retrained after rewind
+
+
+def test_report_shows_mean_and_spread_over_seeds(tmp_path):
+    from ptd_sparse.pipeline.report import _summarize
+
+    results = [{"variant": "student_ce", "target": None, "test_acc": acc, "parameters": 10} for acc in (0.8, 0.9)]
+    (row,) = _summarize(results, {"test_acc": 0.95}, {})
+    assert row["seeds"] == 2 and row["test_acc_mean"] == pytest.approx(85.0)
+    assert row["test_acc_std"] == pytest.approx(7.0711, abs=1e-3)
