@@ -155,7 +155,7 @@ struct RowResult {
   bool bad_student, bad_teacher;
 };
 
-// scratch holds 3 * classes floats.
+// scratch holds 3 * classes floats, rounded up to whole vectors.
 RowResult kd_row_f32(const float* s, const float* t, int64_t classes, int64_t label, float inv_t, float kd_weight,
                      float ce_weight, float kd_grad, float ce_grad, float* scratch, float* grad) {
   using wide::broadcast8;
@@ -190,11 +190,18 @@ RowResult kd_row_f32(const float* s, const float* t, int64_t classes, int64_t la
   const vec8 v_inv_t = broadcast8(inv_t), v_ms = broadcast8(ms), v_mt = broadcast8(mt), zero{};
   vec8 z_st{}, z_s1{}, z_t{}, weighted{};
   const bool need_kd = kd_weight != 0, need_ce = ce_weight != 0, same_scale = inv_t == 1.0f;
+  const int64_t padded = wide::round_up(classes, kLanes);
   float* e_st = scratch;                 // exp((s - ms) / T)
-  float* e_t = scratch + classes;        // exp((t - mt) / T)
-  float* e_s1 = same_scale ? e_st : scratch + 2 * classes;  // exp(s - ms)
-  for (int64_t c = 0; c < vector_end; c += kLanes) {
-    const vec8 vs = load8(s + c), vt = load8(t + c);
+  float* e_t = scratch + padded;         // exp((t - mt) / T)
+  float* e_s1 = same_scale ? e_st : scratch + 2 * padded;  // exp(s - ms)
+  // The last partial vector runs on copies padded with -inf, whose exponentials are exactly 0: no scalar exp.
+  float s_tail[kLanes], t_tail[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) {
+    s_tail[i] = vector_end + i < classes ? s[vector_end + i] : -inf;
+    t_tail[i] = vector_end + i < classes ? t[vector_end + i] : -inf;
+  }
+  for (int64_t c = 0; c < padded; c += kLanes) {
+    const vec8 vs = load8(c < vector_end ? s + c : s_tail), vt = load8(c < vector_end ? t + c : t_tail);
     const vec8 ds = vs - v_ms;
     if (need_kd) {
       const vec8 et = vmath::exp8_nonpositive((vt - v_mt) * v_inv_t), est = vmath::exp8_nonpositive(ds * v_inv_t);
@@ -210,17 +217,8 @@ RowResult kd_row_f32(const float* s, const float* t, int64_t classes, int64_t la
       z_s1 += es1;
     }
   }
-  float sum_st = vmath::horizontal_sum(z_st), sum_s1 = vmath::horizontal_sum(z_s1);
-  float sum_t = vmath::horizontal_sum(z_t), sum_w = vmath::horizontal_sum(weighted);
-  for (int64_t c = vector_end; c < classes; ++c) {
-    e_t[c] = std::exp((t[c] - mt) * inv_t);
-    e_st[c] = std::exp((s[c] - ms) * inv_t);
-    e_s1[c] = std::exp(s[c] - ms);
-    sum_st += e_st[c];
-    sum_s1 += e_s1[c];
-    sum_t += e_t[c];
-    if (e_t[c] > 0) sum_w += e_t[c] * (t[c] - s[c]) * inv_t;
-  }
+  const float sum_st = vmath::horizontal_sum(z_st), sum_s1 = vmath::horizontal_sum(z_s1);
+  const float sum_t = vmath::horizontal_sum(z_t), sum_w = vmath::horizontal_sum(weighted);
   float loss = 0;
   if (need_kd) loss += kd_weight * (sum_w / sum_t - ((mt - ms) * inv_t + std::log(sum_t) - std::log(sum_st)));
   if (need_ce) loss += ce_weight * (ms - s[label] + std::log(sum_s1));
@@ -268,7 +266,7 @@ void kd_loss_rows_fast(const at::Tensor& student, const at::Tensor& teacher, con
   const float ce_grad = ce_weight * static_cast<float>(grad_scale);
   std::atomic<int64_t> bad_student{rows}, bad_teacher{rows};
   at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buffer, t_buffer, g_buffer, scratch(3 * classes);
+    std::vector<float> s_buffer, t_buffer, g_buffer, scratch(3 * wide::round_up(classes, wide::kLanes));
     if (!std::is_same_v<student_t, float>) s_buffer.resize(classes), g_buffer.resize(classes);
     if (!std::is_same_v<teacher_t, float>) t_buffer.resize(classes);
     for (int64_t r = begin; r < end; ++r) {
