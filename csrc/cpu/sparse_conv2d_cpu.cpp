@@ -85,8 +85,11 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // ---- float32 fast paths (wide_conv_f32.h); other dtypes and unsupported geometries use the generic loops above.
 
-std::vector<wide::Tap> forward_taps(const float* values, const int32_t* col_idx, int64_t nnz, const ConvGeometry& g,
-                                    const wide::PackedGeometry& p) {
+// The CSR taps as (offset into one packed image, value) for either packing (wide::PackedGeometry or
+// batch_inner::Geometry); values may be null when only the offsets are needed.
+template <typename Packing>
+std::vector<wide::Tap> csr_taps(const float* values, const int32_t* col_idx, int64_t nnz, const ConvGeometry& g,
+                                const Packing& p) {
   std::vector<wide::Tap> taps(nnz);
   for (int64_t e = 0; e < nnz; ++e) {
     const Tap tap = decode_column(col_idx[e], g);
@@ -94,6 +97,27 @@ std::vector<wide::Tap> forward_taps(const float* values, const int32_t* col_idx,
   }
   return taps;
 }
+
+// The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
+// and padding (K - 1) * dilation - padding; its rows are the transposed pattern's input channels. These are its taps.
+template <typename Packing>
+std::vector<wide::Tap> transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tr,
+                                               const at::Tensor& tperm, const ConvGeometry& g, const Packing& p) {
+  const float* v_ptr = vals.const_data_ptr<float>();
+  const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
+  const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
+  const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
+  std::vector<wide::Tap> taps(vals.numel());
+  for (int64_t j = 0; j < vals.numel(); ++j) {
+    const Tap tap = decode_column(col_ptr[perm_ptr[j]], g);
+    taps[j] = {p.tap_offset(tr_ptr[j], (g.kernel_h - 1 - tap.kh) * g.dil_h, (g.kernel_w - 1 - tap.kw) * g.dil_w),
+               v_ptr[perm_ptr[j]]};
+  }
+  return taps;
+}
+
+int64_t data_grad_pad_h(const ConvGeometry& g) { return (g.kernel_h - 1) * g.dil_h - g.pad_h; }
+int64_t data_grad_pad_w(const ConvGeometry& g) { return (g.kernel_w - 1) * g.dil_w - g.pad_w; }
 
 wide::PackedGeometry input_packing(const ConvGeometry& g) {
   return wide::packed_geometry(g.in_channels, g.in_h, g.in_w, g.pad_h, g.pad_w, g.stride_h, g.stride_w, g.out_h,
@@ -114,26 +138,13 @@ bool use_batch_inner(const ConvGeometry& g) {
          batch_inner::fits_int32(batch_inner_packing(g));
 }
 
-// Offsets of the CSR taps into one batch-innermost input block.
-std::vector<wide::Tap> batch_inner_taps(const float* values, const int32_t* col_idx, int64_t nnz,
-                                        const ConvGeometry& g, const batch_inner::Geometry& p) {
-  std::vector<wide::Tap> taps(nnz);
-  for (int64_t e = 0; e < nnz; ++e) {
-    const Tap tap = decode_column(col_idx[e], g);
-    const int64_t offset = ((tap.channel * p.padded_h + tap.kh * g.dil_h) * p.padded_w + tap.kw * g.dil_w) *
-                           batch_inner::kBatch;
-    taps[e] = {static_cast<int32_t>(offset), values ? values[e] : 0.0f};
-  }
-  return taps;
-}
-
 void conv_forward_batch_inner_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
                                   const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                                   at::Tensor& out) {
   const batch_inner::Geometry p = batch_inner_packing(g);
   const at::Tensor packed =
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
-  const auto taps = batch_inner_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
+  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
   batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels,
                            g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu,
                            out.mutable_data_ptr<float>());
@@ -143,20 +154,10 @@ void conv_forward_batch_inner_f32(const at::Tensor& x, const at::Tensor& vals, c
 void conv_backward_input_batch_inner_f32(const at::Tensor& go, const at::Tensor& vals, const at::Tensor& cols,
                                          const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
                                          const ConvGeometry& g, at::Tensor& grad_input) {
-  const int64_t pad_h = (g.kernel_h - 1) * g.dil_h - g.pad_h, pad_w = (g.kernel_w - 1) * g.dil_w - g.pad_w;
+  const int64_t pad_h = data_grad_pad_h(g), pad_w = data_grad_pad_w(g);
   const batch_inner::Geometry p{g.out_channels, g.out_h + 2 * pad_h, g.out_w + 2 * pad_w};
   const at::Tensor packed = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, pad_h, pad_w, p);
-  const float* v_ptr = vals.const_data_ptr<float>();
-  const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
-  const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
-  const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
-  std::vector<wide::Tap> taps(vals.numel());
-  for (int64_t j = 0; j < vals.numel(); ++j) {
-    const Tap tap = decode_column(col_ptr[perm_ptr[j]], g);
-    const int64_t offset = ((tr_ptr[j] * p.padded_h + (g.kernel_h - 1 - tap.kh) * g.dil_h) * p.padded_w +
-                            (g.kernel_w - 1 - tap.kw) * g.dil_w) * batch_inner::kBatch;
-    taps[j] = {static_cast<int32_t>(offset), v_ptr[perm_ptr[j]]};
-  }
+  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
   batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels,
                            g.batch, g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
 }
@@ -168,7 +169,7 @@ void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at::Tensor
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
                                                  {g.out_channels, g.out_h, g.out_w});
-  const auto taps = batch_inner_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);
+  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
   batch_inner::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
                            rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h,
                            g.stride_w, grad_values.mutable_data_ptr<float>());
@@ -179,39 +180,28 @@ void conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Ten
   if (use_batch_inner(g)) return conv_forward_batch_inner_f32(x, vals, rp, cols, bias, relu, g, out);
   const wide::PackedGeometry p = input_packing(g);
   const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
-  const auto taps = forward_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
+  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
   wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
                     bias, relu, out.mutable_data_ptr<float>());
 }
 
-// The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
-// and padding (K - 1) * dilation - padding; its rows are the transposed pattern's input channels.
 wide::PackedGeometry grad_output_packing(const ConvGeometry& g) {
-  const int64_t pad_h = (g.kernel_h - 1) * g.dil_h - g.pad_h, pad_w = (g.kernel_w - 1) * g.dil_w - g.pad_w;
-  return wide::packed_geometry(g.out_channels, g.out_h, g.out_w, pad_h, pad_w, 1, 1, g.in_h, g.in_w);
+  return wide::packed_geometry(g.out_channels, g.out_h, g.out_w, data_grad_pad_h(g), data_grad_pad_w(g), 1, 1,
+                               g.in_h, g.in_w);
 }
 
 bool backward_input_is_wide(const ConvGeometry& g) {
-  return g.stride_h == 1 && g.stride_w == 1 && g.pad_h <= (g.kernel_h - 1) * g.dil_h &&
-         g.pad_w <= (g.kernel_w - 1) * g.dil_w && wide::fits_int32(grad_output_packing(g));
+  return g.stride_h == 1 && g.stride_w == 1 && data_grad_pad_h(g) >= 0 && data_grad_pad_w(g) >= 0 &&
+         wide::fits_int32(grad_output_packing(g));
 }
 
 void conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals, const at::Tensor& cols,
                              const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
                              const ConvGeometry& g, at::Tensor& grad_input) {
-  const int64_t pad_h = (g.kernel_h - 1) * g.dil_h - g.pad_h, pad_w = (g.kernel_w - 1) * g.dil_w - g.pad_w;
   const wide::PackedGeometry p = grad_output_packing(g);
-  const at::Tensor packed = wide::pack_images(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, pad_h, pad_w, p);
-  const float* v_ptr = vals.const_data_ptr<float>();
-  const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
-  const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
-  const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
-  std::vector<wide::Tap> taps(vals.numel());
-  for (int64_t j = 0; j < vals.numel(); ++j) {
-    const Tap tap = decode_column(col_ptr[perm_ptr[j]], g);
-    taps[j] = {p.tap_offset(tr_ptr[j], (g.kernel_h - 1 - tap.kh) * g.dil_h, (g.kernel_w - 1 - tap.kw) * g.dil_w),
-               v_ptr[perm_ptr[j]]};
-  }
+  const at::Tensor packed = wide::pack_images(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w,
+                                              data_grad_pad_h(g), data_grad_pad_w(g), p);
+  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
   wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels, g.batch,
                     nullptr, false, grad_input.mutable_data_ptr<float>());
 }
@@ -235,7 +225,7 @@ void conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, const a
     }
   });
   const int64_t nnz = grad_values.numel();
-  const auto taps = forward_taps(nullptr, cols.const_data_ptr<int32_t>(), nnz, g, p);  // offsets only
+  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), nnz, g, p);  // offsets only
   const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
   const float* packed_ptr = packed.const_data_ptr<float>();
   float* gv_ptr = grad_values.mutable_data_ptr<float>();

@@ -183,6 +183,9 @@ constexpr int64_t kBatch = 4 * kLanes;
 struct Geometry {
   int64_t channels, padded_h, padded_w;
   int64_t block() const { return channels * padded_h * padded_w * kBatch; }  // floats per batch block
+  int32_t tap_offset(int64_t channel, int64_t tap_h, int64_t tap_w) const {
+    return static_cast<int32_t>(((channel * padded_h + tap_h) * padded_w + tap_w) * kBatch);
+  }
 };
 
 inline bool fits_int32(const Geometry& p) { return p.block() < (int64_t{1} << 31); }

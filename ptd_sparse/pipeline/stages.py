@@ -24,7 +24,7 @@ from ptd_sparse.pipeline import design as design_rule
 from ptd_sparse.pipeline import distributed, pruning
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model, write_json
 from ptd_sparse.pipeline.data import Augmentation, load_dataset, resolve_root
-from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan
+from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
 from ptd_sparse.pipeline.training import Context, Distillation, Schedule, fit
 
 logger = logging.getLogger("ptd_sparse.pipeline")
@@ -136,7 +136,7 @@ def prune_teacher(run: Run) -> dict:
         pruning.prune_to(model, level, p["scope"], p["skip"])
         if p["method"] == "weight_rewind":
             with torch.no_grad():
-                for (_, layer), (_, start) in zip(_masked(model), _masked(init)):
+                for (_, layer), (_, start) in zip(prunable_layers(model), prunable_layers(init)):
                     layer.weight.copy_(start.weight * layer.mask)
         schedule = run.schedule("prune")
         if p["method"] == "finetune":
@@ -158,12 +158,6 @@ def prune_teacher(run: Run) -> dict:
                            [r.__dict__ for r in pruning.sparsity_table(model)])
         results[f"round_{k}"] = run.finish(round_folder, result)
     return run.finish(folder, {"targets": targets, "rounds": results})
-
-
-def _masked(model):
-    from ptd_sparse.pipeline.models import prunable_layers
-
-    return prunable_layers(model)
 
 
 def design_students(run: Run) -> dict:
@@ -191,7 +185,7 @@ def distill_students(run: Run) -> dict:
     """Every variant of the comparison, for every seed (and every target for the pruned-teacher variants)."""
     d = run.config["distill"]
     designs = read_json(run.dir / "design" / "students.json") if (run.dir / "design" / "done.json").exists() else {}
-    teacher_unpruned = None
+    teachers = {}  # folder -> loaded teacher, each read from disk once
     results = {}
     for seed_index in range(run.config["run"]["seeds"]):
         seed = run.config["run"]["seed"] + seed_index
@@ -210,12 +204,12 @@ def distill_students(run: Run) -> dict:
                     spec = run.spec("student")
                 student = build_model(**spec)
                 distillation = None
-                if variant == "kd_unpruned":
-                    teacher_unpruned = teacher_unpruned or load_model(run.dir / "teacher" / "model")[0]
-                    distillation = Distillation(teacher_unpruned, d["alpha"], d["temperature"])
-                elif variant in ("kd_pruned", "designed_kd_pruned"):
-                    teacher = load_model(run.dir / "prune" / sparsity_name(target) / "model")[0]
-                    distillation = Distillation(teacher, d["alpha"], d["temperature"])
+                if variant != "student_ce":
+                    folder_of_teacher = run.dir / "teacher" / "model" if target is None else \
+                        run.dir / "prune" / sparsity_name(target) / "model"
+                    if folder_of_teacher not in teachers:
+                        teachers[folder_of_teacher] = load_model(folder_of_teacher)[0]
+                    distillation = Distillation(teachers[folder_of_teacher], d["alpha"], d["temperature"])
                 result = fit(student, run.context(seed, stage="distill", variant=key), run.schedule("distill"),
                              folder / "state.pt", f"{key} seed {seed}", distillation)
                 result.update(variant=variant, target=target, seed=seed, parameters=count_parameters(student),

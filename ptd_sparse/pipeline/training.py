@@ -24,6 +24,9 @@ from ptd_sparse.pipeline.checkpoint import load_state, save_state
 from ptd_sparse.pipeline.data import Augmentation, Dataset, Split, apply_views, batches, normalize, sample_views
 
 
+PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the running sums back from the device)
+
+
 @dataclass(frozen=True)
 class Schedule:
     epochs: int
@@ -106,7 +109,10 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
     for epoch in range(start_epoch, schedule.epochs):
         trained.train()
         generator = torch.Generator().manual_seed(ctx.seed * 7919 + epoch * 31 + distributed.rank())
-        started, total_loss, correct, seen = time.time(), 0.0, 0, 0
+        # Running sums stay on the device: reading them every step would stall a GPU once per step.
+        started, seen = time.time(), 0
+        total_loss = torch.zeros((), device=ctx.device)
+        correct = torch.zeros((), dtype=torch.long, device=ctx.device)
         stream = batches(split, schedule.batch_size, True, ctx.seed, epoch, distributed.rank(),
                          distributed.world_size())
         bar = _progress(stream, steps, ctx.progress, f"{label} {epoch + 1}/{schedule.epochs}")
@@ -126,18 +132,18 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
+            total_loss += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if hasattr(bar, "set_postfix") and bar.n % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
         scheduler.step()
         val_acc = evaluate(model, ctx.dataset.val, ctx)
         if val_acc > best_acc:
             best_acc = val_acc
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        record = {"label": label, "epoch": epoch + 1, "train_loss": total_loss / max(seen, 1),
-                  "train_acc": correct / max(seen, 1), "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
+        record = {"label": label, "epoch": epoch + 1, "train_loss": float(total_loss) / max(seen, 1),
+                  "train_acc": int(correct) / max(seen, 1), "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
                   "seconds": round(time.time() - started, 2)}
         _log(ctx, record)
         if distributed.is_main():
