@@ -1,4 +1,4 @@
-"""The `ptd` command line: train | prune | design | distill | report | run | import.
+"""The `ptd` command line: train | prune | design | cache | distill | report | run | import.
 
 Each stage subcommand runs that stage (and nothing else) on a run directory; `ptd run` chains all of them and
 resumes an interrupted run. Configuration: a TOML file (--config, see configs/) plus `--set section.key=value`.
@@ -6,6 +6,7 @@ resumes an interrupted run. Configuration: a TOML file (--config, see configs/) 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train the teacher"), ("prune", "prune the teacher iteratively"),
                             ("design", "design students from the pruned teacher"),
+                            ("cache", "precompute the teachers' logits (sparse inference) for distillation"),
                             ("distill", "train every student variant of the comparison"),
                             ("report", "write the summary table and plots"), ("run", "all stages, resumable")):
         command = sub.add_parser(name, help=help_text)
@@ -28,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
         command.add_argument("--seeds", type=int, help="repeat the comparison with N seeds (run.seeds)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name in ("cache", "distill", "run"):
+            command.add_argument("--cache", metavar="DIR", help="teacher-logit cache folder: `ptd cache` writes it, "
+                                 "distill and run read it (sets cache.enabled=true, cache.dir=DIR)")
     imported = sub.add_parser("import", help="turn a torch.nn.utils.prune state dict into a ptd model folder")
     imported.add_argument("state_dict", help="a file saved with torch.save(model.state_dict()), loaded weights_only")
     imported.add_argument("--model", required=True, help="architecture name (vgg11/16/19, vgg_fmnist, resnet18, ...)")
@@ -55,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run.seeds={args.seeds}")
     if args.quiet:
         overrides.append("run.progress=false")
+    if getattr(args, "cache", None):
+        overrides += ["cache.enabled=true", f"cache.dir={json.dumps(args.cache)}"]
+    if args.command == "cache":
+        overrides.append("cache.enabled=true")
     try:
         config = load_config(args.config, overrides)
     except ConfigError as error:
         print(f"ptd: configuration error: {error}", file=sys.stderr)
         return 2
+    from ptd_sparse.cache import CacheError
     from ptd_sparse.pipeline import distributed, stages
     from ptd_sparse.pipeline.data import MissingDataError
     from ptd_sparse.pipeline.report import write_report
@@ -67,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = stages.Run(Path(args.out), config)
         action = {"train": stages.train_teacher, "prune": stages.prune_teacher, "design": stages.design_students,
+                  "cache": stages.cache_teacher,
                   "distill": stages.distill_students, "report": write_report, "run": stages.run_all}[args.command]
         result = action(run)
-    except MissingDataError as error:
+    except (MissingDataError, CacheError) as error:
         print(f"ptd: {error}", file=sys.stderr)
         return 2
     finally:

@@ -21,6 +21,10 @@ DEFAULTS = {
     "distill": {"alpha": 0.95, "temperature": 10.0, "epochs": 4, "lr": 0.05, "weight_decay": 5e-4,
                 "milestones": [2, 3], "gamma": 0.2,
                 "variants": ["student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned"]},
+    # Teacher-logit cache (ptd_sparse.cache, docs/cache.md): `ptd cache` writes it, distillation reads it when enabled.
+    # views 0 = one per distillation epoch with augmentation, 1 without; dir "" = <run>/cache.
+    "cache": {"enabled": False, "dir": "", "views": 0, "form": "full", "dtype": "float16", "k": 10,
+              "rest_mass": True, "batch_size": 256, "chunk": 1024, "seed": 0},
 }
 
 VARIANTS = ("student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned")
@@ -106,6 +110,13 @@ def validate(config: dict) -> dict:
         raise ConfigError(f"run.seeds must be >= 1, got {config['run']['seeds']}")
     if config["student"]["multiple"] < 1 or config["student"]["min_width"] < 1:
         raise ConfigError("student.multiple and student.min_width must be >= 1")
+    c = config["cache"]
+    if c["form"] not in ("full", "topk"):
+        raise ConfigError(f"cache.form must be 'full' or 'topk', got {c['form']!r}")
+    if c["dtype"] not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"cache.dtype must be float16, bfloat16 or float32, got {c['dtype']!r}")
+    if c["views"] < 0 or c["k"] < 1 or c["batch_size"] < 1 or c["chunk"] < 1:
+        raise ConfigError("cache.views must be >= 0 and cache.k, cache.batch_size, cache.chunk >= 1")
     return config
 
 

@@ -1,6 +1,6 @@
 """The stages of prune-then-distill, each a function over one run directory:
 
-    train (teacher) -> prune -> design -> distill -> report
+    train (teacher) -> prune -> design -> [cache] -> distill -> report
 
 A stage writes its results under its own folder and a `done.json` last; a stage whose done.json exists is skipped,
 and a training interrupted mid-way resumes from its per-epoch state. Layout of a run directory:
@@ -9,6 +9,8 @@ and a training interrupted mid-way resumes from its per-epoch state. Layout of a
     teacher/model, teacher/init      the trained teacher (and its initial weights, for weight rewinding)
     prune/round_<k>/                 the teacher after round k; prune/sparsity_<s>/ the pruned teacher of target s
     design/sparsity_<s>.json         the designed student plan and its per-group report
+    cache/<teacher>/                 teacher-logit caches (`ptd cache`, when cache.enabled), teacher = teacher or
+                                     sparsity_<s> (cache.dir puts them elsewhere)
     students/<variant>/seed_<n>/     each student of the comparison
     report/                          summary.md, summary.json, plots
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +45,7 @@ class Run:
         distributed.setup(self.device)
         self._dataset = None
         stored = self.dir / "config.json"
-        if stored.exists() and read_json(stored) != config:
+        if stored.exists() and _results_config(read_json(stored)) != _results_config(config):
             raise ValueError(f"{self.dir} holds a run with another configuration ({stored}); resume it with the same "
                              "configuration or choose a new --out directory")
         if distributed.is_main():
@@ -82,6 +85,13 @@ class Run:
             write_json(Path(folder) / "done.json", result)
         distributed.barrier()
         return result
+
+
+def _results_config(config: dict) -> dict:
+    """The part of a configuration that decides a run's results. The cache section is left out: whether the teacher's
+    logits come from a cache or are computed on the fly is how a run executes, so `ptd distill --cache DIR` may
+    resume a run that trained without one."""
+    return {section: values for section, values in config.items() if section != "cache"}
 
 
 def sparsity_name(target: float) -> str:
@@ -181,11 +191,79 @@ def design_students(run: Run) -> dict:
     return run.finish(folder, designs)
 
 
+def distillation_teachers(run: Run) -> dict[str, Path]:
+    """{name: model folder} of every teacher the configured variants distill from: "teacher" (the unpruned one) and
+    sparsity_<s> for each pruning target."""
+    variants = run.config["distill"]["variants"]
+    teachers = {}
+    if "kd_unpruned" in variants:
+        teachers["teacher"] = run.dir / "teacher" / "model"
+    if "kd_pruned" in variants or "designed_kd_pruned" in variants:
+        for target in run.config["prune"]["targets"]:
+            teachers[sparsity_name(target)] = run.dir / "prune" / sparsity_name(target) / "model"
+    return teachers
+
+
+def cache_folder(run: Run, name: str) -> Path:
+    root = run.config["cache"]["dir"]
+    return (Path(root).expanduser() if root else run.dir / "cache") / name
+
+
+def _cache_spec(run: Run, teacher, model_spec: dict):
+    from ptd_sparse.cache import make_spec, teacher_fingerprint
+
+    c, data = run.config["cache"], run.config["data"]
+    augmentation = Augmentation(data["crop_padding"], data["flip"])
+    augmenting = augmentation.crop_padding > 0 or augmentation.flip
+    views = c["views"] or (run.config["distill"]["epochs"] if augmenting else 1)
+    return make_spec(teacher_fingerprint(teacher, model_spec), run.dataset, augmentation, views=views,
+                     form=c["form"], dtype=c["dtype"], k=c["k"], temperature=run.config["distill"]["temperature"],
+                     rest_mass=c["rest_mass"], seed=c["seed"], chunk=c["chunk"])
+
+
+def cache_teacher(run: Run) -> dict:
+    """`ptd cache`: each teacher of the distillation run once in sparse inference form over every view of the
+    training split, into cache/<teacher>/ (resumable; under torchrun every rank writes its share of the chunks)."""
+    from ptd_sparse.cache import build_cache
+
+    c = run.config["cache"]
+    results = {}
+    for name, model_folder in distillation_teachers(run).items():
+        if not (model_folder / "model.json").exists():
+            raise FileNotFoundError(f"{model_folder} does not hold a teacher yet: run `ptd train` and `ptd prune` "
+                                    "before `ptd cache`")
+        teacher, model_spec = load_model(model_folder)
+        spec = _cache_spec(run, teacher, model_spec)
+        folder = cache_folder(run, name)
+        started = time.perf_counter()
+        cache = build_cache(folder, teacher, run.dataset, spec, batch_size=c["batch_size"], device=run.device)
+        results[name] = {"folder": str(folder), "form": spec.form, "dtype": spec.dtype, "views": spec.views,
+                         "samples": spec.samples, "bytes": cache.nbytes(), "bytes_per_view": spec.bytes_per_view(),
+                         "seconds": round(time.perf_counter() - started, 2)}
+        logger.info("cache of %s: %s", name, results[name])
+    return results
+
+
+def _open_cache(run: Run, name: str, teacher, model_spec: dict):
+    from ptd_sparse.cache import CacheError, TeacherCache, dataset_identity, teacher_fingerprint
+
+    folder = cache_folder(run, name)
+    if not (folder / "manifest.json").exists() and not (folder / "layout.json").exists():
+        raise CacheError(f"no teacher cache for {name} in {folder}: run `ptd cache` first (with the same --cache "
+                         "and configuration), or distill without cache.enabled")
+    data = run.config["data"]
+    return TeacherCache(folder).expect(teacher=teacher_fingerprint(teacher, model_spec),
+                                       dataset=dataset_identity(run.dataset), crop_padding=data["crop_padding"],
+                                       flip=data["flip"], classes=run.dataset.num_classes,
+                                       temperature=run.config["distill"]["temperature"])
+
+
 def distill_students(run: Run) -> dict:
     """Every variant of the comparison, for every seed (and every target for the pruned-teacher variants)."""
     d = run.config["distill"]
     designs = read_json(run.dir / "design" / "students.json") if (run.dir / "design" / "done.json").exists() else {}
-    teachers = {}  # folder -> loaded teacher, each read from disk once
+    teachers = {}  # name -> Distillation, each teacher (or its cache) read from disk once
+    folders = distillation_teachers(run)
     results = {}
     for seed_index in range(run.config["run"]["seeds"]):
         seed = run.config["run"]["seed"] + seed_index
@@ -205,11 +283,15 @@ def distill_students(run: Run) -> dict:
                 student = build_model(**spec)
                 distillation = None
                 if variant != "student_ce":
-                    folder_of_teacher = run.dir / "teacher" / "model" if target is None else \
-                        run.dir / "prune" / sparsity_name(target) / "model"
-                    if folder_of_teacher not in teachers:
-                        teachers[folder_of_teacher] = load_model(folder_of_teacher)[0]
-                    distillation = Distillation(teachers[folder_of_teacher], d["alpha"], d["temperature"])
+                    name = "teacher" if target is None else sparsity_name(target)
+                    if name not in teachers:
+                        teacher, model_spec = load_model(folders[name])
+                        if run.config["cache"]["enabled"]:
+                            teachers[name] = Distillation(None, d["alpha"], d["temperature"],
+                                                          _open_cache(run, name, teacher, model_spec))
+                        else:
+                            teachers[name] = Distillation(teacher, d["alpha"], d["temperature"])
+                    distillation = teachers[name]
                 result = fit(student, run.context(seed, stage="distill", variant=key), run.schedule("distill"),
                              folder / "state.pt", f"{key} seed {seed}", distillation)
                 result.update(variant=variant, target=target, seed=seed, parameters=count_parameters(student),
@@ -227,6 +309,8 @@ def run_all(run: Run) -> dict:
     teacher = train_teacher(run)
     prune_teacher(run)
     designs = design_students(run)
+    if run.config["cache"]["enabled"]:
+        cache_teacher(run)
     students = distill_students(run)
     summary = write_report(run) if distributed.is_main() else {}
     distributed.barrier()

@@ -40,9 +40,22 @@ class Schedule:
 
 @dataclass
 class Distillation:
-    teacher: nn.Module
+    """The KD term of a training. With a `cache` (ptd_sparse.cache.TeacherCache) every batch replays the cached
+    views of its samples (epoch e: view e mod K); the teacher's output then comes from the cache when `teacher` is
+    None, else from running `teacher` live on those same views (the on-the-fly reference of the cache)."""
+
+    teacher: nn.Module | None
     alpha: float
     temperature: float
+    cache: object | None = None
+
+    def loss(self, student_logits, teacher_output, labels):
+        """kd_loss against dense teacher logits or a TopKTeacher from the cache."""
+        from ptd_sparse.cache.topk import TopKTeacher, dense_equivalent, kd_loss_takes_topk
+
+        if isinstance(teacher_output, TopKTeacher) and not kd_loss_takes_topk():
+            teacher_output = dense_equivalent(teacher_output, student_logits.shape[1], self.temperature)
+        return kd_loss(student_logits, teacher_output, labels, alpha=self.alpha, temperature=self.temperature)
 
 
 @dataclass
@@ -103,7 +116,9 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
         start_epoch, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
         _log(ctx, {"event": "resumed", "label": label, "epoch": start_epoch})
     trained = distributed.wrap(model)
-    teacher = distillation.teacher.to(ctx.device).eval() if distillation else None
+    teacher = distillation.teacher.to(ctx.device).eval() if distillation and distillation.teacher is not None \
+        else None
+    cache = distillation.cache if distillation else None
     split = ctx.dataset.train
     steps = -(-len(split) // (schedule.batch_size * distributed.world_size()))
     for epoch in range(start_epoch, schedule.epochs):
@@ -116,17 +131,19 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
         stream = batches(split, schedule.batch_size, True, ctx.seed, epoch, distributed.rank(),
                          distributed.world_size())
         bar = _progress(stream, steps, ctx.progress, f"{label} {epoch + 1}/{schedule.epochs}")
-        for _, images, labels in bar:
-            views = sample_views(len(labels), ctx.augmentation, generator)
+        for index, images, labels in bar:
+            views = cache.views(index, epoch) if cache is not None else \
+                sample_views(len(labels), ctx.augmentation, generator)
             inputs = normalize(apply_views(images.to(ctx.device), views, ctx.augmentation.crop_padding), ctx.dataset)
             labels = labels.to(ctx.device)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
                 logits = trained(inputs)
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = teacher(inputs)
-                    loss = kd_loss(logits.float(), teacher_logits.float(), labels, alpha=distillation.alpha,
-                                   temperature=distillation.temperature)
+                        teacher_output = teacher(inputs).float()
+                    loss = distillation.loss(logits.float(), teacher_output, labels)
+                elif cache is not None:
+                    loss = distillation.loss(logits.float(), cache.teacher(index, epoch, ctx.device), labels)
                 else:
                     loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
