@@ -36,7 +36,7 @@ class TeacherCache:
                         raise CacheError(f"{self.folder / name} is corrupt: samples {start}-{stop - 1} (chunk "
                                          f"{chunk}) do not match the hash in {self.folder / 'manifest.json'}")
 
-    def expect(self, **expected) -> "TeacherCache":
+    def expect(self, **expected) -> TeacherCache:
         """Refuse the cache unless its spec has these values (teacher=, dataset=, crop_padding=, flip=,
         classes=, ...); temperature= is checked only where the stored data depend on it (top-k with rest mass)."""
         temperature = expected.pop("temperature", None)

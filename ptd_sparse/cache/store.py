@@ -59,7 +59,7 @@ class CacheSpec:
     rest_mass: bool = False  # top-k only: the rest mass is stored (else the teacher is renormalised over its top k)
     chunk: int = 1024  # samples per chunk
 
-    def check(self) -> "CacheSpec":
+    def check(self) -> CacheSpec:
         if self.form not in FORMS:
             raise CacheError(f"cache form must be one of {FORMS}, got {self.form!r}")
         if self.dtype not in DTYPES:
@@ -99,7 +99,7 @@ class CacheSpec:
         total = sum(np.dtype(d).itemsize * int(np.prod(s)) for d, s in self.files().values())
         return total / (self.samples * self.views)
 
-    def describe_difference(self, other: "CacheSpec") -> str:
+    def describe_difference(self, other: CacheSpec) -> str:
         mine, theirs = asdict(self), asdict(other)
         return "; ".join(f"{key}: stored {theirs[key]!r}, expected {mine[key]!r}" for key in mine
                          if mine[key] != theirs[key])

@@ -50,11 +50,7 @@ class Distillation:
     cache: object | None = None
 
     def loss(self, student_logits, teacher_output, labels):
-        """kd_loss against dense teacher logits or a TopKTeacher from the cache."""
-        from ptd_sparse.cache.topk import TopKTeacher, dense_equivalent, kd_loss_takes_topk
-
-        if isinstance(teacher_output, TopKTeacher) and not kd_loss_takes_topk():
-            teacher_output = dense_equivalent(teacher_output, student_logits.shape[1], self.temperature)
+        """kd_loss against dense teacher logits [B, C] or a TopKTeacher from the cache."""
         return kd_loss(student_logits, teacher_output, labels, alpha=self.alpha, temperature=self.temperature)
 
 
