@@ -92,46 +92,49 @@ def alternate(functions: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def precompute_case(args, name: str, channels: int, classes: int, size: int, samples: int, form: str,
+                    scope: str) -> dict:
+    data = synthetic_dataset(samples, channels, size, classes)
+    augmentation = Augmentation(4 if size == 32 else 2, True)
+    teacher = pruned(name, channels, classes, size, 0.9, scope)
+    dense = plain_pytorch(teacher)
+    spec = make_spec(teacher_fingerprint(teacher), data, augmentation, views=1, form=form, k=10, temperature=10.0)
+    scratch = Path(tempfile.mkdtemp())
+
+    def build(model, tag):
+        folder = scratch / tag
+        shutil.rmtree(folder, ignore_errors=True)
+        return build_cache(folder, model, data, spec, batch_size=args.batch, sparse=False)
+
+    started = time.perf_counter()
+    fast = sparsify(teacher)  # what build_cache(sparse=True) does once per cache, timed on its own
+    sparsify_s = time.perf_counter() - started
+    build(fast, "warm")
+    seconds = alternate({"eager": lambda: build(dense, "eager"), "sparse": lambda: build(fast, "sparse")},
+                        args.repeats)
+    x = torch.randn(args.batch, channels, size, size)
+    with torch.inference_mode():
+        forward = alternate({"eager": lambda: dense(x), "sparse": lambda: fast(x)}, args.repeats * 2)
+    stored = sum(f.stat().st_size for f in (scratch / "sparse").glob("*.bin"))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"model": name, "classes": classes, "scope": scope, "sparsity": 0.9, "samples": samples,
+            "batch": args.batch, "form": form, "eager_samples_per_s": samples / seconds["eager"],
+            "sparse_samples_per_s": samples / seconds["sparse"],
+            "precompute_ratio": seconds["eager"] / seconds["sparse"],
+            "forward_ratio": forward["eager"] / forward["sparse"], "bytes_per_view": stored / samples,
+            "sparsify_s": sparsify_s}
+
+
 def precompute_rows(args) -> list[dict]:
     cases = [("vgg19", 3, 100, 32, args.cifar_samples, "topk"), ("vgg_fmnist", 1, 10, 28, args.fmnist_samples, "full")]
     rows = []
-    for name, channels, classes, size, samples, form in cases:
-        data = synthetic_dataset(samples, channels, size, classes)
-        augmentation = Augmentation(4 if size == 32 else 2, True)
+    for case in cases:
         for scope in ("global", "layer"):
-            teacher = pruned(name, channels, classes, size, 0.9, scope)
-            dense = plain_pytorch(teacher)
-            spec = make_spec(teacher_fingerprint(teacher), data, augmentation, views=1, form=form, k=10,
-                             temperature=10.0)
-            scratch = Path(tempfile.mkdtemp())
-
-            def build(model, sparse, tag):
-                folder = scratch / tag
-                shutil.rmtree(folder, ignore_errors=True)
-                return build_cache(folder, model, data, spec, batch_size=args.batch, sparse=sparse)
-
-            started = time.perf_counter()
-            fast = sparsify(teacher)  # what build_cache(sparse=True) does once per cache, timed on its own
-            sparsify_s = time.perf_counter() - started
-            build(fast, False, "warm")
-            seconds = alternate({"eager": lambda: build(dense, False, "eager"),
-                                 "sparse": lambda: build(fast, False, "sparse")}, args.repeats)
-            x = torch.randn(args.batch, channels, size, size)
-            with torch.inference_mode():
-                forward = alternate({"eager": lambda: dense(x), "sparse": lambda: fast(x)}, args.repeats * 2)
-            stored = sum(f.stat().st_size for f in (scratch / "sparse").glob("*.bin"))
-            row = dict(model=name, classes=classes, scope=scope, sparsity=0.9, samples=samples, batch=args.batch,
-                       form=form, eager_samples_per_s=samples / seconds["eager"],
-                       sparse_samples_per_s=samples / seconds["sparse"],
-                       precompute_ratio=seconds["eager"] / seconds["sparse"],
-                       forward_ratio=forward["eager"] / forward["sparse"], bytes_per_view=stored / samples,
-                       sparsify_s=sparsify_s)
+            row = precompute_case(args, *case, scope)
             rows.append(row)
-            print(f"{name:>10} {scope:>6} {row['eager_samples_per_s']:>10.1f} {row['sparse_samples_per_s']:>10.1f} "
-                  f"{row['precompute_ratio']:>8.2f} {row['forward_ratio']:>8.2f} {row['bytes_per_view']:>8.1f} "
-                  f"{sparsify_s:>11.2f}",
-                  flush=True)
-            shutil.rmtree(scratch, ignore_errors=True)
+            print(f"{row['model']:>10} {scope:>6} {row['eager_samples_per_s']:>10.1f} "
+                  f"{row['sparse_samples_per_s']:>10.1f} {row['precompute_ratio']:>8.2f} {row['forward_ratio']:>8.2f} "
+                  f"{row['bytes_per_view']:>8.1f} {row['sparsify_s']:>11.2f}", flush=True)
     return rows
 
 

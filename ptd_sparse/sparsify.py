@@ -9,6 +9,8 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
   dense nn.Conv2d with the folded weights, since dense kernels win there (the first layer, early pruning rounds).
   Where the crossover for small batches is lower, the SparseConv2d also keeps a dense copy and picks per call.
 - Layers SparseConv2d cannot express (groups != 1, asymmetric or non-zero padding) stay as they are, noted in the log.
+- 2x2 stride-2 max-pools become MaxPool2x2 (the same values; torch's NCHW max_pool2d on CPUs is several times
+  slower and was the largest cost of a sparse VGG after the convolutions got fast).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from ptd_sparse.backends import SPARSE_CONV, choose_backend, dense_crossover
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
+from ptd_sparse.nn.pooling import MaxPool2x2
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
 
 _logger = logging.getLogger("ptd_sparse")
@@ -92,9 +95,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None,
-             fold_bn: bool = True) -> nn.Module:
+             fold_bn: bool = True, fast_pooling: bool = True) -> nn.Module:
     """Return `model` (a copy unless inplace) in inference form, in eval mode: pruned convolutions stored sparse
-    (or dense above the crossover), BatchNorm folded and ReLU fused where they follow a pruned convolution."""
+    (or dense above the crossover), BatchNorm folded and ReLU fused where they follow a pruned convolution, 2x2
+    max-pools as MaxPool2x2 (fast_pooling)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = (model if inplace else _copy(model)).eval()
@@ -123,4 +127,8 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
             new = _convert(name, module, None, False, backend)
             if new is not None:
                 _replace(target, name, new)
+    if fast_pooling:
+        for name, module in list(target.named_modules()):
+            if MaxPool2x2.replaces(module):
+                _replace(target, name, MaxPool2x2())
     return target

@@ -1,0 +1,50 @@
+"""MaxPool2x2 computes nn.MaxPool2d(2) exactly, and sparsify puts it in place of the max-pools it can replace."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptd_sparse import sparsify
+from ptd_sparse.nn import MaxPool2x2
+from ptd_sparse.pipeline.models import build_model
+from ptd_sparse.pipeline.pruning import prune_to
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (2, 4, 7, 9), (1, 1, 2, 2), (6, 3, 2, 5), (4, 6, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_max_pool_2x2_equals_max_pool2d(shape, dtype):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if x.numel() > 3:
+        x.view(-1)[3] = float("nan")
+        x.view(-1)[1] = float("-inf")
+    torch.testing.assert_close(MaxPool2x2()(x), F.max_pool2d(x, 2), equal_nan=True, rtol=0, atol=0)
+
+
+def test_too_small_input_is_refused_like_max_pool2d():
+    x = torch.randn(6, 3, 1, 4)
+    with pytest.raises(RuntimeError):
+        F.max_pool2d(x, 2)
+    with pytest.raises(ValueError, match=r"H, W >= 2, got shape \(6, 3, 1, 4\)"):
+        MaxPool2x2()(x)
+
+
+def test_only_exact_equivalents_are_replaced():
+    assert MaxPool2x2.replaces(nn.MaxPool2d(2)) and MaxPool2x2.replaces(nn.MaxPool2d((2, 2), 2))
+    for other in (nn.MaxPool2d(3), nn.MaxPool2d(2, 1), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, ceil_mode=True),
+                  nn.MaxPool2d(2, return_indices=True), nn.MaxPool2d(2, dilation=2), nn.AvgPool2d(2)):
+        assert not MaxPool2x2.replaces(other)
+
+
+def test_sparsify_replaces_the_pools_of_a_vgg_and_keeps_its_output():
+    torch.manual_seed(0)
+    model = build_model("vgg_fmnist", in_channels=1, image_size=28).eval()
+    prune_to(model, 0.9)
+    fast = sparsify(model)
+    assert sum(isinstance(m, MaxPool2x2) for m in fast.modules()) == 3
+    assert not any(isinstance(m, nn.MaxPool2d) for m in fast.modules())
+    assert any(isinstance(m, nn.MaxPool2d) for m in sparsify(model, fast_pooling=False).modules())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
