@@ -274,3 +274,17 @@ def test_ptd_run_with_the_cache_enabled(tmp_path, capsys):
     cache = TeacherCache(out / "cache" / "sparsity_0.36")
     assert cache.spec.form == "topk" and cache.spec.views == 1 and cache.spec.temperature == 10.0
     assert "KD from the pruned teacher" in capsys.readouterr().out
+
+
+def test_inference_form_keeps_the_teachers_output_with_either_path_per_layer(dataset):
+    from ptd_sparse.cache.inference import inference_form
+    from ptd_sparse.nn import MaskedConv2d, SparseConv2d
+
+    teacher = pruned_teacher()  # global pruning leaves the first layer 88% dense: both paths are candidates there
+    example = normalize(dataset.train.images[:16], dataset)
+    fast = inference_form(teacher, example, repeats=1)
+    assert not any(isinstance(m, (MaskedConv2d, torch.nn.BatchNorm2d)) for m in fast.modules())
+    convolutions = [m for m in fast.modules() if isinstance(m, (SparseConv2d, torch.nn.Conv2d))]
+    assert len(convolutions) == 3 and not fast.training
+    with torch.no_grad():
+        torch.testing.assert_close(fast(example), teacher(example), atol=1e-4, rtol=1e-4)

@@ -1,7 +1,7 @@
 """Precomputing a teacher cache: the pruned teacher in inference form run once over every view of every sample.
 
-The teacher runs through ptd_sparse.sparsify (BatchNorm folded, ReLU fused, sparse kernels where the layer is sparse
-enough) under inference mode. The K views of each sample are drawn up front from a seeded generator (the same table
+The teacher runs through ptd_sparse.sparsify (BatchNorm folded, ReLU fused, sparse kernels where they are faster,
+measured per layer by inference.py) under inference mode. The K views of each sample are drawn up front from a seeded generator (the same table
 on every rank), so the store is the same however many ranks write it. Under torchrun each rank takes every
 world_size-th chunk; rank 0 creates the files before and writes the manifest after.
 """
@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from ptd_sparse.cache.inference import inference_form
 from ptd_sparse.cache.replay import TeacherCache
 from ptd_sparse.cache.store import CacheError, CacheSpec, StoreWriter, read_manifest
 from ptd_sparse.cache.topk import topk_teacher
 from ptd_sparse.pipeline import distributed
 from ptd_sparse.pipeline.data import Augmentation, Dataset, Views, apply_views, normalize, sample_views
-from ptd_sparse.sparsify import sparsify
 
 logger = logging.getLogger("ptd_sparse.cache")
 
+TUNING_BATCH = 64  # images the per-layer choice of the inference form is timed on (the kernels scale linearly above)
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -107,8 +108,9 @@ def build_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, spec: 
                 sparse: bool = True, device: torch.device | str = "cpu", on_chunk=None) -> TeacherCache:
     """Write (or finish, or just open) the cache `spec` of `teacher` in `folder`; returns it opened and verified.
 
-    `teacher` is the pruned model as trained (MaskedConv2d layers); with sparse=True it runs in the inference form of
-    ptd_sparse.sparsify, else as given (the dense baseline of the benchmark). Every rank of a running process group
+    `teacher` is the pruned model as trained (MaskedConv2d layers); with sparse=True it runs in its inference form
+    (ptd_sparse.sparsify with each pruned convolution on its faster path, see inference.py), else as given (the
+    benchmark passes a prepared inference form or its dense eager baseline this way). Every rank of a running process group
     writes its share of the chunks. on_chunk(chunk) is called after each chunk this process writes (tests use it
     to interrupt a run)."""
     folder = Path(folder)
@@ -122,8 +124,12 @@ def build_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, spec: 
     if distributed.is_main():
         writer.create()
     distributed.barrier()
-    model = (sparsify(teacher) if sparse else teacher.eval()).to(device)
     split = getattr(dataset, spec.dataset["split"])
+    if sparse and writer.pending(distributed.rank(), distributed.world_size()):
+        example = normalize(split.images[:min(batch_size, TUNING_BATCH)].to(device), dataset)
+        model = inference_form(teacher.to(device), example)
+    else:
+        model = teacher.eval().to(device)
     augmentation = Augmentation(spec.crop_padding, spec.flip)
     table = view_table(spec.samples, spec.views, augmentation, spec.view_seed)
     pending = writer.pending(distributed.rank(), distributed.world_size())
