@@ -5,13 +5,14 @@
    plain eager PyTorch (nn.Conv2d on the masked weights, BatchNorm, ReLU): same data, views, batch and store, so the
    ratio is the teacher's. CIFAR VGG19 (100 classes, random weights and BatchNorm statistics) on 32x32 inputs, and
    the default Fashion-MNIST teacher (vgg_fmnist), each pruned by L1 magnitude globally and per layer. The two runs
-   alternate and the medians are compared; the teacher's forward alone is timed the same way. The one-time
+   alternate and the medians are compared; the teacher's forward alone is timed the same way ("fwd only"), and
+   once more with torch's max_pool2d in place of MaxPool2x2 ("torch pools": the share of the pooling rewrite). The one-time
    preparation of the inference form (sparsify and the per-layer choice of path, paid once per cache whatever its
    size) is printed on its own ("prepare s").
 2. Distillation epoch (the default Fashion-MNIST run: fixed student, teacher pruned to 79%): one epoch of
    training.fit with the teacher on the fly (as `ptd distill` does without a cache), from a full fp16 cache and from
-   a top-10 cache; beside them the teacher's forward over the same batches and the cache reads over the same
-   batches, alone.
+   a top-10 cache; beside them the teacher's forward over the same (already augmented) batches and the cache
+   reads over the same batches, alone.
 3. Storage: bytes per view of the top-10 cache of 100 classes written in 1.
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_cache.py
@@ -34,7 +35,7 @@ from torch import nn
 from ptd_sparse.cache import build_cache, make_spec, teacher_fingerprint
 from ptd_sparse.cache.inference import inference_form
 from ptd_sparse.cache.precompute import TUNING_BATCH
-from ptd_sparse.nn import MaskedConv2d, MaskedLinear
+from ptd_sparse.nn import MaskedConv2d, MaskedLinear, MaxPool2x2
 from ptd_sparse.pipeline.data import Augmentation, Dataset, Split, apply_views, batches, load_dataset, normalize
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
@@ -117,15 +118,22 @@ def precompute_case(args, name: str, channels: int, classes: int, size: int, sam
     seconds = alternate({"eager": lambda: build(dense, "eager"), "sparse": lambda: build(fast, "sparse")},
                         args.repeats)
     x = torch.randn(args.batch, channels, size, size)
+    torch_pools = copy.deepcopy(fast)  # the same inference form with torch's max_pool2d, to show MaxPool2x2's share
+    for path, module in list(torch_pools.named_modules()):
+        if isinstance(module, MaxPool2x2):
+            parent, _, child = path.rpartition(".")
+            setattr(torch_pools.get_submodule(parent) if parent else torch_pools, child, nn.MaxPool2d(2))
     with torch.inference_mode():
-        forward = alternate({"eager": lambda: dense(x), "sparse": lambda: fast(x)}, args.repeats * 2)
+        forward = alternate({"eager": lambda: dense(x), "sparse": lambda: fast(x),
+                             "torch pools": lambda: torch_pools(x)}, args.repeats * 2)
     stored = sum(f.stat().st_size for f in (scratch / "sparse").glob("*.bin"))
     shutil.rmtree(scratch, ignore_errors=True)
     return {"model": name, "classes": classes, "scope": scope, "sparsity": 0.9, "samples": samples,
             "batch": args.batch, "form": form, "eager_samples_per_s": samples / seconds["eager"],
             "sparse_samples_per_s": samples / seconds["sparse"],
             "precompute_ratio": seconds["eager"] / seconds["sparse"],
-            "forward_ratio": forward["eager"] / forward["sparse"], "bytes_per_view": stored / samples,
+            "forward_ratio": forward["eager"] / forward["sparse"],
+            "forward_ratio_torch_pools": forward["eager"] / forward["torch pools"], "bytes_per_view": stored / samples,
             "prepare_s": prepare_s}
 
 
@@ -138,6 +146,7 @@ def precompute_rows(args) -> list[dict]:
             rows.append(row)
             print(f"{row['model']:>10} {scope:>6} {row['eager_samples_per_s']:>10.1f} "
                   f"{row['sparse_samples_per_s']:>10.1f} {row['precompute_ratio']:>8.2f} {row['forward_ratio']:>8.2f} "
+                  f"{row['forward_ratio_torch_pools']:>11.2f} "
                   f"{row['bytes_per_view']:>8.1f} {row['prepare_s']:>9.2f}", flush=True)
     return rows
 
@@ -180,11 +189,13 @@ def distill_rows(args) -> dict:
             return json.loads(log.read_text().splitlines()[0])["seconds"]
         return run
 
-    def teacher_forward():
+    inputs = [normalize(apply_views(images, caches["full"].views(index, 0), 2), data)
+              for index, images, _ in batches(data.train, 128, True)]
+
+    def teacher_forward():  # what the cache saves: the teacher's forward on inputs the student needs anyway
         with torch.no_grad():
-            for index, images, _ in batches(data.train, 128, True):
-                views = caches["full"].views(index, 0)
-                teacher(normalize(apply_views(images, views, 2), data))
+            for x in inputs:
+                teacher(x)
 
     def cache_reads():
         for index, _, _ in batches(data.train, 128, True):
@@ -226,7 +237,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"teacher cache, float32, torch {torch.__version__}, {threads} threads, "
           f"GOMP_CPU_AFFINITY={os.environ.get('GOMP_CPU_AFFINITY', 'unset')}, batch {args.batch}")
-    print(f"{'teacher':>10} {'prune':>6} {'eager/s':>10} {'sparse/s':>10} {'ratio':>8} {'fwd only':>8} "
+    print(f"{'teacher':>10} {'prune':>6} {'eager/s':>10} {'sparse/s':>10} {'ratio':>8} {'fwd only':>8} {'torch pools':>11} "
           f"{'B/view':>8} {'prepare s':>9}")
     rows = precompute_rows(args)
     distill = None if args.skip_distill else distill_rows(args)
