@@ -44,7 +44,7 @@ IMPLEMENTED = {
     "reference": {SPARSE_CONV, KD_LOSS},
     "cpu": {SPARSE_CONV, KD_LOSS},
     "cuda": set(),
-    "triton": set(),
+    "triton": {SPARSE_CONV, KD_LOSS},
 }
 
 _logger = logging.getLogger("ptd_sparse")
