@@ -28,6 +28,12 @@ TORCH_LIBRARY(ptd_sparse_kernels, m) {
   m.def(
       "kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? target, float temperature, float alpha, "
       "int reduction, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  // The teacher as its top-k classes (ptd_sparse/topk_teacher.py): indices int32/int64 [N, k], logits [N, k],
+  // rest_mass float32 [N] = its probability outside those classes, spread evenly over the other C - k classes.
+  m.def(
+      "kd_loss_topk(Tensor student_logits, Tensor teacher_indices, Tensor teacher_logits, Tensor teacher_rest_mass, "
+      "Tensor? target, float temperature, float alpha, int reduction, int ignore_index, bool compute_grad) "
+      "-> (Tensor, Tensor)");
 }
 
 // The Python side compares this with the running torch to refuse a stale build with one clear sentence.

@@ -3,7 +3,8 @@
 Operators (each with the backends reference / cpu / cuda / triton, see ptd_sparse.backends):
     masked_conv2d(input, weight, mask, ...)      == F.conv2d(input, weight * mask, ...), sparse kernels
     sparse_conv2d(input, sparse_weight, ...)     convolution with a SparseConvWeight (canonical CSR)
-    kd_loss(student_logits, teacher_logits, ...) fused temperature-softmax distillation loss
+    kd_loss(student_logits, teacher_logits, ...) fused temperature-softmax distillation loss; the teacher may be
+                                                 a TopKTeacher (its k largest classes, see topk_teacher)
 Modules: ptd_sparse.nn.MaskedConv2d, ptd_sparse.nn.SparseConv2d, ptd_sparse.nn.KDLoss; sparsify(model).
 """
 from ptd_sparse import nn
@@ -11,6 +12,7 @@ from ptd_sparse.backends import BACKENDS, choose_backend
 from ptd_sparse.functional import kd_loss, masked_conv2d, sparse_conv2d
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 from ptd_sparse.sparsify import sparsify
+from ptd_sparse.topk_teacher import TopKTeacher, topk_teacher
 
 
 def design_student(*args, **kwargs):
@@ -22,4 +24,4 @@ def design_student(*args, **kwargs):
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ConvPattern", "SparseConvWeight", "choose_backend", "kd_loss", "masked_conv2d", "nn",
-           "sparse_conv2d", "sparsify", "design_student"]
+           "sparse_conv2d", "sparsify", "design_student", "TopKTeacher", "topk_teacher"]

@@ -13,6 +13,8 @@ from ptd_sparse import ops
 from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, choose_backend
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 from ptd_sparse.reference.kd_loss import REDUCTIONS
+from ptd_sparse.topk_teacher import TopKTeacher
+from ptd_sparse.topk_teacher import checked as topk_checked
 
 DEFAULT_TEMPERATURE = 10.0  # the paper's setting (Park & No 2022, following their CIFAR experiments)
 DEFAULT_ALPHA = 0.95  # the paper's weight of the distillation term
@@ -105,13 +107,15 @@ def _run_sparse_conv(input: Tensor, pattern: ConvPattern, values: Tensor, bias, 
                                            dilation, backend, relu)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, *,
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target: Tensor | None = None, *,
             temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA, reduction: str = "batchmean",
             ignore_index: int = -100, backend: str | None = None) -> Tensor:
     """alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, target), fused.
 
     student_logits [N, C] (float16, bfloat16, float32 or float64), teacher_logits [N, C] (any of those; a gradient
-    never flows to it), target [N] integer class indices or None.
+    never flows to it) or a ptd_sparse.TopKTeacher (the teacher's k most likely classes and the probability mass
+    outside them at this temperature; see ptd_sparse.topk_teacher for the exact contract), target [N] integer class
+    indices or None.
     - Rows whose target equals ignore_index contribute nothing to either term.
     - target=None means no hard labels: the loss is the distillation term alpha * T^2 * KL alone, with the same weight
       it has in the full loss, so adding or removing labels never rescales the distillation gradient; every row
@@ -124,13 +128,18 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
     Defaults are the paper's: temperature 10, alpha 0.95.
     """
     check.tensor(student_logits, "student_logits", dims=(2,), floating=True)
-    check.tensor(teacher_logits, "teacher_logits", dims=(2,), floating=True)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but student_logits has shape "
-                         f"{tuple(student_logits.shape)}; they must match")
     if student_logits.shape[1] == 0:
         raise ValueError("student_logits has 0 classes; expected at least 1")
-    check.same_device(student_logits, "student_logits", teacher_logits=teacher_logits, target=target)
+    topk = None
+    if isinstance(teacher_logits, TopKTeacher):
+        topk = topk_checked(teacher_logits, student_logits)
+    else:
+        check.tensor(teacher_logits, "teacher_logits", dims=(2,), floating=True)
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)} but student_logits has shape "
+                             f"{tuple(student_logits.shape)}; they must match")
+        check.same_device(student_logits, "student_logits", teacher_logits=teacher_logits)
+    check.same_device(student_logits, "student_logits", target=target)
     if target is not None:
         check.tensor(target, "target", dims=(1,))
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -149,6 +158,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
 
     chosen = choose_backend(KD_LOSS, student_logits.device, backend)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = ops.kd_loss.kd_loss(student_logits, teacher_logits.detach(), target, temperature, alpha,
-                                  REDUCTIONS[reduction], int(ignore_index), compute_grad, chosen)
+    options = (target, temperature, alpha, REDUCTIONS[reduction], int(ignore_index), compute_grad, chosen)
+    if topk is not None:
+        loss, _ = ops.kd_loss.kd_loss_topk(student_logits, *topk, *options)
+    else:
+        loss, _ = ops.kd_loss.kd_loss(student_logits, teacher_logits.detach(), *options)
     return loss

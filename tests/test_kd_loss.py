@@ -265,3 +265,161 @@ def test_bad_tensors(generator):
         ptd_sparse.kd_loss(s[:, :0], t[:, :0])
     with pytest.raises(ValueError, match="teacher_logits is on meta"):
         ptd_sparse.kd_loss(s, t.to("meta"))
+
+
+# --- the teacher as its top-k classes (ptd_sparse.TopKTeacher) ------------------------------------------------------
+
+def topk_oracle(student, teacher, target, temperature, alpha, reduction, ignore_index=-100):
+    """(loss, grad) of the documented top-k contract in float64: the dense teacher distribution written out
+    ((1 - r) softmax on the listed classes, r / (C - k) elsewhere), then KL and CE by autograd."""
+    indices, t_logits, rest = teacher
+    s = student.detach().double().requires_grad_()
+    rows, classes = s.shape
+    k = indices.shape[1]
+    rest = torch.zeros(rows, dtype=torch.float64) if rest is None else rest.double()
+    p = torch.empty(rows, classes, dtype=torch.float64)
+    listed = (1 - rest)[:, None] * F.softmax(t_logits.double() / temperature, dim=1)
+    for row in range(rows):
+        p[row] = rest[row] / (classes - k) if classes > k else 0.0
+        p[row, indices[row].long()] = listed[row]
+    log_q = F.log_softmax(s / temperature, dim=1)
+    kl = torch.where(p > 0, p * (p.log() - log_q), torch.zeros_like(s)).sum(1)
+    per_row = alpha * temperature ** 2 * kl
+    valid = torch.ones(rows, dtype=torch.bool)
+    if target is not None:
+        valid = target != ignore_index
+        per_row = per_row + (1 - alpha) * F.cross_entropy(s, target, ignore_index=ignore_index, reduction="none")
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    loss = {"none": per_row, "sum": per_row.sum()}.get(reduction, per_row.sum() / max(int(valid.sum()), 1))
+    grad_out = torch.ones_like(loss) if reduction != "none" else torch.linspace(-1, 2, loss.numel(), dtype=loss.dtype)
+    (grad,) = torch.autograd.grad(loss, s, grad_out) if rows else (torch.zeros_like(s),)
+    return loss.detach(), grad, grad_out
+
+
+def check_topk(backend, student, teacher, target, temperature, alpha, reduction, dtype_tol):
+    student = student.detach().requires_grad_()
+    loss = ptd_sparse.kd_loss(student, teacher, target, temperature=temperature, alpha=alpha, reduction=reduction,
+                              backend=backend)
+    want_loss, want_grad, grad_out = topk_oracle(student, teacher, target, temperature, alpha, reduction)
+    assert loss.shape == want_loss.shape
+    assert_close(loss, want_loss, dtype_tol, "loss")
+    if student.shape[0]:
+        (grad,) = torch.autograd.grad(loss, student, grad_out.to(loss.dtype))
+        assert grad.dtype == student.dtype
+        assert_close(grad, want_grad, dtype_tol, "grad_student")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("k,with_rest", [(1, True), (5, True), (5, False), (13, True)])
+def test_topk_matches_oracle(backend, k, with_rest, temperature, alpha, reduction, generator):
+    s, t = logits(37, 13, generator), logits(37, 13, generator)
+    target = torch.randint(0, 13, (37,), generator=generator)
+    target[::5] = -100
+    teacher = ptd_sparse.topk_teacher(t, k, temperature)
+    if not with_rest:
+        teacher = teacher._replace(rest_mass=None)
+    check_topk(backend, s, teacher, target, temperature, alpha, reduction, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_of_every_class_is_the_dense_loss(backend, generator):
+    s, t = logits(21, 17, generator).requires_grad_(), logits(21, 17, generator)
+    target = torch.randint(0, 17, (21,), generator=generator)
+    dense = ptd_sparse.kd_loss(s, t, target, temperature=3.0, alpha=0.7, backend=backend)
+    topk = ptd_sparse.kd_loss(s, ptd_sparse.topk_teacher(t, 17, 3.0), target, temperature=3.0, alpha=0.7,
+                              backend=backend)
+    torch.testing.assert_close(topk, dense)
+    torch.testing.assert_close(torch.autograd.grad(topk, s)[0], torch.autograd.grad(dense, s)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("student_dtype", DTYPES + [torch.float64], ids=DTYPE_IDS)
+@pytest.mark.parametrize("teacher_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=DTYPE_IDS)
+def test_topk_every_dtype(backend, student_dtype, teacher_dtype, index_dtype, generator):
+    s = logits(19, 100, generator, dtype=student_dtype)
+    teacher = ptd_sparse.topk_teacher(logits(19, 100, generator), 10, 4.0)
+    teacher = teacher._replace(indices=teacher.indices.to(index_dtype), logits=teacher.logits.to(teacher_dtype))
+    target = torch.randint(0, 100, (19,), generator=generator)
+    check_topk(backend, s, teacher, target, 4.0, 0.9,
+               "batchmean", student_dtype if student_dtype != torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,classes,k", [(0, 10, 3), (1, 1, 1), (6, 1001, 7)])
+def test_topk_odd_and_empty_shapes(backend, rows, classes, k, generator):
+    teacher = ptd_sparse.topk_teacher(logits(rows, classes, generator), k, 2.0)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    check_topk(backend, logits(rows, classes, generator), teacher, target, 2.0, 0.8, "batchmean", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_non_contiguous_and_minus_inf(backend, generator):
+    s = logits(20, 30, generator).t()  # [30, 20]
+    full = ptd_sparse.topk_teacher(logits(30, 20, generator), 6, 4.0)
+    teacher = ptd_sparse.TopKTeacher(full.indices.t().contiguous().t(), full.logits.clone(), full.rest_mass)
+    teacher.logits[4, 2:] = float("-inf")  # a teacher sure of fewer than k classes
+    assert not s.is_contiguous() and not teacher.indices.is_contiguous()
+    check_topk(backend, s, teacher, None, 4.0, 0.9, "none", torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_gradcheck_and_opcheck(backend, generator):
+    from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
+
+    s = logits(7, 9, generator, dtype=torch.float64).requires_grad_()
+    teacher = ptd_sparse.topk_teacher(logits(7, 9, generator, dtype=torch.float64), 3, 3.0)
+    target = torch.randint(0, 9, (7,), generator=generator)
+    target[2] = -100
+    for reduction in (0, 1, 2):
+        assert torch.autograd.gradcheck(
+            lambda s: kd_loss_topk_op(s, *teacher, target, 3.0, 0.6, reduction, -100, True, backend)[0], (s,))
+    for rows, reduction in ((8, 2), (0, 0)):
+        s32 = logits(rows, 6, generator).requires_grad_()
+        topk = ptd_sparse.topk_teacher(logits(rows, 6, generator), 2, 2.0)
+        torch.library.opcheck(kd_loss_topk_op, (s32, *topk, None, 2.0, 0.5, reduction, -100, True, backend))
+
+
+def test_topk_teacher_helper_rest_mass_is_exact(generator):
+    t = logits(5, 40, generator, dtype=torch.float64)
+    teacher = ptd_sparse.topk_teacher(t, 4, 3.0)
+    p = F.softmax(t / 3.0, dim=1)
+    torch.testing.assert_close(teacher.rest_mass.double(), 1 - p.topk(4, dim=1).values.sum(1), atol=1e-6, rtol=0)
+    assert teacher.indices.dtype == torch.int32 and teacher.rest_mass.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 40\]"):
+        ptd_sparse.topk_teacher(t, 41, 3.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_bad_teachers_are_refused(backend, generator):
+    s = logits(4, 6, generator)
+    good = ptd_sparse.topk_teacher(logits(4, 6, generator), 3, 2.0)
+
+    def run(teacher):
+        return ptd_sparse.kd_loss(s, teacher, temperature=2.0, backend=backend)
+
+    repeated = good.indices.clone()
+    repeated[2, 1] = repeated[2, 0]
+    with pytest.raises(ValueError, match="teacher.indices row 2 lists a class twice"):
+        run(good._replace(indices=repeated))
+    with pytest.raises(ValueError, match=r"teacher.indices holds 6; expected class indices in \[0, 6\)"):
+        run(good._replace(indices=good.indices.clone().index_fill_(1, torch.tensor([0]), 6)))
+    with pytest.raises(ValueError, match="teacher.rest_mass is 1.5 at row 0"):
+        run(good._replace(rest_mass=torch.full((4,), 1.5)))
+    with pytest.raises(ValueError, match="0 when k equals the number of classes"):
+        run(ptd_sparse.topk_teacher(logits(4, 6, generator), 6, 2.0)._replace(rest_mass=torch.full((4,), 0.1)))
+    bad_logits = good.logits.clone()
+    bad_logits[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="teacher.logits row 1 holds NaN"):
+        run(good._replace(logits=bad_logits))
+    with pytest.raises(TypeError, match="teacher.indices must have dtype int32 or int64"):
+        run(good._replace(indices=good.indices.float()))
+    with pytest.raises(ValueError, match="teacher.logits has shape"):
+        run(good._replace(logits=good.logits[:, :2]))
+    with pytest.raises(ValueError, match=r"teacher.indices has shape \(3, 3\)"):
+        run(ptd_sparse.TopKTeacher(good.indices[:3], good.logits[:3], None))
+    with pytest.raises(ValueError, match="teacher.rest_mass has shape"):
+        run(good._replace(rest_mass=good.rest_mass[:2]))

@@ -292,44 +292,71 @@ void kd_loss_rows_fast(const at::Tensor& student, const at::Tensor& teacher, con
   report_bad_rows(bad_student.load(), bad_teacher.load(), rows);
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                                               const c10::optional<at::Tensor>& target, double temperature,
-                                               double alpha, int64_t reduction, int64_t ignore_index,
-                                               bool compute_grad) {
-  TORCH_CHECK_VALUE(student_logits.device().is_cpu() && teacher_logits.device().is_cpu(),
-                    "student_logits and teacher_logits must be CPU tensors for the cpu backend");
+// Labels are checked and counted serially: O(rows), and batchmean needs the count before any gradient is written.
+struct LabelCount {
+  at::Tensor labels;  // int64 copy of the target, undefined without one
+  int64_t counted_rows;
+  const int64_t* pointer() const { return labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr; }
+};
+
+LabelCount count_labels(const c10::optional<at::Tensor>& target, int64_t rows, int64_t classes,
+                        int64_t ignore_index) {
+  if (!target.has_value() || !target->defined()) return {at::Tensor(), rows};
+  TORCH_CHECK_VALUE(target->device().is_cpu() && target->dim() == 1 && target->numel() == rows,
+                    "target must be a 1-D CPU tensor with one label per row (", rows, "), got shape ",
+                    target->sizes());
+  TORCH_CHECK_VALUE(!at::isFloatingType(target->scalar_type()) && target->scalar_type() != at::kBool,
+                    "target must hold integer class indices, got ", target->scalar_type());
+  LabelCount count{target->to(at::kLong).contiguous(), 0};
+  const int64_t* label_ptr = count.pointer();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = label_ptr[r];
+    if (y == ignore_index) continue;
+    TORCH_CHECK_VALUE(y >= 0 && y < classes, "kd_loss: target has value ", y, " at row ", r,
+                      "; expected a class index in [0, ", classes, ") or ignore_index = ", ignore_index);
+    ++count.counted_rows;
+  }
+  return count;
+}
+
+// The row losses are summed serially in double, in row order: deterministic whatever the thread count.
+at::Tensor reduce_rows(const at::Tensor& row_loss, int64_t reduction, int64_t counted_rows) {
+  if (reduction == kNone) return row_loss;
+  at::Tensor loss = at::empty({}, row_loss.options());
+  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "kd_loss_cpu_reduce", [&] {
+    const scalar_t* rows_ptr = row_loss.const_data_ptr<scalar_t>();
+    double total = 0;
+    for (int64_t r = 0; r < row_loss.numel(); ++r) total += rows_ptr[r];
+    if (reduction == kBatchMean) total /= static_cast<double>(std::max<int64_t>(counted_rows, 1));
+    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+  });
+  return loss;
+}
+
+void check_common_arguments(const at::Tensor& student_logits, double temperature, double alpha, int64_t reduction) {
+  TORCH_CHECK_VALUE(student_logits.device().is_cpu(), "student_logits must be a CPU tensor for the cpu backend");
   TORCH_CHECK_VALUE(student_logits.dim() == 2, "student_logits must be 2-D (rows, classes), got shape ",
                     student_logits.sizes());
-  TORCH_CHECK_VALUE(teacher_logits.sizes() == student_logits.sizes(), "teacher_logits has shape ",
-                    teacher_logits.sizes(), " but student_logits has shape ", student_logits.sizes());
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
                     temperature);
   TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "alpha must lie in [0, 1], got ", alpha);
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kBatchMean, "reduction code must be 0, 1 or 2, got ", reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                               const c10::optional<at::Tensor>& target, double temperature,
+                                               double alpha, int64_t reduction, int64_t ignore_index,
+                                               bool compute_grad) {
+  check_common_arguments(student_logits, temperature, alpha, reduction);
+  TORCH_CHECK_VALUE(teacher_logits.device().is_cpu(), "teacher_logits must be a CPU tensor for the cpu backend");
+  TORCH_CHECK_VALUE(teacher_logits.sizes() == student_logits.sizes(), "teacher_logits has shape ",
+                    teacher_logits.sizes(), " but student_logits has shape ", student_logits.sizes());
   const int64_t rows = student_logits.size(0), classes = student_logits.size(1);
   const at::Tensor student = student_logits.contiguous(), teacher = teacher_logits.contiguous();
 
-  // Labels are checked and counted serially: O(rows), and batchmean needs the count before any gradient is written.
-  at::Tensor labels;
-  const int64_t* label_ptr = nullptr;
-  int64_t counted_rows = rows;
-  if (target.has_value() && target->defined()) {
-    TORCH_CHECK_VALUE(target->device().is_cpu() && target->dim() == 1 && target->numel() == rows,
-                      "target must be a 1-D CPU tensor with one label per row (", rows, "), got shape ",
-                      target->sizes());
-    TORCH_CHECK_VALUE(!at::isFloatingType(target->scalar_type()) && target->scalar_type() != at::kBool,
-                      "target must hold integer class indices, got ", target->scalar_type());
-    labels = target->to(at::kLong).contiguous();
-    label_ptr = labels.const_data_ptr<int64_t>();
-    counted_rows = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t y = label_ptr[r];
-      if (y == ignore_index) continue;
-      TORCH_CHECK_VALUE(y >= 0 && y < classes, "kd_loss: target has value ", y, " at row ", r,
-                        "; expected a class index in [0, ", classes, ") or ignore_index = ", ignore_index);
-      ++counted_rows;
-    }
-  }
+  const LabelCount labels = count_labels(target, rows, classes, ignore_index);
+  const int64_t* label_ptr = labels.pointer();
+  const int64_t counted_rows = labels.counted_rows;
   const double grad_scale = reduction == kBatchMean ? 1.0 / std::max<int64_t>(counted_rows, 1) : 1.0;
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
@@ -352,21 +379,182 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits,
     grad.zero_();
   }
   if (!compute_grad) grad = at::empty({0}, student.options());
-  if (reduction == kNone) return {row_loss, grad};
-  // The row losses are summed serially in double, in row order: deterministic whatever the thread count.
-  at::Tensor loss = at::empty({}, row_loss.options());
-  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "kd_loss_cpu_reduce", [&] {
-    const scalar_t* rows_ptr = row_loss.const_data_ptr<scalar_t>();
-    double total = 0;
-    for (int64_t r = 0; r < rows; ++r) total += rows_ptr[r];
-    if (reduction == kBatchMean) total /= static_cast<double>(std::max<int64_t>(counted_rows, 1));
-    *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total);
+  return {reduce_rows(row_loss, reduction, counted_rows), grad};
+}
+
+
+// ---- top-k teacher (ptd_sparse/topk_teacher.py): the teacher is (1 - r) softmax(logits / T) on its k listed
+// classes and r / (C - k) on each other class. Per row: a sweep for the student's maximum, a sweep for its two
+// normalisers and the sum of its scaled logits (which gives the unlisted classes' cross term without visiting them
+// one by one), O(k) work for the teacher, and a sweep writing the gradient, then O(k) corrections at the listed
+// classes. The teacher's values were checked by the operator; the indices are checked here again so that a direct
+// call can never write out of bounds.
+template <typename student_t, typename teacher_t, typename index_t>
+void kd_loss_topk_rows(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& teacher,
+                       const at::Tensor& rest_mass, const int64_t* target, double temperature, double alpha,
+                       int64_t ignore_index, double grad_scale, at::Tensor& row_loss, at::Tensor& grad) {
+  using acc_t = std::conditional_t<std::is_same_v<student_t, double>, double, float>;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const int64_t rows = student.size(0), classes = student.size(1), k = indices.size(1);
+  const student_t* s_ptr = student.const_data_ptr<student_t>();
+  const index_t* i_ptr = indices.const_data_ptr<index_t>();
+  const teacher_t* t_ptr = teacher.const_data_ptr<teacher_t>();
+  const float* r_ptr = rest_mass.const_data_ptr<float>();
+  acc_t* loss_ptr = row_loss.mutable_data_ptr<acc_t>();
+  student_t* g_ptr = grad.defined() ? grad.mutable_data_ptr<student_t>() : nullptr;
+  const acc_t T = static_cast<acc_t>(temperature), inv_t = acc_t(1) / T;
+  const acc_t kd_weight = static_cast<acc_t>(alpha) * T * T;
+  const acc_t ce_weight = target ? static_cast<acc_t>(1.0 - alpha) : acc_t(0);
+  const acc_t kd_grad = kd_weight != 0 ? static_cast<acc_t>(alpha * temperature * grad_scale) : acc_t(0);
+  const acc_t ce_grad = ce_weight * static_cast<acc_t>(grad_scale);
+  std::atomic<int64_t> bad_student{rows};
+
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> listed_p(k);
+    for (int64_t r = begin; r < end; ++r) {
+      const student_t* s_row = s_ptr + r * classes;
+      const index_t* i_row = i_ptr + r * k;
+      const teacher_t* t_row = t_ptr + r * k;
+      student_t* g_row = g_ptr ? g_ptr + r * classes : nullptr;
+      if (target && target[r] == ignore_index) {
+        loss_ptr[r] = 0;
+        if (g_row) std::fill(g_row, g_row + classes, student_t(0));
+        continue;
+      }
+      acc_t ms = -inf;
+      bool bad = false;
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc_t s = static_cast<acc_t>(s_row[c]);
+        bad |= is_bad(s);
+        ms = std::max(ms, s);
+      }
+      if (bad || ms == -inf) {
+        record_first(bad_student, r);
+        continue;
+      }
+      acc_t z_t = 0, z_1 = 0;
+      double scaled_sum = 0;  // sum over all classes of (s - ms) / T, in double: C can be 10^5
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
+        z_t += std::exp(d * inv_t);
+        z_1 += std::exp(d);
+        scaled_sum += static_cast<double>(d * inv_t);
+      }
+      const acc_t log_z_t = std::log(z_t), log_z_1 = std::log(z_1);
+      // The teacher over its listed classes.
+      const acc_t rest = static_cast<acc_t>(r_ptr[r]);
+      const acc_t spread = classes > k ? rest / static_cast<acc_t>(classes - k) : acc_t(0);
+      acc_t mt = -inf;
+      for (int64_t i = 0; i < k; ++i) mt = std::max(mt, static_cast<acc_t>(t_row[i]));
+      acc_t z_teacher = 0;
+      for (int64_t i = 0; i < k; ++i) z_teacher += std::exp((static_cast<acc_t>(t_row[i]) - mt) * inv_t);
+      acc_t loss = 0;
+      if (kd_weight != 0) {
+        // KL = sum_listed p (log p - log q) + sum_unlisted u (log u - log q), log q_c = (s_c - ms) / T - log z_t.
+        const acc_t log_listed = std::log1p(-rest) - std::log(z_teacher);
+        acc_t kl = 0;
+        double listed_scaled_sum = 0;
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t c = static_cast<int64_t>(i_row[i]);
+          const acc_t log_q = (static_cast<acc_t>(s_row[c]) - ms) * inv_t - log_z_t;
+          const acc_t p = std::exp((static_cast<acc_t>(t_row[i]) - mt) * inv_t + log_listed);
+          listed_p[i] = p;
+          if (p > 0) kl += p * ((static_cast<acc_t>(t_row[i]) - mt) * inv_t + log_listed - log_q);
+          listed_scaled_sum += static_cast<double>((static_cast<acc_t>(s_row[c]) - ms) * inv_t);
+        }
+        if (spread > 0) {
+          const double unlisted_log_q = scaled_sum - listed_scaled_sum - static_cast<double>(classes - k) * log_z_t;
+          kl += static_cast<acc_t>(static_cast<double>(rest) * std::log(static_cast<double>(spread)) -
+                                   static_cast<double>(spread) * unlisted_log_q);
+        }
+        loss += kd_weight * kl;
+      }
+      if (ce_weight != 0) loss += ce_weight * (ms - static_cast<acc_t>(s_row[target[r]]) + log_z_1);
+      loss_ptr[r] = loss;
+      if (!g_row) continue;
+      // d/ds [alpha T^2 KL] = alpha T (q - p) with p = spread off the listed classes; CE as in the dense loss.
+      for (int64_t c = 0; c < classes; ++c) {
+        const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
+        acc_t g = 0;
+        if (kd_grad != 0) g += kd_grad * (std::exp(d * inv_t - log_z_t) - spread);
+        if (ce_grad != 0) g += ce_grad * std::exp(d - log_z_1);
+        g_row[c] = static_cast<student_t>(g);
+      }
+      if (kd_grad != 0) {
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t c = static_cast<int64_t>(i_row[i]);
+          const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
+          acc_t g = kd_grad * (std::exp(d * inv_t - log_z_t) - listed_p[i]);
+          if (ce_grad != 0) g += ce_grad * std::exp(d - log_z_1);
+          g_row[c] = static_cast<student_t>(g);
+        }
+      }
+      if (ce_grad != 0) g_row[target[r]] = static_cast<student_t>(static_cast<acc_t>(g_row[target[r]]) - ce_grad);
+    }
   });
-  return {loss, grad};
+  report_bad_rows(bad_student.load(), rows, rows);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cpu(const at::Tensor& student_logits,
+                                                    const at::Tensor& teacher_indices,
+                                                    const at::Tensor& teacher_logits,
+                                                    const at::Tensor& teacher_rest_mass,
+                                                    const c10::optional<at::Tensor>& target, double temperature,
+                                                    double alpha, int64_t reduction, int64_t ignore_index,
+                                                    bool compute_grad) {
+  check_common_arguments(student_logits, temperature, alpha, reduction);
+  const int64_t rows = student_logits.size(0), classes = student_logits.size(1);
+  TORCH_CHECK_VALUE(teacher_indices.device().is_cpu() && teacher_logits.device().is_cpu() &&
+                        teacher_rest_mass.device().is_cpu(),
+                    "teacher.indices, teacher.logits and teacher.rest_mass must be CPU tensors for the cpu backend");
+  TORCH_CHECK_VALUE(teacher_indices.dim() == 2 && teacher_indices.size(0) == rows && teacher_indices.size(1) >= 1 &&
+                        teacher_indices.size(1) <= std::max<int64_t>(classes, 1),
+                    "teacher.indices must have shape [", rows, ", k] with 1 <= k <= ", classes, ", got ",
+                    teacher_indices.sizes());
+  TORCH_CHECK_VALUE(teacher_indices.scalar_type() == at::kInt || teacher_indices.scalar_type() == at::kLong,
+                    "teacher.indices must have dtype int32 or int64, got ", teacher_indices.scalar_type());
+  TORCH_CHECK_VALUE(teacher_logits.sizes() == teacher_indices.sizes(), "teacher.logits has shape ",
+                    teacher_logits.sizes(), " but teacher.indices has shape ", teacher_indices.sizes());
+  TORCH_CHECK_VALUE(teacher_rest_mass.dim() == 1 && teacher_rest_mass.size(0) == rows &&
+                        teacher_rest_mass.scalar_type() == at::kFloat,
+                    "teacher.rest_mass must be float32 of shape [", rows, "], got ", teacher_rest_mass.scalar_type(),
+                    " of shape ", teacher_rest_mass.sizes());
+  const at::Tensor student = student_logits.contiguous(), indices = teacher_indices.contiguous();
+  const at::Tensor teacher = teacher_logits.contiguous(), rest = teacher_rest_mass.contiguous();
+  if (indices.numel() > 0) {
+    const int64_t low = indices.min().item<int64_t>(), high = indices.max().item<int64_t>();
+    TORCH_CHECK_VALUE(low >= 0 && high < classes, "kd_loss: teacher.indices holds ", low < 0 ? low : high,
+                      "; expected class indices in [0, ", classes, ")");
+  }
+  const LabelCount labels = count_labels(target, rows, classes, ignore_index);
+  const double grad_scale = reduction == kBatchMean ? 1.0 / std::max<int64_t>(labels.counted_rows, 1) : 1.0;
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
+  at::Tensor grad = compute_grad ? at::empty_like(student) : at::Tensor();
+  if (rows > 0 && classes > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_loss_topk_cpu", [&] {
+      using student_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, teacher.scalar_type(), "kd_loss_topk_teacher", [&] {
+        using teacher_t = scalar_t;
+        AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "kd_loss_topk_indices", [&] {
+          kd_loss_topk_rows<student_t, teacher_t, index_t>(student, indices, teacher, rest, labels.pointer(),
+                                                           temperature, alpha, ignore_index, grad_scale, row_loss,
+                                                           grad);
+        });
+      });
+    });
+  } else if (grad.defined()) {
+    grad.zero_();
+  }
+  if (!compute_grad) grad = at::empty({0}, student.options());
+  return {reduce_rows(row_loss, reduction, labels.counted_rows), grad};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ptd_sparse_kernels, CPU, m) { m.impl("kd_loss", &kd_loss_cpu); }
+TORCH_LIBRARY_IMPL(ptd_sparse_kernels, CPU, m) {
+  m.impl("kd_loss", &kd_loss_cpu);
+  m.impl("kd_loss_topk", &kd_loss_topk_cpu);
+}
 
 }  // namespace ptd_sparse

@@ -1,4 +1,5 @@
-"""ptd_sparse::kd_loss and ptd_sparse::kd_loss_backward.
+"""ptd_sparse::kd_loss, ptd_sparse::kd_loss_topk (the teacher given as its top-k classes) and
+ptd_sparse::kd_loss_backward, shared by both.
 
 kd_loss returns (loss, grad_student): the fused kernels compute the gradient of the reduced loss with respect to the
 student logits in the same pass as the loss, so the backward operator only scales that saved gradient by the
@@ -15,10 +16,18 @@ from ptd_sparse.compiled import kd_loss as compiled_impl
 from ptd_sparse import triton_kernels
 from ptd_sparse.reference import kd_loss as reference_impl
 
-# Backend name -> function of the common signature.
+# Backend name -> function of the common signature, for a dense and for a top-k teacher.
 IMPLEMENTATIONS = {"reference": reference_impl.kd_loss, "cpu": compiled_impl.kd_loss, "cuda": compiled_impl.kd_loss,
                    "triton": triton_kernels.kd_loss}
+TOPK_IMPLEMENTATIONS = {"reference": reference_impl.kd_loss_topk, "cpu": compiled_impl.kd_loss_topk,
+                        "cuda": compiled_impl.kd_loss_topk}
 REDUCTION_NONE = 0
+
+
+def _implementation(table: dict, backend: str, op: str):
+    if backend not in table:
+        raise ValueError(f"{op}: backend {backend!r} has no implementation; available: {sorted(table)}")
+    return table[backend]
 
 
 @torch.library.custom_op("ptd_sparse::kd_loss", mutates_args=())
@@ -28,24 +37,46 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     """student_logits, teacher_logits [N, C]; target [N] or None; reduction 0 none / 1 sum / 2 batchmean.
     Returns (loss: [] or [N], float32 (float64 for float64 students); grad_student: [N, C] in the student's dtype,
     or empty when compute_grad is False)."""
-    if backend not in IMPLEMENTATIONS:
-        raise ValueError(f"kd_loss: backend {backend!r} has no implementation; available: {sorted(IMPLEMENTATIONS)}")
-    return IMPLEMENTATIONS[backend](student_logits, teacher_logits, target, temperature, alpha, reduction,
-                                    ignore_index, compute_grad)
+    return _implementation(IMPLEMENTATIONS, backend, "kd_loss")(student_logits, teacher_logits, target, temperature,
+                                                                alpha, reduction, ignore_index, compute_grad)
 
 
 def loss_dtype(student_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if student_dtype == torch.float64 else torch.float32
 
 
-@kd_loss.register_fake
-def _kd_loss_fake(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index, compute_grad,
-                  backend):
+def _loss_and_grad_like(student_logits: Tensor, reduction: int, compute_grad: bool) -> Tuple[Tensor, Tensor]:
     torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
     loss_shape = (student_logits.shape[0],) if reduction == REDUCTION_NONE else ()
     loss = student_logits.new_empty(loss_shape, dtype=loss_dtype(student_logits.dtype))
     grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
     return loss, grad
+
+
+@kd_loss.register_fake
+def _kd_loss_fake(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index, compute_grad,
+                  backend):
+    return _loss_and_grad_like(student_logits, reduction, compute_grad)
+
+
+@torch.library.custom_op("ptd_sparse::kd_loss_topk", mutates_args=())
+def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits: Tensor, teacher_rest_mass: Tensor,
+                 target: Optional[Tensor], temperature: float, alpha: float, reduction: int, ignore_index: int,
+                 compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """kd_loss with the teacher given as its top-k classes: teacher_indices [N, k] (int32/int64, distinct per row),
+    teacher_logits [N, k], teacher_rest_mass [N] float32 (the teacher's probability outside the k classes at this
+    temperature, spread evenly over the other C - k classes). Same outputs as kd_loss."""
+    # The teacher's values are checked here once for every backend: O(N k) work, small next to the N x C student.
+    reference_impl.check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, student_logits.shape[1])
+    return _implementation(TOPK_IMPLEMENTATIONS, backend, "kd_loss_topk")(
+        student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target, temperature, alpha, reduction,
+        ignore_index, compute_grad)
+
+
+@kd_loss_topk.register_fake
+def _kd_loss_topk_fake(student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target, temperature,
+                       alpha, reduction, ignore_index, compute_grad, backend):
+    return _loss_and_grad_like(student_logits, reduction, compute_grad)
 
 
 @torch.library.custom_op("ptd_sparse::kd_loss_backward", mutates_args=())
@@ -61,8 +92,10 @@ def _kd_loss_backward_fake(grad_loss, grad_student, reduction):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[5]
-    ctx.compute_grad = inputs[7]
+    # Both losses end with (..., reduction, ignore_index, compute_grad, backend).
+    ctx.reduction = inputs[-4]
+    ctx.compute_grad = inputs[-2]
+    ctx.inputs = len(inputs)
     loss, grad_student = output
     ctx.mark_non_differentiable(grad_student)
     ctx.save_for_backward(grad_student)
@@ -82,7 +115,8 @@ def _backward(ctx, grad_loss, _unused_grad_of_grad_student):
     (grad_student,) = ctx.saved_tensors
     # loss.backward() passes 1: the saved gradient is the answer, and no second gradient-sized buffer is made.
     grad = grad_student if _is_one(grad_loss) else kd_loss_backward(grad_loss, grad_student, ctx.reduction)
-    return grad, None, None, None, None, None, None, None, None
+    return (grad,) + (None,) * (ctx.inputs - 1)
 
 
 kd_loss.register_autograd(_backward, setup_context=_setup_context)
+kd_loss_topk.register_autograd(_backward, setup_context=_setup_context)

@@ -36,14 +36,77 @@ def check_target(target: Tensor, classes: int, ignore_index: int) -> Tensor:
     return valid
 
 
+def check_topk_teacher(indices: Tensor, logits: Tensor, rest_mass: Tensor, classes: int) -> None:
+    """The top-k teacher's own contract (ptd_sparse.TopKTeacher): k distinct class indices in range per row, logits
+    finite or -inf with a finite entry per row, and a rest mass in [0, 1) that is 0 when k covers every class."""
+    check_logits(logits, "teacher.logits")
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise ValueError(f"kd_loss: teacher.indices holds {bad}; expected class indices in [0, {classes})")
+        ordered = indices.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1).nonzero().reshape(-1)
+        if repeated.numel():
+            raise ValueError(f"kd_loss: teacher.indices row {int(repeated[0])} lists a class twice; the k classes of "
+                             "a row must be distinct")
+    bad_rest = ~((rest_mass >= 0) & (rest_mass < 1))
+    if indices.shape[1] == classes:
+        bad_rest |= rest_mass != 0
+    rows = bad_rest.nonzero().reshape(-1)
+    if rows.numel():
+        row = int(rows[0])
+        raise ValueError(f"kd_loss: teacher.rest_mass is {float(rest_mass[row])} at row {row}; expected a probability "
+                         f"in [0, 1), and 0 when k equals the number of classes ({classes})")
+
+
+def topk_teacher_probabilities(indices: Tensor, logits: Tensor, rest_mass: Tensor, classes: int,
+                               temperature: float, dtype: torch.dtype) -> Tensor:
+    """The dense teacher distribution a top-k teacher stands for: (1 - rest) * softmax(logits / T) on the listed
+    classes, rest / (C - k) on every other class."""
+    rows, k = logits.shape
+    rest = rest_mass.to(dtype)
+    spread = rest / (classes - k) if classes > k else torch.zeros_like(rest)
+    probs = spread[:, None].expand(rows, classes).clone()
+    listed = (1 - rest)[:, None] * torch.softmax(logits.to(dtype) / temperature, dim=1)
+    return probs.scatter(1, indices.long(), listed)
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float, alpha: float,
             reduction: int, ignore_index: int, compute_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss, grad of the reduced loss w.r.t. student_logits, or an empty tensor when compute_grad is False)."""
-    acc_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    acc_dtype = _accumulation_dtype(student_logits)
+    check_logits(student_logits, "student_logits")
+    check_logits(teacher_logits, "teacher_logits")
+    log_p_teacher = torch.log_softmax(teacher_logits.to(acc_dtype) / float(temperature), dim=1)
+    return _loss_and_grad(student_logits, log_p_teacher.exp(), log_p_teacher, target, temperature, alpha, reduction,
+                          ignore_index, compute_grad)
+
+
+def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits: Tensor, teacher_rest_mass: Tensor,
+                 target: Tensor | None, temperature: float, alpha: float, reduction: int, ignore_index: int,
+                 compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """kd_loss with the teacher given as its top-k classes (ptd_sparse.TopKTeacher); same outputs. The teacher's
+    values were checked by the operator (check_topk_teacher), once for every backend."""
+    acc_dtype = _accumulation_dtype(student_logits)
+    classes = student_logits.shape[1]
+    check_logits(student_logits, "student_logits")
+    p_teacher = topk_teacher_probabilities(teacher_indices, teacher_logits, teacher_rest_mass, classes,
+                                           float(temperature), acc_dtype)
+    return _loss_and_grad(student_logits, p_teacher, p_teacher.log(), target, temperature, alpha, reduction,
+                          ignore_index, compute_grad)
+
+
+def _accumulation_dtype(student_logits: Tensor) -> torch.dtype:
+    return torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+
+
+def _loss_and_grad(student_logits: Tensor, p_teacher: Tensor, log_p_teacher: Tensor, target: Tensor | None,
+                   temperature: float, alpha: float, reduction: int, ignore_index: int,
+                   compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """The loss and its gradient for a dense teacher distribution p_teacher (and its log) at temperature T."""
+    acc_dtype = p_teacher.dtype
     s = student_logits.to(acc_dtype)
-    t = teacher_logits.to(acc_dtype)
-    check_logits(s, "student_logits")
-    check_logits(t, "teacher_logits")
     rows, classes = s.shape
     valid = torch.ones(rows, dtype=torch.bool, device=s.device)
     if target is not None:
@@ -53,8 +116,6 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | Non
 
     T = float(temperature)
     log_p_student = torch.log_softmax(s / T, dim=1)
-    log_p_teacher = torch.log_softmax(t / T, dim=1)
-    p_teacher = log_p_teacher.exp()
     row_loss = torch.zeros(rows, dtype=acc_dtype, device=s.device)
     grad = torch.zeros_like(s)
     if alpha != 0:
