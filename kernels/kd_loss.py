@@ -129,14 +129,262 @@ def _kd_loss_kernel(
             tl.store(g_rows[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _kd_loss_topk_kernel(
+    s_ptr,  # [rows, C] student logits, unit stride along classes
+    index_ptr,  # [rows, k] int32/int64: the teacher's listed classes, distinct per row
+    l_ptr,  # [rows, k] the teacher's logits of those classes
+    rest_ptr,  # float32 [rows]: the teacher's mass outside the listed classes
+    target_ptr,  # [rows] integer labels (unused without target)
+    scale_ptr,  # [1] ACC: gradient scale (1 / counted rows for batchmean, else 1)
+    loss_ptr,  # [rows] ACC: loss of each row (0 for ignored rows)
+    grad_ptr,  # [rows, C] contiguous, student dtype (unused without WRITE_GRAD)
+    flags_ptr,  # int32 [rows]: BAD_STUDENT | BAD_TARGET (the teacher was checked by the operator)
+    rows, C, K, s_row_stride, index_row_stride, index_col_stride, l_row_stride, l_col_stride,
+    inv_T, T, alpha, ignore_index,
+    HAS_TARGET: tl.constexpr, KL_TERM: tl.constexpr, CE_TERM: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The teacher is p_i = (1 - r) softmax(l / T)_i on its k listed classes and u = r / (C - k) on the others.
+    With sum_c p_c = 1, KL = sum_c p_c log p_c - sum_c p_c (s_c - m_s) / T + log z_s_T, and
+    sum_c p_c (s_c - m_s) = u * sum_c (s_c - m_s) + sum_listed (p_i - u)(s_i - m_s): one sweep over the student
+    row, two short sweeps over the k listed classes, then the gradient sweep, in which every class first gets
+    u as its teacher probability and the listed classes are then overwritten with their exact values."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    r64 = r.to(tl.int64)
+    s_rows = s_ptr + r64 * s_row_stride
+    neg_inf = float("-inf")
+    m_s = tl.full([BLOCK_R], neg_inf, ACC)
+    z_s_T = tl.zeros([BLOCK_R], ACC)
+    z_s_1 = tl.zeros([BLOCK_R], ACC)
+    sum_s = tl.zeros([BLOCK_R], ACC)  # sum_c (s_c - m_s), for the classes the teacher does not list
+    seen = tl.zeros([BLOCK_R], ACC)  # classes counted in sum_s so far
+    bad_s = tl.zeros([BLOCK_R], tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = r_ok[:, None] & (c < C)[None, :]
+        s = tl.load(s_rows[:, None] + c[None, :], mask=ok, other=neg_inf).to(ACC)
+        bad_s = tl.maximum(bad_s, tl.max(((s != s) | (s == float("inf"))).to(tl.int32), axis=1))
+        new_m_s = tl.maximum(m_s, tl.max(s, axis=1))
+        shift_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
+        was_seen = m_s != neg_inf
+        grow_s = tl.where(was_seen, m_s - shift_s, 0.0)
+        z_s_T = tl.where(was_seen, z_s_T * tl.exp(grow_s * inv_T), 0.0) + tl.sum(tl.exp((s - shift_s[:, None]) * inv_T),
+                                                                              axis=1)
+        if CE_TERM:
+            z_s_1 = tl.where(was_seen, z_s_1 * tl.exp(grow_s), 0.0) + tl.sum(tl.exp(s - shift_s[:, None]), axis=1)
+        sum_s = tl.where(was_seen, sum_s + seen * grow_s, 0.0) + tl.sum(tl.where(ok, s - shift_s[:, None], 0.0),
+                                                                        axis=1)
+        seen += tl.sum(ok.to(ACC), axis=1)
+        m_s = new_m_s
+    bad_s = tl.maximum(bad_s, (m_s == neg_inf).to(tl.int32))
+    shift_s = tl.where(m_s == neg_inf, 0.0, m_s)
+    rest = tl.load(rest_ptr + r, mask=r_ok, other=0).to(ACC)
+    spread = tl.where(C > K, rest / tl.maximum(C - K, 1).to(ACC), 0.0)  # u: the probability of an unlisted class
+    index_rows = index_ptr + r64 * index_row_stride
+    l_rows = l_ptr + r64 * l_row_stride
+
+    # The listed classes: softmax(l / T) by an online pass, then the teacher's entropy and cross terms.
+    m_l = tl.full([BLOCK_R], neg_inf, ACC)
+    z_l = tl.zeros([BLOCK_R], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        ok = r_ok[:, None] & (k < K)[None, :]
+        l = tl.load(l_rows[:, None] + k[None, :] * l_col_stride, mask=ok, other=neg_inf).to(ACC)
+        new_m_l = tl.maximum(m_l, tl.max(l, axis=1))
+        shift_l = tl.where(new_m_l == neg_inf, 0.0, new_m_l)
+        z_l = tl.where(m_l != neg_inf, z_l * tl.exp((m_l - shift_l) * inv_T), 0.0) + tl.sum(
+            tl.exp((l - shift_l[:, None]) * inv_T), axis=1)
+        m_l = new_m_l
+    shift_l = tl.where(m_l == neg_inf, 0.0, m_l)
+    log_listed = tl.log(1 - rest) - tl.log(z_l)  # log p_i = log_listed + (l_i - m_l) / T
+    if KL_TERM:
+        entropy = tl.where(spread > 0, rest * tl.log(tl.where(spread > 0, spread, 1.0)), 0.0)
+        cross = tl.where(spread > 0, spread * sum_s, 0.0)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            ok = r_ok[:, None] & (k < K)[None, :]
+            l = tl.load(l_rows[:, None] + k[None, :] * l_col_stride, mask=ok, other=neg_inf).to(ACC)
+            cls = tl.load(index_rows[:, None] + k[None, :] * index_col_stride, mask=ok, other=0).to(tl.int64)
+            s = tl.load(s_rows[:, None] + cls, mask=ok, other=0).to(ACC)
+            log_p = log_listed[:, None] + (l - shift_l[:, None]) * inv_T
+            p = tl.exp(log_p)
+            listed = ok & (l != neg_inf)
+            entropy += tl.sum(tl.where(listed, p * log_p, 0.0), axis=1)
+            cross += tl.sum(tl.where(ok, (p - spread[:, None]) * (s - shift_s[:, None]), 0.0), axis=1)
+    flags = bad_s * 1  # BAD_STUDENT
+    valid = r_ok
+    label = tl.zeros([BLOCK_R], tl.int64)
+    if HAS_TARGET:
+        label = tl.load(target_ptr + r, mask=r_ok, other=0).to(tl.int64)
+        valid = r_ok & (label != ignore_index)
+        out_of_range = valid & ((label < 0) | (label >= C))
+        flags += out_of_range.to(tl.int32) * 4  # BAD_TARGET
+        label = tl.where(out_of_range | (label == ignore_index), 0, label)
+    loss = tl.zeros([BLOCK_R], ACC)
+    if KL_TERM:
+        loss += alpha * T * T * (entropy - cross * inv_T + tl.log(z_s_T))
+    if CE_TERM:
+        s_label = tl.load(s_rows + label, mask=valid, other=0).to(ACC)
+        loss += (1 - alpha) * (tl.log(z_s_1) - (s_label - m_s))
+    tl.store(loss_ptr + r, tl.where(valid, loss, 0.0), mask=r_ok)
+    tl.store(flags_ptr + r, flags, mask=r_ok)
+
+    if WRITE_GRAD:
+        coef = tl.where(valid, tl.load(scale_ptr).to(ACC), 0.0)
+        kl_s = coef * alpha * T / z_s_T
+        kl_u = coef * alpha * T * spread
+        ce_s = coef * (1 - alpha) / z_s_1
+        g_rows = grad_ptr + r64 * C
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            ok = r_ok[:, None] & (c < C)[None, :]
+            s = tl.load(s_rows[:, None] + c[None, :], mask=ok, other=neg_inf).to(ACC)
+            g = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+            if KL_TERM:
+                g += kl_s[:, None] * tl.exp((s - shift_s[:, None]) * inv_T) - kl_u[:, None]
+            if CE_TERM:
+                g += ce_s[:, None] * tl.exp(s - shift_s[:, None])
+                g -= tl.where(c[None, :] == label[:, None], (coef * (1 - alpha))[:, None], 0.0)
+            tl.store(g_rows[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
+        if KL_TERM:
+            # Every thread's store above must land before the listed classes are overwritten.
+            tl.debug_barrier()
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                ok = r_ok[:, None] & (k < K)[None, :]
+                l = tl.load(l_rows[:, None] + k[None, :] * l_col_stride, mask=ok, other=neg_inf).to(ACC)
+                cls = tl.load(index_rows[:, None] + k[None, :] * index_col_stride, mask=ok, other=0).to(tl.int64)
+                s = tl.load(s_rows[:, None] + cls, mask=ok, other=neg_inf).to(ACC)
+                p = tl.exp(log_listed[:, None] + (l - shift_l[:, None]) * inv_T)
+                g = kl_s[:, None] * tl.exp((s - shift_s[:, None]) * inv_T) - (coef * alpha * T)[:, None] * p
+                if CE_TERM:
+                    g += ce_s[:, None] * tl.exp(s - shift_s[:, None])
+                    g -= tl.where(cls == label[:, None], (coef * (1 - alpha))[:, None], 0.0)
+                tl.store(g_rows[:, None] + cls, g.to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+# Rows longer than SHORT_ROW: one row per program, the class block tuned per class count.
 LONG_ROW_CONFIGS = ([triton.Config({"BLOCK_C": 1024}, num_warps=4)] if INTERPRET else
                     [triton.Config({"BLOCK_C": block}, num_warps=warps)
-                     for block, warps in ((2048, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))])
-_kd_loss_long_rows = triton.autotune(configs=LONG_ROW_CONFIGS, key=["C", "HAS_TARGET", "KL_TERM", "CE_TERM",
-                                                                    "WRITE_GRAD"])(_kd_loss_kernel)
+                     for block, warps in ((2048, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16))])
+_AUTOTUNE_KEY = ["C", "HAS_TARGET", "KL_TERM", "CE_TERM", "WRITE_GRAD"]
+_kd_loss_long_rows = triton.autotune(configs=LONG_ROW_CONFIGS, key=_AUTOTUNE_KEY)(_kd_loss_kernel)
+_kd_loss_topk_long_rows = triton.autotune(configs=LONG_ROW_CONFIGS, key=_AUTOTUNE_KEY + ["K"])(_kd_loss_topk_kernel)
+# Listed classes of a top-k teacher handled per step.
+MAX_BLOCK_K = 256
 
 
-def _raise_for_flags(flags: Tensor, student: Tensor, teacher: Tensor, target: Tensor | None, ignore_index: int):
+def _unit_class_stride(logits: Tensor) -> Tensor:
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+class _Call:
+    """The buffers and options both losses share: per-row losses and flags, the gradient, its scale."""
+
+    def __init__(self, student_logits: Tensor, target: Tensor | None, alpha: float, reduction: int,
+                 ignore_index: int, compute_grad: bool):
+        self.rows, self.classes = student_logits.shape
+        self.device = student_logits.device
+        self.acc_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.grad = torch.empty((self.rows, self.classes) if compute_grad else (0,), dtype=student_logits.dtype,
+                                device=self.device)
+        self.student = _unit_class_stride(student_logits)
+        self.target = target.contiguous() if target is not None else None
+        if reduction == REDUCTION_BATCHMEAN:
+            # A device tensor: counting the rows that are not ignored needs no host synchronisation.
+            counted = (self.target != ignore_index).sum() if target is not None else torch.tensor(self.rows)
+            self.scale = 1.0 / counted.to(device=self.device, dtype=self.acc_dtype).clamp(min=1).reshape(1)
+        else:
+            self.scale = torch.ones(1, dtype=self.acc_dtype, device=self.device)
+        self.row_loss = torch.empty(self.rows, dtype=self.acc_dtype, device=self.device)
+        self.flags = torch.empty(self.rows, dtype=torch.int32, device=self.device)
+        self.options = dict(HAS_TARGET=target is not None, KL_TERM=alpha != 0,
+                            CE_TERM=target is not None and alpha != 1, WRITE_GRAD=bool(compute_grad),
+                            ACC=tl.float64 if self.acc_dtype == torch.float64 else tl.float32)
+
+    def empty_result(self) -> tuple[Tensor, Tensor]:
+        shape = (0,) if self.reduction == REDUCTION_NONE else ()
+        return torch.zeros(shape, dtype=self.acc_dtype, device=self.device), self.grad
+
+    def outputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """target (or a placeholder), scale, row_loss, grad (or a placeholder), flags: the kernels' buffers."""
+        target = self.target if self.target is not None else self.flags
+        grad = self.grad if self.grad.numel() else self.row_loss
+        return target, self.scale, self.row_loss, grad, self.flags
+
+    def short_row_blocks(self, block_c: int) -> tuple[int, int]:
+        """(BLOCK_R, grid size) for rows of at most SHORT_ROW classes held in one tile."""
+        block_r = max(1, min(TILE // block_c, triton.next_power_of_2(self.rows)))
+        return block_r, triton.cdiv(self.rows, block_r)
+
+    def finish(self, teacher: Tensor | None) -> tuple[Tensor, Tensor]:
+        # One host synchronisation: an error must be raised by the call that saw it.
+        if bool(self.flags.any()):
+            _raise_for_flags(self.flags, self.student, teacher, self.target, self.ignore_index)
+        if self.reduction == REDUCTION_NONE:
+            loss = self.row_loss
+        elif self.reduction == REDUCTION_SUM:
+            loss = self.row_loss.sum()
+        else:
+            loss = self.row_loss.sum() * self.scale[0]
+        return loss, self.grad
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float, alpha: float,
+            reduction: int, ignore_index: int, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """student_logits, teacher_logits [N, C]; target [N] or None -> (loss [] or [N] float32 (float64 for float64
+    students), grad_student [N, C] in the student's dtype or an empty tensor when compute_grad is False)."""
+    call = _Call(student_logits, target, alpha, reduction, ignore_index, compute_grad)
+    if call.rows == 0:
+        return call.empty_result()
+    s = call.student
+    t = _unit_class_stride(teacher_logits)
+    T = float(temperature)
+    args = (s, t, *call.outputs(), call.rows, call.classes, s.stride(0), t.stride(0), 1.0 / T, T, float(alpha),
+            call.ignore_index)
+    with launch_context(call.device):
+        if call.classes <= SHORT_ROW:
+            block_c = triton.next_power_of_2(call.classes)
+            block_r, programs = call.short_row_blocks(block_c)
+            _kd_loss_kernel[(programs,)](*args, **call.options, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        else:
+            _kd_loss_long_rows[(call.rows,)](*args, **call.options, BLOCK_R=1)
+    return call.finish(t)
+
+
+def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits: Tensor, teacher_rest_mass: Tensor,
+                 target: Tensor | None, temperature: float, alpha: float, reduction: int, ignore_index: int,
+                 compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """kd_loss with the teacher given as its top-k classes: teacher_indices [N, k] int32/int64 (distinct per row),
+    teacher_logits [N, k], teacher_rest_mass [N] float32, all checked by the operator. Same outputs as kd_loss."""
+    call = _Call(student_logits, target, alpha, reduction, ignore_index, compute_grad)
+    if call.rows == 0:
+        return call.empty_result()
+    s = call.student
+    k = teacher_indices.shape[1]
+    rest = teacher_rest_mass.contiguous()
+    T = float(temperature)
+    args = (s, teacher_indices, teacher_logits, rest, *call.outputs(), call.rows, call.classes, k, s.stride(0),
+            teacher_indices.stride(0), teacher_indices.stride(1), teacher_logits.stride(0), teacher_logits.stride(1),
+            1.0 / T, T, float(alpha), call.ignore_index)
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
+    with launch_context(call.device):
+        if call.classes <= SHORT_ROW:
+            block_c = triton.next_power_of_2(call.classes)
+            block_r, programs = call.short_row_blocks(block_c)
+            _kd_loss_topk_kernel[(programs,)](*args, **call.options, BLOCK_R=block_r, BLOCK_C=block_c,
+                                              BLOCK_K=block_k, num_warps=4)
+        else:
+            _kd_loss_topk_long_rows[(call.rows,)](*args, **call.options, BLOCK_R=1, BLOCK_K=block_k)
+    return call.finish(None)
+
+
+def _raise_for_flags(flags: Tensor, student: Tensor, teacher: Tensor | None, target: Tensor | None,
+                     ignore_index: int):
     """The reference's errors, in its order: student rows first, then teacher rows, then labels."""
     for bit, name in ((BAD_STUDENT, "student_logits"), (BAD_TEACHER, "teacher_logits")):
         rows = torch.nonzero(flags & bit).reshape(-1)
@@ -148,57 +396,3 @@ def _raise_for_flags(flags: Tensor, student: Tensor, teacher: Tensor, target: Te
         row = int(rows[0])
         raise ValueError(f"kd_loss: target has value {int(target[row])} at row {row}; expected a class index in "
                          f"[0, {student.shape[1]}) or ignore_index = {ignore_index}")
-
-
-def _unit_class_stride(logits: Tensor) -> Tensor:
-    return logits if logits.stride(1) == 1 else logits.contiguous()
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float, alpha: float,
-            reduction: int, ignore_index: int, compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """student_logits, teacher_logits [N, C]; target [N] or None -> (loss [] or [N] float32 (float64 for float64
-    students), grad_student [N, C] in the student's dtype or an empty tensor when compute_grad is False)."""
-    rows, classes = student_logits.shape
-    acc_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    device = student_logits.device
-    grad = torch.empty((rows, classes) if compute_grad else (0,), dtype=student_logits.dtype, device=device)
-    if rows == 0:
-        loss = torch.zeros((0,) if reduction == REDUCTION_NONE else (), dtype=acc_dtype, device=device)
-        return loss, grad
-    s = _unit_class_stride(student_logits)
-    t = _unit_class_stride(teacher_logits)
-    has_target = target is not None
-    if has_target:
-        target = target.contiguous()
-        counted = (target != ignore_index).sum()
-    else:
-        counted = torch.tensor(rows, device=device)
-    if reduction == REDUCTION_BATCHMEAN:
-        scale = 1.0 / counted.clamp(min=1).to(acc_dtype).reshape(1)
-    else:
-        scale = torch.ones(1, dtype=acc_dtype, device=device)
-    row_loss = torch.empty(rows, dtype=acc_dtype, device=device)
-    flags = torch.empty(rows, dtype=torch.int32, device=device)
-    T = float(temperature)
-    args = (s, t, target if has_target else flags, scale, row_loss, grad if compute_grad else row_loss, flags,
-            rows, classes, s.stride(0), t.stride(0), 1.0 / T, T, float(alpha), int(ignore_index))
-    options = dict(HAS_TARGET=has_target, KL_TERM=alpha != 0, CE_TERM=has_target and alpha != 1,
-                   WRITE_GRAD=bool(compute_grad), ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32)
-    with launch_context(device):
-        if classes <= SHORT_ROW:
-            block_c = triton.next_power_of_2(classes)
-            block_r = max(1, min(TILE // block_c, triton.next_power_of_2(rows)))
-            _kd_loss_kernel[(triton.cdiv(rows, block_r),)](*args, **options, BLOCK_R=block_r, BLOCK_C=block_c,
-                                                           num_warps=4)
-        else:
-            _kd_loss_long_rows[(rows,)](*args, **options, BLOCK_R=1)
-    # One host synchronisation: errors must be raised by the call that saw them.
-    if bool(flags.any()):
-        _raise_for_flags(flags, s, t, target, ignore_index)
-    if reduction == REDUCTION_NONE:
-        loss = row_loss
-    elif reduction == REDUCTION_SUM:
-        loss = row_loss.sum()
-    else:
-        loss = row_loss.sum() * scale[0]
-    return loss, grad

@@ -376,7 +376,8 @@ def test_topk_gradcheck_and_opcheck(backend, generator):
     target[2] = -100
     for reduction in (0, 1, 2):
         assert torch.autograd.gradcheck(
-            lambda s: kd_loss_topk_op(s, *teacher, target, 3.0, 0.6, reduction, -100, True, backend)[0], (s,))
+            lambda s: kd_loss_topk_op(s, *teacher, target, 3.0, 0.6, reduction, -100, True, backend)[0], (s,),
+            **gradcheck_options(backend))
     for rows, reduction in ((8, 2), (0, 0)):
         s32 = logits(rows, 6, generator).requires_grad_()
         topk = ptd_sparse.topk_teacher(logits(rows, 6, generator), 2, 2.0)

@@ -20,7 +20,7 @@ from ptd_sparse.reference import kd_loss as reference_impl
 IMPLEMENTATIONS = {"reference": reference_impl.kd_loss, "cpu": compiled_impl.kd_loss, "cuda": compiled_impl.kd_loss,
                    "triton": triton_kernels.kd_loss}
 TOPK_IMPLEMENTATIONS = {"reference": reference_impl.kd_loss_topk, "cpu": compiled_impl.kd_loss_topk,
-                        "cuda": compiled_impl.kd_loss_topk}
+                        "cuda": compiled_impl.kd_loss_topk, "triton": triton_kernels.kd_loss_topk}
 REDUCTION_NONE = 0
 
 
