@@ -1,0 +1,222 @@
+"""The Triton backend's own paths, which the shared backend tests do not reach with their small shapes: several
+pixel blocks per channel, rows of very different lengths (the load-balancing order), the backward-weight split over
+pixels, 64-bit indexing, KD rows longer than one class block (online rescaling), top-k teachers longer than one
+block of listed classes. On the CPU they run under TRITON_INTERPRET=1 (small shapes); the `gpu` tests run the
+same comparisons at full size on a CUDA device and are skipped elsewhere."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, random_mask
+
+import ptd_sparse
+from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, unsupported_reasons
+from ptd_sparse.ops.kd_loss import kd_loss as kd_loss_op
+from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
+from ptd_sparse.pattern import ConvPattern
+from ptd_sparse.reference import kd_loss as reference_kd
+from ptd_sparse.triton_kernels import kernel_module
+
+CPU_REASONS = unsupported_reasons("triton", SPARSE_CONV, torch.device("cpu"))
+needs_triton_on_cpu = pytest.mark.skipif(bool(CPU_REASONS), reason="; ".join(CPU_REASONS))
+HAS_CUDA = torch.cuda.is_available()
+GPU_REASONS = (unsupported_reasons("triton", SPARSE_CONV, torch.device("cuda")) if HAS_CUDA
+               else ["no CUDA device"])
+needs_triton_on_gpu = pytest.mark.skipif(bool(GPU_REASONS), reason="; ".join(GPU_REASONS))
+
+
+def conv_oracle(x, weight, mask, bias, stride, padding, dilation, grad_out):
+    x64 = x.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    out = F.conv2d(x64, w64 * mask.double(), None if bias is None else bias.double(), stride, padding, dilation)
+    grad_x, grad_w = torch.autograd.grad(out, (x64, w64), grad_out.double())
+    return out, grad_x, grad_w
+
+
+def check_conv(x, weight, mask, bias, stride, padding, dilation, generator, dtype=torch.float32):
+    x = x.to(dtype).requires_grad_()
+    weight = weight.to(dtype).requires_grad_()
+    bias = bias.to(dtype) if bias is not None else None
+    out = ptd_sparse.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, backend="triton")
+    grad_out = torch.randn(out.shape, generator=generator).to(device=x.device, dtype=dtype)
+    want_out, want_grad_x, want_grad_w = conv_oracle(x, weight, mask, bias, stride, padding, dilation, grad_out)
+    grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad_out)
+    assert_close(out, want_out, dtype, "output")
+    assert_close(grad_x, want_grad_x, dtype, "grad_input")
+    assert_close(grad_w, want_grad_w, dtype, "grad_weight")
+    assert not grad_w[~mask].any()
+
+
+def uneven_mask(shape, generator):
+    """Rows (output channels) from empty to full, and input channels of very different lengths too."""
+    c_out = shape[0]
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for row in range(c_out):
+        mask[row] = random_mask(shape[1:], row / (c_out - 1), generator)
+    mask[:, 0] = False  # an input channel no output uses
+    return mask
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_conv_uneven_rows_and_several_pixel_blocks(stride, padding, dilation, generator):
+    x = torch.randn(3, 5, 21, 19, generator=generator)  # 1197 pixels: more than one interpreter block of 1024
+    weight = torch.randn(9, 5, 3, 3, generator=generator)
+    check_conv(x, weight, uneven_mask(weight.shape, generator), torch.randn(9, generator=generator), stride, padding,
+               dilation, generator)
+
+
+@needs_triton_on_cpu
+def test_conv_layouts_are_derived_once_per_pattern(generator):
+    conv = kernel_module("sparse_conv2d")
+    pattern = ConvPattern.from_mask(uneven_mask((7, 4, 3, 3), generator))
+    order = conv._derived(pattern.row_ptr, "row_order", conv._order_by_decreasing_length)
+    assert conv._derived(pattern.row_ptr, "row_order", conv._order_by_decreasing_length) is order
+    lengths = (pattern.row_ptr[1:] - pattern.row_ptr[:-1])[order.long()]
+    assert bool((lengths[:-1] >= lengths[1:]).all()) and sorted(order.tolist()) == list(range(7))
+    rows = conv._derived(pattern.row_ptr, "nz_rows", conv._row_of_each_nonzero)
+    assert torch.equal(rows.long(), pattern.flat_index // (4 * 3 * 3))
+    key = (id(pattern.row_ptr), "row_order")
+    del pattern, order, lengths, rows
+    assert key not in conv._derived_cache  # dropped with its pattern
+
+
+@needs_triton_on_cpu
+def test_conv_backward_weight_split_over_pixels(monkeypatch, generator):
+    monkeypatch.setattr(kernel_module("sparse_conv2d"), "WEIGHT_SPLIT_PIXELS", 100)
+    x = torch.randn(2, 4, 13, 11, generator=generator)  # 286 output pixels: 3 splits of at most 100
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    check_conv(x, weight, random_mask(weight.shape, 0.3, generator), None, 1, 1, 1, generator)
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_conv_64_bit_indexing(monkeypatch, dtype, generator):
+    """Tensors over 2**31 elements take 64-bit offsets; the limit is lowered here so small tensors take that path."""
+    monkeypatch.setattr(kernel_module("sparse_conv2d"), "INT32_LIMIT", 10)
+    x = torch.randn(2, 3, 9, 8, generator=generator)
+    weight = torch.randn(5, 3, 3, 3, generator=generator)
+    check_conv(x, weight, random_mask(weight.shape, 0.4, generator), torch.randn(5, generator=generator), 2, 1, 1,
+               generator, dtype)
+
+
+def kd_oracle(student, teacher, target, temperature, alpha, reduction):
+    """The reference backend on float64 copies of the inputs (float64 accumulation)."""
+    return reference_kd.kd_loss(student.double(), teacher.double(), target, temperature, alpha, reduction, -100, True)
+
+
+def ascending_logits(rows, classes, generator, device="cpu"):
+    """Logits that grow along the row, so the running maximum moves in every class block."""
+    ramp = torch.linspace(-30, 30, classes)
+    return (ramp + torch.randn(rows, classes, generator=generator) * 2).to(device)
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("alpha,with_target", [(0.5, True), (1.0, False), (0.0, True)])
+def test_kd_loss_rows_longer_than_one_block(dtype, alpha, with_target, generator):
+    rows, classes = 5, 2500  # three interpreter blocks of 1024 classes
+    s = ascending_logits(rows, classes, generator).to(dtype)
+    t = ascending_logits(rows, classes, generator).to(dtype)
+    t[1, :1100] = float("-inf")  # a teacher row whose first block holds nothing
+    t[2, 1500:] = float("-inf")
+    target = torch.randint(0, classes, (rows,), generator=generator) if with_target else None
+    if with_target:
+        target[3] = -100
+    for reduction in (0, 2):
+        loss, grad = kd_loss_op(s, t, target, 3.0, alpha, reduction, -100, True, "triton")
+        want_loss, want_grad = kd_oracle(s, t, target, 3.0, alpha, reduction)
+        assert_close(loss, want_loss, torch.float32, "loss")
+        assert_close(grad, want_grad, dtype, "grad_student")
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("k", [3, 300])
+def test_kd_loss_topk_rows_longer_than_one_block(k, generator):
+    """k = 300 takes two blocks of listed classes; 2500 classes three blocks of the student row."""
+    rows, classes = 4, 2500
+    s = ascending_logits(rows, classes, generator)
+    teacher = ptd_sparse.topk_teacher(ascending_logits(rows, classes, generator), k, 2.0)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    target[0] = teacher.indices[0, 0]  # a label among the listed classes
+    loss, grad = kd_loss_topk_op(s, *teacher, target, 2.0, 0.7, 1, -100, True, "triton")
+    want_loss, want_grad = reference_kd.kd_loss_topk(s.double(), *teacher, target, 2.0, 0.7, 1, -100, True)
+    assert_close(loss, want_loss, torch.float32, "loss")
+    assert_close(grad, want_grad, torch.float32, "grad_student")
+
+
+@needs_triton_on_cpu
+def test_kd_loss_errors_from_a_later_block(generator):
+    s, t = logits_pair(3, 2100, generator)
+    s[2, 2050] = float("nan")
+    with pytest.raises(ValueError, match="student_logits row 2 holds NaN"):
+        kd_loss_op(s, t, None, 2.0, 0.5, 2, -100, True, "triton")
+    s[2, 2050] = 0.0
+    t[1, :] = float("-inf")
+    with pytest.raises(ValueError, match="teacher_logits row 1 holds NaN or \\+inf, or has no finite entry"):
+        kd_loss_op(s, t, None, 2.0, 0.5, 2, -100, True, "triton")
+
+
+def logits_pair(rows, classes, generator):
+    return (torch.randn(rows, classes, generator=generator) * 3, torch.randn(rows, classes, generator=generator) * 3)
+
+
+@needs_triton_on_cpu
+def test_kernels_live_inside_the_package():
+    kernel_module("kd_loss")
+    assert "ptd_sparse.kernels.kd_loss" in sys.modules and "kernels" not in sys.modules
+
+
+# --- full size on a GPU ----------------------------------------------------------------------------------------------
+
+VGG_LAYERS = [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4), (512, 512, 2)]  # (c_in, c_out, size)
+
+
+@needs_triton_on_gpu
+@pytest.mark.parametrize("c_in,c_out,size", VGG_LAYERS)
+@pytest.mark.parametrize("density", [0.05, 0.1])
+def test_gpu_vgg_layers_at_batch_128(c_in, c_out, size, density, generator):
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(128, c_in, size, size, generator=generator).cuda()
+    weight = torch.randn(c_out, c_in, 3, 3, generator=generator).cuda() / (c_in * 9 * density) ** 0.5
+    mask = random_mask(weight.shape, density, generator).cuda()
+    check_conv(x, weight, mask, torch.randn(c_out, generator=generator).cuda(), 1, 1, 1, generator)
+
+
+@needs_triton_on_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_gpu_conv_half_precision(dtype, generator):
+    x = torch.randn(32, 64, 16, 16, generator=generator).cuda()
+    weight = torch.randn(128, 64, 3, 3, generator=generator).cuda() / 10
+    mask = random_mask(weight.shape, 0.1, generator).cuda()
+    check_conv(x, weight, mask, None, 2, 1, 1, generator, dtype)
+
+
+@needs_triton_on_gpu
+@pytest.mark.parametrize("classes", [100, 32000, 128000])
+def test_gpu_kd_loss_bf16(classes, generator):
+    rows = 256
+    s = (torch.randn(rows, classes, generator=generator) * 3).cuda().to(torch.bfloat16)
+    t = (torch.randn(rows, classes, generator=generator) * 3).cuda().to(torch.bfloat16)
+    target = torch.randint(0, classes, (rows,), generator=generator).cuda()
+    loss, grad = kd_loss_op(s, t, target, 4.0, 0.9, 2, -100, True, "triton")
+    want_loss, want_grad = kd_oracle(s, t, target, 4.0, 0.9, 2)
+    assert_close(loss, want_loss, torch.float32, "loss")
+    assert_close(grad, want_grad, torch.bfloat16, "grad_student")
+    teacher = ptd_sparse.topk_teacher(t, 20, 4.0)
+    loss, grad = kd_loss_topk_op(s, *teacher, target, 4.0, 0.9, 2, -100, True, "triton")
+    want_loss, want_grad = reference_kd.kd_loss_topk(s.double(), *teacher, target, 4.0, 0.9, 2, -100, True)
+    assert_close(loss, want_loss, torch.float32, "topk loss")
+    assert_close(grad, want_grad, torch.bfloat16, "topk grad_student")
+
+
+@needs_triton_on_gpu
+def test_gpu_kd_loss_is_chosen_automatically_and_raises_on_nan(generator):
+    s = torch.randn(8, 50, generator=generator).cuda()
+    assert ptd_sparse.backends.choose_backend(KD_LOSS, s.device) in ("cuda", "triton")
+    s[5, 7] = float("nan")
+    with pytest.raises(ValueError, match="student_logits row 5"):
+        ptd_sparse.kd_loss(s, torch.randn(8, 50).cuda(), backend="triton")
