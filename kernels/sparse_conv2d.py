@@ -18,12 +18,15 @@ Accumulation is float32 for float16/bfloat16/float32 and float64 for float64.
 """
 from __future__ import annotations
 
+import contextvars
 import weakref
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from ._launch import INTERPRET, launch_context
 
@@ -235,13 +238,23 @@ def _order_by_decreasing_length(pointers: Tensor) -> Tensor:
     return torch.argsort((pointers[1:] - pointers[:-1]).long(), descending=True, stable=True).to(torch.int32)
 
 
-def _row_of_each_nonzero(row_ptr: Tensor) -> Tensor:
-    """int32 [nnz]: the output channel of each nonzero, in CSR order."""
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device, dtype=torch.int32), counts)
+def _row_of_each_nonzero(row_ptr: Tensor, nnz: int) -> Tensor:
+    """int32 [nnz]: the output channel of each nonzero, in CSR order. A search rather than repeat_interleave, whose
+    output size depends on the data: this also runs on fake tensors, when torch.compile traces the triton_op."""
+    positions = torch.arange(nnz, device=row_ptr.device, dtype=row_ptr.dtype)
+    return torch.searchsorted(row_ptr[1:].contiguous(), positions, right=True).to(torch.int32)
 
 
 # --- launch wrappers with the common backend signature --------------------------------------------------------------
+
+# True while the torch.library.triton_op versions below run: their launches then go through wrap_triton, so that
+# torch.compile can trace them; the custom-op path launches directly (wrap_triton's dispatch costs time in eager).
+_IN_TRITON_OP = contextvars.ContextVar("ptd_sparse_in_triton_op", default=False)
+
+
+def _launch(kernel):
+    return wrap_triton(kernel) if _IN_TRITON_OP.get() else kernel
+
 
 def _accumulator(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -280,7 +293,7 @@ def forward(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, wei
         return (c_out * triton.cdiv(n_pixels, meta["BLOCK_P"]),)
 
     with launch_context(x.device):
-        _forward_kernel[grid](
+        _launch(_forward_kernel)[grid](
             x, values, row_ptr, col_idx, row_order, bias_arg, out,
             n_pixels, col_idx.numel(), c_in, h, w, c_out, oh, ow,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -321,7 +334,7 @@ def _backward_data(grad_output, input, values, col_idx, t_ptr, t_rows, t_perm, g
         return (c_in * triton.cdiv(n_pixels, meta["BLOCK_P"]),)
 
     with launch_context(input.device):
-        _backward_data_kernel[grid](
+        _launch(_backward_data_kernel)[grid](
             grad_output, values.contiguous(), col_idx, t_ptr, t_rows, t_perm, channel_order, grad_input,
             n_pixels, nnz, c_in, h, w, c_out, oh, ow, *conv_args, KH=kh, KW=kw, ACC=_accumulator(input.dtype),
             INDEX_64=_needs_int64(grad_input.numel(), grad_output.numel()))
@@ -335,7 +348,7 @@ def _backward_weight(grad_output, input, values, row_ptr, col_idx, geometry, con
     if nnz == 0 or n_pixels == 0:
         return values.new_zeros(nnz)
     x = input.contiguous()
-    nz_rows = _derived(row_ptr, "nz_rows", _row_of_each_nonzero)
+    nz_rows = _derived(col_idx, "nz_rows", lambda col_idx: _row_of_each_nonzero(row_ptr, col_idx.numel()))
     split_pixels = min(n_pixels, WEIGHT_SPLIT_PIXELS)
     n_splits = triton.cdiv(n_pixels, split_pixels)
     acc_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
@@ -345,9 +358,67 @@ def _backward_weight(grad_output, input, values, row_ptr, col_idx, geometry, con
         return (triton.cdiv(nnz, meta["BLOCK_Q"]), n_splits)
 
     with launch_context(input.device):
-        _backward_weight_kernel[grid](
+        _launch(_backward_weight_kernel)[grid](
             grad_output, x, col_idx, nz_rows, partial, n_pixels, nnz, split_pixels, c_in, h, w, c_out, oh, ow,
             *conv_args, KH=kh, KW=kw, ACC=_accumulator(values.dtype),
             INDEX_64=_needs_int64(x.numel(), grad_output.numel()))
     # Splits are summed in a fixed order: the result does not depend on scheduling.
     return (partial[0] if n_splits == 1 else partial.sum(0)).to(values.dtype)
+
+
+# --- triton_op versions, for torch.compile on CUDA devices ---------------------------------------------------------
+# The registered operators ptd_sparse::sparse_conv2d(_backward) are custom ops that torch.compile treats as opaque
+# (and that pass opcheck under the interpreter, see DESIGN.md). These versions are made with torch.library.triton_op,
+# so torch.compile traces through them to the Triton kernels; ptd_sparse.functional routes the triton backend's
+# CUDA calls to them while compiling. Their fake kernels run the wrappers above on fake tensors.
+
+@torch.library.triton_op("ptd_sparse::triton_sparse_conv2d", mutates_args=())
+def triton_sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor,
+                         t_rows: Tensor, t_perm: Tensor, weight_shape: List[int], bias: Optional[Tensor],
+                         stride: List[int], padding: List[int], dilation: List[int], relu: bool) -> Tensor:
+    """ptd_sparse::sparse_conv2d on the triton backend, traceable by torch.compile."""
+    token = _IN_TRITON_OP.set(True)
+    try:
+        return forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu)
+    finally:
+        _IN_TRITON_OP.reset(token)
+
+
+@torch.library.triton_op("ptd_sparse::triton_sparse_conv2d_backward", mutates_args=())
+def triton_sparse_conv2d_backward(grad_output: Tensor, input: Tensor, values: Tensor, row_ptr: Tensor,
+                                  col_idx: Tensor, t_ptr: Tensor, t_rows: Tensor, t_perm: Tensor,
+                                  weight_shape: List[int], stride: List[int], padding: List[int],
+                                  dilation: List[int], output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """ptd_sparse::sparse_conv2d_backward on the triton backend, traceable by torch.compile."""
+    token = _IN_TRITON_OP.set(True)
+    try:
+        grads = backward(grad_output, input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, stride,
+                         padding, dilation, output_mask)
+    finally:
+        _IN_TRITON_OP.reset(token)
+    return tuple(g if g is not None else grad_output.new_empty(0) for g in grads)
+
+
+def _setup_context(ctx, inputs, output):
+    (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
+     relu) = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output if relu else None)
+    ctx.conv_args = (weight_shape, stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _autograd_backward(ctx, grad_output):
+    input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output = ctx.saved_tensors
+    if ctx.relu:
+        grad_output = grad_output * (output > 0)
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], ctx.has_bias and needs[8]]
+    grad_input, grad_values, grad_bias = triton_sparse_conv2d_backward(
+        grad_output.contiguous(), input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, *ctx.conv_args,
+        output_mask)
+    return (grad_input if output_mask[0] else None, grad_values if output_mask[1] else None,
+            None, None, None, None, None, None, grad_bias if output_mask[2] else None, None, None, None, None)
+
+
+triton_sparse_conv2d.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -77,7 +77,7 @@ def test_conv_layouts_are_derived_once_per_pattern(generator):
     assert conv._derived(pattern.row_ptr, "row_order", conv._order_by_decreasing_length) is order
     lengths = (pattern.row_ptr[1:] - pattern.row_ptr[:-1])[order.long()]
     assert bool((lengths[:-1] >= lengths[1:]).all()) and sorted(order.tolist()) == list(range(7))
-    rows = conv._derived(pattern.row_ptr, "nz_rows", conv._row_of_each_nonzero)
+    rows = conv._row_of_each_nonzero(pattern.row_ptr, pattern.nnz)
     assert torch.equal(rows.long(), pattern.flat_index // (4 * 3 * 3))
     key = (id(pattern.row_ptr), "row_order")
     del pattern, order, lengths, rows
@@ -220,3 +220,58 @@ def test_gpu_kd_loss_is_chosen_automatically_and_raises_on_nan(generator):
     s[5, 7] = float("nan")
     with pytest.raises(ValueError, match="student_logits row 5"):
         ptd_sparse.kd_loss(s, torch.randn(8, 50).cuda(), backend="triton")
+
+
+# --- the triton_op versions (torch.compile traces through them on CUDA) ----------------------------------------------
+
+def triton_op_conv(x, values, pattern, bias, relu):
+    conv = kernel_module("sparse_conv2d")
+    return conv.triton_sparse_conv2d(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
+                                     pattern.t_perm, list(pattern.shape), bias, [2, 1], [1, 1], [1, 2], relu)
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_triton_op_version_runs_eagerly_with_autograd(relu, generator):
+    """Eager and autograd work under the interpreter; opcheck and torch.compile need a GPU (DESIGN.md)."""
+    weight = torch.randn(6, 4, 3, 3, generator=generator, dtype=torch.float64)
+    pattern = ConvPattern.from_mask(random_mask(weight.shape, 0.4, generator))
+    values = pattern.gather(weight).requires_grad_()
+    x = torch.randn(2, 4, 9, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=generator, dtype=torch.float64, requires_grad=True)
+    out = triton_op_conv(x, values, pattern, bias, relu)
+    expected = F.conv2d(x, pattern.scatter(values), bias, [2, 1], [1, 1], [1, 2])
+    expected = torch.relu(expected) if relu else expected
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    got = torch.autograd.grad(out, (x, values, bias), grad_out)
+    want = torch.autograd.grad(expected, (x, values, bias), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@needs_triton_on_gpu
+def test_gpu_triton_op_opcheck_and_compile(generator):
+    weight = torch.randn(16, 8, 3, 3, generator=generator).cuda()
+    mask = random_mask(weight.shape, 0.2, generator).cuda()
+    pattern = ConvPattern.from_mask(mask)
+    values = pattern.gather(weight).requires_grad_()
+    x = torch.randn(4, 8, 12, 12, generator=generator).cuda().requires_grad_()
+    bias = torch.randn(16, generator=generator).cuda()
+    conv = kernel_module("sparse_conv2d")
+    torch.library.opcheck(conv.triton_sparse_conv2d, (x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
+                                                      pattern.t_rows, pattern.t_perm, list(pattern.shape), bias,
+                                                      [1, 1], [1, 1], [1, 1], False))
+
+    def fn(x, weight):
+        return torch.relu(ptd_sparse.masked_conv2d(x, weight, mask, bias, padding=1, backend="triton"))
+
+    compiled = torch.compile(fn)
+    weight = weight.requires_grad_()
+    out = compiled(x, weight)
+    expected = fn(x, weight)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    got = torch.autograd.grad(out.sum(), (x, weight))
+    want = torch.autograd.grad(expected.sum(), (x, weight))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-4)
