@@ -141,7 +141,7 @@ def _kd_loss_topk_kernel(
     grad_ptr,  # [rows, C] contiguous, student dtype (unused without WRITE_GRAD)
     flags_ptr,  # int32 [rows]: BAD_STUDENT | BAD_TARGET (the teacher was checked by the operator)
     rows, C, K, s_row_stride, index_row_stride, index_col_stride, l_row_stride, l_col_stride,
-    inv_T, T, alpha, ignore_index,
+    inv_unlisted, inv_T, T, alpha, ignore_index,
     HAS_TARGET: tl.constexpr, KL_TERM: tl.constexpr, CE_TERM: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -181,7 +181,7 @@ def _kd_loss_topk_kernel(
     bad_s = tl.maximum(bad_s, (m_s == neg_inf).to(tl.int32))
     shift_s = tl.where(m_s == neg_inf, 0.0, m_s)
     rest = tl.load(rest_ptr + r, mask=r_ok, other=0).to(ACC)
-    spread = tl.where(C > K, rest / tl.maximum(C - K, 1).to(ACC), 0.0)  # u: the probability of an unlisted class
+    spread = rest * inv_unlisted  # u = r / (C - k): the probability of an unlisted class (0 when k = C)
     index_rows = index_ptr + r64 * index_row_stride
     l_rows = l_ptr + r64 * l_row_stride
 
@@ -294,12 +294,13 @@ class _Call:
                                 device=self.device)
         self.student = _unit_class_stride(student_logits)
         self.target = target.contiguous() if target is not None else None
-        if reduction == REDUCTION_BATCHMEAN:
+        if reduction == REDUCTION_BATCHMEAN and target is not None:
             # A device tensor: counting the rows that are not ignored needs no host synchronisation.
-            counted = (self.target != ignore_index).sum() if target is not None else torch.tensor(self.rows)
-            self.scale = 1.0 / counted.to(device=self.device, dtype=self.acc_dtype).clamp(min=1).reshape(1)
+            counted = (self.target != ignore_index).sum().to(self.acc_dtype)
+            self.scale = (1.0 / counted.clamp(min=1)).reshape(1)
         else:
-            self.scale = torch.ones(1, dtype=self.acc_dtype, device=self.device)
+            value = 1.0 / self.rows if reduction == REDUCTION_BATCHMEAN and self.rows else 1.0
+            self.scale = torch.full((1,), value, dtype=self.acc_dtype, device=self.device)
         self.row_loss = torch.empty(self.rows, dtype=self.acc_dtype, device=self.device)
         self.flags = torch.empty(self.rows, dtype=torch.int32, device=self.device)
         self.options = dict(HAS_TARGET=target is not None, KL_TERM=alpha != 0,
@@ -370,7 +371,7 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
     T = float(temperature)
     args = (s, teacher_indices, teacher_logits, rest, *call.outputs(), call.rows, call.classes, k, s.stride(0),
             teacher_indices.stride(0), teacher_indices.stride(1), teacher_logits.stride(0), teacher_logits.stride(1),
-            1.0 / T, T, float(alpha), call.ignore_index)
+            1.0 / (call.classes - k) if call.classes > k else 0.0, 1.0 / T, T, float(alpha), call.ignore_index)
     block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
     with launch_context(call.device):
         if call.classes <= SHORT_ROW:
