@@ -56,6 +56,13 @@ BACKWARD_WEIGHT_CONFIGS = _configs(
 WEIGHT_SPLIT_PIXELS = 1 << 30 if INTERPRET else 8192
 
 
+@triton.jit
+def _inside(index, size):
+    """0 <= index < size in one unsigned comparison (a negative index wraps to a large unsigned one): the gathers
+    test this for every (nonzero, pixel) pair, so it is worth halving."""
+    return index.to(tl.uint32) < size
+
+
 @triton.autotune(configs=FORWARD_CONFIGS, key=["n_pixels", "C_in", "C_out", "nnz"])
 @triton.jit
 def _forward_kernel(
@@ -100,7 +107,7 @@ def _forward_kernel(
         dw = (tap % KW) * dil_w
         ih = ih0[None, :] + dh[:, None]
         iw = iw0[None, :] + dw[:, None]
-        ok = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ok = k_ok[:, None] & p_ok[None, :] & _inside(ih, H) & _inside(iw, W)
         xv = tl.load(x_ptr + (x_pix[None, :] + (c * (H * W) + dh * W + dw)[:, None]), mask=ok, other=0)
         acc += xv.to(ACC) * w[:, None]
     result = tl.sum(acc, axis=0)
@@ -156,8 +163,8 @@ def _backward_data_kernel(
         tw = iw[None, :] + pad_w - ((tap % KW) * dil_w)[:, None]
         oh = th // stride_h
         ow = tw // stride_w
-        ok = (e_ok[:, None] & p_ok[None, :] & (th >= 0) & (tw >= 0) & (oh * stride_h == th)
-              & (ow * stride_w == tw) & (oh < OH) & (ow < OW))
+        ok = (e_ok[:, None] & p_ok[None, :] & _inside(th, OH * stride_h) & _inside(tw, OW * stride_w)
+              & (oh * stride_h == th) & (ow * stride_w == tw))
         go = tl.load(grad_out_ptr + (go_image[None, :] + (out_channel * ohw)[:, None] + oh * OW + ow), mask=ok,
                      other=0)
         acc += go.to(ACC) * w[:, None]
@@ -207,7 +214,7 @@ def _backward_weight_kernel(
         iw = (ow * stride_w - pad_w)[None, :] + dw[:, None]
         ok = q_ok[:, None] & p_ok[None, :]
         go = tl.load(grad_out_ptr + ((n * (C_out * ohw) + rem)[None, :] + go_tap[:, None]), mask=ok, other=0)
-        ok = ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ok = ok & _inside(ih, H) & _inside(iw, W)
         x_pix = n * (C_in * H * W) + (oh * stride_h - pad_h) * W + ow * stride_w - pad_w
         xv = tl.load(x_ptr + (x_pix[None, :] + x_tap[:, None]), mask=ok, other=0)
         acc += go.to(ACC) * xv.to(ACC)
