@@ -170,6 +170,20 @@ def test_kernels_live_inside_the_package():
     assert "ptd_sparse.kernels.kd_loss" in sys.modules and "kernels" not in sys.modules
 
 
+def test_automatic_choice_on_cuda_devices_takes_triton_below_its_crossover():
+    """Decided from the device type alone, so it is checked without a GPU."""
+    cuda = torch.device("cuda")
+    if unsupported_reasons("triton", SPARSE_CONV, cuda):
+        pytest.skip("; ".join(unsupported_reasons("triton", SPARSE_CONV, cuda)))
+    if not unsupported_reasons("cuda", SPARSE_CONV, cuda):
+        pytest.skip("the cuda backend is built and comes first")
+    crossover = ptd_sparse.backends.dense_crossover("triton", 128)
+    assert ptd_sparse.backends.choose_backend(SPARSE_CONV, cuda, density=crossover / 2, batch=128) == "triton"
+    assert ptd_sparse.backends.choose_backend(SPARSE_CONV, cuda, density=min(1.0, crossover + 0.1),
+                                              batch=128) == "reference"
+    assert ptd_sparse.backends.choose_backend(KD_LOSS, cuda) == "triton"
+
+
 # --- full size on a GPU ----------------------------------------------------------------------------------------------
 
 VGG_LAYERS = [(64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4), (512, 512, 2)]  # (c_in, c_out, size)
