@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 
@@ -85,8 +86,9 @@ def _register_traceable_ops() -> None:
         return
     try:
         kernel_module("sparse_conv2d")
-    except ImportError:  # no (working) triton: the backend choice reports it
-        pass
+    except (ImportError, RuntimeError) as error:
+        # Importing ptd_sparse must not fail for it: a call that asks for the backend meets the same error.
+        logging.getLogger("ptd_sparse").warning("ptd_sparse: the Triton kernels could not be loaded (%s)", error)
 
 
 _register_traceable_ops()
