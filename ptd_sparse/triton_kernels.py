@@ -82,7 +82,7 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
 
 
 def _register_traceable_ops() -> None:
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         return
     try:
         kernel_module("sparse_conv2d")
