@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import INTERPRET, launch_context
+from ._launch import INTERPRET, configs, launch_context
 
 REDUCTION_NONE, REDUCTION_SUM, REDUCTION_BATCHMEAN = 0, 1, 2
 # Flags written per row: which input made the row invalid.
@@ -266,9 +266,9 @@ def _kd_loss_topk_kernel(
 
 
 # Rows longer than SHORT_ROW: one row per program, the class block tuned per class count.
-LONG_ROW_CONFIGS = ([triton.Config({"BLOCK_C": 1024}, num_warps=4)] if INTERPRET else
-                    [triton.Config({"BLOCK_C": block}, num_warps=warps)
-                     for block, warps in ((2048, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16))])
+LONG_ROW_CONFIGS = configs([dict(BLOCK_C=4096, num_warps=8), dict(BLOCK_C=2048, num_warps=4),
+                            dict(BLOCK_C=8192, num_warps=8), dict(BLOCK_C=8192, num_warps=16)],
+                           dict(BLOCK_C=1024))
 _AUTOTUNE_KEY = ["C", "HAS_TARGET", "KL_TERM", "CE_TERM", "WRITE_GRAD"]
 _kd_loss_long_rows = triton.autotune(configs=LONG_ROW_CONFIGS, key=_AUTOTUNE_KEY)(_kd_loss_kernel)
 _kd_loss_topk_long_rows = triton.autotune(configs=LONG_ROW_CONFIGS, key=_AUTOTUNE_KEY + ["K"])(_kd_loss_topk_kernel)

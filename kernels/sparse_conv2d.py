@@ -28,29 +28,20 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ._launch import INTERPRET, launch_context
+from ._launch import INTERPRET, configs, launch_context, tuning_bucket
 
 INT32_LIMIT = 2**31 - 1
 
 
-def _configs(hopper: list[dict], interpreter: dict) -> list[triton.Config]:
-    """Hopper candidates on a GPU; one large-block configuration under the interpreter, where every program is a
-    Python loop and fewer, larger programs are much faster (and a single configuration skips benchmarking)."""
-    if INTERPRET:
-        return [triton.Config(interpreter, num_warps=4)]
-    return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
-            for c in hopper]
-
-
-FORWARD_CONFIGS = _configs(
-    [dict(BLOCK_P=128, BLOCK_K=8, num_warps=4), dict(BLOCK_P=128, BLOCK_K=16, num_warps=4),
-     dict(BLOCK_P=256, BLOCK_K=8, num_warps=4), dict(BLOCK_P=256, BLOCK_K=16, num_warps=8),
-     dict(BLOCK_P=512, BLOCK_K=8, num_warps=8), dict(BLOCK_P=64, BLOCK_K=32, num_warps=4)],
+# Candidates for Hopper; the first of each list is the default (PTD_TRITON_AUTOTUNE=0).
+FORWARD_CONFIGS = configs(
+    [dict(BLOCK_P=256, BLOCK_K=8, num_warps=4), dict(BLOCK_P=128, BLOCK_K=16, num_warps=4),
+     dict(BLOCK_P=256, BLOCK_K=16, num_warps=8), dict(BLOCK_P=512, BLOCK_K=8, num_warps=8)],
     dict(BLOCK_P=1024, BLOCK_K=32))
 BACKWARD_DATA_CONFIGS = FORWARD_CONFIGS
-BACKWARD_WEIGHT_CONFIGS = _configs(
-    [dict(BLOCK_Q=8, BLOCK_P=256, num_warps=4), dict(BLOCK_Q=16, BLOCK_P=128, num_warps=4),
-     dict(BLOCK_Q=16, BLOCK_P=256, num_warps=8), dict(BLOCK_Q=32, BLOCK_P=128, num_warps=8)],
+BACKWARD_WEIGHT_CONFIGS = configs(
+    [dict(BLOCK_Q=16, BLOCK_P=128, num_warps=4), dict(BLOCK_Q=8, BLOCK_P=256, num_warps=4),
+     dict(BLOCK_Q=32, BLOCK_P=128, num_warps=8)],
     dict(BLOCK_Q=32, BLOCK_P=1024))
 # Pixels per split of the backward-weight reduction; fixed (not tuned) because it sizes the host-side buffer.
 WEIGHT_SPLIT_PIXELS = 1 << 30 if INTERPRET else 8192
@@ -63,8 +54,8 @@ def _inside(index, size):
     return index.to(tl.uint32) < size
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=["n_pixels", "C_in", "C_out", "nnz"])
-@triton.jit
+@triton.autotune(configs=FORWARD_CONFIGS, key=["tune_bucket", "KH", "KW"])
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _forward_kernel(
     x_ptr,  # [N, C_in, H, W] contiguous
     values_ptr,  # [nnz]
@@ -73,6 +64,7 @@ def _forward_kernel(
     row_order_ptr,  # int32 [C_out], output channels by decreasing nonzeros
     bias_ptr,  # [C_out] (unused without bias)
     out_ptr,  # [N, C_out, OH, OW] contiguous
+    tune_bucket,  # size class of the call, the autotuner's key (unused by the kernel)
     n_pixels, nnz, C_in, H, W, C_out, OH, OW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
@@ -119,8 +111,8 @@ def _forward_kernel(
     tl.store(out_ptr + out, result.to(out_ptr.dtype.element_ty), mask=p_ok)
 
 
-@triton.autotune(configs=BACKWARD_DATA_CONFIGS, key=["n_pixels", "C_in", "C_out", "nnz"])
-@triton.jit
+@triton.autotune(configs=BACKWARD_DATA_CONFIGS, key=["tune_bucket", "KH", "KW"])
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _backward_data_kernel(
     grad_out_ptr,  # [N, C_out, OH, OW] contiguous
     values_ptr,  # [nnz], CSR order
@@ -130,6 +122,7 @@ def _backward_data_kernel(
     t_perm_ptr,  # int32 [nnz], CSR position of each transposed entry
     channel_order_ptr,  # int32 [C_in], input channels by decreasing nonzeros
     grad_in_ptr,  # [N, C_in, H, W] contiguous
+    tune_bucket,  # size class of the call, the autotuner's key (unused by the kernel)
     n_pixels, nnz, C_in, H, W, C_out, OH, OW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr,
@@ -173,14 +166,15 @@ def _backward_data_kernel(
              mask=p_ok)
 
 
-@triton.autotune(configs=BACKWARD_WEIGHT_CONFIGS, key=["n_pixels", "C_in", "C_out", "nnz", "split_pixels"])
-@triton.jit
+@triton.autotune(configs=BACKWARD_WEIGHT_CONFIGS, key=["tune_bucket", "KH", "KW"])
+@triton.jit(do_not_specialize=["tune_bucket"])
 def _backward_weight_kernel(
     grad_out_ptr,  # [N, C_out, OH, OW] contiguous
     x_ptr,  # [N, C_in, H, W] contiguous
     col_idx_ptr,  # int32 [nnz]
     nz_rows_ptr,  # int32 [nnz], output channel of each nonzero
     partial_ptr,  # ACC [n_splits, nnz]: the sum over one chunk of pixels per split
+    tune_bucket,  # size class of the call, the autotuner's key (unused by the kernel)
     n_pixels, nnz, split_pixels, C_in, H, W, C_out, OH, OW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, INDEX_64: tl.constexpr,
@@ -302,7 +296,8 @@ def forward(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, wei
     with launch_context(x.device):
         _launch(_forward_kernel)[grid](
             x, values, row_ptr, col_idx, row_order, bias_arg, out,
-            n_pixels, col_idx.numel(), c_in, h, w, c_out, oh, ow,
+            tuning_bucket(n_pixels, col_idx.numel() // max(c_out, 1), c_out), n_pixels, col_idx.numel(),
+            c_in, h, w, c_out, oh, ow,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=bool(relu), ACC=_accumulator(input.dtype),
             INDEX_64=_needs_int64(x.numel(), out.numel()))
@@ -343,7 +338,8 @@ def _backward_data(grad_output, input, values, col_idx, t_ptr, t_rows, t_perm, g
     with launch_context(input.device):
         _launch(_backward_data_kernel)[grid](
             grad_output, values.contiguous(), col_idx, t_ptr, t_rows, t_perm, channel_order, grad_input,
-            n_pixels, nnz, c_in, h, w, c_out, oh, ow, *conv_args, KH=kh, KW=kw, ACC=_accumulator(input.dtype),
+            tuning_bucket(n_pixels, nnz // max(c_in, 1), c_in), n_pixels, nnz, c_in, h, w, c_out, oh, ow, *conv_args,
+            KH=kh, KW=kw, ACC=_accumulator(input.dtype),
             INDEX_64=_needs_int64(grad_input.numel(), grad_output.numel()))
     return grad_input
 
@@ -366,7 +362,8 @@ def _backward_weight(grad_output, input, values, row_ptr, col_idx, geometry, con
 
     with launch_context(input.device):
         _launch(_backward_weight_kernel)[grid](
-            grad_output, x, col_idx, nz_rows, partial, n_pixels, nnz, split_pixels, c_in, h, w, c_out, oh, ow,
+            grad_output, x, col_idx, nz_rows, partial, tuning_bucket(split_pixels, nnz), n_pixels, nnz, split_pixels,
+            c_in, h, w, c_out, oh, ow,
             *conv_args, KH=kh, KW=kw, ACC=_accumulator(values.dtype),
             INDEX_64=_needs_int64(x.numel(), grad_output.numel()))
     # Splits are summed in a fixed order: the result does not depend on scheduling.
