@@ -25,9 +25,11 @@ REDUCTION_NONE, REDUCTION_SUM, REDUCTION_BATCHMEAN = 0, 1, 2
 BAD_STUDENT, BAD_TEACHER, BAD_TARGET = 1, 2, 4
 # Rows of at most this many classes are processed several to a program (one [BLOCK_R, BLOCK_C] tile).
 SHORT_ROW = 1024 if INTERPRET else 2048
-# Elements of one tile for short rows: on a GPU enough to keep 4-8 warps busy; under the interpreter large, since
-# every program is a Python loop and fewer programs are much faster.
-TILE = 1 << 16 if INTERPRET else 4096
+# Elements of one tile for short rows, and rows per tile. On a GPU (sm_90 builds, 4 warps) larger tiles, or more
+# than 4 rows in one, exceed 255 registers per thread and spill (checked with cuobjdump --dump-resource-usage);
+# under the interpreter tiles are large, since every program is a Python loop and fewer programs are much faster.
+TILE = 1 << 16 if INTERPRET else 2048
+MAX_TILE_ROWS = 1 << 16 if INTERPRET else 4
 
 
 @triton.jit
@@ -319,7 +321,7 @@ class _Call:
 
     def short_row_blocks(self, block_c: int) -> tuple[int, int]:
         """(BLOCK_R, grid size) for rows of at most SHORT_ROW classes held in one tile."""
-        block_r = max(1, min(TILE // block_c, triton.next_power_of_2(self.rows)))
+        block_r = max(1, min(TILE // block_c, MAX_TILE_ROWS, triton.next_power_of_2(self.rows)))
         return block_r, triton.cdiv(self.rows, block_r)
 
     def finish(self, teacher: Tensor | None) -> tuple[Tensor, Tensor]:
