@@ -30,7 +30,7 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 # The cuda value is provisional until measured on a GPU: bench/gpu_check prints the measured crossover against
 # cuDNN (with PyTorch's default TF32 convolutions) for every GPU backend; update it from there. The triton values are
 # provisional too (no GPU was available when its kernels were written): they assume the issue's targets (1.5x cuDNN
-# at density 0.1), so that early pruning rounds keep cuDNN; bench/bench_triton_gpu.py measures them.
+# at density 0.1), so that early pruning rounds keep cuDNN; bench/gpu_check measures them.
 DENSE_CROSSOVER = {"cpu": 0.30, "cuda": 0.10, "triton": 0.2}
 # Below SMALL_BATCH images per call (batch-1 inference) the sparse kernels have less work to amortise their set-up,
 # and the crossover is lower.
