@@ -424,3 +424,24 @@ def test_topk_bad_teachers_are_refused(backend, generator):
         run(ptd_sparse.TopKTeacher(good.indices[:3], good.logits[:3], None))
     with pytest.raises(ValueError, match="teacher.rest_mass has shape"):
         run(good._replace(rest_mass=good.rest_mass[:2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_minus_inf_gives_the_oracle_value_not_nan(backend, generator):
+    """A student that rules out a class (-inf): +inf where the teacher has mass there, the finite value where the
+    teacher's probability underflows to 0; never NaN (inf - inf, inf * 0)."""
+    s = logits(3, 40, generator)
+    s[0, 0] = float("-inf")
+    t = logits(3, 40, generator)
+    t[0, 0], t[0, 32] = -500.0, 500.0  # teacher probability of class 0 underflows at T = 1
+    t[1, 5] = 50.0
+    s[1, 5] = float("-inf")  # the teacher's favourite class, ruled out by the student
+    dense = ptd_sparse.kd_loss(s, t, temperature=1.0, alpha=1.0, reduction="none", backend=backend)
+    want, _, _ = oracle(s, t, None, 1.0, 1.0, "none")
+    assert not torch.isnan(dense).any()
+    torch.testing.assert_close(dense.double(), want, rtol=2e-5, atol=2e-5)
+    topk = ptd_sparse.topk_teacher(t, 4, 1.0)
+    listed = ptd_sparse.kd_loss(s, topk, temperature=1.0, alpha=1.0, reduction="none", backend=backend)
+    want_topk, _, _ = topk_oracle(s, topk, None, 1.0, 1.0, "none")
+    assert not torch.isnan(listed).any()
+    torch.testing.assert_close(listed.double(), want_topk, rtol=2e-5, atol=2e-5)

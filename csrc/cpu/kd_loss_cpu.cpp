@@ -47,12 +47,13 @@ inline void accumulate(RowStats<acc_t>& st, acc_t s, acc_t t, acc_t inv_t) {
   if (t > st.teacher_max) {
     const acc_t scale = std::exp((st.teacher_max - t) * inv_t);
     st.teacher_sum *= scale;
-    st.teacher_weighted *= scale;
+    st.teacher_weighted = scale > 0 ? st.teacher_weighted * scale : acc_t(0);  // never inf * 0
     st.teacher_max = t;
   }
   const acc_t p = std::exp((t - st.teacher_max) * inv_t);
   st.teacher_sum += p;
-  st.teacher_weighted += p * (t - s) * inv_t;
+  // p = 0 (underflow) adds nothing, even where the student is -inf (which makes the term, and the loss, +inf).
+  if (p > 0) st.teacher_weighted += p * (t - s) * inv_t;
 }
 
 inline void record_first(std::atomic<int64_t>& slot, int64_t row) {
@@ -433,12 +434,15 @@ void kd_loss_topk_rows(const at::Tensor& student, const at::Tensor& indices, con
         continue;
       }
       acc_t z_t = 0, z_1 = 0;
-      double scaled_sum = 0;  // sum over all classes of (s - ms) / T, in double: C can be 10^5
+      // Sum over the finite classes of (s - ms) / T, in double (C can be 10^5), and the count of -inf classes
+      // (-inf - -inf would be NaN).
+      double scaled_sum = 0;
+      int64_t minus_inf = 0;
       for (int64_t c = 0; c < classes; ++c) {
         const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
         z_t += std::exp(d * inv_t);
         z_1 += std::exp(d);
-        scaled_sum += static_cast<double>(d * inv_t);
+        if (d == -inf) ++minus_inf; else scaled_sum += static_cast<double>(d * inv_t);
       }
       const acc_t log_z_t = std::log(z_t), log_z_1 = std::log(z_1);
       // The teacher over its listed classes.
@@ -454,15 +458,19 @@ void kd_loss_topk_rows(const at::Tensor& student, const at::Tensor& indices, con
         const acc_t log_listed = std::log1p(-rest) - std::log(z_teacher);
         acc_t kl = 0;
         double listed_scaled_sum = 0;
+        int64_t listed_minus_inf = 0;
         for (int64_t i = 0; i < k; ++i) {
           const int64_t c = static_cast<int64_t>(i_row[i]);
           const acc_t log_q = (static_cast<acc_t>(s_row[c]) - ms) * inv_t - log_z_t;
           const acc_t p = std::exp((static_cast<acc_t>(t_row[i]) - mt) * inv_t + log_listed);
           listed_p[i] = p;
           if (p > 0) kl += p * ((static_cast<acc_t>(t_row[i]) - mt) * inv_t + log_listed - log_q);
-          listed_scaled_sum += static_cast<double>((static_cast<acc_t>(s_row[c]) - ms) * inv_t);
+          const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
+          if (d == -inf) ++listed_minus_inf; else listed_scaled_sum += static_cast<double>(d * inv_t);
         }
-        if (spread > 0) {
+        if (spread > 0 && minus_inf > listed_minus_inf) {
+          kl = inf;  // an unlisted class with teacher mass that the student rules out
+        } else if (spread > 0) {
           const double unlisted_log_q = scaled_sum - listed_scaled_sum - static_cast<double>(classes - k) * log_z_t;
           kl += static_cast<acc_t>(static_cast<double>(rest) * std::log(static_cast<double>(spread)) -
                                    static_cast<double>(spread) * unlisted_log_q);

@@ -85,19 +85,20 @@ struct TeacherState {
     if (t > max) {
       const acc_t scale = exp_acc((max - t) * inv_t);
       sum *= scale;
-      weighted *= scale;
+      weighted = scale > 0 ? weighted * scale : acc_t(0);  // never inf * 0
       max = t;
     }
     const acc_t p = exp_acc((t - max) * inv_t);
     sum += p;
-    weighted += p * (t - s) * inv_t;
+    // p = 0 (underflow) adds nothing, even where the student is -inf (which makes the term, and the loss, +inf).
+    if (p > 0) weighted += p * (t - s) * inv_t;
   }
   __device__ void merge(const TeacherState& o, acc_t inv_t) {
     const acc_t m = max > o.max ? max : o.max;
     if (m == -INFINITY) return;
     const acc_t a = exp_acc((max - m) * inv_t), b = exp_acc((o.max - m) * inv_t);
     sum = sum * a + o.sum * b;
-    weighted = weighted * a + o.weighted * b;
+    weighted = (a > 0 ? weighted * a : acc_t(0)) + (b > 0 ? o.weighted * b : acc_t(0));
     max = m;
   }
 };
@@ -144,7 +145,7 @@ __device__ void zero_row(student_t* g_row, int64_t classes) {
 }
 
 template <typename student_t, typename teacher_t, int kVec>
-__global__ void kd_loss_dense_kernel(const student_t* __restrict__ student, const teacher_t* __restrict__ teacher,
+__global__ void __launch_bounds__(1024) kd_loss_dense_kernel(const student_t* __restrict__ student, const teacher_t* __restrict__ teacher,
                                      const int64_t* __restrict__ target, int64_t classes, LossWeights weights,
                                      const float* __restrict__ grad_scale, int64_t ignore_index,
                                      at::opmath_type<student_t>* __restrict__ row_loss, student_t* __restrict__ grad,
@@ -228,7 +229,7 @@ __global__ void kd_loss_dense_kernel(const student_t* __restrict__ student, cons
 // Pass 1 over the student also sums its logits (in double), which gives the unlisted classes' cross term
 // sum_unlisted log q without visiting them; the teacher part is O(k) per row.
 template <typename student_t, typename teacher_t, typename index_t>
-__global__ void kd_loss_topk_kernel(const student_t* __restrict__ student, const index_t* __restrict__ indices,
+__global__ void __launch_bounds__(1024) kd_loss_topk_kernel(const student_t* __restrict__ student, const index_t* __restrict__ indices,
                                     const teacher_t* __restrict__ teacher, const float* __restrict__ rest_mass,
                                     const int64_t* __restrict__ target, int64_t classes, int64_t k,
                                     LossWeights weights, const float* __restrict__ grad_scale, int64_t ignore_index,
@@ -252,13 +253,14 @@ __global__ void kd_loss_topk_kernel(const student_t* __restrict__ student, const
   const acc_t inv_t = static_cast<acc_t>(weights.inv_t);
   const bool need_kd = weights.kd_weight != 0;
   StudentState<acc_t> st = StudentState<acc_t>::empty();
-  double s_sum = 0;
+  // Sum of the finite logits and count of the -inf ones (-inf - -inf would be NaN).
+  double s_sum = 0, s_minus_inf = 0;
   bool bad_s = false;
   for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
     const acc_t s = static_cast<acc_t>(s_row[c]);
     bad_s |= is_bad(s);
     st.add(s, inv_t);
-    s_sum += static_cast<double>(s);
+    if (s == -INFINITY) s_minus_inf += 1; else s_sum += static_cast<double>(s);
   }
   st = block_merge(st, student_scratch, inv_t);
   bad_s = __syncthreads_or(bad_s || st.max == -INFINITY);
@@ -267,6 +269,7 @@ __global__ void kd_loss_topk_kernel(const student_t* __restrict__ student, const
     return;
   }
   s_sum = cuda::block_reduce(s_sum, sum_scratch);
+  s_minus_inf = cuda::block_reduce(s_minus_inf, sum_scratch);
   const acc_t log_z_st = log_acc(st.sum_t), log_z_s1 = log_acc(st.sum_1);
   const acc_t rest = static_cast<acc_t>(rest_mass[row]);
   const acc_t spread = classes > k ? rest / static_cast<acc_t>(classes - k) : acc_t(0);
@@ -279,23 +282,26 @@ __global__ void kd_loss_topk_kernel(const student_t* __restrict__ student, const
   t_sum = cuda::block_reduce(t_sum, scratch);
   const acc_t log_listed = log1p(-rest) - log_acc(t_sum);  // log p_i = (t_i - t_max) / T + log_listed
   acc_t kl = 0;
-  double listed_sum = 0;
+  double listed_sum = 0, listed_minus_inf = 0;
   if (need_kd) {
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       const acc_t s = static_cast<acc_t>(s_row[i_row[i]]);
       const acc_t log_p = (static_cast<acc_t>(t_row[i]) - t_max) * inv_t + log_listed;
       const acc_t p = exp_acc(log_p);
       if (p > 0) kl += p * (log_p - ((s - st.max) * inv_t - log_z_st));
-      listed_sum += static_cast<double>(s);
+      if (s == -INFINITY) listed_minus_inf += 1; else listed_sum += static_cast<double>(s);
     }
     kl = cuda::block_reduce(kl, scratch);
     listed_sum = cuda::block_reduce(listed_sum, sum_scratch);
+    listed_minus_inf = cuda::block_reduce(listed_minus_inf, sum_scratch);
   }
   const bool has_label = label < classes;
   if (threadIdx.x == 0) {
     acc_t loss = 0;
     if (need_kd) {
-      if (spread > 0) {
+      if (spread > 0 && s_minus_inf > listed_minus_inf) {
+        kl = INFINITY;  // an unlisted class with teacher mass that the student rules out
+      } else if (spread > 0) {
         // sum over unlisted classes of log q = (sum of their logits - (C - k) max) / T - (C - k) log z_st
         const double unlisted = static_cast<double>(classes - k);
         const double unlisted_log_q = ((s_sum - listed_sum) - unlisted * static_cast<double>(st.max)) *

@@ -38,6 +38,8 @@ DeviceGeometry to_device(const ConvGeometry& g, std::initializer_list<int64_t> e
   // Tap offsets are staged in shared memory as 16-bit integers.
   TORCH_CHECK_VALUE((g.kernel_h - 1) * g.dil_h + g.pad_h < 32768 && (g.kernel_w - 1) * g.dil_w + g.pad_w < 32768,
                     "the cuda backend supports dilated kernel extents and padding below 32768");
+  TORCH_CHECK_VALUE(g.out_channels <= 65535 && g.in_channels <= 65535, "the cuda backend launches one grid row per "
+                    "channel: at most 65535 input and output channels, got ", g.in_channels, " and ", g.out_channels);
   for (int64_t count : element_counts)
     TORCH_CHECK_VALUE(count < (int64_t(1) << 31), "the cuda backend indexes tensors with 32-bit integers; a tensor "
                       "of ", count, " elements is too large (split the batch)");
@@ -74,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) conv_forward_kernel(
     out_index[j] = q < total ? (n * g.out_channels + co) * out_plane + p : -1;
     ih0[j] = q < total ? oh * g.stride_h - g.pad_h : -(1 << 20);  // out-of-range pixels fail every bounds check
     iw0[j] = ow * g.stride_w - g.pad_w;
-    base[j] = n * g.in_channels * in_plane + ih0[j] * g.in_w + iw0[j];
+    base[j] = q < total ? n * g.in_channels * in_plane + ih0[j] * g.in_w + iw0[j] : 0;  // no overflow past the end
     acc[j] = start;
   }
 
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) conv_backward_input_kernel(
     in_index[j] = q < total ? (n * g.in_channels + ci) * in_plane + p : -1;
     ih[j] = q < total ? p / g.in_w : -(1 << 20);
     iw[j] = p - (p / g.in_w) * g.in_w;
-    base[j] = n * g.out_channels * out_plane;
+    base[j] = q < total ? n * g.out_channels * out_plane : 0;
     acc[j] = 0;
   }
 
