@@ -80,9 +80,12 @@ def _kd_loss_kernel(
             e_s_T = tl.exp((s - shift_s[:, None]) * inv_T)
             z_s_T = tl.where(seen_s, z_s_T * tl.exp(grow_s * inv_T), 0.0) + tl.sum(e_s_T, axis=1)
             # Terms are relative to the maxima: moving them adds (grow_t - grow_s) / T to every earlier term.
-            cross = tl.where(seen_t, (cross + z_t * (grow_t - grow_s) * inv_T) * tl.exp(grow_t * inv_T), 0.0)
+            # A rescale that underflows to 0 drops the earlier terms (never inf * 0), and a class whose teacher
+            # probability is 0 adds nothing even where the student is -inf.
+            rescale_t = tl.exp(grow_t * inv_T)
+            cross = tl.where(seen_t & (rescale_t > 0), (cross + z_t * (grow_t - grow_s) * inv_T) * rescale_t, 0.0)
             term = e_t * ((t - shift_t[:, None]) - (s - shift_s[:, None])) * inv_T
-            cross += tl.sum(tl.where(t == neg_inf, 0.0, term), axis=1)
+            cross += tl.sum(tl.where(e_t > 0, term, 0.0), axis=1)
         if CE_TERM:
             z_s_1 = tl.where(seen_s, z_s_1 * tl.exp(grow_s), 0.0) + tl.sum(tl.exp(s - shift_s[:, None]), axis=1)
         z_t = tl.where(seen_t, z_t * tl.exp(grow_t * inv_T), 0.0) + tl.sum(e_t, axis=1)
