@@ -13,12 +13,11 @@
 #include <limits>
 #include <vector>
 
+#include "../kd_loss_checks.h"
 #include "vec_math.h"
 
 namespace ptd_sparse {
 namespace {
-
-enum Reduction : int64_t { kNone = 0, kSum = 1, kBatchMean = 2 };
 
 template <typename acc_t>
 struct RowStats {
@@ -336,12 +335,7 @@ at::Tensor reduce_rows(const at::Tensor& row_loss, int64_t reduction, int64_t co
 
 void check_common_arguments(const at::Tensor& student_logits, double temperature, double alpha, int64_t reduction) {
   TORCH_CHECK_VALUE(student_logits.device().is_cpu(), "student_logits must be a CPU tensor for the cpu backend");
-  TORCH_CHECK_VALUE(student_logits.dim() == 2, "student_logits must be 2-D (rows, classes), got shape ",
-                    student_logits.sizes());
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
-                    temperature);
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "alpha must lie in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kBatchMean, "reduction code must be 0, 1 or 2, got ", reduction);
+  check_loss_options(student_logits, temperature, alpha, reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -515,25 +509,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cpu(const at::Tensor& student_lo
   TORCH_CHECK_VALUE(teacher_indices.device().is_cpu() && teacher_logits.device().is_cpu() &&
                         teacher_rest_mass.device().is_cpu(),
                     "teacher.indices, teacher.logits and teacher.rest_mass must be CPU tensors for the cpu backend");
-  TORCH_CHECK_VALUE(teacher_indices.dim() == 2 && teacher_indices.size(0) == rows && teacher_indices.size(1) >= 1 &&
-                        teacher_indices.size(1) <= std::max<int64_t>(classes, 1),
-                    "teacher.indices must have shape [", rows, ", k] with 1 <= k <= ", classes, ", got ",
-                    teacher_indices.sizes());
-  TORCH_CHECK_VALUE(teacher_indices.scalar_type() == at::kInt || teacher_indices.scalar_type() == at::kLong,
-                    "teacher.indices must have dtype int32 or int64, got ", teacher_indices.scalar_type());
-  TORCH_CHECK_VALUE(teacher_logits.sizes() == teacher_indices.sizes(), "teacher.logits has shape ",
-                    teacher_logits.sizes(), " but teacher.indices has shape ", teacher_indices.sizes());
-  TORCH_CHECK_VALUE(teacher_rest_mass.dim() == 1 && teacher_rest_mass.size(0) == rows &&
-                        teacher_rest_mass.scalar_type() == at::kFloat,
-                    "teacher.rest_mass must be float32 of shape [", rows, "], got ", teacher_rest_mass.scalar_type(),
-                    " of shape ", teacher_rest_mass.sizes());
+  check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, rows, classes);
   const at::Tensor student = student_logits.contiguous(), indices = teacher_indices.contiguous();
   const at::Tensor teacher = teacher_logits.contiguous(), rest = teacher_rest_mass.contiguous();
-  if (indices.numel() > 0) {
-    const int64_t low = indices.min().item<int64_t>(), high = indices.max().item<int64_t>();
-    TORCH_CHECK_VALUE(low >= 0 && high < classes, "kd_loss: teacher.indices holds ", low < 0 ? low : high,
-                      "; expected class indices in [0, ", classes, ")");
-  }
   const LabelCount labels = count_labels(target, rows, classes, ignore_index);
   const double grad_scale = reduction == kBatchMean ? 1.0 / std::max<int64_t>(labels.counted_rows, 1) : 1.0;
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

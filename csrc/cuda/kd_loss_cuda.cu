@@ -8,6 +8,7 @@
 // Bad input (NaN / +inf / rows with no finite entry, labels out of range) is recorded as the first offending row
 // in int32 slots that the host reads once after the launch; the reduction scale of batchmean is computed on the
 // device, so nothing synchronises before the kernel.
+#include "../kd_loss_checks.h"
 #include "cuda_common.cuh"
 
 #include <torch/library.h>
@@ -17,7 +18,6 @@
 namespace ptd_sparse {
 namespace {
 
-enum Reduction : int64_t { kNone = 0, kSum = 1, kBatchMean = 2 };
 enum ErrorSlot : int { kBadStudent = 0, kBadTeacher = 1, kBadLabel = 2, kSlots = 3 };
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -353,12 +353,7 @@ int threads_for(int64_t work) {
 
 void check_arguments(const at::Tensor& student_logits, double temperature, double alpha, int64_t reduction,
                      const c10::optional<at::Tensor>& target) {
-  TORCH_CHECK_VALUE(student_logits.dim() == 2, "student_logits must be 2-D (rows, classes), got shape ",
-                    student_logits.sizes());
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
-                    temperature);
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "alpha must lie in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kBatchMean, "reduction code must be 0, 1 or 2, got ", reduction);
+  check_loss_options(student_logits, temperature, alpha, reduction);
   if (target.has_value() && target->defined()) {
     TORCH_CHECK_VALUE(target->dim() == 1 && target->numel() == student_logits.size(0),
                       "target must be 1-D with one label per row (", student_logits.size(0), "), got shape ",
@@ -480,29 +475,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cuda(const at::Tensor& student_l
                                 {&teacher_rest_mass, "teacher.rest_mass"}, {&target_tensor, "target"}});
   check_arguments(student_logits, temperature, alpha, reduction, target);
   const int64_t rows = student_logits.size(0), classes = student_logits.size(1);
-  TORCH_CHECK_VALUE(teacher_indices.dim() == 2 && teacher_indices.size(0) == rows && teacher_indices.size(1) >= 1 &&
-                        teacher_indices.size(1) <= std::max<int64_t>(classes, 1),
-                    "teacher.indices must have shape [", rows, ", k] with 1 <= k <= ", classes, ", got ",
-                    teacher_indices.sizes());
-  TORCH_CHECK_VALUE(teacher_indices.scalar_type() == at::kInt || teacher_indices.scalar_type() == at::kLong,
-                    "teacher.indices must have dtype int32 or int64, got ", teacher_indices.scalar_type());
-  TORCH_CHECK_VALUE(teacher_logits.sizes() == teacher_indices.sizes(), "teacher.logits has shape ",
-                    teacher_logits.sizes(), " but teacher.indices has shape ", teacher_indices.sizes());
-  TORCH_CHECK_VALUE(teacher_rest_mass.dim() == 1 && teacher_rest_mass.size(0) == rows &&
-                        teacher_rest_mass.scalar_type() == at::kFloat,
-                    "teacher.rest_mass must be float32 of shape [", rows, "], got ", teacher_rest_mass.scalar_type(),
-                    " of shape ", teacher_rest_mass.sizes());
   c10::cuda::CUDAGuard guard(student_logits.device());
   const at::Tensor student = student_logits.contiguous(), indices = teacher_indices.contiguous();
   const at::Tensor teacher = teacher_logits.contiguous(), rest = teacher_rest_mass.contiguous();
-  // The operator checked the indices (range, repeats); the kernel trusts them, so check the range again here:
-  // a direct call must never write out of bounds. Two reductions over N x k, one synchronisation.
-  if (indices.numel() > 0) {
-    const at::Tensor bounds = at::stack({indices.min(), indices.max()}).cpu();
-    const int64_t low = bounds[0].item<int64_t>(), high = bounds[1].item<int64_t>();
-    TORCH_CHECK_VALUE(low >= 0 && high < classes, "kd_loss: teacher.indices holds ", low < 0 ? low : high,
-                      "; expected class indices in [0, ", classes, ")");
-  }
+  check_topk_teacher(indices, teacher, rest, rows, classes);
   LossCall call(student, target, temperature, alpha, reduction, ignore_index, compute_grad);
   if (rows > 0 && classes > 0) {
     TORCH_CHECK(rows <= 0x7fffffff, "kd_loss cuda: at most 2^31 - 1 rows per call");
