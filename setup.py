@@ -23,6 +23,16 @@ def want_cuda() -> bool:
     return bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def pip_cuda_include_dirs() -> list[str]:
+    """Header folders of the pip-installed CUDA libraries (nvidia/cu13/include holds cusparse.h, cublas_v2.h, ...):
+    the CUDA builds of torch include them from their own headers, and a bare toolkit may not ship them all."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "*", "include")))
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The CPU kernels are written with portable vector types; -march lets the compiler use the widest vectors of the
@@ -33,9 +43,14 @@ def extension():
     link_flags = ["-fopenmp"]
     if want_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+        # Without a visible GPU (CI, build machines) torch would compile for every architecture it knows; build for
+        # Ampere and Hopper (A100, H100/H200) unless TORCH_CUDA_ARCH_LIST says otherwise.
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         return CUDAExtension(
             "ptd_sparse._C",
             cpp_sources + cuda_sources,
+            include_dirs=pip_cuda_include_dirs(),
             extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA", "-lineinfo"]},
             extra_link_args=link_flags,
         )

@@ -3,7 +3,7 @@
 // the sparse kernels implement zero padding without materialising a padded copy of the input.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>

@@ -1,4 +1,5 @@
 """Triton kernels of ptd_sparse, installed as the subpackage ptd_sparse.kernels (never as a top-level `kernels`).
 
-The `triton` backend's kernels land here, one file per operator; ptd_sparse.backends reports the backend as not
-implemented until they do."""
+One file per operator: sparse_conv2d.py (forward, backward-data, backward-weight) and kd_loss.py (dense and top-k
+teacher); _launch.py holds the shared launch settings (autotuning, interpreter detection). The `triton` backend
+reaches them through ptd_sparse/triton_kernels.py."""

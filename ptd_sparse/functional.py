@@ -102,6 +102,12 @@ def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor |
 
 def _run_sparse_conv(input: Tensor, pattern: ConvPattern, values: Tensor, bias, stride, padding, dilation,
                      backend: str, relu: bool = False) -> Tensor:
+    if backend == "triton" and input.is_cuda and torch.compiler.is_compiling():
+        # torch.compile traces through the triton_op version into the Triton kernels (registered at import where
+        # CUDA and triton are present, see ptd_sparse.triton_kernels) instead of calling an opaque operator.
+        return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx,
+                                                         pattern.t_ptr, pattern.t_rows, pattern.t_perm,
+                                                         list(pattern.shape), bias, stride, padding, dilation, relu)
     return ops.sparse_conv2d.sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
                                            pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, stride, padding,
                                            dilation, backend, relu)

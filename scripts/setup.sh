@@ -6,9 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${PTD_VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-# torch 2.13.0 is the small CPU build (on this project's machines it installs from local disk); pin it so no
-# requirement pulls a multi-GB CUDA build by accident.
-TORCH_SPEC="${PTD_TORCH_SPEC:-torch==2.13.0}"
+# The torch build is pinned so that no requirement pulls another one by accident. Where a CUDA toolkit is found
+# (CUDA_HOME, or nvcc in /usr/local/cuda), the CUDA 13.0 build torch==2.14.1 is installed and the extension's CUDA
+# kernels are compiled and linked (they need no GPU to build; it pulls triton, whose kernels the tests run through
+# the interpreter). Otherwise torch==2.13.0, the small CPU build. On this project's machines both install from
+# local disk. PTD_TORCH_SPEC overrides the choice.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+  DEFAULT_TORCH_SPEC="torch==2.14.1"
+else
+  DEFAULT_TORCH_SPEC="torch==2.13.0"
+fi
+TORCH_SPEC="${PTD_TORCH_SPEC:-$DEFAULT_TORCH_SPEC}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
@@ -24,4 +35,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$CURRENT" ] || ! "$VENV/bin/python" -c "i
   "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e .
   echo "$CURRENT" > "$STAMP"
 fi
-"$VENV/bin/python" -c "import ptd_sparse, ptd_sparse._extension as e; assert e.extension_problem() is None, e.extension_problem(); print('ptd_sparse', ptd_sparse.__version__, 'ready in', '$VENV')"
+"$VENV/bin/python" -c "
+import torch, ptd_sparse, ptd_sparse._extension as e
+assert e.extension_problem() is None, e.extension_problem()
+cuda = 'with its CUDA kernels' if e.has_compiled_cuda() else 'CPU kernels only'
+assert not (torch.version.cuda and '${CUDA_HOME:-}' and '${PTD_SKIP_CUDA_BUILD:-0}' != '1') or e.has_compiled_cuda(), \
+    'torch has CUDA and a toolkit was found, but the extension was built without its CUDA kernels'
+print('ptd_sparse', ptd_sparse.__version__, 'ready in', '$VENV', '(torch', torch.__version__ + ',', cuda + ')')"

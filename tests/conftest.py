@@ -61,3 +61,10 @@ def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a PTD_BACKEND in the caller's environment must not leak in."""
     if "PTD_BACKEND" in os.environ:
         monkeypatch.delenv("PTD_BACKEND")
+
+
+def gradcheck_options(backend: str) -> dict:
+    """Options for torch.autograd.gradcheck. The Triton interpreter runs every kernel program as a Python loop, so a
+    full numerical Jacobian (two forward calls per input element) takes minutes; fast mode compares the analytical
+    and numerical gradients along random projections instead, with a couple of forward calls per input."""
+    return {"fast_mode": True} if backend == "triton" else {}

@@ -20,7 +20,8 @@ needs_extension = pytest.mark.skipif(_extension.extension_problem() is not None,
 
 
 def test_implemented_table_matches_the_registered_implementations():
-    for op, table in ((SPARSE_CONV, conv_ops.IMPLEMENTATIONS), (KD_LOSS, kd_loss_ops.IMPLEMENTATIONS)):
+    for op, table in ((SPARSE_CONV, conv_ops.IMPLEMENTATIONS), (KD_LOSS, kd_loss_ops.IMPLEMENTATIONS),
+                      (KD_LOSS, kd_loss_ops.TOPK_IMPLEMENTATIONS)):
         declared = {name for name, ops in backends.IMPLEMENTED.items() if op in ops}
         assert declared <= set(table), f"{op}: backends declared but without an implementation"
 

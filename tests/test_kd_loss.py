@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, runnable_backends
+from conftest import assert_close, gradcheck_options, runnable_backends
 
 import ptd_sparse
 from ptd_sparse.backends import KD_LOSS
@@ -169,7 +169,7 @@ def test_gradcheck_float64(backend, reduction, generator):
     def loss(s):
         return kd_loss_op(s, t, target, 3.0, 0.6, reduction, -100, True, backend)[0]
 
-    assert torch.autograd.gradcheck(loss, (s,))
+    assert torch.autograd.gradcheck(loss, (s,), **gradcheck_options(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -376,7 +376,8 @@ def test_topk_gradcheck_and_opcheck(backend, generator):
     target[2] = -100
     for reduction in (0, 1, 2):
         assert torch.autograd.gradcheck(
-            lambda s: kd_loss_topk_op(s, *teacher, target, 3.0, 0.6, reduction, -100, True, backend)[0], (s,))
+            lambda s: kd_loss_topk_op(s, *teacher, target, 3.0, 0.6, reduction, -100, True, backend)[0], (s,),
+            **gradcheck_options(backend))
     for rows, reduction in ((8, 2), (0, 0)):
         s32 = logits(rows, 6, generator).requires_grad_()
         topk = ptd_sparse.topk_teacher(logits(rows, 6, generator), 2, 2.0)
@@ -423,3 +424,24 @@ def test_topk_bad_teachers_are_refused(backend, generator):
         run(ptd_sparse.TopKTeacher(good.indices[:3], good.logits[:3], None))
     with pytest.raises(ValueError, match="teacher.rest_mass has shape"):
         run(good._replace(rest_mass=good.rest_mass[:2]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_minus_inf_gives_the_oracle_value_not_nan(backend, generator):
+    """A student that rules out a class (-inf): +inf where the teacher has mass there, the finite value where the
+    teacher's probability underflows to 0; never NaN (inf - inf, inf * 0)."""
+    s = logits(3, 40, generator)
+    s[0, 0] = float("-inf")
+    t = logits(3, 40, generator)
+    t[0, 0], t[0, 32] = -500.0, 500.0  # teacher probability of class 0 underflows at T = 1
+    t[1, 5] = 50.0
+    s[1, 5] = float("-inf")  # the teacher's favourite class, ruled out by the student
+    dense = ptd_sparse.kd_loss(s, t, temperature=1.0, alpha=1.0, reduction="none", backend=backend)
+    want, _, _ = oracle(s, t, None, 1.0, 1.0, "none")
+    assert not torch.isnan(dense).any()
+    torch.testing.assert_close(dense.double(), want, rtol=2e-5, atol=2e-5)
+    topk = ptd_sparse.topk_teacher(t, 4, 1.0)
+    listed = ptd_sparse.kd_loss(s, topk, temperature=1.0, alpha=1.0, reduction="none", backend=backend)
+    want_topk, _, _ = topk_oracle(s, topk, None, 1.0, 1.0, "none")
+    assert not torch.isnan(listed).any()
+    torch.testing.assert_close(listed.double(), want_topk, rtol=2e-5, atol=2e-5)

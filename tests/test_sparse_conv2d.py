@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, random_mask, runnable_backends
+from conftest import assert_close, gradcheck_options, random_mask, runnable_backends
 
 import ptd_sparse
 from ptd_sparse.backends import SPARSE_CONV
@@ -171,7 +171,7 @@ def test_gradcheck_float64(backend, stride, padding, dilation, generator):
                                 pattern.t_perm, list(pattern.shape), bias, [stride] * 2, [padding] * 2,
                                 [dilation] * 2, backend)
 
-    assert torch.autograd.gradcheck(conv, (x, values, bias))
+    assert torch.autograd.gradcheck(conv, (x, values, bias), **gradcheck_options(backend))
 
 
 def op_samples(generator):
@@ -257,7 +257,8 @@ def test_fused_relu_forward_and_backward(backend, dtype, batch, size, generator)
             return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
                                     pattern.t_perm, list(pattern.shape), None, [1, 1], [1, 1], [1, 1], backend, True)
 
-        assert torch.autograd.gradcheck(conv, (x.detach()[:1].requires_grad_(), sparse.values))
+        assert torch.autograd.gradcheck(conv, (x.detach()[:1].requires_grad_(), sparse.values),
+                                         **gradcheck_options(backend))
         torch.library.opcheck(sparse_conv2d_op, (x, sparse.values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
                                                  pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, [1, 1],
                                                  [1, 1], [1, 1], backend, True))

@@ -13,12 +13,11 @@
 #include <limits>
 #include <vector>
 
+#include "../kd_loss_checks.h"
 #include "vec_math.h"
 
 namespace ptd_sparse {
 namespace {
-
-enum Reduction : int64_t { kNone = 0, kSum = 1, kBatchMean = 2 };
 
 template <typename acc_t>
 struct RowStats {
@@ -47,12 +46,13 @@ inline void accumulate(RowStats<acc_t>& st, acc_t s, acc_t t, acc_t inv_t) {
   if (t > st.teacher_max) {
     const acc_t scale = std::exp((st.teacher_max - t) * inv_t);
     st.teacher_sum *= scale;
-    st.teacher_weighted *= scale;
+    st.teacher_weighted = scale > 0 ? st.teacher_weighted * scale : acc_t(0);  // never inf * 0
     st.teacher_max = t;
   }
   const acc_t p = std::exp((t - st.teacher_max) * inv_t);
   st.teacher_sum += p;
-  st.teacher_weighted += p * (t - s) * inv_t;
+  // p = 0 (underflow) adds nothing, even where the student is -inf (which makes the term, and the loss, +inf).
+  if (p > 0) st.teacher_weighted += p * (t - s) * inv_t;
 }
 
 inline void record_first(std::atomic<int64_t>& slot, int64_t row) {
@@ -335,12 +335,7 @@ at::Tensor reduce_rows(const at::Tensor& row_loss, int64_t reduction, int64_t co
 
 void check_common_arguments(const at::Tensor& student_logits, double temperature, double alpha, int64_t reduction) {
   TORCH_CHECK_VALUE(student_logits.device().is_cpu(), "student_logits must be a CPU tensor for the cpu backend");
-  TORCH_CHECK_VALUE(student_logits.dim() == 2, "student_logits must be 2-D (rows, classes), got shape ",
-                    student_logits.sizes());
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
-                    temperature);
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "alpha must lie in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kBatchMean, "reduction code must be 0, 1 or 2, got ", reduction);
+  check_loss_options(student_logits, temperature, alpha, reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
@@ -433,12 +428,15 @@ void kd_loss_topk_rows(const at::Tensor& student, const at::Tensor& indices, con
         continue;
       }
       acc_t z_t = 0, z_1 = 0;
-      double scaled_sum = 0;  // sum over all classes of (s - ms) / T, in double: C can be 10^5
+      // Sum over the finite classes of (s - ms) / T, in double (C can be 10^5), and the count of -inf classes
+      // (-inf - -inf would be NaN).
+      double scaled_sum = 0;
+      int64_t minus_inf = 0;
       for (int64_t c = 0; c < classes; ++c) {
         const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
         z_t += std::exp(d * inv_t);
         z_1 += std::exp(d);
-        scaled_sum += static_cast<double>(d * inv_t);
+        if (d == -inf) ++minus_inf; else scaled_sum += static_cast<double>(d * inv_t);
       }
       const acc_t log_z_t = std::log(z_t), log_z_1 = std::log(z_1);
       // The teacher over its listed classes.
@@ -454,15 +452,19 @@ void kd_loss_topk_rows(const at::Tensor& student, const at::Tensor& indices, con
         const acc_t log_listed = std::log1p(-rest) - std::log(z_teacher);
         acc_t kl = 0;
         double listed_scaled_sum = 0;
+        int64_t listed_minus_inf = 0;
         for (int64_t i = 0; i < k; ++i) {
           const int64_t c = static_cast<int64_t>(i_row[i]);
           const acc_t log_q = (static_cast<acc_t>(s_row[c]) - ms) * inv_t - log_z_t;
           const acc_t p = std::exp((static_cast<acc_t>(t_row[i]) - mt) * inv_t + log_listed);
           listed_p[i] = p;
           if (p > 0) kl += p * ((static_cast<acc_t>(t_row[i]) - mt) * inv_t + log_listed - log_q);
-          listed_scaled_sum += static_cast<double>((static_cast<acc_t>(s_row[c]) - ms) * inv_t);
+          const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
+          if (d == -inf) ++listed_minus_inf; else listed_scaled_sum += static_cast<double>(d * inv_t);
         }
-        if (spread > 0) {
+        if (spread > 0 && minus_inf > listed_minus_inf) {
+          kl = inf;  // an unlisted class with teacher mass that the student rules out
+        } else if (spread > 0) {
           const double unlisted_log_q = scaled_sum - listed_scaled_sum - static_cast<double>(classes - k) * log_z_t;
           kl += static_cast<acc_t>(static_cast<double>(rest) * std::log(static_cast<double>(spread)) -
                                    static_cast<double>(spread) * unlisted_log_q);
@@ -507,25 +509,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cpu(const at::Tensor& student_lo
   TORCH_CHECK_VALUE(teacher_indices.device().is_cpu() && teacher_logits.device().is_cpu() &&
                         teacher_rest_mass.device().is_cpu(),
                     "teacher.indices, teacher.logits and teacher.rest_mass must be CPU tensors for the cpu backend");
-  TORCH_CHECK_VALUE(teacher_indices.dim() == 2 && teacher_indices.size(0) == rows && teacher_indices.size(1) >= 1 &&
-                        teacher_indices.size(1) <= std::max<int64_t>(classes, 1),
-                    "teacher.indices must have shape [", rows, ", k] with 1 <= k <= ", classes, ", got ",
-                    teacher_indices.sizes());
-  TORCH_CHECK_VALUE(teacher_indices.scalar_type() == at::kInt || teacher_indices.scalar_type() == at::kLong,
-                    "teacher.indices must have dtype int32 or int64, got ", teacher_indices.scalar_type());
-  TORCH_CHECK_VALUE(teacher_logits.sizes() == teacher_indices.sizes(), "teacher.logits has shape ",
-                    teacher_logits.sizes(), " but teacher.indices has shape ", teacher_indices.sizes());
-  TORCH_CHECK_VALUE(teacher_rest_mass.dim() == 1 && teacher_rest_mass.size(0) == rows &&
-                        teacher_rest_mass.scalar_type() == at::kFloat,
-                    "teacher.rest_mass must be float32 of shape [", rows, "], got ", teacher_rest_mass.scalar_type(),
-                    " of shape ", teacher_rest_mass.sizes());
+  check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, rows, classes);
   const at::Tensor student = student_logits.contiguous(), indices = teacher_indices.contiguous();
   const at::Tensor teacher = teacher_logits.contiguous(), rest = teacher_rest_mass.contiguous();
-  if (indices.numel() > 0) {
-    const int64_t low = indices.min().item<int64_t>(), high = indices.max().item<int64_t>();
-    TORCH_CHECK_VALUE(low >= 0 && high < classes, "kd_loss: teacher.indices holds ", low < 0 ? low : high,
-                      "; expected class indices in [0, ", classes, ")");
-  }
   const LabelCount labels = count_labels(target, rows, classes, ignore_index);
   const double grad_scale = reduction == kBatchMean ? 1.0 / std::max<int64_t>(labels.counted_rows, 1) : 1.0;
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

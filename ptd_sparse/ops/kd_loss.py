@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 from ptd_sparse.compiled import kd_loss as compiled_impl
+from ptd_sparse import triton_kernels
 from ptd_sparse.reference import kd_loss as reference_impl
 
 # Backend name -> function of the common signature, for a dense and for a top-k teacher.
-IMPLEMENTATIONS = {"reference": reference_impl.kd_loss, "cpu": compiled_impl.kd_loss, "cuda": compiled_impl.kd_loss}
+IMPLEMENTATIONS = {"reference": reference_impl.kd_loss, "cpu": compiled_impl.kd_loss, "cuda": compiled_impl.kd_loss,
+                   "triton": triton_kernels.kd_loss}
 TOPK_IMPLEMENTATIONS = {"reference": reference_impl.kd_loss_topk, "cpu": compiled_impl.kd_loss_topk,
-                        "cuda": compiled_impl.kd_loss_topk}
+                        "cuda": compiled_impl.kd_loss_topk, "triton": triton_kernels.kd_loss_topk}
 REDUCTION_NONE = 0
 
 

@@ -12,9 +12,10 @@ from torch import Tensor
 
 from ptd_sparse.compiled import sparse_conv2d as compiled_impl
 from ptd_sparse.reference import sparse_conv2d as reference_impl
+from ptd_sparse.triton_kernels import sparse_conv2d as triton_impl
 
 # Backend name -> module with forward(...) and backward(...) of the common signature.
-IMPLEMENTATIONS = {"reference": reference_impl, "cpu": compiled_impl, "cuda": compiled_impl}
+IMPLEMENTATIONS = {"reference": reference_impl, "cpu": compiled_impl, "cuda": compiled_impl, "triton": triton_impl}
 
 
 def _implementation(backend: str):
