@@ -34,6 +34,11 @@ def oracle(student, teacher, target, temperature, alpha, reduction, ignore_index
         valid = target != ignore_index
         ce = F.cross_entropy(s, target, ignore_index=ignore_index, reduction="none")
         rows = rows + (1 - alpha) * ce
+    return reduced(s, rows, valid, reduction)
+
+
+def reduced(s, rows, valid, reduction):
+    """(loss, grad wrt s, the incoming gradient used) of per-row losses under a reduction, ignored rows zeroed."""
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     if reduction == "none":
         loss = rows
@@ -46,11 +51,13 @@ def oracle(student, teacher, target, temperature, alpha, reduction, ignore_index
     return loss.detach(), grad, grad_out
 
 
-def check(backend, student, teacher, target, temperature, alpha, reduction, dtype_tol, ignore_index=-100):
+def check(backend, student, teacher, target, temperature, alpha, reduction, dtype_tol, ignore_index=-100,
+          oracle_fn=None):
     student = student.detach().requires_grad_()
     loss = ptd_sparse.kd_loss(student, teacher, target, temperature=temperature, alpha=alpha, reduction=reduction,
                               ignore_index=ignore_index, backend=backend)
-    want_loss, want_grad, grad_out = oracle(student, teacher, target, temperature, alpha, reduction, ignore_index)
+    want_loss, want_grad, grad_out = (oracle_fn or oracle)(student, teacher, target, temperature, alpha, reduction,
+                                                           ignore_index)
     assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
     assert loss.shape == want_loss.shape
     assert_close(loss, want_loss, dtype_tol, "loss")
@@ -289,24 +296,11 @@ def topk_oracle(student, teacher, target, temperature, alpha, reduction, ignore_
     if target is not None:
         valid = target != ignore_index
         per_row = per_row + (1 - alpha) * F.cross_entropy(s, target, ignore_index=ignore_index, reduction="none")
-    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
-    loss = {"none": per_row, "sum": per_row.sum()}.get(reduction, per_row.sum() / max(int(valid.sum()), 1))
-    grad_out = torch.ones_like(loss) if reduction != "none" else torch.linspace(-1, 2, loss.numel(), dtype=loss.dtype)
-    (grad,) = torch.autograd.grad(loss, s, grad_out) if rows else (torch.zeros_like(s),)
-    return loss.detach(), grad, grad_out
+    return reduced(s, per_row, valid, reduction)
 
 
 def check_topk(backend, student, teacher, target, temperature, alpha, reduction, dtype_tol):
-    student = student.detach().requires_grad_()
-    loss = ptd_sparse.kd_loss(student, teacher, target, temperature=temperature, alpha=alpha, reduction=reduction,
-                              backend=backend)
-    want_loss, want_grad, grad_out = topk_oracle(student, teacher, target, temperature, alpha, reduction)
-    assert loss.shape == want_loss.shape
-    assert_close(loss, want_loss, dtype_tol, "loss")
-    if student.shape[0]:
-        (grad,) = torch.autograd.grad(loss, student, grad_out.to(loss.dtype))
-        assert grad.dtype == student.dtype
-        assert_close(grad, want_grad, dtype_tol, "grad_student")
+    check(backend, student, teacher, target, temperature, alpha, reduction, dtype_tol, oracle_fn=topk_oracle)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
