@@ -10,10 +10,14 @@ from torch import Tensor
 REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 
 
+def bad_rows(logits: Tensor) -> Tensor:
+    """Mask of the rows holding NaN or +inf or having no finite entry."""
+    return torch.isnan(logits).any(1) | torch.isposinf(logits).any(1) | (logits == float("-inf")).all(1)
+
+
 def first_bad_row(logits: Tensor) -> int | None:
     """First row holding NaN or +inf or having no finite entry, else None."""
-    bad = torch.isnan(logits).any(1) | torch.isposinf(logits).any(1) | (logits == float("-inf")).all(1)
-    rows = torch.nonzero(bad).reshape(-1)
+    rows = torch.nonzero(bad_rows(logits)).reshape(-1)
     return int(rows[0]) if rows.numel() else None
 
 
@@ -38,26 +42,30 @@ def check_target(target: Tensor, classes: int, ignore_index: int) -> Tensor:
 
 def check_topk_teacher(indices: Tensor, logits: Tensor, rest_mass: Tensor, classes: int) -> None:
     """The top-k teacher's own contract (ptd_sparse.TopKTeacher): k distinct class indices in range per row, logits
-    finite or -inf with a finite entry per row, and a rest mass in [0, 1) that is 0 when k covers every class."""
-    check_logits(logits, "teacher.logits")
-    if indices.numel():
-        low, high = int(indices.min()), int(indices.max())
-        if low < 0 or high >= classes:
-            bad = low if low < 0 else high
-            raise ValueError(f"kd_loss: teacher.indices holds {bad}; expected class indices in [0, {classes})")
-        ordered = indices.sort(dim=1).values
-        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1).nonzero().reshape(-1)
-        if repeated.numel():
-            raise ValueError(f"kd_loss: teacher.indices row {int(repeated[0])} lists a class twice; the k classes of "
-                             "a row must be distinct")
+    finite or -inf with a finite entry per row, and a rest mass in [0, 1) that is 0 when k covers every class.
+
+    Runs on every call of every backend, so the checks are row masks on the teacher's device and one host read of
+    whether any failed; only then are the offending row and value looked up for the message."""
+    out_of_range = ((indices < 0) | (indices >= classes)).any(1)
+    ordered = indices.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
     bad_rest = ~((rest_mass >= 0) & (rest_mass < 1))
     if indices.shape[1] == classes:
         bad_rest |= rest_mass != 0
-    rows = bad_rest.nonzero().reshape(-1)
-    if rows.numel():
-        row = int(rows[0])
-        raise ValueError(f"kd_loss: teacher.rest_mass is {float(rest_mass[row])} at row {row}; expected a probability "
-                         f"in [0, 1), and 0 when k equals the number of classes ({classes})")
+    bad_logits = bad_rows(logits)
+    if not bool((bad_logits | out_of_range | repeated | bad_rest).any()):
+        return
+    check_logits(logits, "teacher.logits")
+    if bool(out_of_range.any()):
+        low, high = int(indices.min()), int(indices.max())
+        raise ValueError(f"kd_loss: teacher.indices holds {low if low < 0 else high}; expected class indices in "
+                         f"[0, {classes})")
+    if bool(repeated.any()):
+        raise ValueError(f"kd_loss: teacher.indices row {int(repeated.nonzero()[0, 0])} lists a class twice; the k "
+                         "classes of a row must be distinct")
+    row = int(bad_rest.nonzero()[0, 0])
+    raise ValueError(f"kd_loss: teacher.rest_mass is {float(rest_mass[row])} at row {row}; expected a probability "
+                     f"in [0, 1), and 0 when k equals the number of classes ({classes})")
 
 
 def topk_teacher_probabilities(indices: Tensor, logits: Tensor, rest_mass: Tensor, classes: int,
