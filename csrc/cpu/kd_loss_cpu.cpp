@@ -509,9 +509,14 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cpu(const at::Tensor& student_lo
   TORCH_CHECK_VALUE(teacher_indices.device().is_cpu() && teacher_logits.device().is_cpu() &&
                         teacher_rest_mass.device().is_cpu(),
                     "teacher.indices, teacher.logits and teacher.rest_mass must be CPU tensors for the cpu backend");
-  check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, rows, classes);
+  check_topk_teacher_shapes(teacher_indices, teacher_logits, teacher_rest_mass, rows, classes);
   const at::Tensor student = student_logits.contiguous(), indices = teacher_indices.contiguous();
   const at::Tensor teacher = teacher_logits.contiguous(), rest = teacher_rest_mass.contiguous();
+  if (indices.numel() > 0) {
+    const int64_t low = indices.min().item<int64_t>(), high = indices.max().item<int64_t>();
+    TORCH_CHECK_VALUE(low >= 0 && high < classes, "kd_loss: teacher.indices holds ", low < 0 ? low : high,
+                      "; expected class indices in [0, ", classes, ")");
+  }
   const LabelCount labels = count_labels(target, rows, classes, ignore_index);
   const double grad_scale = reduction == kBatchMean ? 1.0 / std::max<int64_t>(labels.counted_rows, 1) : 1.0;
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

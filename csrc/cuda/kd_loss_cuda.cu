@@ -18,7 +18,7 @@
 namespace ptd_sparse {
 namespace {
 
-enum ErrorSlot : int { kBadStudent = 0, kBadTeacher = 1, kBadLabel = 2, kSlots = 3 };
+enum ErrorSlot : int { kBadStudent = 0, kBadTeacher = 1, kBadLabel = 2, kBadIndex = 3, kSlots = 4 };
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
@@ -285,7 +285,12 @@ __global__ void __launch_bounds__(1024) kd_loss_topk_kernel(const student_t* __r
   double listed_sum = 0, listed_minus_inf = 0;
   if (need_kd) {
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-      const acc_t s = static_cast<acc_t>(s_row[i_row[i]]);
+      const int64_t c = static_cast<int64_t>(i_row[i]);
+      if (c < 0 || c >= classes) {  // refused after the launch; never read out of bounds
+        atomicMin(errors + kBadIndex, static_cast<int>(row));
+        continue;
+      }
+      const acc_t s = static_cast<acc_t>(s_row[c]);
       const acc_t log_p = (static_cast<acc_t>(t_row[i]) - t_max) * inv_t + log_listed;
       const acc_t p = exp_acc(log_p);
       if (p > 0) kl += p * (log_p - ((s - st.max) * inv_t - log_z_st));
@@ -333,6 +338,7 @@ __global__ void __launch_bounds__(1024) kd_loss_topk_kernel(const student_t* __r
   if (kd_grad != 0) {
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       const int64_t c = static_cast<int64_t>(i_row[i]);
+      if (c < 0 || c >= classes) continue;  // recorded above
       const acc_t ds = static_cast<acc_t>(s_row[c]) - st.max;
       const acc_t p = exp_acc((static_cast<acc_t>(t_row[i]) - t_max) * inv_t + log_listed);
       acc_t g = kd_grad * (exp_acc(ds * inv_t - log_z_st) - p);
@@ -405,6 +411,8 @@ struct LossCall {
                       " holds NaN or +inf, or has no finite entry; logits must be finite or -inf");
     TORCH_CHECK_VALUE(bad[kBadTeacher] == rows, "kd_loss: ", teacher_name, " row ", bad[kBadTeacher],
                       " holds NaN or +inf, or has no finite entry; logits must be finite or -inf");
+    TORCH_CHECK_VALUE(bad[kBadIndex] == rows, "kd_loss: teacher.indices row ", bad[kBadIndex],
+                      " holds a class outside [0, ", student.size(1), ")");
     if (bad[kBadLabel] != rows) {
       const int64_t value = labels[bad[kBadLabel]].item<int64_t>();
       TORCH_CHECK_VALUE(false, "kd_loss: target has value ", value, " at row ", bad[kBadLabel],
@@ -478,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cuda(const at::Tensor& student_l
   c10::cuda::CUDAGuard guard(student_logits.device());
   const at::Tensor student = student_logits.contiguous(), indices = teacher_indices.contiguous();
   const at::Tensor teacher = teacher_logits.contiguous(), rest = teacher_rest_mass.contiguous();
-  check_topk_teacher(indices, teacher, rest, rows, classes);
+  check_topk_teacher_shapes(indices, teacher, rest, rows, classes);
   LossCall call(student, target, temperature, alpha, reduction, ignore_index, compute_grad);
   if (rows > 0 && classes > 0) {
     TORCH_CHECK(rows <= 0x7fffffff, "kd_loss cuda: at most 2^31 - 1 rows per call");
