@@ -34,7 +34,7 @@ def pip_cuda_include_dirs() -> list[str]:
 
 
 def extension():
-    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The CPU kernels are written with portable vector types; -march lets the compiler use the widest vectors of the
     # building machine (AVX2/FMA, AVX-512). PTD_CPU_ARCH=x86-64-v2 (or any -march value) builds for other machines.
     arch = os.environ.get("PTD_CPU_ARCH", "native")

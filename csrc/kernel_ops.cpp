@@ -34,6 +34,21 @@ TORCH_LIBRARY(ptd_sparse_kernels, m) {
       "kd_loss_topk(Tensor student_logits, Tensor teacher_indices, Tensor teacher_logits, Tensor teacher_rest_mass, "
       "Tensor? target, float temperature, float alpha, int reduction, int ignore_index, bool compute_grad) "
       "-> (Tensor, Tensor)");
+
+  // The differentiable operators of the compiled backends (csrc/autograd/): autograd and autocast registered in C++,
+  // so an eager call pays no Python layer. The convolution runs in the autocast dtype under torch.autocast, the loss
+  // in float32. Gradients: input, values and bias of the convolution; the student logits of the loss.
+  m.def(
+      "sparse_conv2d(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor t_ptr, Tensor t_rows, "
+      "Tensor t_perm, int[] weight_shape, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+      "bool relu=False) -> Tensor");
+  m.def(
+      "kd_loss_differentiable(Tensor student_logits, Tensor teacher_logits, Tensor? target, float temperature, "
+      "float alpha, int reduction, int ignore_index) -> Tensor");
+  m.def(
+      "kd_loss_topk_differentiable(Tensor student_logits, Tensor teacher_indices, Tensor teacher_logits, "
+      "Tensor teacher_rest_mass, Tensor? target, float temperature, float alpha, int reduction, int ignore_index) "
+      "-> Tensor");
 }
 
 // The Python side compares this with the running torch to refuse a stale build with one clear sentence.

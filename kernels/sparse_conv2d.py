@@ -29,6 +29,8 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from ._launch import INTERPRET, configs, launch_context, tuning_bucket
+from ptd_sparse.conv_geometry import output_size
+from ptd_sparse.ops.autocast import register_autocast
 
 INT32_LIMIT = 2**31 - 1
 
@@ -261,15 +263,11 @@ def _accumulator(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def _geometry(input_shape, weight_shape, stride, padding, dilation):
     n, c_in, h, w = input_shape
     c_out, _, kh, kw = weight_shape
-    oh = _output_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _output_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     return n, c_in, h, w, c_out, kh, kw, oh, ow
 
 
@@ -426,3 +424,5 @@ def _autograd_backward(ctx, grad_output):
 
 
 triton_sparse_conv2d.register_autograd(_autograd_backward, setup_context=_setup_context)
+# Under torch.autocast the convolution runs in the autocast dtype, like F.conv2d (and the other routes).
+register_autocast("ptd_sparse::triton_sparse_conv2d", cast_to=None)

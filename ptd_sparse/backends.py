@@ -19,6 +19,8 @@ import torch
 from ptd_sparse._extension import extension_problem, has_compiled_cuda
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
+# The backends whose kernels live in the compiled extension (and whose autograd and autocast rules do too).
+COMPILED = ("cpu", "cuda")
 SPARSE_CONV = "sparse_conv2d"
 KD_LOSS = "kd_loss"
 

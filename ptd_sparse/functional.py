@@ -10,9 +10,10 @@ from torch import Tensor
 
 from ptd_sparse import _validation as check
 from ptd_sparse import ops
-from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, choose_backend
+from ptd_sparse.backends import COMPILED, KD_LOSS, SPARSE_CONV, choose_backend
+from ptd_sparse.compiled import sparse_conv2d as compiled_conv
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
-from ptd_sparse.reference.kd_loss import REDUCTIONS
+from ptd_sparse.reference.kd_loss import REDUCTIONS, check_topk_teacher
 from ptd_sparse.topk_teacher import TopKTeacher
 from ptd_sparse.topk_teacher import checked as topk_checked
 
@@ -45,6 +46,13 @@ def pattern_of(mask: Tensor) -> ConvPattern:
     return pattern
 
 
+def _same_dtype_unless_autocast(reference: Tensor, reference_name: str, **others) -> None:
+    """Under torch.autocast the operators cast their floating inputs to one dtype themselves (as F.conv2d does), so
+    an fp32 weight meeting a bf16 activation is expected there; anywhere else the dtypes must match."""
+    if not torch.is_autocast_enabled(reference.device.type):
+        check.same_dtype(reference, reference_name, **others)
+
+
 def _conv_arguments(input, weight_shape, bias, stride, padding, dilation):
     batched, unbatched = check.conv_input(input, weight_shape[1])
     check.conv_bias(bias, weight_shape[0])
@@ -69,9 +77,15 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
         raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has shape {tuple(weight.shape)}; "
                          "they must match")
     check.same_device(weight, "weight", input=input, mask=mask, bias=bias)
-    check.same_dtype(weight, "weight", input=input, bias=bias)
+    _same_dtype_unless_autocast(weight, "weight", input=input, bias=bias)
     batched, unbatched, stride, padding, dilation = _conv_arguments(input, tuple(weight.shape), bias, stride, padding,
                                                                     dilation)
+    if torch.compiler.is_compiling():
+        # A compiled graph cannot key a cached pattern on the mask's values (nor build one: its size depends on them),
+        # so it takes the dense masked path, which traces into the graph; sparse kernels under torch.compile come
+        # with SparseConv2d (sparsify), whose pattern lives in buffers.
+        out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
+        return out.squeeze(0) if unbatched else out
     pattern = pattern_of(mask)
     chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density, batched.shape[0])
     if chosen == "reference":
@@ -91,7 +105,7 @@ def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor |
     if not isinstance(sparse_weight, SparseConvWeight):
         raise TypeError(f"sparse_weight must be a ptd_sparse.SparseConvWeight, got {type(sparse_weight).__name__}")
     check.same_device(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
-    check.same_dtype(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
+    _same_dtype_unless_autocast(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
     batched, unbatched, stride, padding, dilation = _conv_arguments(input, sparse_weight.shape, bias, stride, padding,
                                                                     dilation)
     chosen = choose_backend(SPARSE_CONV, batched.device, backend, sparse_weight.density, batched.shape[0])
@@ -108,6 +122,11 @@ def _run_sparse_conv(input: Tensor, pattern: ConvPattern, values: Tensor, bias, 
         return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx,
                                                          pattern.t_ptr, pattern.t_rows, pattern.t_perm,
                                                          list(pattern.shape), bias, stride, padding, dilation, relu)
+    if backend in COMPILED:
+        # The C++ operator with autograd and autocast registered in C++: no Python layer after this point.
+        return compiled_conv.differentiable(input, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
+                                            pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, stride,
+                                            padding, dilation, relu)
     return ops.sparse_conv2d.sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
                                            pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, stride, padding,
                                            dilation, backend, relu)
@@ -163,6 +182,15 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
     chosen = choose_backend(KD_LOSS, student_logits.device, backend)
+    if chosen in COMPILED:
+        # The C++ operators with autograd and autocast registered in C++ (csrc/autograd/kd_loss_autograd.cpp).
+        kernels = torch.ops.ptd_sparse_kernels
+        if topk is not None:
+            check_topk_teacher(*topk, student_logits.shape[1])
+            return kernels.kd_loss_topk_differentiable(student_logits, *topk, target, temperature, alpha,
+                                                       REDUCTIONS[reduction], int(ignore_index))
+        return kernels.kd_loss_differentiable(student_logits, teacher_logits.detach(), target, temperature, alpha,
+                                              REDUCTIONS[reduction], int(ignore_index))
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     options = (target, temperature, alpha, REDUCTIONS[reduction], int(ignore_index), compute_grad, chosen)
     if topk is not None:

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 
 from ptd_sparse.compiled import kd_loss as compiled_impl
+from ptd_sparse.compiled.kd_loss import REDUCTION_NONE
+from ptd_sparse.ops.autocast import register_autocast
 from ptd_sparse import triton_kernels
 from ptd_sparse.reference import kd_loss as reference_impl
 
@@ -21,7 +23,6 @@ IMPLEMENTATIONS = {"reference": reference_impl.kd_loss, "cpu": compiled_impl.kd_
                    "triton": triton_kernels.kd_loss}
 TOPK_IMPLEMENTATIONS = {"reference": reference_impl.kd_loss_topk, "cpu": compiled_impl.kd_loss_topk,
                         "cuda": compiled_impl.kd_loss_topk, "triton": triton_kernels.kd_loss_topk}
-REDUCTION_NONE = 0
 
 
 def _implementation(table: dict, backend: str, op: str):
@@ -41,14 +42,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
                                                                 alpha, reduction, ignore_index, compute_grad)
 
 
-def loss_dtype(student_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if student_dtype == torch.float64 else torch.float32
-
-
 def _loss_and_grad_like(student_logits: Tensor, reduction: int, compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
-    loss_shape = (student_logits.shape[0],) if reduction == REDUCTION_NONE else ()
-    loss = student_logits.new_empty(loss_shape, dtype=loss_dtype(student_logits.dtype))
+    loss = compiled_impl.loss_like(student_logits, reduction)
     grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
     return loss, grad
 
@@ -120,3 +115,6 @@ def _backward(ctx, grad_loss, _unused_grad_of_grad_student):
 
 kd_loss.register_autograd(_backward, setup_context=_setup_context)
 kd_loss_topk.register_autograd(_backward, setup_context=_setup_context)
+# Under torch.autocast the loss computes in float32, like F.cross_entropy.
+register_autocast("ptd_sparse::kd_loss", torch.float32)
+register_autocast("ptd_sparse::kd_loss_topk", torch.float32)

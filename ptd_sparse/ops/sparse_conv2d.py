@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from ptd_sparse.compiled import sparse_conv2d as compiled_impl
+from ptd_sparse.conv_geometry import conv_output_shape
+from ptd_sparse.ops.autocast import register_autocast
 from ptd_sparse.reference import sparse_conv2d as reference_impl
 from ptd_sparse.triton_kernels import sparse_conv2d as triton_impl
 
@@ -23,10 +25,6 @@ def _implementation(backend: str):
         raise ValueError(f"sparse_conv2d: backend {backend!r} has no implementation; available: "
                          f"{sorted(IMPLEMENTATIONS)}")
     return IMPLEMENTATIONS[backend]
-
-
-def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 @torch.library.custom_op("ptd_sparse::sparse_conv2d", mutates_args=())
@@ -42,11 +40,7 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
 @sparse_conv2d.register_fake
 def _sparse_conv2d_fake(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding,
                         dilation, backend, relu=False):
-    torch._check(input.dim() == 4, lambda: "input must be 4-D")
-    torch._check(input.shape[1] == weight_shape[1], lambda: "input channels must match weight_shape[1]")
-    out_h = output_size(input.shape[2], weight_shape[2], stride[0], padding[0], dilation[0])
-    out_w = output_size(input.shape[3], weight_shape[3], stride[1], padding[1], dilation[1])
-    return input.new_empty((input.shape[0], weight_shape[0], out_h, out_w))
+    return input.new_empty(conv_output_shape(input, weight_shape, stride, padding, dilation))
 
 
 @torch.library.custom_op("ptd_sparse::sparse_conv2d_backward", mutates_args=())
@@ -94,3 +88,5 @@ def _backward(ctx, grad_output):
 
 
 sparse_conv2d.register_autograd(_backward, setup_context=_setup_context)
+# Under torch.autocast the convolution runs in the autocast dtype, like F.conv2d.
+register_autocast("ptd_sparse::sparse_conv2d", cast_to=None)

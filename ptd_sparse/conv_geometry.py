@@ -1,0 +1,19 @@
+"""The convolution's output-size arithmetic, written once for every route (fake kernels, checks, the reference)."""
+from __future__ import annotations
+
+import torch
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_output_shape(input, weight_shape, stride, padding, dilation) -> tuple:
+    """[N, C_out, OH, OW] of a convolution of `input` [N, C_in, H, W] (a tensor, real or fake) with a weight of
+    `weight_shape`; checks what a fake kernel can (symbolic sizes allowed)."""
+    torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
+    torch._check(input.shape[1] == weight_shape[1],
+                 lambda: f"input has {input.shape[1]} channels but weight_shape expects {weight_shape[1]}")
+    out_h = output_size(input.shape[2], weight_shape[2], stride[0], padding[0], dilation[0])
+    out_w = output_size(input.shape[3], weight_shape[3], stride[1], padding[1], dilation[1])
+    return (input.shape[0], weight_shape[0], out_h, out_w)
