@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     from ptd_sparse.pipeline.data import MissingDataError
     from ptd_sparse.pipeline.report import write_report
 
+    main_rank = True
     try:
         run = stages.Run(Path(args.out), config)
+        main_rank = distributed.is_main()  # read before teardown, after which every process looks like rank 0
         action = {"train": stages.train_teacher, "prune": stages.prune_teacher, "design": stages.design_students,
                   "cache": stages.cache_teacher,
                   "distill": stages.distill_students, "report": write_report, "run": stages.run_all}[args.command]
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.teardown()
-    if distributed.is_main():
+    if main_rank:
         if args.command in ("run", "report"):
             print((run.dir / "report" / "summary.md").read_text())
             print(f"report: {run.dir / 'report'}")

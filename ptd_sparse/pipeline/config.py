@@ -10,7 +10,10 @@ import tomllib
 from pathlib import Path
 
 DEFAULTS = {
-    "run": {"seed": 0, "seeds": 1, "device": "auto", "threads": 0, "progress": True},
+    # precision: the autocast dtype of training forwards ("auto": bfloat16 on GPUs, float32 on CPUs);
+    # memory_format: of models and batches ("auto": channels_last on GPUs, contiguous on CPUs).
+    "run": {"seed": 0, "seeds": 1, "device": "auto", "threads": 0, "progress": True, "precision": "auto",
+            "memory_format": "auto"},
     "data": {"name": "fashion_mnist", "root": "", "val_fraction": 0.1, "train_subset": 20000, "batch_size": 128,
              "crop_padding": 2, "flip": True},
     "teacher": {"model": "vgg_fmnist", "plan": [], "epochs": 4, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
@@ -29,6 +32,8 @@ DEFAULTS = {
 
 VARIANTS = ("student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned")
 PRUNE_METHODS = ("lr_rewind", "weight_rewind", "finetune", "oneshot")
+PRECISIONS = ("auto", "float32", "bfloat16")  # float16 would need loss scaling, which fit does not do
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 class ConfigError(ValueError):
@@ -106,6 +111,10 @@ def validate(config: dict) -> dict:
             raise ConfigError(f"{section}.epochs must be >= 1, got {config[section]['epochs']}")
     if data["batch_size"] < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {data['batch_size']}")
+    if config["run"]["precision"] not in PRECISIONS:
+        raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {config['run']['precision']!r}")
+    if config["run"]["memory_format"] not in MEMORY_FORMATS:
+        raise ConfigError(f"run.memory_format must be one of {MEMORY_FORMATS}, got {config['run']['memory_format']!r}")
     if config["run"]["seeds"] < 1:
         raise ConfigError(f"run.seeds must be >= 1, got {config['run']['seeds']}")
     if config["student"]["multiple"] < 1 or config["student"]["min_width"] < 1:

@@ -28,7 +28,8 @@ from ptd_sparse.pipeline import distributed, pruning
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model, write_json
 from ptd_sparse.pipeline.data import Augmentation, load_dataset, resolve_root
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
-from ptd_sparse.pipeline.training import Context, Distillation, Schedule, fit
+from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, fit,
+                                          precision_for)
 
 logger = logging.getLogger("ptd_sparse.pipeline")
 
@@ -60,9 +61,11 @@ class Run:
         return self._dataset
 
     def context(self, seed: int, **extra) -> Context:
-        data = self.config["data"]
+        data, run = self.config["data"], self.config["run"]
         return Context(self.dataset, Augmentation(data["crop_padding"], data["flip"]), self.device, seed,
-                       self.config["run"]["progress"], self.dir / "metrics.jsonl", extra)
+                       run["progress"], self.dir / "metrics.jsonl", extra,
+                       precision_for(self.device, run["precision"]),
+                       channels_last_for(self.device, run["memory_format"]))
 
     def spec(self, section: str, plan=None) -> dict:
         name = self.config[section]["model"]
@@ -236,7 +239,11 @@ def cache_teacher(run: Run) -> dict:
         spec = _cache_spec(run, teacher, model_spec)
         folder = cache_folder(run, name)
         started = time.perf_counter()
-        cache = build_cache(folder, teacher, run.dataset, spec, batch_size=c["batch_size"], device=run.device)
+        # The teacher runs in the run's precision, as it does live in distillation (bfloat16 on GPUs by default).
+        autocast_dtype = precision_for(run.device, run.config["run"]["precision"])
+        with torch.autocast(run.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            cache = build_cache(folder, teacher, run.dataset, spec, batch_size=c["batch_size"], device=run.device)
         results[name] = {"folder": str(folder), "form": spec.form, "dtype": spec.dtype, "views": spec.views,
                          "samples": spec.samples, "bytes": cache.nbytes(), "bytes_per_view": spec.bytes_per_view(),
                          "seconds": round(time.perf_counter() - started, 2)}

@@ -63,6 +63,24 @@ class Context:
     progress: bool = True
     metrics_path: Path | None = None
     extra: dict = field(default_factory=dict)  # written with every metrics line (stage, variant, ...)
+    # Mixed precision and layout of training (see precision_for / channels_last_for): autocast to this dtype in the
+    # forward passes (None: no autocast), channels_last models and batches.
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
+def precision_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of run.precision on `device`: "auto" is bfloat16 on GPUs (no loss scaling needed) and none
+    on CPUs, where bfloat16 matmuls are slower than float32 without AMX; "float32" is none."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if precision == "float32" else getattr(torch, precision)
+
+
+def channels_last_for(device: torch.device, memory_format: str = "auto") -> bool:
+    """Whether run.memory_format puts models and batches in channels_last ("auto": on GPUs, where cuDNN's NHWC
+    kernels are faster)."""
+    return device.type == "cuda" if memory_format == "auto" else memory_format == "channels_last"
 
 
 def evaluate(model: nn.Module, split: Split, ctx: Context, batch_size: int = 512) -> float:
@@ -98,7 +116,7 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
         distillation: Distillation | None = None, on_epoch_end=None) -> dict:
     """Train `model` in place; returns {"best_val_acc", "test_acc", "epochs"}. Resumes from `state_path`."""
     model.to(ctx.device)
-    if ctx.device.type == "cuda":
+    if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum, nesterov=True,
                                 weight_decay=schedule.weight_decay)
@@ -131,8 +149,11 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
             views = cache.views(index, epoch) if cache is not None else \
                 sample_views(len(labels), ctx.augmentation, generator)
             inputs = normalize(apply_views(images.to(ctx.device), views, ctx.augmentation.crop_padding), ctx.dataset)
+            if ctx.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             labels = labels.to(ctx.device)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
+                                enabled=ctx.autocast_dtype is not None):
                 logits = trained(inputs)
                 if teacher is not None:
                     with torch.no_grad():
