@@ -12,6 +12,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def pair(value, name: str, minimum: int) -> list[int]:
     """An int or a pair of ints, each >= minimum, as a list of two ints."""
+    # Fast path for what modules pass on every call (plain ints and tuples of them): the general checks below go
+    # through the numbers ABCs, which cost microseconds per call.
+    if type(value) is int and value >= minimum:
+        return [value, value]
+    if type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
+            and value[0] >= minimum and value[1] >= minimum:
+        return [value[0], value[1]]
     items = None
     if isinstance(value, Integral):
         items = (value, value)

@@ -87,7 +87,7 @@ class ConvPattern:
         """values [nnz] of a dense weight at this pattern's nonzeros (differentiable)."""
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"weight has shape {tuple(weight.shape)} but the pattern was built for {self.shape}")
-        return weight.reshape(-1).index_select(0, self.flat_index)
+        return torch.take(weight, self.flat_index)  # one autograd node (reshape + index_select would be two)
 
     def scatter(self, values: Tensor) -> Tensor:
         """The dense weight holding `values` at the nonzeros and 0 elsewhere."""
