@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ptd_sparse.pipeline import design as design_rule
-from ptd_sparse.pipeline import distributed, pruning
+from ptd_sparse.pipeline import distributed, prune_plan, pruning
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model, write_json
 from ptd_sparse.pipeline.data import Augmentation, load_dataset, resolve_root
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
@@ -95,7 +95,7 @@ def _results_config(config: dict) -> dict:
 
 
 def sparsity_name(target: float) -> str:
-    return f"sparsity_{target:.2f}"
+    return prune_plan.target_name(target)
 
 
 def train_teacher(run: Run) -> dict:
@@ -125,15 +125,7 @@ def prune_teacher(run: Run) -> dict:
         return result
     p = run.config["prune"]
     targets = p["targets"]
-    if p["method"] == "oneshot":
-        levels = list(targets)
-    else:
-        rounds = pruning.rounds_for(targets[-1], p["rate"])
-        levels = [pruning.sparsity_after(k, p["rate"]) for k in range(1, rounds + 1)]
-        for target in targets:  # each target replaces the round level closest to it, so it is met exactly
-            k = pruning.rounds_for(target, p["rate"])
-            levels[k - 1] = target
-        levels = sorted(set(levels))
+    levels = pruning.pruning_levels(targets, p["rate"], p["method"])  # every target is a level of its own
     model, spec = load_model(run.dir / "teacher" / "model")
     init, _ = load_model(run.dir / "teacher" / "init")
     results = {}
