@@ -1,9 +1,11 @@
 """SparseConv2d: a convolution whose weight is stored only as its nonzeros (the canonical CSR format)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ptd_sparse import _format_checks
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import SPARSE_CONV, choose_backend
 from ptd_sparse.functional import sparse_conv2d
@@ -61,8 +63,9 @@ class SparseConv2d(nn.Module):
 
     @property
     def sparse_weight(self) -> SparseConvWeight:
-        pattern = ConvPattern(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()))
-        return SparseConvWeight(pattern, self.values)
+        # The buffers were validated when the module was built or its state loaded; forward reads this every call.
+        pattern = ConvPattern._trusted(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()))
+        return SparseConvWeight._trusted(pattern, self.values)
 
     @property
     def nnz(self) -> int:
@@ -71,6 +74,29 @@ class SparseConv2d(nn.Module):
     @property
     def density(self) -> float:
         return self._density
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checked before anything is copied: a corrupt pattern must neither reach the kernels nor half-overwrite
+        # this module's buffers. Missing entries (strict=False) are taken from the module, so the combination that
+        # would result is what is checked.
+        incoming = {name: state_dict.get(prefix + name, getattr(self, name))
+                    for name in ConvPattern.index_names() + ("values",)}
+        try:
+            for name, tensor in incoming.items():
+                if not isinstance(tensor, Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            cpu = {name: tensor.detach().cpu() for name, tensor in incoming.items()}
+            _format_checks.check_pattern(self.weight_shape, *(cpu[name] for name in ConvPattern.index_names()))
+            _format_checks.check_values(cpu["values"], cpu["col_idx"].numel(), torch.device("cpu"))
+            bias = state_dict.get(prefix + "bias")
+            if isinstance(bias, Tensor) and bias.is_floating_point():
+                _format_checks.check_finite(bias.detach(), "bias")
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"state dict of SparseConv2d {prefix.rstrip('.') or '(root)'} with weight shape "
+                              f"{self.weight_shape}: {error}") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.dense_weight is not None:
