@@ -25,6 +25,13 @@ def _first(bad: Tensor) -> int | None:
     return int(hits[0, 0]) if hits.numel() else None
 
 
+def _owners(pointers: Tensor, entries: int) -> Tensor:
+    """The row of each of `entries` entries under checked (non-decreasing) pointers, as int64. searchsorted rather
+    than repeat_interleave: the latter costs milliseconds per call on small tensors with several CPU threads."""
+    positions = torch.arange(entries, dtype=pointers.dtype, device=pointers.device)
+    return torch.searchsorted(pointers[1:].contiguous(), positions, right=True).long()
+
+
 def check_shape(shape) -> tuple[int, int, int, int]:
     if (not isinstance(shape, (tuple, list)) or len(shape) != 4
             or not all(isinstance(s, Integral) and not isinstance(s, bool) and s >= 1 for s in shape)):
@@ -82,7 +89,7 @@ def check_pattern(shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, flat_index) ->
     if e is not None:
         raise ValueError(f"col_idx[{e}] = {int(cols[e])} is out of range; columns must lie in [0, C_in * KH * KW = "
                          f"{columns})")
-    rows = torch.repeat_interleave(torch.arange(c_out, device=device), (row_ptr[1:] - row_ptr[:-1]).long())
+    rows = _owners(row_ptr, nnz)
     e = _first((rows[1:] == rows[:-1]) & (cols[1:] <= cols[:-1]))
     if e is not None:
         raise ValueError(f"col_idx[{e + 1}] = {int(cols[e + 1])} is not greater than col_idx[{e}] = {int(cols[e])} "
@@ -107,13 +114,27 @@ def check_pattern(shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, flat_index) ->
     if j is not None:
         raise ValueError(f"t_rows[{j}] = {int(t_rows[j])} but CSR entry t_perm[{j}] = {int(perm[j])} is in row "
                          f"{int(rows[perm[j]])}; t_rows must match the transposed entries")
-    channels = torch.repeat_interleave(torch.arange(c_in, device=device), (t_ptr[1:] - t_ptr[:-1]).long())
+    channels = _owners(t_ptr, nnz)
     j = _first(cols[perm] // (kh * kw) != channels)
     if j is not None:
         raise ValueError(f"t_perm[{j}] = {int(perm[j])} points at col_idx[{int(perm[j])}] = {int(cols[perm[j]])} of "
                          f"input channel {int(cols[perm[j]]) // (kh * kw)}, but entry {j} of t_ptr belongs to input "
                          f"channel {int(channels[j])}")
     return c_out, c_in, kh, kw
+
+
+def check_sizes(weight_shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, values) -> None:
+    """The O(1) part of check_pattern, for the operators' every call: dtypes and lengths, nothing read from the
+    tensors' memory (no device synchronisation). The content was checked when the pattern entered the package."""
+    c_out, c_in, _, _ = check_shape(list(weight_shape))
+    device = check_index_tensor(row_ptr, "row_ptr", c_out + 1, None).device
+    nnz = check_index_tensor(col_idx, "col_idx", None, device).numel()
+    check_index_tensor(t_ptr, "t_ptr", c_in + 1, device)
+    check_index_tensor(t_rows, "t_rows", nnz, device)
+    check_index_tensor(t_perm, "t_perm", nnz, device)
+    if not isinstance(values, Tensor) or values.dim() != 1 or values.numel() != nnz:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"values must be 1-D with nnz = {nnz} entries, got {shape}")
 
 
 def check_values(values, nnz: int, device: torch.device, name: str = "values") -> Tensor:
