@@ -30,7 +30,8 @@ def test_corrupted_formats_raise_clear_errors(backend):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(HERE / "fuzz_formats_worker.py"), backend, str(CASES[backend]),
                            str(SEEDS[backend])], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode >= 0, f"the {backend} fuzz process crashed (signal {-done.returncode}):\n{done.stderr[-3000:]}"
+    assert done.returncode >= 0, \
+        f"the {backend} fuzz process crashed (signal {-done.returncode}):\n{done.stderr[-3000:]}"
     assert done.returncode == 0, f"corrupted inputs accepted on {backend}:\n{done.stderr[-3000:]}"
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"\nfuzz {backend}: {counts['cases']} corrupted inputs, {counts['calls']} refused calls, "
