@@ -33,6 +33,14 @@ def pip_cuda_include_dirs() -> list[str]:
     return sorted(d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "*", "include")))
 
 
+def sanitizer_flags() -> list[str]:
+    """PTD_SANITIZE=1 (scripts/sanitize.sh): the C++ kernels built with AddressSanitizer and UBSan, for tests only.
+    Undefined behaviour aborts instead of printing and going on, so a test run cannot pass over it."""
+    if os.environ.get("PTD_SANITIZE", "0") != "1":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The CPU kernels are written with portable vector types; -march lets the compiler use the widest vectors of the
@@ -41,6 +49,8 @@ def extension():
     cxx_flags = ["-O3", "-fopenmp", f"-march={arch}", f'-DPTD_TORCH_VERSION="{torch.__version__}"']
     # -fopenmp is needed in the extension itself: at::parallel_for expands to an OpenMP region in our own code.
     link_flags = ["-fopenmp"]
+    sanitize = sanitizer_flags()  # last, so its -O1 wins over -O3
+    cxx_flags, link_flags = cxx_flags + sanitize, link_flags + sanitize
     if want_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         # Without a visible GPU (CI, build machines) torch would compile for every architecture it knows; build for

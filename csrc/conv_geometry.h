@@ -48,6 +48,13 @@ inline ConvGeometry make_geometry(at::IntArrayRef input_shape, at::IntArrayRef w
                     weight_shape);
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                     "stride, padding and dilation must have 2 entries each");
+  // A zero kernel size would divide by zero when a column is decoded (column % (KH * KW)); a negative size is no
+  // shape at all. Sizes of the input may be 0 (an empty batch); those of the weight may not.
+  for (size_t i = 0; i < 4; ++i) {
+    TORCH_CHECK_VALUE(weight_shape[i] >= 1, "weight_shape must be 4 positive sizes (C_out, C_in, KH, KW), got ",
+                      weight_shape);
+    TORCH_CHECK_VALUE(input_shape[i] >= 0, "input shape must have sizes >= 0, got ", input_shape);
+  }
   TORCH_CHECK_VALUE(input_shape[1] == weight_shape[1], "input has ", input_shape[1],
                     " channels but weight_shape expects C_in = ", weight_shape[1]);
   TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, "stride must be >= 1, got ", stride);
@@ -74,16 +81,12 @@ inline ConvGeometry make_geometry(at::IntArrayRef input_shape, at::IntArrayRef w
   return g;
 }
 
-inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& values,
-                      int64_t out_channels) {
-  TORCH_CHECK_VALUE(row_ptr.scalar_type() == at::kInt && col_idx.scalar_type() == at::kInt,
-                    "row_ptr and col_idx must be int32, got ", row_ptr.scalar_type(), " and ",
-                    col_idx.scalar_type());
-  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.numel() == out_channels + 1, "row_ptr must have C_out + 1 = ",
-                    out_channels + 1, " entries, got shape ", row_ptr.sizes());
-  TORCH_CHECK_VALUE(col_idx.dim() == 1 && values.dim() == 1 && col_idx.numel() == values.numel(),
-                    "col_idx and values must be 1-D with one entry per nonzero, got ", col_idx.sizes(), " and ",
-                    values.sizes());
+// grad_output of a convolution of geometry g: [N, C_out, OH, OW]. The kernels index it by those sizes.
+inline void check_grad_output(const at::Tensor& grad_output, const ConvGeometry& g) {
+  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                        grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+                    "grad_output has shape ", grad_output.sizes(), ", expected [", g.batch, ", ", g.out_channels, ", ",
+                    g.out_h, ", ", g.out_w, "]");
 }
 
 }  // namespace ptd_sparse

@@ -89,7 +89,8 @@ def unsupported_reasons(backend: str, op: str, device: torch.device) -> list[str
     return reasons
 
 
-def _requested(backend: str | None) -> str | None:
+def requested_backend(backend: str | None) -> str | None:
+    """The backend asked for explicitly (the call's `backend`, else PTD_BACKEND), or None for the automatic choice."""
     name = backend if backend is not None else os.environ.get("PTD_BACKEND")
     if name is None or name == "auto":
         return None
@@ -103,7 +104,7 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None, de
                    batch: int | None = None) -> str:
     """Name of the backend that runs `op` for inputs on `device` (and, for the convolution, weight `density` and
     the number of images `batch`)."""
-    name = _requested(backend)
+    name = requested_backend(backend)
     if name is not None:
         reasons = unsupported_reasons(name, op, device)
         if reasons:

@@ -5,13 +5,20 @@ A 4-D convolution weight [C_out, C_in, KH, KW] is stored as CSR by output channe
 `ConvPattern` is the part that depends only on the mask: the CSR structure plus the layouts derived from it once per
 mask (the transposed CSC-by-input-channel view for the data gradient, and the flat positions used to gather values
 from a dense weight). `SparseConvWeight` is a pattern plus its values.
+
+Both validate what they are given (ptd_sparse._format_checks: row_ptr monotone from 0 to nnz, col_idx in range and
+ascending within a row, the transposed view and flat_index consistent, values finite), because the kernels index
+memory with these arrays. Patterns derived inside the package (from_mask, .to(), a module's buffers) are valid by
+construction and skip the check through `_trusted`, so nothing is re-validated per call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+
+from ptd_sparse import _format_checks
 
 INT32_MAX = 2**31 - 1
 
@@ -34,6 +41,21 @@ class ConvPattern:
     t_perm: Tensor  # int32 [nnz], CSR position of each transposed entry
     flat_index: Tensor  # int64 [nnz], position of each nonzero in weight.reshape(-1)
 
+    def __post_init__(self):
+        shape = _format_checks.check_pattern(self.shape, self.row_ptr, self.col_idx, self.t_ptr, self.t_rows,
+                                             self.t_perm, self.flat_index)
+        object.__setattr__(self, "shape", shape)
+
+    @classmethod
+    def _trusted(cls, shape, *tensors: Tensor) -> "ConvPattern":
+        """A pattern from tensors the package derived itself (valid by construction): no validation, which would
+        cost O(C_out + nnz) (and device synchronisations) on every call of the modules that rebuild it per call."""
+        pattern = object.__new__(cls)
+        object.__setattr__(pattern, "shape", tuple(int(s) for s in shape))
+        for field, tensor in zip(fields(cls)[1:], tensors, strict=True):
+            object.__setattr__(pattern, field.name, tensor)
+        return pattern
+
     @classmethod
     def from_mask(cls, mask: Tensor) -> "ConvPattern":
         """Pattern of the nonzero entries of `mask` ([C_out, C_in, KH, KW], bool or 0/1 valued)."""
@@ -53,14 +75,14 @@ class ConvPattern:
         cols = flat_index - rows * taps
         in_channels = torch.div(cols, kh * kw, rounding_mode="floor")
         order = torch.argsort(in_channels, stable=True)
-        return cls(
-            shape=(int(c_out), int(c_in), int(kh), int(kw)),
-            row_ptr=_counts_to_pointers(torch.bincount(rows, minlength=c_out)),
-            col_idx=cols.to(torch.int32),
-            t_ptr=_counts_to_pointers(torch.bincount(in_channels, minlength=c_in)),
-            t_rows=rows[order].to(torch.int32),
-            t_perm=order.to(torch.int32),
-            flat_index=flat_index,
+        return cls._trusted(
+            (c_out, c_in, kh, kw),
+            _counts_to_pointers(torch.bincount(rows, minlength=c_out)),  # row_ptr
+            cols.to(torch.int32),  # col_idx
+            _counts_to_pointers(torch.bincount(in_channels, minlength=c_in)),  # t_ptr
+            rows[order].to(torch.int32),  # t_rows
+            order.to(torch.int32),  # t_perm
+            flat_index,
         )
 
     @property
@@ -77,7 +99,7 @@ class ConvPattern:
         return self.row_ptr.device
 
     def to(self, device: torch.device | str) -> "ConvPattern":
-        return ConvPattern(self.shape, *(getattr(self, name).to(device) for name in self.index_names()))
+        return ConvPattern._trusted(self.shape, *(getattr(self, name).to(device) for name in self.index_names()))
 
     @staticmethod
     def index_names() -> tuple[str, ...]:
@@ -102,14 +124,19 @@ class SparseConvWeight:
     """
 
     def __init__(self, pattern: ConvPattern, values: Tensor):
-        if values.dim() != 1 or values.numel() != pattern.nnz:
-            raise ValueError(f"values must be 1-D with nnz = {pattern.nnz} entries, got shape {tuple(values.shape)}")
-        if not values.is_floating_point():
-            raise ValueError(f"values must be floating point, got {values.dtype}")
-        if values.device != pattern.device:
-            raise ValueError(f"values are on {values.device} but the pattern is on {pattern.device}")
+        if not isinstance(pattern, ConvPattern):
+            raise TypeError(f"pattern must be a ptd_sparse.ConvPattern, got {type(pattern).__name__}")
+        _format_checks.check_values(values, pattern.nnz, pattern.device)
         self.pattern = pattern
         self.values = values
+
+    @classmethod
+    def _trusted(cls, pattern: ConvPattern, values: Tensor) -> "SparseConvWeight":
+        """Pattern and values the package already holds checked (a module's buffers and parameter): no validation,
+        whose finiteness test would read every value on every call."""
+        weight = object.__new__(cls)
+        weight.pattern, weight.values = pattern, values
+        return weight
 
     @classmethod
     def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> "SparseConvWeight":
@@ -151,7 +178,7 @@ class SparseConvWeight:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseConvWeight":
         pattern = self.pattern if device is None else self.pattern.to(device)
-        return SparseConvWeight(pattern, self.values.to(device=device, dtype=dtype))
+        return SparseConvWeight._trusted(pattern, self.values.to(device=device, dtype=dtype))
 
     def __repr__(self) -> str:
         return (f"SparseConvWeight(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "

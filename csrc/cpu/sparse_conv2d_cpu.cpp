@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../conv_geometry.h"
+#include "../csr_checks.h"
 #include "wide_conv_f32.h"
 
 namespace ptd_sparse {
@@ -251,9 +252,8 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
   for (auto [t, name] : {std::pair{&input, "input"}, {&values, "values"}, {&row_ptr, "row_ptr"}, {&col_idx, "col_idx"}})
     check_cpu(*t, name);
   const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
-  check_csr(row_ptr, col_idx, values, g.out_channels);
-  TORCH_CHECK_VALUE(values.scalar_type() == input.scalar_type(), "values dtype ", values.scalar_type(),
-                    " must match input dtype ", input.scalar_type());
+  check_csr(row_ptr, col_idx, g);
+  check_values(values, col_idx, input, "input");
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
     check_cpu(*bias, "bias");
@@ -304,16 +304,13 @@ at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tens
                                    const at::Tensor& t_ptr, const at::Tensor& t_rows, const at::Tensor& t_perm,
                                    at::IntArrayRef weight_shape, at::IntArrayRef input_shape, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation) {
-  for (auto [t, name] : {std::pair{&grad_output, "grad_output"}, {&values, "values"}, {&t_ptr, "t_ptr"}})
+  for (auto [t, name] : {std::pair{&grad_output, "grad_output"}, {&values, "values"}, {&col_idx, "col_idx"},
+                         {&t_ptr, "t_ptr"}, {&t_rows, "t_rows"}, {&t_perm, "t_perm"}})
     check_cpu(*t, name);
   const ConvGeometry g = make_geometry(input_shape, weight_shape, stride, padding, dilation);
-  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
-                        grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
-                    "grad_output has shape ", grad_output.sizes(), ", expected [", g.batch, ", ", g.out_channels, ", ",
-                    g.out_h, ", ", g.out_w, "]");
-  TORCH_CHECK_VALUE(t_ptr.numel() == g.in_channels + 1 && t_rows.numel() == values.numel() &&
-                        t_perm.numel() == values.numel(),
-                    "the transposed pattern must have C_in + 1 pointers and one row and permutation entry per nonzero");
+  check_grad_output(grad_output, g);
+  check_transposed(col_idx, t_ptr, t_rows, t_perm, g);
+  check_values(values, col_idx, grad_output, "grad_output");
   const at::Tensor go = grad_output.contiguous();
   const at::Tensor vals = values.contiguous(), cols = col_idx.contiguous();
   const at::Tensor tp = t_ptr.contiguous(), tr = t_rows.contiguous(), tperm = t_perm.contiguous();
@@ -359,9 +356,14 @@ at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tens
 at::Tensor conv_backward_values_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& row_ptr,
                                     const at::Tensor& col_idx, at::IntArrayRef weight_shape, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation) {
-  for (auto [t, name] : {std::pair{&grad_output, "grad_output"}, {&input, "input"}, {&row_ptr, "row_ptr"}})
+  for (auto [t, name] : {std::pair{&grad_output, "grad_output"}, {&input, "input"}, {&row_ptr, "row_ptr"},
+                         {&col_idx, "col_idx"}})
     check_cpu(*t, name);
   const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
+  // The fast paths write grad_values[row_ptr[begin] .. row_ptr[end]) and read grad_output planes by channel: a
+  // corrupt row_ptr or a grad_output of another shape would be an out-of-bounds access.
+  check_csr(row_ptr, col_idx, g);
+  check_grad_output(grad_output, g);
   TORCH_CHECK_VALUE(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ", grad_output.scalar_type(),
                     " must match input dtype ", input.scalar_type());
   const at::Tensor go = grad_output.contiguous(), x = input.contiguous();

@@ -16,6 +16,7 @@
 // Rows of very different lengths: the grid has many more blocks than SMs (every (channel, pixel tile) pair), so the
 // block scheduler balances long and short rows; no block is tied to a whole row's pixels.
 #include "../conv_geometry.h"
+#include "../csr_checks.h"
 #include "cuda_common.cuh"
 
 #include <torch/library.h>
@@ -220,10 +221,10 @@ __global__ void __launch_bounds__(kThreads) conv_backward_values_kernel(
   if (lane == 0) grad_values[e] = static_cast<scalar_t>(sum);
 }
 
-void check_pattern_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 1, name, " must be a 1-D int32 tensor, got ",
-                    t.scalar_type(), " of shape ", t.sizes());
-}
+// The CUDA entry points check the pattern's dtypes and sizes (csr_checks.h); its content (row_ptr monotone and
+// ending at nnz, col_idx in range) is not read here, since that would copy it to the host and synchronise on every
+// call. Patterns are validated once where they enter the package (ConvPattern, SparseConvWeight, state-dict loads;
+// ptd_sparse/_format_checks.py), which every call through the Python API goes through.
 
 at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, at::IntArrayRef weight_shape,
@@ -233,9 +234,8 @@ at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& values, 
   cuda::check_same_cuda_device(input, "input", {{&values, "values"}, {&row_ptr, "row_ptr"}, {&col_idx, "col_idx"},
                                                 {&bias_tensor, "bias"}});
   const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
-  check_csr(row_ptr, col_idx, values, g.out_channels);
-  TORCH_CHECK_VALUE(values.scalar_type() == input.scalar_type(), "values dtype ", values.scalar_type(),
-                    " must match input dtype ", input.scalar_type());
+  check_csr(row_ptr, col_idx, g);  // sizes and dtypes only on CUDA tensors
+  check_values(values, col_idx, input, "input");
   if (bias_tensor.defined())
     TORCH_CHECK_VALUE(bias_tensor.numel() == g.out_channels && bias_tensor.scalar_type() == input.scalar_type(),
                       "bias must have C_out = ", g.out_channels, " entries of the input's dtype, got ",
@@ -268,17 +268,9 @@ at::Tensor conv_backward_input_cuda(const at::Tensor& grad_output, const at::Ten
                                                             {&t_ptr, "t_ptr"}, {&t_rows, "t_rows"},
                                                             {&t_perm, "t_perm"}});
   const ConvGeometry g = make_geometry(input_shape, weight_shape, stride, padding, dilation);
-  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
-                        grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
-                    "grad_output has shape ", grad_output.sizes(), ", expected [", g.batch, ", ", g.out_channels, ", ",
-                    g.out_h, ", ", g.out_w, "]");
-  for (auto [t, name] : {std::pair{&col_idx, "col_idx"}, {&t_ptr, "t_ptr"}, {&t_rows, "t_rows"}, {&t_perm, "t_perm"}})
-    check_pattern_dtype(*t, name);
-  TORCH_CHECK_VALUE(t_ptr.numel() == g.in_channels + 1 && t_rows.numel() == values.numel() &&
-                        t_perm.numel() == values.numel() && col_idx.numel() == values.numel(),
-                    "the transposed pattern must have C_in + 1 pointers and one row and permutation entry per nonzero");
-  TORCH_CHECK_VALUE(values.scalar_type() == grad_output.scalar_type(), "values dtype ", values.scalar_type(),
-                    " must match grad_output dtype ", grad_output.scalar_type());
+  check_grad_output(grad_output, g);
+  check_transposed(col_idx, t_ptr, t_rows, t_perm, g);  // sizes and dtypes only on CUDA tensors
+  check_values(values, col_idx, grad_output, "grad_output");
   c10::cuda::CUDAGuard guard(grad_output.device());
   const at::Tensor go = grad_output.contiguous(), vals = values.contiguous(), cols = col_idx.contiguous();
   const at::Tensor tp = t_ptr.contiguous(), tr = t_rows.contiguous(), tperm = t_perm.contiguous();
@@ -306,16 +298,10 @@ at::Tensor conv_backward_values_cuda(const at::Tensor& grad_output, const at::Te
   cuda::check_same_cuda_device(grad_output, "grad_output", {{&input, "input"}, {&row_ptr, "row_ptr"},
                                                             {&col_idx, "col_idx"}});
   const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
-  check_pattern_dtype(row_ptr, "row_ptr");
-  check_pattern_dtype(col_idx, "col_idx");
-  TORCH_CHECK_VALUE(row_ptr.numel() == g.out_channels + 1, "row_ptr must have C_out + 1 = ", g.out_channels + 1,
-                    " entries, got shape ", row_ptr.sizes());
+  check_csr(row_ptr, col_idx, g);  // sizes and dtypes only on CUDA tensors
   TORCH_CHECK_VALUE(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ", grad_output.scalar_type(),
                     " must match input dtype ", input.scalar_type());
-  TORCH_CHECK_VALUE(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
-                        grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
-                    "grad_output has shape ", grad_output.sizes(), ", expected [", g.batch, ", ", g.out_channels, ", ",
-                    g.out_h, ", ", g.out_w, "]");
+  check_grad_output(grad_output, g);
   c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor go = grad_output.contiguous(), x = input.contiguous();
   const at::Tensor rp = row_ptr.contiguous(), cols = col_idx.contiguous();

@@ -1,11 +1,13 @@
 """SparseConv2d: a convolution whose weight is stored only as its nonzeros (the canonical CSR format)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ptd_sparse import _format_checks
 from ptd_sparse._validation import pair
-from ptd_sparse.backends import SPARSE_CONV, choose_backend
+from ptd_sparse.backends import SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.functional import sparse_conv2d
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 
@@ -40,13 +42,35 @@ class SparseConv2d(nn.Module):
         self.backend = backend
         self.relu = relu  # max(0, .) fused into the kernel's epilogue
         self._density = sparse_weight.density
-        # Optional dense copy for layers whose best kernel depends on the batch size (see keep_dense_copy).
-        self.register_buffer("dense_weight", None)
+        # The dense weight of the calls that the automatic choice sends to the dense route (above the crossover for
+        # their batch size), built on first use and reused while values and pattern are unchanged: (key, weight).
+        self._dense_cache: tuple[tuple, Tensor] | None = None
 
     def keep_dense_copy(self) -> None:
-        """Also keep the dense weight, so calls whose batch makes the dense kernel faster (by the measured
-        crossover, ptd_sparse.backends.dense_crossover) use it instead of the sparse kernel."""
-        self.dense_weight = self.sparse_weight.to_dense().detach()
+        """Build the dense weight now (it is otherwise built by the first call that takes the dense route), so calls
+        whose batch makes the dense kernel faster (by the measured crossover, ptd_sparse.backends.dense_crossover)
+        start without that cost. The copy follows the values: it is rebuilt whenever they change."""
+        with torch.no_grad():
+            self._cached_dense_weight()
+
+    def _dense_key(self) -> tuple:
+        # In-place updates (optimizer steps, load_state_dict) move a tensor's version counter; .to() and .half()
+        # change its storage, device or dtype.
+        return tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in (self.values, self.flat_index))
+
+    def _cached_dense_weight(self) -> Tensor:
+        key = self._dense_key()
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            self._dense_cache = (key, self.sparse_weight.to_dense().detach())
+        return self._dense_cache[1]
+
+    def _dense_weight(self) -> Tensor:
+        """The dense weight for this call. With gradients wanted for values it is scattered from them anew, as part
+        of the autograd graph (values change every step, and a weight cached across calls would carry no gradient);
+        otherwise the cached copy, rebuilt only when values or pattern changed."""
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return self.sparse_weight.to_dense()
+        return self._cached_dense_weight()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "SparseConv2d":
@@ -61,8 +85,9 @@ class SparseConv2d(nn.Module):
 
     @property
     def sparse_weight(self) -> SparseConvWeight:
-        pattern = ConvPattern(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()))
-        return SparseConvWeight(pattern, self.values)
+        # The buffers were validated when the module was built or its state loaded; forward reads this every call.
+        pattern = ConvPattern._trusted(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()))
+        return SparseConvWeight._trusted(pattern, self.values)
 
     @property
     def nnz(self) -> int:
@@ -72,12 +97,38 @@ class SparseConv2d(nn.Module):
     def density(self) -> float:
         return self._density
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checked before anything is copied: a corrupt pattern must neither reach the kernels nor half-overwrite
+        # this module's buffers. Missing entries (strict=False) are taken from the module, so the combination that
+        # would result is what is checked.
+        state_dict.pop(prefix + "dense_weight", None)  # derived data, saved as a buffer by earlier versions
+        incoming = {name: state_dict.get(prefix + name, getattr(self, name))
+                    for name in ConvPattern.index_names() + ("values",)}
+        try:
+            for name, tensor in incoming.items():
+                if not isinstance(tensor, Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            cpu = {name: tensor.detach().cpu() for name, tensor in incoming.items()}
+            _format_checks.check_pattern(self.weight_shape, *(cpu[name] for name in ConvPattern.index_names()))
+            _format_checks.check_values(cpu["values"], cpu["col_idx"].numel(), torch.device("cpu"))
+            bias = state_dict.get(prefix + "bias")
+            if isinstance(bias, Tensor) and bias.is_floating_point():
+                _format_checks.check_finite(bias.detach(), "bias")
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"state dict of SparseConv2d {prefix.rstrip('.') or '(root)'} with weight shape "
+                              f"{self.weight_shape}: {error}") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def forward(self, input: Tensor) -> Tensor:
-        if self.dense_weight is not None:
-            batch = input.shape[0] if input.dim() == 4 else 1
-            if choose_backend(SPARSE_CONV, input.device, self.backend, self._density, batch) == "reference":
-                out = F.conv2d(input, self.dense_weight, self.bias, self.stride, self.padding, self.dilation)
-                return F.relu(out) if self.relu else out
+        batch = input.shape[0] if input.dim() == 4 else 1
+        # The automatic choice's dense route runs F.conv2d on the dense weight; an explicit backend (reference
+        # included: the oracle) always goes through the operator.
+        if requested_backend(self.backend) is None and \
+                choose_backend(SPARSE_CONV, input.device, self.backend, self._density, batch) == "reference":
+            out = F.conv2d(input, self._dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+            return F.relu(out) if self.relu else out
         return sparse_conv2d(input, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
                              backend=self.backend, relu=self.relu)
 

@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ptd_sparse import _format_checks
 from ptd_sparse.compiled import sparse_conv2d as compiled_impl
 from ptd_sparse.conv_geometry import conv_output_shape
 from ptd_sparse.ops.autocast import register_autocast
@@ -33,6 +34,7 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
                   padding: List[int], dilation: List[int], backend: str, relu: bool = False) -> Tensor:
     """input [N, C_in, H, W], values [nnz], CSR and transposed pattern (see ConvPattern) -> [N, C_out, OH, OW].
     relu=True applies max(0, .) in the kernel's epilogue (its gradient is masked by the saved output)."""
+    _format_checks.check_sizes(weight_shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, values)
     return _implementation(backend).forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding,
                                             dilation, relu)
 

@@ -8,6 +8,7 @@ with weights_only=True.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -40,6 +41,11 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+    # A writer killed mid-write (SIGKILL, power loss) runs no cleanup and leaves its temporary behind; the next
+    # successful write of the same file removes those. Only one process writes a given path (rank 0, or the rank that
+    # owns a chunk), so no live writer's temporary is among them.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_json(path: Path, value) -> None:

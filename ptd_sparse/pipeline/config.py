@@ -9,6 +9,8 @@ import copy
 import tomllib
 from pathlib import Path
 
+from ptd_sparse.pipeline.prune_plan import METHODS, pruning_levels
+
 DEFAULTS = {
     # precision: the autocast dtype of training forwards ("auto": bfloat16 on GPUs, float32 on CPUs);
     # memory_format: of models and batches ("auto": channels_last on GPUs, contiguous on CPUs).
@@ -31,7 +33,7 @@ DEFAULTS = {
 }
 
 VARIANTS = ("student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned")
-PRUNE_METHODS = ("lr_rewind", "weight_rewind", "finetune", "oneshot")
+PRUNE_METHODS = METHODS
 PRECISIONS = ("auto", "float32", "bfloat16")  # float16 would need loss scaling, which fit does not do
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
@@ -91,12 +93,19 @@ def validate(config: dict) -> dict:
     if not targets or any(not isinstance(t, (int, float)) or not 0 < t < 1 for t in targets):
         raise ConfigError(f"prune.targets must be a non-empty list of sparsities in (0, 1), got {targets}")
     prune["targets"] = sorted(float(t) for t in targets)
+    if len(set(prune["targets"])) != len(targets):
+        raise ConfigError(f"prune.targets lists a sparsity twice: {targets}")
     if prune["method"] not in PRUNE_METHODS:
         raise ConfigError(f"prune.method must be one of {PRUNE_METHODS}, got {prune['method']!r}")
     if prune["scope"] not in ("global", "layer"):
         raise ConfigError(f"prune.scope must be 'global' or 'layer', got {prune['scope']!r}")
     if not 0 < prune["rate"] < 1:
         raise ConfigError(f"prune.rate must lie in (0, 1), got {prune['rate']}")
+    # The plan is made now, so targets it cannot honour fail before any training rather than after all pruning.
+    try:
+        pruning_levels(prune["targets"], prune["rate"], prune["method"])
+    except ValueError as error:
+        raise ConfigError(f"prune.targets: {error}") from None
     if not 0 <= distill["alpha"] <= 1:
         raise ConfigError(f"distill.alpha must lie in [0, 1], got {distill['alpha']}")
     if not distill["temperature"] > 0:

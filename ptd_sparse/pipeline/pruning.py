@@ -7,30 +7,13 @@ closest to s; the last round is trimmed so the target is reached exactly (to wit
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ptd_sparse.pipeline.models import prunable_layers
-
-
-def rounds_for(target: float, rate: float = 0.2) -> int:
-    """The n whose 1 - (1 - rate)^n is closest to target (0.79 -> 7, 0.59 -> 4, 0.36 -> 2 at rate 0.2)."""
-    if not 0 <= target < 1:
-        raise ValueError(f"target sparsity must lie in [0, 1), got {target}")
-    if not 0 < rate < 1:
-        raise ValueError(f"pruning rate must lie in (0, 1), got {rate}")
-    if target == 0:
-        return 0
-    best = round(math.log(1 - target) / math.log(1 - rate))
-    candidates = [n for n in (best - 1, best, best + 1) if n >= 1]
-    return min(candidates, key=lambda n: abs(1 - (1 - rate) ** n - target))
-
-
-def sparsity_after(rounds: int, rate: float = 0.2) -> float:
-    return 1 - (1 - rate) ** rounds
+from ptd_sparse.pipeline.prune_plan import pruning_levels, rounds_for, sparsity_after  # noqa: F401 (re-exported)
 
 
 def selected_layers(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Module]]:

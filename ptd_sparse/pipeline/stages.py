@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ptd_sparse.pipeline import design as design_rule
-from ptd_sparse.pipeline import distributed, pruning
+from ptd_sparse.pipeline import distributed, prune_plan, pruning
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model, write_json
 from ptd_sparse.pipeline.data import Augmentation, load_dataset, resolve_root
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
@@ -91,14 +91,49 @@ class Run:
 
 
 def _results_config(config: dict) -> dict:
-    """The part of a configuration that decides a run's results. The cache section is left out: whether the teacher's
-    logits come from a cache or are computed on the fly is how a run executes, so `ptd distill --cache DIR` may
-    resume a run that trained without one."""
+    """The part of a configuration that the whole run directory is held to. The cache section is left out here, so
+    that a run trained and pruned without a cache can be distilled with one (`ptd cache`, `ptd distill --cache`);
+    what it changes in a student's results is held per student instead (teacher_source)."""
     return {section: values for section, values in config.items() if section != "cache"}
 
 
+TEACHER_SOURCE_FILE = "teacher_source.json"
+
+
+def teacher_source(config: dict) -> dict:
+    """What a distilled student learns from beyond the run's configuration: the live teacher, or a cache whose
+    settings change the loss (top-k, k, rest mass, the stored dtype) or the views it replays (views, seed). Where the
+    cache lives and how it was written (dir, batch_size, chunk) change nothing and are left out."""
+    c = config["cache"]
+    if not c["enabled"]:
+        return {"teacher": "live"}
+    source = {"teacher": "cache", "form": c["form"], "dtype": c["dtype"], "views": c["views"], "seed": c["seed"]}
+    if c["form"] == "topk":
+        source.update(k=c["k"], rest_mass=c["rest_mass"])
+    return source
+
+
+def _hold_teacher_source(folder: Path, source: dict) -> None:
+    """Record the teacher source of a student before it trains; refuse to resume (or skip as done) a student that
+    began with another one, which would mix two losses in one training without a trace."""
+    record = folder / TEACHER_SOURCE_FILE
+    started = (folder / "state.pt").exists() or (folder / "done.json").exists()
+    if record.exists():
+        stored = read_json(record)
+        if stored != source:
+            raise ValueError(f"{folder} was trained against teacher source {stored}, but this configuration gives "
+                             f"{source} (the [cache] section); resume it with the same cache settings or choose a "
+                             "new --out directory")
+    elif started:
+        raise ValueError(f"{folder} holds a student without a record of its teacher source ({record}); it cannot be "
+                         "resumed safely: delete the folder or choose a new --out directory")
+    elif distributed.is_main():
+        write_json(record, source)
+    distributed.barrier()
+
+
 def sparsity_name(target: float) -> str:
-    return f"sparsity_{target:.2f}"
+    return prune_plan.target_name(target)
 
 
 def train_teacher(run: Run) -> dict:
@@ -128,15 +163,7 @@ def prune_teacher(run: Run) -> dict:
         return result
     p = run.config["prune"]
     targets = p["targets"]
-    if p["method"] == "oneshot":
-        levels = list(targets)
-    else:
-        rounds = pruning.rounds_for(targets[-1], p["rate"])
-        levels = [pruning.sparsity_after(k, p["rate"]) for k in range(1, rounds + 1)]
-        for target in targets:  # each target replaces the round level closest to it, so it is met exactly
-            k = pruning.rounds_for(target, p["rate"])
-            levels[k - 1] = target
-        levels = sorted(set(levels))
+    levels = pruning.pruning_levels(targets, p["rate"], p["method"])  # every target is a level of its own
     model, spec = load_model(run.dir / "teacher" / "model")
     init, _ = load_model(run.dir / "teacher" / "init")
     results = {}
@@ -271,6 +298,7 @@ def distill_students(run: Run) -> dict:
     designs = read_json(run.dir / "design" / "students.json") if (run.dir / "design" / "done.json").exists() else {}
     teachers = {}  # name -> Distillation, each teacher (or its cache) read from disk once
     folders = distillation_teachers(run)
+    source = teacher_source(run.config)
     results = {}
     for seed_index in range(run.config["run"]["seeds"]):
         seed = run.config["run"]["seed"] + seed_index
@@ -279,6 +307,7 @@ def distill_students(run: Run) -> dict:
             for target in targets:
                 key = variant if target is None else f"{variant}@{target:.2f}"
                 folder = run.dir / "students" / key.replace("@", "_") / f"seed_{seed}"
+                _hold_teacher_source(folder, source if variant != "student_ce" else {"teacher": None})
                 if (done := run.done(folder)) is not None:
                     results.setdefault(key, []).append(done)
                     continue
