@@ -91,7 +91,8 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
     if chosen == "reference":
         out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
     else:
-        out = _run_sparse_conv(batched, pattern, pattern.gather(weight), bias, stride, padding, dilation, chosen)
+        out = _run_sparse_conv(batched, pattern_indices(pattern), list(pattern.shape), pattern.gather(weight), bias,
+                               stride, padding, dilation, chosen)
     return out.squeeze(0) if unbatched else out
 
 
@@ -104,32 +105,45 @@ def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor |
     """
     if not isinstance(sparse_weight, SparseConvWeight):
         raise TypeError(f"sparse_weight must be a ptd_sparse.SparseConvWeight, got {type(sparse_weight).__name__}")
-    check.same_device(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
-    _same_dtype_unless_autocast(sparse_weight.values, "sparse_weight.values", input=input, bias=bias)
-    batched, unbatched, stride, padding, dilation = _conv_arguments(input, sparse_weight.shape, bias, stride, padding,
+    pattern = sparse_weight.pattern
+    return sparse_conv2d_indexed(input, sparse_weight.values, pattern_indices(pattern), pattern.shape,
+                                 sparse_weight.density, bias, stride, padding, dilation, backend, relu)
+
+
+def pattern_indices(pattern) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(row_ptr, col_idx, t_ptr, t_rows, t_perm) of a ConvPattern, or of a module holding them as buffers."""
+    return pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows, pattern.t_perm
+
+
+def sparse_conv2d_indexed(input: Tensor, values: Tensor, indices: tuple, weight_shape, density: float,
+                          bias: Tensor | None = None, stride=1, padding=0, dilation=1, backend: str | None = None,
+                          relu: bool = False) -> Tensor:
+    """sparse_conv2d on a pattern's index tensors `indices` = (row_ptr, col_idx, t_ptr, t_rows, t_perm), already
+    validated (SparseConvWeight and SparseConv2d validate them once, when built or loaded). Builds no Python objects,
+    so SparseConv2d's calls stay lean and trace into torch.compile graphs."""
+    check.same_device(values, "sparse_weight.values", input=input, bias=bias)
+    _same_dtype_unless_autocast(values, "sparse_weight.values", input=input, bias=bias)
+    batched, unbatched, stride, padding, dilation = _conv_arguments(input, weight_shape, bias, stride, padding,
                                                                     dilation)
-    chosen = choose_backend(SPARSE_CONV, batched.device, backend, sparse_weight.density, batched.shape[0])
-    out = _run_sparse_conv(batched, sparse_weight.pattern, sparse_weight.values, bias, stride, padding, dilation,
-                           chosen, bool(relu))
+    chosen = choose_backend(SPARSE_CONV, batched.device, backend, density, batched.shape[0])
+    out = _run_sparse_conv(batched, indices, list(weight_shape), values, bias, stride, padding, dilation, chosen,
+                           bool(relu))
     return out.squeeze(0) if unbatched else out
 
 
-def _run_sparse_conv(input: Tensor, pattern: ConvPattern, values: Tensor, bias, stride, padding, dilation,
-                     backend: str, relu: bool = False) -> Tensor:
+def _run_sparse_conv(input: Tensor, indices: tuple, weight_shape: list, values: Tensor, bias, stride, padding,
+                     dilation, backend: str, relu: bool = False) -> Tensor:
     if backend == "triton" and input.is_cuda and torch.compiler.is_compiling():
         # torch.compile traces through the triton_op version into the Triton kernels (registered at import where
         # CUDA and triton are present, see ptd_sparse.triton_kernels) instead of calling an opaque operator.
-        return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx,
-                                                         pattern.t_ptr, pattern.t_rows, pattern.t_perm,
-                                                         list(pattern.shape), bias, stride, padding, dilation, relu)
+        return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, *indices, weight_shape, bias, stride, padding,
+                                                         dilation, relu)
     if backend in COMPILED:
         # The C++ operator with autograd and autocast registered in C++: no Python layer after this point.
-        return compiled_conv.differentiable(input, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
-                                            pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, stride,
-                                            padding, dilation, relu)
-    return ops.sparse_conv2d.sparse_conv2d(input, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
-                                           pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, stride, padding,
-                                           dilation, backend, relu)
+        return compiled_conv.differentiable(input, values, *indices, weight_shape, bias, stride, padding, dilation,
+                                            relu)
+    return ops.sparse_conv2d.sparse_conv2d(input, values, *indices, weight_shape, bias, stride, padding, dilation,
+                                           backend, relu)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target: Tensor | None = None, *,

@@ -4,10 +4,10 @@ A convolution counts as pruned when it is a MaskedConv2d (its `mask` buffer) or 
 torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
 - A BatchNorm2d that directly follows it in an nn.Sequential is folded into its weights and bias (with the running
   statistics: inference only), and a ReLU after that is fused into the kernel's epilogue; both become nn.Identity.
-- If the layer is sparse enough to gain (density at most the measured crossover of the backend that will run it,
-  ptd_sparse.backends.dense_crossover) it becomes a SparseConv2d storing only the nonzeros; otherwise it becomes a
-  dense nn.Conv2d with the folded weights, since dense kernels win there (the first layer, early pruning rounds).
-  Where the crossover for small batches is lower, the SparseConv2d also keeps a dense copy and picks per call.
+- It becomes a SparseConv2d with the folded weights. With the automatic backend, each of its inference calls runs
+  the fastest of the sparse kernel and the dense F.conv2d (NCHW or channels_last), measured on the first call of
+  each batch-size bucket on the real input (ptd_sparse.nn.measured_route): no density constant decides, and no
+  layer is slower than its dense form. A backend given to sparsify always runs.
 - Layers SparseConv2d cannot express (groups != 1, asymmetric or non-zero padding) stay as they are, noted in the log.
 - 2x2 stride-2 max-pools become MaxPool2x2 (the same values; torch's NCHW max_pool2d on CPUs is several times
   slower and was the largest cost of a sparse VGG after the convolutions got fast).
@@ -20,7 +20,6 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from ptd_sparse.backends import SPARSE_CONV, choose_backend, dense_crossover
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
 from ptd_sparse.nn.pooling import MaxPool2x2
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
@@ -69,22 +68,12 @@ def _convert(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, 
     bias = conv.bias
     if bn is not None:
         weight, bias = fold_batch_norm(weight, bias, bn)
-    density = float(mask.count_nonzero()) / mask.numel()
-    chosen = choose_backend(SPARSE_CONV, weight.device, backend, density)
-    if chosen == "reference" and backend != "reference":  # denser than the crossover: the dense kernel is faster
-        dense = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
-                          conv.dilation, bias=True, device=weight.device, dtype=weight.dtype)
-        dense.weight.copy_(weight)
-        dense.bias.copy_(bias if bias is not None else torch.zeros(conv.out_channels))
-        return nn.Sequential(dense, nn.ReLU()) if relu else dense
     template = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
                          conv.dilation, bias=False, device="meta")
     template.weight = nn.Parameter(weight.detach())
     template.bias = nn.Parameter(bias.detach()) if bias is not None else None
     sparse = SparseConv2d.from_conv(template, mask, backend=backend)
     sparse.relu = relu
-    if chosen != "reference" and backend is None and density > dense_crossover(chosen, batch=1):
-        sparse.keep_dense_copy()
     return sparse
 
 

@@ -115,10 +115,11 @@ def test_masked_network_and_kd_loss_compile_without_graph_breaks(backend, genera
     out.float().sum().backward()
     assert model[0].weight.grad is not None and not model[0].weight.grad[~model[0].mask].any()
 
-    sparse_model = ptd_sparse.sparsify(model, backend=backend)
-    compiled_sparse = torch.compile(sparse_model, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled_sparse(x), sparse_model(x), atol=1e-5, rtol=1e-5)
+    for choice in (backend, None):  # the given backend, and the automatic one with its measured routes
+        sparse_model = ptd_sparse.sparsify(model, backend=choice)
+        compiled_sparse = torch.compile(sparse_model, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled_sparse(x), sparse_model(x), atol=1e-5, rtol=1e-5)
 
     criterion = KDLoss(temperature=4.0, alpha=0.9, backend=backend)
     student = torch.randn(6, 10, generator=generator, requires_grad=True)

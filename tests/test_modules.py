@@ -180,15 +180,45 @@ def test_sparsify_folds_batch_norm_and_fuses_relu(generator):
     torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-def test_sparsify_keeps_dense_layers_dense(generator):
-    """Above the density crossover the folded layer becomes a dense nn.Conv2d: dense kernels win there."""
+def test_sparsify_leaves_dense_or_sparse_to_measurement(generator):
+    """No density constant decides: every pruned layer becomes a SparseConv2d whose inference calls take the route
+    measured fastest on their first call (here a 90%-dense layer), with the model's output either way."""
     model = SmallNet(MaskedConv2d).eval()
     randomize_batch_norm(model, generator)
     model.features[0].set_mask(random_mask(model.features[0].weight.shape, 0.9, generator))
     sparse = ptd_sparse.sparsify(model)
-    assert isinstance(sparse.features[0], nn.Sequential) and type(sparse.features[0][0]) is nn.Conv2d
+    layer = sparse.features[0]
+    assert isinstance(layer, SparseConv2d) and layer.relu
     x = torch.randn(2, 3, 12, 12, generator=generator)
-    torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
+    assert list(layer.routes.values())[0] in ("sparse", "dense", "dense_channels_last")
+
+
+def test_measured_routes_agree_and_are_measured_once_per_bucket(generator, monkeypatch):
+    from ptd_sparse.nn import measured_route
+
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.4, generator))
+    layer.relu = True
+    measured = []
+    original = measured_route.fastest
+    monkeypatch.setattr(measured_route, "fastest", lambda routes, x: measured.append(x.shape) or original(routes, x))
+    x = torch.randn(3, 6, 9, 9, generator=generator)
+    expected = torch.relu(F.conv2d(x, layer.sparse_weight.to_dense(), layer.bias, padding=1))
+    with torch.no_grad():
+        for route in measured_route.ROUTES:
+            torch.testing.assert_close(layer._run(route, x), expected, atol=1e-5, rtol=1e-5)
+        layer(x)
+        layer(x[:2].clone())  # batch 2 is another bucket (2), batch 3 and 4 share one (4)
+        layer(torch.cat([x, x[:1]]))
+    assert [s[0] for s in measured] == [3, 2] and len(layer.routes) == 2
+    # Calls that want gradients are not measured: the sparse kernel trains the values.
+    out = layer(x)
+    out.sum().backward()
+    assert layer.values.grad is not None and len(measured) == 2
+    assert measured_route.batch_bucket(1) == 1 and measured_route.batch_bucket(5) == 8
+    assert measured_route.batch_bucket(256) == 256 and measured_route.batch_bucket(0) == 0
 
 
 def test_sparsify_torch_prune_model(generator):
@@ -199,9 +229,12 @@ def test_sparsify_torch_prune_model(generator):
     prune.global_unstructured(convs, pruning_method=prune.L1Unstructured, amount=0.9)
     sparse = ptd_sparse.sparsify(model)
     sparse_layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
-    assert sparse_layers and all(m.density <= DENSE_CROSSOVER["cpu"] for m in sparse_layers)
+    ungrouped = [c for c, _ in convs if c.groups == 1]  # grouped convolutions stay as they are
+    assert len(sparse_layers) == len(ungrouped)
+    assert sum(m.nnz for m in sparse_layers) == sum(int(c.weight_mask.sum()) for c in ungrouped)
     x = torch.randn(2, 3, 12, 12, generator=generator)
-    torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_sparsify_rejects_non_modules():

@@ -1,6 +1,8 @@
 """SparseConv2d: a convolution whose weight is stored only as its nonzeros (the canonical CSR format)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -8,8 +10,11 @@ from torch import Tensor, nn
 from ptd_sparse import _format_checks
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import SPARSE_CONV, choose_backend, requested_backend
-from ptd_sparse.functional import sparse_conv2d
+from ptd_sparse.functional import pattern_indices, sparse_conv2d_indexed
+from ptd_sparse.nn import measured_route
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
+
+_logger = logging.getLogger("ptd_sparse")
 
 
 def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
@@ -27,7 +32,12 @@ def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
 
 class SparseConv2d(nn.Module):
     """Convolution with a SparseConvWeight: pattern tensors as buffers, the nonzero `values` [nnz] as a parameter
-    (so they can be fine-tuned), optional bias. Memory and work scale with the nonzeros."""
+    (so they can be fine-tuned), optional bias. Memory and work scale with the nonzeros.
+
+    With the automatic backend (backend=None, no PTD_BACKEND), an inference call (no gradient wanted) runs whichever
+    of three routes was fastest on the first call of its shape bucket (ptd_sparse.nn.measured_route): the sparse
+    kernel, or F.conv2d on the dense weight in NCHW or in channels_last. Calls that want gradients take the sparse
+    kernel, or the dense route above the density crossover for their batch size."""
 
     def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
                  dilation=1, backend: str | None = None, relu: bool = False):
@@ -45,6 +55,9 @@ class SparseConv2d(nn.Module):
         # The dense weight of the calls that the automatic choice sends to the dense route (above the crossover for
         # their batch size), built on first use and reused while values and pattern are unchanged: (key, weight).
         self._dense_cache: tuple[tuple, Tensor] | None = None
+        # The measured route of each input shape bucket (measured_route.shape_key -> route name); not saved in the
+        # state dict, as it describes this machine.
+        self._routes: dict[tuple, str] = {}
 
     def keep_dense_copy(self) -> None:
         """Build the dense weight now (it is otherwise built by the first call that takes the dense route), so calls
@@ -56,7 +69,10 @@ class SparseConv2d(nn.Module):
     def _dense_key(self) -> tuple:
         # In-place updates (optimizer steps, load_state_dict) move a tensor's version counter; .to() and .half()
         # change its storage, device or dtype.
-        return tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in (self.values, self.flat_index))
+        # Inference tensors (made under torch.inference_mode) track no version; they cannot be edited in place
+        # outside inference mode either, so their storage identifies them.
+        return tuple((-1 if t.is_inference() else t._version, t.data_ptr(), t.device, t.dtype)
+                     for t in (self.values, self.flat_index))
 
     def _cached_dense_weight(self) -> Tensor:
         key = self._dense_key()
@@ -122,15 +138,53 @@ class SparseConv2d(nn.Module):
                                       error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
+        automatic = requested_backend(self.backend) is None
+        if automatic and input.dim() == 4 and not torch.compiler.is_compiling() and not self._wants_grad(input):
+            key = measured_route.shape_key(input)
+            route = self._routes.get(key)
+            if route is None:
+                route = self._measure(key, input)
+            return self._run(route, input)
         batch = input.shape[0] if input.dim() == 4 else 1
         # The automatic choice's dense route runs F.conv2d on the dense weight; an explicit backend (reference
         # included: the oracle) always goes through the operator.
-        if requested_backend(self.backend) is None and \
+        if automatic and not torch.compiler.is_compiling() and \
                 choose_backend(SPARSE_CONV, input.device, self.backend, self._density, batch) == "reference":
-            out = F.conv2d(input, self._dense_weight(), self.bias, self.stride, self.padding, self.dilation)
-            return F.relu(out) if self.relu else out
-        return sparse_conv2d(input, self.sparse_weight, self.bias, self.stride, self.padding, self.dilation,
-                             backend=self.backend, relu=self.relu)
+            return self._run(measured_route.DENSE, input)
+        return self._run(measured_route.SPARSE, input)
+
+    def _wants_grad(self, input: Tensor) -> bool:
+        return torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad or
+                                            (self.bias is not None and self.bias.requires_grad))
+
+    def _run(self, route: str, input: Tensor) -> Tensor:
+        if route == measured_route.SPARSE:
+            return sparse_conv2d_indexed(input, self.values, pattern_indices(self), self.weight_shape, self._density,
+                                         self.bias, self.stride, self.padding, self.dilation, backend=self.backend,
+                                         relu=self.relu)
+        weight = self._dense_weight()
+        if route == measured_route.DENSE_CHANNELS_LAST:
+            # oneDNN's NHWC kernels; at small batches its NCHW path may fall back to a slow direct convolution.
+            input = input.contiguous(memory_format=torch.channels_last)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        out = F.conv2d(input, weight, self.bias, self.stride, self.padding, self.dilation)
+        return F.relu(out) if self.relu else out
+
+    @torch.no_grad()
+    def _measure(self, key: tuple, input: Tensor) -> str:
+        routes = {name: (lambda x, name=name: self._run(name, x)) for name in measured_route.ROUTES}
+        best, seconds = measured_route.fastest(routes, input)
+        self._routes[key] = best
+        if best == measured_route.SPARSE:
+            self._dense_cache = None  # the dense weight is not needed by this bucket: keep memory at the nonzeros
+        _logger.debug("SparseConv2d %s density %.3f input %s: %s (%s)", self.weight_shape, self._density,
+                      tuple(input.shape), best, ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in seconds.items()))
+        return best
+
+    @property
+    def routes(self) -> dict[tuple, str]:
+        """The measured route of each input shape bucket seen so far (see ptd_sparse.nn.measured_route)."""
+        return dict(self._routes)
 
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight_shape
