@@ -1,15 +1,22 @@
-"""A whole pruned network for inference: CIFAR VGG19 (random weights and BatchNorm statistics, pruned globally by
-L1 magnitude) through ptd_sparse.sparsify against eager PyTorch on the same pruned weights and, when installed,
-ONNX Runtime on the same model. All in one run, medians after warm-up, batch 64 and batch 1.
+"""Whole pruned networks for inference: CIFAR VGG19 and ResNet18 (random weights and BatchNorm statistics) through
+ptd_sparse.sparsify, against the same pruned weights in eager PyTorch, in the best dense form PyTorch offers on the
+CPU (BatchNorm folded, frozen and optimised for inference by torch.jit, oneDNN), and, when installed, ONNX Runtime
+and Neural Magic DeepSparse. All in one run, medians after warm-up, ratios of medians.
+
+Pruning: "authors" is how Park & No prune (torch.nn.utils.prune.global_unstructured, L1, seven rounds of 20%: 79%);
+"global 0.9" / "global 0.95" prune by global L1 magnitude in one step (early layers stay 45-78% sparse).
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_network.py
-(ONNX Runtime is optional: pip install onnx onnxruntime.) Neural Magic DeepSparse 1.8.0 needs numpy<2 and an old
-onnx, so it lives in a separate venv: pass its python with --deepsparse-python (see bench/deepsparse_runner.py); it
-then runs on the same ONNX export in the same run.
+    GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_network.py --models vgg19 --prunings global0.9 \
+        --batches 64 1 --deepsparse-python /tmp/ds/venv/bin/python
+(ONNX Runtime is optional: pip install onnx onnxruntime.) DeepSparse 1.8.0 needs numpy<2 and an old onnx, so it lives
+in a separate venv: pass its python with --deepsparse-python (see bench/deepsparse_runner.py); it then runs on the
+same ONNX export in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -18,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import ptd_sparse
 from ptd_sparse.nn import MaskedConv2d, MaskedLinear
@@ -25,36 +33,74 @@ from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
 from timing import median_ms  # bench/timing.py
 
+PRUNINGS = ("authors", "global0.9", "global0.95")
 
-def pruned_vgg19(sparsity: float) -> nn.Module:
+
+def cpu_vector_extensions() -> str:
+    """The CPU's model and its SIMD extensions that matter for these kernels (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile")
+    return f"{model}; " + (" ".join(f for f in wanted if f in flags) or "no AVX2")
+
+
+def pruned_model(name: str, pruning: str) -> nn.Module:
+    """`name` with random weights and BatchNorm statistics, pruned as `pruning` says (MaskedConv2d masks, or the
+    weight_orig/weight_mask of torch.nn.utils.prune for "authors")."""
     torch.manual_seed(0)
-    model = build_model("vgg19", in_channels=3, num_classes=10, image_size=32).eval()
+    model = build_model(name, in_channels=3, num_classes=10, image_size=32).eval()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 1.5)
-    prune_to(model, sparsity)
+    if pruning == "authors":
+        model = eager_dense(model)  # plain nn.Conv2d / nn.Linear, as the authors' code has them
+        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        for _ in range(7):
+            prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.2)
+    else:
+        prune_to(model, float(pruning.removeprefix("global")))
     return model
 
 
 def eager_dense(model: nn.Module) -> nn.Module:
-    """The same pruned network as plain PyTorch layers (what users run without this package)."""
-    dense = build_model("vgg19", in_channels=3, num_classes=10, image_size=32).eval()
-    dense.load_state_dict(model.state_dict())
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, (MaskedConv2d, MaskedLinear)):
+    """A copy of the pruned `model` as plain PyTorch layers holding weight * mask (what users run without this
+    package): torch.nn.utils.prune's masks baked in, MaskedConv2d / MaskedLinear replaced by nn.Conv2d / nn.Linear."""
+    plain_model = copy.deepcopy(model).eval()
+    for name, module in list(plain_model.named_modules()):
+        if hasattr(module, "weight_mask"):
+            prune.remove(module, "weight")
+        elif isinstance(module, (MaskedConv2d, MaskedLinear)):
             if isinstance(module, MaskedConv2d):
                 plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                                  module.padding, bias=module.bias is not None)
+                                  module.padding, module.dilation, module.groups, bias=module.bias is not None)
             else:
-                plain = nn.Linear(module.in_features, module.out_features)
+                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             with torch.no_grad():
                 plain.weight.copy_(module.weight * module.mask)
                 if module.bias is not None:
                     plain.bias.copy_(module.bias)
             parent_name, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent_name) if parent_name else dense, child, plain)
-    return dense.eval()
+            setattr(plain_model.get_submodule(parent_name) if parent_name else plain_model, child, plain)
+    return plain_model
+
+
+def best_dense_forms(dense: nn.Module, example: torch.Tensor) -> dict:
+    """The dense forms PyTorch offers for CPU inference: BatchNorm folded and frozen by torch.jit with
+    optimize_for_inference (oneDNN), in NCHW and in channels_last."""
+    forms = {}
+    with torch.no_grad():
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(dense, example).eval()))
+        forms["jit frozen"] = lambda x: frozen(x)
+        channels_last = dense.to(memory_format=torch.channels_last)
+        traced_cl = torch.jit.trace(channels_last, example.contiguous(memory_format=torch.channels_last))
+        frozen_cl = torch.jit.optimize_for_inference(torch.jit.freeze(traced_cl.eval()))
+        forms["jit frozen channels_last"] = lambda x: frozen_cl(x.contiguous(memory_format=torch.channels_last))
+    return forms
 
 
 def export_onnx(model: nn.Module, batch: int) -> Path:
@@ -88,44 +134,69 @@ def onnxruntime_runner(model: nn.Module, batch: int, threads: int):
     return lambda x: session.run(None, {"x": x})
 
 
+def sparsity_of(model: nn.Module) -> float:
+    masks = [m.mask for m in model.modules() if isinstance(m, (MaskedConv2d, MaskedLinear))]
+    masks += [m.weight_mask for m in model.modules() if hasattr(m, "weight_mask")]
+    return 1 - sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95])
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 1])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["vgg19", "resnet18"])
+    parser.add_argument("--prunings", nargs="+", default=list(PRUNINGS), choices=PRUNINGS)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--seconds", type=float, default=1.0, help="rough time budget per measured form and batch")
     parser.add_argument("--deepsparse-python", help="python of a venv with deepsparse 1.8.0 (see deepsparse_runner)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "network.json")
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    print(f"CIFAR VGG19, float32, torch {torch.__version__}, {threads} threads, "
-          f"GOMP_CPU_AFFINITY={os.environ.get('GOMP_CPU_AFFINITY', 'unset')}")
-    print(f"{'sparsity':>8} {'batch':>5} {'eager ms':>9} {'onnxrt ms':>9} {'dsparse ms':>10} {'ptd ms':>8} "
-          f"{'vs eager':>8} {'vs onnxrt':>9} {'vs dsparse':>10} {'sparse layers':>13}")
+    machine = cpu_vector_extensions()
+    print(f"float32, torch {torch.__version__}, {threads} threads, "
+          f"GOMP_CPU_AFFINITY={os.environ.get('GOMP_CPU_AFFINITY', 'unset')}; CPU: {machine}")
+    print(f"{'model':>8} {'pruning':>10} {'sparsity':>8} {'batch':>5} {'eager':>8} {'best dense':>10} "
+          f"{'onnxrt':>8} {'dsparse':>8} {'ptd':>8} {'vs eager':>8} {'vs dense':>8} {'vs onnxrt':>9} "
+          f"{'vs dsparse':>10}  (ms; ratios are speed-ups of ptd_sparse)")
     rows = []
-    for sparsity in args.sparsities:
-        model = pruned_vgg19(sparsity)
-        dense = eager_dense(model)
-        fast = ptd_sparse.sparsify(model)
-        sparse_layers = sum(isinstance(m, ptd_sparse.nn.SparseConv2d) for m in fast.modules())
-        for batch in args.batches:
-            x = torch.randn(batch, 3, 32, 32)
-            with torch.no_grad():
-                torch.testing.assert_close(fast(x), dense(x), atol=1e-3, rtol=1e-3)
-                eager_ms = median_ms(lambda: dense(x), args.warmup, args.repeats)
-                ptd_ms = median_ms(lambda: fast(x), args.warmup, args.repeats)
-            ort = onnxruntime_runner(dense, batch, threads)
-            ort_ms = median_ms(lambda: ort(x.numpy()), args.warmup, args.repeats) if ort else float("nan")
-            ds_ms = deepsparse_ms(args.deepsparse_python, dense, batch, threads, args.warmup, args.repeats)
-            row = dict(sparsity=sparsity, batch=batch, eager_ms=eager_ms, onnxruntime_ms=ort_ms, deepsparse_ms=ds_ms,
-                       ptd_ms=ptd_ms, speedup_vs_eager=eager_ms / ptd_ms, speedup_vs_onnxruntime=ort_ms / ptd_ms,
-                       speedup_vs_deepsparse=ds_ms / ptd_ms, sparse_layers=sparse_layers)
-            rows.append(row)
-            print(f"{sparsity:>8.2f} {batch:>5} {eager_ms:>9.2f} {ort_ms:>9.2f} {ds_ms:>10.2f} {ptd_ms:>8.2f} "
-                  f"{eager_ms / ptd_ms:>8.2f} {ort_ms / ptd_ms:>9.2f} {ds_ms / ptd_ms:>10.2f} {sparse_layers:>13}",
-                  flush=True)
+    for name in args.models:
+        for pruning in args.prunings:
+            model = pruned_model(name, pruning)
+            dense = eager_dense(model)
+            fast = ptd_sparse.sparsify(model)
+            sparsity = sparsity_of(model)
+            for batch in args.batches:
+                x = torch.randn(batch, 3, 32, 32)
+                with torch.no_grad():
+                    fast(x)  # the first call of a batch size measures each layer's route
+                    torch.testing.assert_close(fast(x), dense(x), atol=1e-3, rtol=1e-3)
+                    probe = median_ms(lambda: dense(x), 1, 1)
+                    repeats = max(3, min(30, int(args.seconds * 1e3 / max(probe, 1e-3))))
+                    eager_ms = median_ms(lambda: dense(x), 2, repeats)
+                    forms = best_dense_forms(dense, x)
+                    form_ms = {form: median_ms(lambda: run(x), 2, repeats) for form, run in forms.items()}
+                    ptd_ms = median_ms(lambda: fast(x), 2, repeats)
+                best_form = min(form_ms, key=form_ms.get)
+                dense_ms = min(eager_ms, form_ms[best_form])
+                ort = onnxruntime_runner(dense, batch, threads)
+                ort_ms = median_ms(lambda: ort(x.numpy()), 2, repeats) if ort else float("nan")
+                ds_ms = deepsparse_ms(args.deepsparse_python, dense, batch, threads, 2, repeats)
+                routes = {}
+                for module in fast.modules():
+                    if isinstance(module, ptd_sparse.nn.SparseConv2d):
+                        route = module.routes.get(next(k for k in module.routes if k[0] >= batch), "?") \
+                            if module.routes else "?"
+                        routes[route] = routes.get(route, 0) + 1
+                row = dict(model=name, pruning=pruning, sparsity=round(sparsity, 4), batch=batch, eager_ms=eager_ms,
+                           dense_forms_ms=form_ms, best_dense_ms=dense_ms, onnxruntime_ms=ort_ms,
+                           deepsparse_ms=ds_ms, ptd_ms=ptd_ms, routes=routes,
+                           speedup_vs_eager=eager_ms / ptd_ms, speedup_vs_best_dense=dense_ms / ptd_ms,
+                           speedup_vs_onnxruntime=ort_ms / ptd_ms, speedup_vs_deepsparse=ds_ms / ptd_ms)
+                rows.append(row)
+                print(f"{name:>8} {pruning:>10} {sparsity:>8.3f} {batch:>5} {eager_ms:>8.2f} {dense_ms:>10.2f} "
+                      f"{ort_ms:>8.2f} {ds_ms:>8.2f} {ptd_ms:>8.2f} {eager_ms / ptd_ms:>8.2f} "
+                      f"{dense_ms / ptd_ms:>8.2f} {ort_ms / ptd_ms:>9.2f} {ds_ms / ptd_ms:>10.2f}  routes {routes}",
+                      flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": threads,
+    args.out.write_text(json.dumps({"meta": {"torch": torch.__version__, "threads": threads, "cpu": machine,
                                              "pinning": os.environ.get("GOMP_CPU_AFFINITY", "unset")},
                                     "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -54,7 +54,7 @@ class SparseConv2d(nn.Module):
         self._density = sparse_weight.density
         # The dense weight of the calls that the automatic choice sends to the dense route (above the crossover for
         # their batch size), built on first use and reused while values and pattern are unchanged: (key, weight).
-        self._dense_cache: tuple[tuple, Tensor] | None = None
+        self._dense_cache: tuple[tuple, dict[bool, Tensor]] | None = None
         # The measured route of each input shape bucket (measured_route.shape_key -> route name); not saved in the
         # state dict, as it describes this machine.
         self._routes: dict[tuple, str] = {}
@@ -74,19 +74,25 @@ class SparseConv2d(nn.Module):
         return tuple((-1 if t.is_inference() else t._version, t.data_ptr(), t.device, t.dtype)
                      for t in (self.values, self.flat_index))
 
-    def _cached_dense_weight(self) -> Tensor:
+    def _cached_dense_weight(self, channels_last: bool = False) -> Tensor:
+        """The cached dense weight, in NCHW or channels_last (both kept once made: each is read on every call of
+        its route, and converting per call would copy the whole weight)."""
         key = self._dense_key()
         if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, self.sparse_weight.to_dense().detach())
-        return self._dense_cache[1]
+            self._dense_cache = (key, {False: self.sparse_weight.to_dense().detach()})
+        weights = self._dense_cache[1]
+        if channels_last not in weights:
+            weights[channels_last] = weights[False].contiguous(memory_format=torch.channels_last)
+        return weights[channels_last]
 
-    def _dense_weight(self) -> Tensor:
+    def _dense_weight(self, channels_last: bool = False) -> Tensor:
         """The dense weight for this call. With gradients wanted for values it is scattered from them anew, as part
         of the autograd graph (values change every step, and a weight cached across calls would carry no gradient);
         otherwise the cached copy, rebuilt only when values or pattern changed."""
         if torch.is_grad_enabled() and self.values.requires_grad:
-            return self.sparse_weight.to_dense()
-        return self._cached_dense_weight()
+            weight = self.sparse_weight.to_dense()
+            return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
+        return self._cached_dense_weight(channels_last)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "SparseConv2d":
@@ -162,13 +168,13 @@ class SparseConv2d(nn.Module):
             return sparse_conv2d_indexed(input, self.values, pattern_indices(self), self.weight_shape, self._density,
                                          self.bias, self.stride, self.padding, self.dilation, backend=self.backend,
                                          relu=self.relu)
-        weight = self._dense_weight()
-        if route == measured_route.DENSE_CHANNELS_LAST:
+        channels_last = route == measured_route.DENSE_CHANNELS_LAST
+        if channels_last:
             # oneDNN's NHWC kernels; at small batches its NCHW path may fall back to a slow direct convolution.
             input = input.contiguous(memory_format=torch.channels_last)
-            weight = weight.contiguous(memory_format=torch.channels_last)
+        weight = self._dense_weight(channels_last)
         out = F.conv2d(input, weight, self.bias, self.stride, self.padding, self.dilation)
-        return F.relu(out) if self.relu else out
+        return out.relu_() if self.relu and not out.requires_grad else (F.relu(out) if self.relu else out)
 
     @torch.no_grad()
     def _measure(self, key: tuple, input: Tensor) -> str:
