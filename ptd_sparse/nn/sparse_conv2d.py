@@ -165,8 +165,12 @@ class SparseConv2d(nn.Module):
 
     def _run(self, route: str, input: Tensor) -> Tensor:
         if route == measured_route.SPARSE:
+            # The sparse kernel of the device's preferred backend, whatever the density: this route is the sparse
+            # one (no crossover applies; with density=None the automatic choice gives the sparse backend).
+            backend = self.backend if self.backend is not None else \
+                choose_backend(SPARSE_CONV, input.device, None, None)
             return sparse_conv2d_indexed(input, self.values, pattern_indices(self), self.weight_shape, self._density,
-                                         self.bias, self.stride, self.padding, self.dilation, backend=self.backend,
+                                         self.bias, self.stride, self.padding, self.dilation, backend=backend,
                                          relu=self.relu)
         channels_last = route == measured_route.DENSE_CHANNELS_LAST
         if channels_last:
