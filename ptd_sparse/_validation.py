@@ -84,12 +84,16 @@ def conv_output_fits(input_shape, weight_shape, stride, padding, dilation) -> No
 
 
 def temperature(value) -> float:
+    if type(value) is float and 0 < value < math.inf:  # the common case, without the numbers ABC (microseconds)
+        return value
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def alpha(value) -> float:
+    if type(value) is float and 0 <= value <= 1:  # the common case, without the numbers ABC
+        return value
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {value!r}")
     return float(value)

@@ -192,7 +192,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
         raise ValueError("alpha=0 with target=None leaves no loss term; give target or an alpha > 0")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+    if type(ignore_index) is not int and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
     chosen = choose_backend(KD_LOSS, student_logits.device, backend)
