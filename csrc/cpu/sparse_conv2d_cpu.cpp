@@ -86,21 +86,38 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // ---- float32 fast paths (wide_conv_f32.h); other dtypes and unsupported geometries use the generic loops above.
 
-// The CSR taps as (offset into one packed image, value) for either packing (wide::PackedGeometry or
-// batch_inner::Geometry); values may be null when only the offsets are needed.
+// Packed-image offset of every weight column (c_in, kh, kw) for either packing (wide::PackedGeometry or
+// batch_inner::Geometry), tap (kh, kw) flipped when `flipped` (the data gradient's kernel) and the channel term left
+// out when `without_channel`. A table of C_in * KH * KW entries built per call makes each nonzero's tap one load:
+// decoding every column with three integer divisions cost more than the arithmetic itself at batch 1, where each
+// tap is applied to a few dozen outputs only.
+template <typename Packing>
+std::vector<int32_t> column_offsets(const ConvGeometry& g, const Packing& p, bool flipped, bool without_channel) {
+  std::vector<int32_t> table(g.in_channels * g.taps());
+  for (int64_t c = 0; c < g.in_channels; ++c)
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+        const int64_t th = (flipped ? g.kernel_h - 1 - kh : kh) * g.dil_h;
+        const int64_t tw = (flipped ? g.kernel_w - 1 - kw : kw) * g.dil_w;
+        table[(c * g.kernel_h + kh) * g.kernel_w + kw] = p.tap_offset(without_channel ? 0 : c, th, tw);
+      }
+  return table;
+}
+
+// The CSR taps as (offset into one packed image, value); values may be null when only the offsets are needed.
 template <typename Packing>
 std::vector<wide::Tap> csr_taps(const float* values, const int32_t* col_idx, int64_t nnz, const ConvGeometry& g,
                                 const Packing& p) {
+  const std::vector<int32_t> offsets = column_offsets(g, p, false, false);
   std::vector<wide::Tap> taps(nnz);
-  for (int64_t e = 0; e < nnz; ++e) {
-    const Tap tap = decode_column(col_idx[e], g);
-    taps[e] = {p.tap_offset(tap.channel, tap.kh * g.dil_h, tap.kw * g.dil_w), values ? values[e] : 0.0f};
-  }
+  for (int64_t e = 0; e < nnz; ++e) taps[e] = {offsets[col_idx[e]], values ? values[e] : 0.0f};
   return taps;
 }
 
 // The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
-// and padding (K - 1) * dilation - padding; its rows are the transposed pattern's input channels. These are its taps.
+// and padding (K - 1) * dilation - padding; its rows are the transposed pattern's input channels and its channels
+// the output channels (t_rows). Packed offsets are linear in the channel, so a tap is the flipped (kh, kw) term from
+// the table plus the output channel's stride.
 template <typename Packing>
 std::vector<wide::Tap> transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tr,
                                                const at::Tensor& tperm, const ConvGeometry& g, const Packing& p) {
@@ -108,11 +125,12 @@ std::vector<wide::Tap> transposed_flipped_taps(const at::Tensor& vals, const at:
   const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
   const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
   const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
+  const std::vector<int32_t> spatial = column_offsets(g, p, true, true);
+  const int64_t channel_stride = p.tap_offset(1, 0, 0);
   std::vector<wide::Tap> taps(vals.numel());
   for (int64_t j = 0; j < vals.numel(); ++j) {
-    const Tap tap = decode_column(col_ptr[perm_ptr[j]], g);
-    taps[j] = {p.tap_offset(tr_ptr[j], (g.kernel_h - 1 - tap.kh) * g.dil_h, (g.kernel_w - 1 - tap.kw) * g.dil_w),
-               v_ptr[perm_ptr[j]]};
+    const int32_t e = perm_ptr[j];
+    taps[j] = {static_cast<int32_t>(tr_ptr[j] * channel_stride + spatial[col_ptr[e]]), v_ptr[e]};
   }
   return taps;
 }
