@@ -35,7 +35,10 @@ inline void check_pointers(const at::Tensor& pointers, const char* name, int64_t
   const at::Tensor p = pointers.contiguous();
   const int32_t* ptr = p.const_data_ptr<int32_t>();
   TORCH_CHECK_VALUE(ptr[0] == 0, name, "[0] = ", ptr[0], "; ", name, " must start at 0");
-  for (int64_t i = 1; i <= rows; ++i)
+  // One branch-free pass decides; the entry is looked up for the message only when something is wrong.
+  bool decreasing = false;
+  for (int64_t i = 1; i <= rows; ++i) decreasing |= ptr[i] < ptr[i - 1];
+  for (int64_t i = 1; decreasing && i <= rows; ++i)
     TORCH_CHECK_VALUE(ptr[i] >= ptr[i - 1], name, "[", i, "] = ", ptr[i], " is less than ", name, "[", i - 1,
                       "] = ", ptr[i - 1], "; ", name, " must be non-decreasing");
   TORCH_CHECK_VALUE(ptr[rows] == entries, name, "[", rows, "] = ", ptr[rows], " but there are ", entries,
@@ -52,7 +55,19 @@ inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, cons
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
   const int32_t* ci_ptr = ci.const_data_ptr<int32_t>();
+  // These checks run on every call, so a tight branch-free pass over the nnz entries decides (a few instructions
+  // per entry; with a check and its message per entry they cost as much as a batch-1 convolution), and the detailed
+  // pass below runs only to name the first bad entry.
+  bool bad = false;
   for (int64_t row = 0; row < g.out_channels; ++row) {
+    int32_t previous = -1;
+    for (int64_t e = rp_ptr[row]; e < rp_ptr[row + 1]; ++e) {
+      const int32_t column = ci_ptr[e];
+      bad |= (column <= previous) | (column >= columns);  // column > previous >= -1 covers column >= 0
+      previous = column;
+    }
+  }
+  for (int64_t row = 0; bad && row < g.out_channels; ++row) {
     for (int64_t e = rp_ptr[row]; e < rp_ptr[row + 1]; ++e) {
       TORCH_CHECK_VALUE(ci_ptr[e] >= 0 && ci_ptr[e] < columns, "col_idx[", e, "] = ", ci_ptr[e],
                         " is out of range; columns must lie in [0, C_in * KH * KW = ", columns, ")");
@@ -95,8 +110,24 @@ inline void check_transposed(const at::Tensor& col_idx, const at::Tensor& t_ptr,
   const int32_t* tp_ptr = tp.const_data_ptr<int32_t>();
   const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
   const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
-  std::vector<bool> seen(nnz, false);
-  for (int64_t c = 0; c < g.in_channels; ++c) {
+  // As in check_csr: a tight pass decides, the detailed pass names the first bad entry.
+  std::vector<uint8_t> seen(nnz, 0);
+  bool bad = false;
+  for (int64_t c = 0; c < g.in_channels && !bad; ++c) {
+    const int64_t first_column = c * g.taps(), end_column = first_column + g.taps();  // input channel c's columns
+    for (int64_t j = tp_ptr[c]; j < tp_ptr[c + 1]; ++j) {
+      const int32_t e = perm_ptr[j];
+      if (e < 0 || e >= nnz || seen[e]) {
+        bad = true;
+        break;
+      }
+      seen[e] = 1;
+      const int32_t column = ci_ptr[e];
+      bad |= (tr_ptr[j] < 0) | (tr_ptr[j] >= g.out_channels) | (column < first_column) | (column >= end_column);
+    }
+  }
+  std::fill(seen.begin(), seen.end(), 0);
+  for (int64_t c = 0; bad && c < g.in_channels; ++c) {
     for (int64_t j = tp_ptr[c]; j < tp_ptr[c + 1]; ++j) {
       TORCH_CHECK_VALUE(tr_ptr[j] >= 0 && tr_ptr[j] < g.out_channels, "t_rows[", j, "] = ", tr_ptr[j],
                         " is out of range; output channels lie in [0, C_out = ", g.out_channels, ")");
@@ -104,7 +135,7 @@ inline void check_transposed(const at::Tensor& col_idx, const at::Tensor& t_ptr,
       TORCH_CHECK_VALUE(e >= 0 && e < nnz, "t_perm[", j, "] = ", e, " is out of range; CSR positions lie in [0, nnz = ",
                         nnz, ")");
       TORCH_CHECK_VALUE(!seen[e], "t_perm[", j, "] = ", e, " repeats an earlier entry; t_perm must be a permutation");
-      seen[e] = true;
+      seen[e] = 1;
       TORCH_CHECK_VALUE(ci_ptr[e] >= 0 && ci_ptr[e] < columns, "col_idx[", e, "] = ", ci_ptr[e],
                         " is out of range; columns must lie in [0, C_in * KH * KW = ", columns, ")");
       TORCH_CHECK_VALUE(ci_ptr[e] / g.taps() == c, "t_perm[", j, "] = ", e, " points at col_idx[", e, "] = ", ci_ptr[e],
