@@ -14,7 +14,7 @@ import torch
 from pipeline_helpers import fake_fashion_mnist, tiny_run_overrides
 
 from ptd_sparse import cli
-from ptd_sparse.pipeline import distributed
+from ptd_sparse import distributed
 
 
 def ptd_args(command, out, root, *extra):
@@ -69,7 +69,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from ptd_sparse import functional
     from ptd_sparse.nn import MaskedConv2d
     from ptd_sparse.pattern import ConvPattern
-    from ptd_sparse.pipeline import distributed
+    from ptd_sparse import distributed
 
     builds = []
     original = ConvPattern.from_mask.__func__

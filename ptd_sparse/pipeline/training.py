@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptd_sparse.functional import kd_loss
-from ptd_sparse.pipeline import distributed
+from ptd_sparse import distributed
 from ptd_sparse.pipeline.checkpoint import load_state, save_state
-from ptd_sparse.pipeline.data import Augmentation, Dataset, Split, apply_views, batches, normalize, sample_views
+from ptd_sparse.data import Augmentation, Dataset, Split, apply_views, batches, normalize, sample_views
 
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the running sums back from the device)
