@@ -182,7 +182,7 @@ def test_automatic_choice_on_cuda_devices_takes_triton_below_its_crossover():
     crossover = ptd_sparse.backends.dense_crossover("triton", 128)
     assert ptd_sparse.backends.choose_backend(SPARSE_CONV, cuda, density=crossover / 2, batch=128) == "triton"
     assert ptd_sparse.backends.choose_backend(SPARSE_CONV, cuda, density=min(1.0, crossover + 0.1),
-                                              batch=128) == "reference"
+                                              batch=128) == "dense"
     assert ptd_sparse.backends.choose_backend(KD_LOSS, cuda) == "triton"
 
 
