@@ -3,9 +3,9 @@
 SGD with Nesterov momentum and a multi-step schedule; batched tensor augmentation; the model with the best
 validation accuracy is kept and evaluated on the test split. Where the loss comes from is one small object, the
 teacher signal, that the loop asks for each batch's views and loss: `CrossEntropy` (no teacher) or `Distillation`
-(the fused kd_loss against a live teacher in eval mode on the same augmented batch, or against a cache). The loop saves its state after every epoch and resumes from it, so an
-interrupted stage continues where it stopped. Under torchrun it wraps the model in DistributedDataParallel and
-each rank trains on its own share of every epoch.
+(the fused kd_loss against a live teacher in eval mode on the same augmented batch, or against a cache). The loop
+saves its state after every epoch and resumes from it, so an interrupted stage continues where it stopped. Under
+torchrun it wraps the model in DistributedDataParallel and each rank trains on its own share of every epoch.
 """
 from __future__ import annotations
 
