@@ -140,8 +140,8 @@ def _run_sparse_conv(input: Tensor, indices: tuple, weight_shape: list, values: 
         out = F.conv2d(input, weight, bias, stride, padding, dilation)
         return F.relu(out) if relu else out
     if backend == "triton" and input.is_cuda and torch.compiler.is_compiling():
-        # torch.compile traces through the triton_op version into the Triton kernels (registered at import where
-        # CUDA and triton are present, see ptd_sparse.triton_kernels) instead of calling an opaque operator.
+        # torch.compile traces through the triton_op version into the Triton kernels (registered with the operators,
+        # ptd_sparse/ops/triton_sparse_conv2d.py) instead of calling an opaque operator.
         return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, *indices, weight_shape, bias, stride, padding,
                                                          dilation, relu)
     if backend in COMPILED:
