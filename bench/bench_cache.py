@@ -36,7 +36,7 @@ from ptd_sparse.cache import build_cache, make_spec, teacher_fingerprint
 from ptd_sparse.cache.inference import inference_form
 from ptd_sparse.cache.precompute import TUNING_BATCH
 from ptd_sparse.nn import MaskedConv2d, MaskedLinear, MaxPool2x2
-from ptd_sparse.pipeline.data import Augmentation, Dataset, Split, apply_views, batches, load_dataset, normalize
+from ptd_sparse.data import Augmentation, Dataset, Split, apply_views, batches, load_dataset, normalize
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
 from ptd_sparse.pipeline.training import Context, Distillation, Schedule, fit

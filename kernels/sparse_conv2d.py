@@ -18,9 +18,9 @@ Accumulation is float32 for float16/bfloat16/float32 and float64 for float64.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import weakref
-from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -30,7 +30,6 @@ from torch.library import wrap_triton
 
 from ._launch import INTERPRET, configs, launch_context, tuning_bucket
 from ptd_sparse.conv_geometry import output_size
-from ptd_sparse.ops.autocast import register_autocast
 
 INT32_LIMIT = 2**31 - 1
 
@@ -368,61 +367,12 @@ def _backward_weight(grad_output, input, values, row_ptr, col_idx, geometry, con
     return (partial[0] if n_splits == 1 else partial.sum(0)).to(values.dtype)
 
 
-# --- triton_op versions, for torch.compile on CUDA devices ---------------------------------------------------------
-# The registered operators ptd_sparse::sparse_conv2d(_backward) are custom ops that torch.compile treats as opaque
-# (and that pass opcheck under the interpreter, see DESIGN.md). These versions are made with torch.library.triton_op,
-# so torch.compile traces through them to the Triton kernels; ptd_sparse.functional routes the triton backend's
-# CUDA calls to them while compiling. Their fake kernels run the wrappers above on fake tensors.
-
-@torch.library.triton_op("ptd_sparse::triton_sparse_conv2d", mutates_args=())
-def triton_sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor,
-                         t_rows: Tensor, t_perm: Tensor, weight_shape: List[int], bias: Optional[Tensor],
-                         stride: List[int], padding: List[int], dilation: List[int], relu: bool) -> Tensor:
-    """ptd_sparse::sparse_conv2d on the triton backend, traceable by torch.compile."""
+@contextlib.contextmanager
+def traced_launches():
+    """Launch the kernels through wrap_triton while inside, as the body of a torch.library.triton_op must, so that
+    torch.compile traces into them (the triton_op versions of the operator are in ptd_sparse/ops/)."""
     token = _IN_TRITON_OP.set(True)
     try:
-        return forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu)
+        yield
     finally:
         _IN_TRITON_OP.reset(token)
-
-
-@torch.library.triton_op("ptd_sparse::triton_sparse_conv2d_backward", mutates_args=())
-def triton_sparse_conv2d_backward(grad_output: Tensor, input: Tensor, values: Tensor, row_ptr: Tensor,
-                                  col_idx: Tensor, t_ptr: Tensor, t_rows: Tensor, t_perm: Tensor,
-                                  weight_shape: List[int], stride: List[int], padding: List[int],
-                                  dilation: List[int], output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    """ptd_sparse::sparse_conv2d_backward on the triton backend, traceable by torch.compile."""
-    token = _IN_TRITON_OP.set(True)
-    try:
-        grads = backward(grad_output, input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, stride,
-                         padding, dilation, output_mask)
-    finally:
-        _IN_TRITON_OP.reset(token)
-    return tuple(g if g is not None else grad_output.new_empty(0) for g in grads)
-
-
-def _setup_context(ctx, inputs, output):
-    (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
-     relu) = inputs
-    ctx.relu = relu
-    ctx.save_for_backward(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output if relu else None)
-    ctx.conv_args = (weight_shape, stride, padding, dilation)
-    ctx.has_bias = bias is not None
-
-
-def _autograd_backward(ctx, grad_output):
-    input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output = ctx.saved_tensors
-    if ctx.relu:
-        grad_output = grad_output * (output > 0)
-    needs = ctx.needs_input_grad
-    output_mask = [needs[0], needs[1], ctx.has_bias and needs[8]]
-    grad_input, grad_values, grad_bias = triton_sparse_conv2d_backward(
-        grad_output.contiguous(), input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, *ctx.conv_args,
-        output_mask)
-    return (grad_input if output_mask[0] else None, grad_values if output_mask[1] else None,
-            None, None, None, None, None, None, grad_bias if output_mask[2] else None, None, None, None, None)
-
-
-triton_sparse_conv2d.register_autograd(_autograd_backward, setup_context=_setup_context)
-# Under torch.autocast the convolution runs in the autocast dtype, like F.conv2d (and the other routes).
-register_autocast("ptd_sparse::triton_sparse_conv2d", cast_to=None)

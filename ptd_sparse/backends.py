@@ -1,13 +1,17 @@
 """Which backend runs an operator call.
 
-Four backends compute the same functions (DESIGN.md): `cpu` and `cuda` (the compiled extension), `triton`
-(kernels/), and `reference` (plain PyTorch, the oracle). Every backend answers `unsupported_reasons(...)`: an empty
-list means it can run the call. The choice, in order of precedence:
+Four backends compute the same functions (docs/design.md, section 3): `cpu` and `cuda` (the compiled extension),
+`triton` (kernels/), and `reference` (plain PyTorch, the oracle the others are tested against). The convolution has
+one more route, `dense`: F.conv2d on the dense weight (oneDNN on CPUs, cuDNN on GPUs), which is faster than any
+sparse kernel for dense enough weights. Every backend answers `unsupported_reasons(...)`: an empty list means it can
+run the call. The choice, in order of precedence:
   1. `backend=` given to the call, else 2. the environment variable PTD_BACKEND, else 3. automatic.
-An explicit choice (1 or 2) that cannot run raises an error listing why. The automatic choice takes the first backend
-of the device's preference list that can run and logs once why it skipped the others. For the sparse convolution it
-picks `reference` -- the dense masked path, F.conv2d on weight * mask -- when the weight is denser than the measured
-crossover of the preferred sparse backend, since dense kernels win there (early pruning rounds, the first layer).
+An explicit choice (1 or 2) that cannot run raises an error listing why; an explicit `dense` always takes the dense
+route for the convolution (the KD loss has no dense route: `backend="dense"` is refused there, and PTD_BACKEND=dense
+leaves its choice automatic). The automatic choice takes the first backend of the device's preference list that can
+run and logs once why it skipped the others. For the sparse convolution it picks `dense` when the weight is denser
+than the measured crossover of the preferred sparse backend (early pruning rounds, the first layer), and when no
+sparse backend can run.
 """
 from __future__ import annotations
 
@@ -19,13 +23,17 @@ import torch
 from ptd_sparse._extension import extension_problem, has_compiled_cuda
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
+# The convolution's dense route: F.conv2d on the dense (masked) weight. Not a backend of the operators (it runs no
+# kernel of this package), but a name the automatic choice returns and PTD_BACKEND / backend= accept.
+DENSE = "dense"
 # The backends whose kernels live in the compiled extension (and whose autograd and autocast rules do too).
 COMPILED = ("cpu", "cuda")
 SPARSE_CONV = "sparse_conv2d"
 KD_LOSS = "kd_loss"
 
-# Automatic preference per device type.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Automatic preference per device type: the sparse backends, then the plain-PyTorch fallback (for the convolution
+# that is the dense route, which computes the same function faster than the oracle).
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 # Density above which the dense masked path (oneDNN/cuDNN through F.conv2d) beats the sparse kernel of that backend,
 # measured with bench/bench_sparse_conv2d.py on the CIFAR VGG layers (docs/benchmarks.md); 1.0 never goes dense.
@@ -45,13 +53,6 @@ def dense_crossover(backend: str, batch: int | None = None) -> float:
     table = SMALL_BATCH_CROSSOVER if batch is not None and batch < SMALL_BATCH else DENSE_CROSSOVER
     return table[backend]
 
-# Which operators each backend implements in this build.
-IMPLEMENTED = {
-    "reference": {SPARSE_CONV, KD_LOSS},
-    "cpu": {SPARSE_CONV, KD_LOSS},
-    "cuda": {SPARSE_CONV, KD_LOSS},
-    "triton": {SPARSE_CONV, KD_LOSS},
-}
 
 _logger = logging.getLogger("ptd_sparse")
 _already_logged: set[str] = set()
@@ -66,8 +67,8 @@ def _log_once(message: str) -> None:
 def unsupported_reasons(backend: str, op: str, device: torch.device) -> list[str]:
     """Why `backend` cannot run `op` on `device`; empty when it can."""
     reasons = []
-    if op not in IMPLEMENTED[backend]:
-        reasons.append(f"the {backend} backend does not implement {op} in this build")
+    if backend == DENSE and op != SPARSE_CONV:
+        reasons.append(f"the dense route exists for {SPARSE_CONV} only, not for {op}")
     if backend == "cpu":
         if device.type != "cpu":
             reasons.append(f"the cpu backend runs on CPU tensors, the inputs are on {device}")
@@ -94,9 +95,9 @@ def requested_backend(backend: str | None) -> str | None:
     name = backend if backend is not None else os.environ.get("PTD_BACKEND")
     if name is None or name == "auto":
         return None
-    if name not in BACKENDS:
+    if name not in BACKENDS + (DENSE,):
         source = "backend" if backend is not None else "the environment variable PTD_BACKEND"
-        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS + (DENSE, 'auto')}, got {name!r}")
     return name
 
 
@@ -105,19 +106,19 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None, de
     """Name of the backend that runs `op` for inputs on `device` (and, for the convolution, weight `density` and
     the number of images `batch`)."""
     name = requested_backend(backend)
+    if name == DENSE and backend is None and op != SPARSE_CONV:
+        name = None  # PTD_BACKEND=dense fixes the convolution's route; the KD loss keeps its automatic choice
     if name is not None:
         reasons = unsupported_reasons(name, op, device)
         if reasons:
             raise RuntimeError(f"{op}: the requested backend {name!r} cannot run: " + "; ".join(reasons))
         return name
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-        if candidate == "reference":
-            return candidate
+    for candidate in AUTO_ORDER.get(device.type, ()):
         reasons = unsupported_reasons(candidate, op, device)
         if reasons:
             _log_once(f"ptd_sparse: {op} on {device.type} skips the {candidate} backend: " + "; ".join(reasons))
             continue
         if op == SPARSE_CONV and density is not None and density > dense_crossover(candidate, batch):
-            return "reference"
+            return DENSE
         return candidate
-    return "reference"
+    return DENSE if op == SPARSE_CONV else "reference"

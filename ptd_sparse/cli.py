@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ptd: configuration error: {error}", file=sys.stderr)
         return 2
     from ptd_sparse.cache import CacheError
-    from ptd_sparse.pipeline import distributed, stages
-    from ptd_sparse.pipeline.data import MissingDataError
+    from ptd_sparse import distributed
+    from ptd_sparse.pipeline import stages
+    from ptd_sparse.data import MissingDataError
     from ptd_sparse.pipeline.report import write_report
 
     main_rank = True

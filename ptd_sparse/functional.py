@@ -10,9 +10,9 @@ from torch import Tensor
 
 from ptd_sparse import _validation as check
 from ptd_sparse import ops
-from ptd_sparse.backends import COMPILED, KD_LOSS, SPARSE_CONV, choose_backend
+from ptd_sparse.backends import COMPILED, DENSE, KD_LOSS, SPARSE_CONV, choose_backend
 from ptd_sparse.compiled import sparse_conv2d as compiled_conv
-from ptd_sparse.pattern import ConvPattern, SparseConvWeight
+from ptd_sparse.pattern import ConvPattern, SparseConvWeight, dense_weight
 from ptd_sparse.reference.kd_loss import REDUCTIONS, check_topk_teacher
 from ptd_sparse.topk_teacher import TopKTeacher
 from ptd_sparse.topk_teacher import checked as topk_checked
@@ -68,8 +68,8 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
 
     input [N, C_in, H, W] (or [C_in, H, W]), weight and mask [C_out, C_in, KH, KW] (mask bool or 0/1), bias [C_out].
     Returns [N, C_out, OH, OW]. The gradient of weight is zero wherever mask is zero. The mask is compressed once and
-    cached until it changes. backend: None (automatic; PTD_BACKEND overrides), "cpu", "cuda", "triton" or
-    "reference" (the dense masked path: F.conv2d on weight * mask).
+    cached until it changes. backend: None (automatic; PTD_BACKEND overrides), "cpu", "cuda", "triton",
+    "reference" (the plain-PyTorch oracle) or "dense" (the dense route: F.conv2d on weight * mask).
     """
     check.tensor(weight, "weight", dims=(4,), floating=True)
     check.tensor(mask, "mask", dims=(4,))
@@ -88,7 +88,7 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
         return out.squeeze(0) if unbatched else out
     pattern = pattern_of(mask)
     chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density, batched.shape[0])
-    if chosen == "reference":
+    if chosen == DENSE:
         out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
     else:
         out = _run_sparse_conv(batched, pattern_indices(pattern), list(pattern.shape), pattern.gather(weight), bias,
@@ -133,9 +133,15 @@ def sparse_conv2d_indexed(input: Tensor, values: Tensor, indices: tuple, weight_
 
 def _run_sparse_conv(input: Tensor, indices: tuple, weight_shape: list, values: Tensor, bias, stride, padding,
                      dilation, backend: str, relu: bool = False) -> Tensor:
+    if backend == DENSE:
+        # The dense route: the nonzeros scattered into the dense weight (differentiable, so values get their
+        # gradient), then PyTorch's own convolution.
+        weight = dense_weight(values, indices[0], indices[1], weight_shape)
+        out = F.conv2d(input, weight, bias, stride, padding, dilation)
+        return F.relu(out) if relu else out
     if backend == "triton" and input.is_cuda and torch.compiler.is_compiling():
-        # torch.compile traces through the triton_op version into the Triton kernels (registered at import where
-        # CUDA and triton are present, see ptd_sparse.triton_kernels) instead of calling an opaque operator.
+        # torch.compile traces through the triton_op version into the Triton kernels (registered with the operators,
+        # ptd_sparse/ops/triton_sparse_conv2d.py) instead of calling an opaque operator.
         return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, *indices, weight_shape, bias, stride, padding,
                                                          dilation, relu)
     if backend in COMPILED:

@@ -1,4 +1,4 @@
-"""The canonical sparse weight format shared by every backend (DESIGN.md, "Kernels").
+"""The canonical sparse weight format shared by every backend (docs/design.md, section 2.1).
 
 A 4-D convolution weight [C_out, C_in, KH, KW] is stored as CSR by output channel:
     row_ptr int32 [C_out + 1], col_idx int32 [nnz] = (c_in * KH + kh) * KW + kw, values [nnz] (the weight's dtype).
@@ -13,6 +13,7 @@ construction and skip the check through `_trusted`, so nothing is re-validated p
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,6 +28,22 @@ def _counts_to_pointers(counts: Tensor) -> Tensor:
     pointers = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
     pointers[1:] = torch.cumsum(counts, 0).to(torch.int32)
     return pointers
+
+
+def flat_positions(row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int]) -> Tensor:
+    """Position of each CSR entry in the flattened dense weight (what ConvPattern.flat_index holds, computed from
+    the index tensors alone for callers that have no ConvPattern)."""
+    c_out, c_in, kh, kw = weight_shape
+    # output_size: the length is known (nnz), so torch.compile needs no data-dependent size here.
+    rows = torch.repeat_interleave(torch.arange(c_out, device=col_idx.device), (row_ptr[1:] - row_ptr[:-1]).long(),
+                                   output_size=col_idx.numel())
+    return rows * (c_in * kh * kw) + col_idx.long()
+
+
+def dense_weight(values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int]) -> Tensor:
+    """The dense [C_out, C_in, KH, KW] weight holding `values` at the CSR positions."""
+    flat = flat_positions(row_ptr, col_idx, weight_shape)
+    return values.new_zeros(math.prod(weight_shape)).index_put((flat,), values).reshape(weight_shape)
 
 
 @dataclass(frozen=True)

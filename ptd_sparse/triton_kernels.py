@@ -3,19 +3,16 @@
 Importing ptd_sparse must work without triton (CPU-only torch builds do not ship it) and stay fast, so the operator
 tables hold these thin functions and the kernels are imported when a call first reaches them. Installed, the kernels
 are the subpackage ptd_sparse.kernels (setup.py maps the source folder kernels/ there); run from a source checkout
-(PYTHONPATH pointing at it), that folder is loaded under the same name. Where a CUDA device and triton are present,
-the kernels are imported with ptd_sparse, so that the triton_op versions used under torch.compile are registered
-before anything is compiled.
+(PYTHONPATH pointing at it), that folder is loaded under the same name. The triton_op versions that torch.compile
+traces are registered by ptd_sparse/ops/triton_sparse_conv2d.py, which needs no triton to register them.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import os
 import sys
 
-import torch
 from torch import Tensor
 
 PACKAGE = "ptd_sparse.kernels"
@@ -79,16 +76,3 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
                  compute_grad: bool) -> tuple[Tensor, Tensor]:
     return kernel_module("kd_loss").kd_loss_topk(student_logits, teacher_indices, teacher_logits, teacher_rest_mass,
                                                  target, temperature, alpha, reduction, ignore_index, compute_grad)
-
-
-def _register_traceable_ops() -> None:
-    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return
-    try:
-        kernel_module("sparse_conv2d")
-    except (ImportError, RuntimeError) as error:
-        # Importing ptd_sparse must not fail for it: a call that asks for the backend meets the same error.
-        logging.getLogger("ptd_sparse").warning("ptd_sparse: the Triton kernels could not be loaded (%s)", error)
-
-
-_register_traceable_ops()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptd_sparse.pipeline.data import FASHION_MNIST_FILES
+from ptd_sparse.data import FASHION_MNIST_FILES
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

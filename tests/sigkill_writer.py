@@ -25,7 +25,7 @@ def die() -> None:
 
 def cache_spec(teacher, dataset):
     from ptd_sparse.cache import make_spec, teacher_fingerprint
-    from ptd_sparse.pipeline.data import Augmentation
+    from ptd_sparse.data import Augmentation
 
     return make_spec(teacher_fingerprint(teacher), dataset, Augmentation(2, True), views=2, chunk=100,
                      dtype="float32")
@@ -35,7 +35,7 @@ def write_cache(folder: Path, teacher_dir: Path, data_root: Path) -> None:
     from ptd_sparse.cache import build_cache
     from ptd_sparse.cache.store import StoreWriter
     from ptd_sparse.pipeline.checkpoint import load_model
-    from ptd_sparse.pipeline.data import load_dataset
+    from ptd_sparse.data import load_dataset
 
     teacher, _ = load_model(teacher_dir)
     dataset = load_dataset("fashion_mnist", str(data_root))

@@ -11,26 +11,17 @@ import torch
 import ptd_sparse
 from ptd_sparse import _extension, backends
 from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, choose_backend
-from ptd_sparse.ops import kd_loss as kd_loss_ops
-from ptd_sparse.ops import sparse_conv2d as conv_ops
 
 CPU = torch.device("cpu")
 needs_extension = pytest.mark.skipif(_extension.extension_problem() is not None,
                                      reason=str(_extension.extension_problem()))
 
 
-def test_implemented_table_matches_the_registered_implementations():
-    for op, table in ((SPARSE_CONV, conv_ops.IMPLEMENTATIONS), (KD_LOSS, kd_loss_ops.IMPLEMENTATIONS),
-                      (KD_LOSS, kd_loss_ops.TOPK_IMPLEMENTATIONS)):
-        declared = {name for name, ops in backends.IMPLEMENTED.items() if op in ops}
-        assert declared <= set(table), f"{op}: backends declared but without an implementation"
-
-
 @needs_extension
 def test_auto_uses_sparse_kernel_below_the_crossover_and_dense_above():
     crossover = backends.DENSE_CROSSOVER["cpu"]
     assert choose_backend(SPARSE_CONV, CPU, density=crossover / 2) == "cpu"
-    assert choose_backend(SPARSE_CONV, CPU, density=min(1.0, crossover + 0.05)) == "reference"
+    assert choose_backend(SPARSE_CONV, CPU, density=min(1.0, crossover + 0.05)) == "dense"
     assert choose_backend(KD_LOSS, CPU) == "cpu"
 
 
@@ -39,7 +30,22 @@ def test_explicit_choice_wins_over_environment(monkeypatch):
     assert choose_backend(KD_LOSS, CPU) == "reference"
     assert choose_backend(SPARSE_CONV, CPU, backend="reference", density=0.01) == "reference"
     monkeypatch.setenv("PTD_BACKEND", "auto")
-    assert choose_backend(SPARSE_CONV, CPU, density=1.0) == "reference"
+    assert choose_backend(SPARSE_CONV, CPU, density=1.0) == "dense"
+
+
+def test_dense_names_the_dense_route_of_the_convolution_only(monkeypatch, generator):
+    monkeypatch.setenv("PTD_BACKEND", "dense")
+    assert choose_backend(SPARSE_CONV, CPU, density=0.01) == "dense"
+    assert choose_backend(KD_LOSS, CPU) != "dense"  # the KD loss has no dense route: its choice stays automatic
+    with pytest.raises(RuntimeError, match="the dense route exists for sparse_conv2d only"):
+        choose_backend(KD_LOSS, CPU, backend="dense")
+    weight = torch.randn(4, 3, 3, 3, generator=generator)
+    mask = torch.rand(weight.shape, generator=generator) < 0.1
+    layer = ptd_sparse.nn.SparseConv2d(ptd_sparse.SparseConvWeight.from_dense(weight, mask), padding=1)
+    x = torch.randn(2, 3, 6, 6, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.conv2d(x, weight * mask, padding=1))
+    assert layer.routes == {}  # an explicit dense route measures nothing
 
 
 def test_unknown_backend_names_are_refused(monkeypatch):

@@ -19,7 +19,7 @@ from ptd_sparse.cache.precompute import _records
 from ptd_sparse.cache.store import CacheSpec
 from ptd_sparse.cache.topk import TopKTeacher
 from ptd_sparse.pipeline.checkpoint import save_model
-from ptd_sparse.pipeline.data import Augmentation, apply_views, load_dataset, normalize
+from ptd_sparse.data import Augmentation, apply_views, load_dataset, normalize
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
 from ptd_sparse.pipeline.training import Context, Distillation, Schedule, fit

@@ -144,7 +144,7 @@ def test_automatic_choice_on_cuda_prefers_a_gpu_kernel():
         pytest.skip("no CUDA device on this machine")
     assert choose_backend(KD_LOSS, torch.device("cuda")) in ("cuda", "triton")
     assert choose_backend(SPARSE_CONV, torch.device("cuda"), density=0.05, batch=128) in ("cuda", "triton")
-    assert choose_backend(SPARSE_CONV, torch.device("cuda"), density=0.95, batch=128) == "reference"
+    assert choose_backend(SPARSE_CONV, torch.device("cuda"), density=0.95, batch=128) == "dense"
 
 
 # --- KD loss --------------------------------------------------------------------------------------------------------

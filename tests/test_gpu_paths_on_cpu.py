@@ -14,7 +14,7 @@ import torch
 from pipeline_helpers import fake_fashion_mnist, tiny_run_overrides
 
 from ptd_sparse import cli
-from ptd_sparse.pipeline import distributed
+from ptd_sparse import distributed
 
 
 def ptd_args(command, out, root, *extra):
@@ -69,7 +69,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from ptd_sparse import functional
     from ptd_sparse.nn import MaskedConv2d
     from ptd_sparse.pattern import ConvPattern
-    from ptd_sparse.pipeline import distributed
+    from ptd_sparse import distributed
 
     builds = []
     original = ConvPattern.from_mask.__func__
@@ -92,8 +92,10 @@ DDP_SCRIPT = textwrap.dedent('''
         if step == 3:  # a mask change (one pruning step) must rebuild that layer's pattern once
             with torch.no_grad():
                 model[3].set_mask(model[3].mask & (torch.arange(model[3].mask.numel()).reshape(model[3].mask.shape) % 2 == 0))
-    print(json.dumps({"rank": distributed.rank(), "builds": len(builds),
-                      "bn_mean": model[1].running_mean.tolist()}))
+    # One file per rank: the two processes' stdout lines can interleave.
+    with open(sys.argv[1] + f".rank{distributed.rank()}.json", "w") as report:
+        json.dump({"rank": distributed.rank(), "builds": len(builds), "bn_mean": model[1].running_mean.tolist()},
+                  report)
     distributed.teardown()
 ''')
 
@@ -102,10 +104,11 @@ def test_ddp_builds_each_pattern_once_per_mask_change(tmp_path):
     script = tmp_path / "ddp_patterns.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path / "report")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads((tmp_path / f"report.rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     for report in reports:
         # Two layers built on the first step, the second layer again after its one mask change: 3, not 2 per step.

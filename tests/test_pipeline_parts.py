@@ -9,7 +9,8 @@ import torch
 import torch.nn.utils.prune as torch_prune
 from pipeline_helpers import fake_cifar10, fake_fashion_mnist, write_idx
 
-from ptd_sparse.pipeline import checkpoint, config, data, design, importing, models, pruning
+from ptd_sparse import data
+from ptd_sparse.pipeline import checkpoint, config, design, importing, models, pruning
 
 
 # --- configuration -------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pipeline_helpers import fake_fashion_mnist, tiny_run_overrides
 from ptd_sparse import cli
 from ptd_sparse.pipeline import config as config_module
 from ptd_sparse.pipeline import stages
-from ptd_sparse.pipeline.data import Augmentation, load_dataset
+from ptd_sparse.data import Augmentation, load_dataset
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.training import Context, Schedule, fit
 

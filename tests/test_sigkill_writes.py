@@ -15,7 +15,7 @@ from pipeline_helpers import fake_fashion_mnist
 
 from ptd_sparse.cache import CacheError, TeacherCache, build_cache
 from ptd_sparse.pipeline import checkpoint
-from ptd_sparse.pipeline.data import load_dataset
+from ptd_sparse.data import load_dataset
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
 

@@ -196,12 +196,12 @@ def test_opcheck(backend, generator):
         torch.library.opcheck(sparse_conv2d_backward_op, backward_args)
 
 
-def test_reference_backend_agrees_with_the_op_reference(generator):
-    """masked_conv2d(backend='reference') takes the dense masked path; the op's reference must agree with it."""
+def test_dense_route_agrees_with_the_op_reference(generator):
+    """masked_conv2d(backend='dense') takes the dense masked path; the op's reference must agree with it."""
     weight = torch.randn(5, 3, 3, 3, generator=generator)
     mask = random_mask(weight.shape, 0.3, generator)
     x = torch.randn(2, 3, 9, 9, generator=generator)
-    dense_path = ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend="reference")
+    dense_path = ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend="dense")
     op_path = ptd_sparse.sparse_conv2d(x, ptd_sparse.SparseConvWeight.from_dense(weight, mask), padding=1,
                                        backend="reference")
     torch.testing.assert_close(dense_path, op_path)

@@ -18,6 +18,7 @@ import ptd_sparse
 from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, unsupported_reasons
 from ptd_sparse.ops.kd_loss import kd_loss as kd_loss_op
 from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
+from ptd_sparse.ops.triton_sparse_conv2d import triton_sparse_conv2d
 from ptd_sparse.pattern import ConvPattern
 from ptd_sparse.reference import kd_loss as reference_kd
 from ptd_sparse.triton_kernels import kernel_module
@@ -182,7 +183,7 @@ def test_automatic_choice_on_cuda_devices_takes_triton_below_its_crossover():
     crossover = ptd_sparse.backends.dense_crossover("triton", 128)
     assert ptd_sparse.backends.choose_backend(SPARSE_CONV, cuda, density=crossover / 2, batch=128) == "triton"
     assert ptd_sparse.backends.choose_backend(SPARSE_CONV, cuda, density=min(1.0, crossover + 0.1),
-                                              batch=128) == "reference"
+                                              batch=128) == "dense"
     assert ptd_sparse.backends.choose_backend(KD_LOSS, cuda) == "triton"
 
 
@@ -241,15 +242,14 @@ def test_gpu_kd_loss_is_chosen_automatically_and_raises_on_nan(generator):
 # --- the triton_op versions (torch.compile traces through them on CUDA) ----------------------------------------------
 
 def triton_op_conv(x, values, pattern, bias, relu):
-    conv = kernel_module("sparse_conv2d")
-    return conv.triton_sparse_conv2d(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
-                                     pattern.t_perm, list(pattern.shape), bias, [2, 1], [1, 1], [1, 2], relu)
+    return triton_sparse_conv2d(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
+                                pattern.t_perm, list(pattern.shape), bias, [2, 1], [1, 1], [1, 2], relu)
 
 
 @needs_triton_on_cpu
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 def test_triton_op_version_runs_eagerly_with_autograd(relu, generator):
-    """Eager and autograd work under the interpreter; opcheck and torch.compile need a GPU (DESIGN.md)."""
+    """Eager and autograd work under the interpreter; opcheck and torch.compile need a GPU (docs/design.md, 5)."""
     weight = torch.randn(6, 4, 3, 3, generator=generator, dtype=torch.float64)
     pattern = ConvPattern.from_mask(random_mask(weight.shape, 0.4, generator))
     values = pattern.gather(weight).requires_grad_()
@@ -274,10 +274,9 @@ def test_gpu_triton_op_opcheck_and_compile(generator):
     values = pattern.gather(weight).requires_grad_()
     x = torch.randn(4, 8, 12, 12, generator=generator).cuda().requires_grad_()
     bias = torch.randn(16, generator=generator).cuda()
-    conv = kernel_module("sparse_conv2d")
-    torch.library.opcheck(conv.triton_sparse_conv2d, (x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
-                                                      pattern.t_rows, pattern.t_perm, list(pattern.shape), bias,
-                                                      [1, 1], [1, 1], [1, 1], False))
+    torch.library.opcheck(triton_sparse_conv2d, (x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
+                                                 pattern.t_rows, pattern.t_perm, list(pattern.shape), bias,
+                                                 [1, 1], [1, 1], [1, 1], False))
 
     def fn(x, weight):
         return torch.relu(ptd_sparse.masked_conv2d(x, weight, mask, bias, padding=1, backend="triton"))

@@ -9,10 +9,12 @@
 store.py is the on-disk format and its checks, precompute.py writes a store, replay.py reads one back.
 See docs/cache.md for when caching pays and when it does not.
 """
-from ptd_sparse.cache.precompute import build_cache, dataset_identity, make_spec, teacher_fingerprint, view_table
+from ptd_sparse.cache.precompute import build_cache, make_spec, teacher_fingerprint, view_table
 from ptd_sparse.cache.replay import TeacherCache
 from ptd_sparse.cache.store import CacheError, CacheSpec
 from ptd_sparse.cache.topk import dense_equivalent
+# The identity a store is checked against, part of the cache's API (defined with the data sets).
+from ptd_sparse.data import dataset_identity
 
 __all__ = ["CacheError", "CacheSpec", "TeacherCache", "build_cache", "dataset_identity", "dense_equivalent",
            "make_spec", "teacher_fingerprint", "view_table"]

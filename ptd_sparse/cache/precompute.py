@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ptd_sparse import distributed
 from ptd_sparse.cache.inference import inference_form
 from ptd_sparse.cache.replay import TeacherCache
 from ptd_sparse.cache.store import CacheError, CacheSpec, StoreWriter, read_manifest
 from ptd_sparse.cache.topk import topk_teacher
-from ptd_sparse.pipeline import distributed
-from ptd_sparse.pipeline.data import Augmentation, Dataset, Views, apply_views, normalize, sample_views
+from ptd_sparse.data import Augmentation, Dataset, Views, apply_views, dataset_identity, normalize, sample_views
 
 logger = logging.getLogger("ptd_sparse.cache")
 
@@ -39,16 +39,6 @@ def teacher_fingerprint(model: nn.Module, spec: dict | None = None) -> str:
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def dataset_identity(dataset: Dataset, split: str = "train") -> dict:
-    """Name, split, sample count, image shape, classes and a sha256 of the split's images and labels in order
-    (a reordered, resampled or relabelled split is another data set for the cache)."""
-    part = getattr(dataset, split)
-    digest = hashlib.sha256(part.images.contiguous().numpy().tobytes())
-    digest.update(part.labels.contiguous().numpy().tobytes())
-    return {"name": dataset.name, "split": split, "samples": len(part), "shape": list(part.images.shape[1:]),
-            "classes": dataset.num_classes, "sha256": digest.hexdigest()}
 
 
 def view_table(samples: int, views: int, augmentation: Augmentation, seed: int) -> np.ndarray:

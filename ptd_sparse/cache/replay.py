@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ptd_sparse.cache.store import CacheError, StoreFiles, _chunk_bytes, read_manifest
 from ptd_sparse.cache.topk import TopKTeacher
-from ptd_sparse.pipeline.data import Views
+from ptd_sparse.data import Views
 
 
 class TeacherCache:

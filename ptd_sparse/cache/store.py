@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptd_sparse.pipeline.checkpoint import write_json
+from ptd_sparse.files import write_json
 
 FORMAT_VERSION = 1
 FORMS = ("full", "topk")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ptd_sparse import _format_checks
 from ptd_sparse._validation import pair
-from ptd_sparse.backends import SPARSE_CONV, choose_backend, requested_backend
+from ptd_sparse.backends import DENSE, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.functional import pattern_indices, sparse_conv2d_indexed
 from ptd_sparse.nn import measured_route
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
@@ -37,7 +37,8 @@ class SparseConv2d(nn.Module):
     With the automatic backend (backend=None, no PTD_BACKEND), an inference call (no gradient wanted) runs whichever
     of three routes was fastest on the first call of its shape bucket (ptd_sparse.nn.measured_route): the sparse
     kernel, or F.conv2d on the dense weight in NCHW or in channels_last. Calls that want gradients take the sparse
-    kernel, or the dense route above the density crossover for their batch size."""
+    kernel, or the dense route above the density crossover for their batch size. backend="dense" (or
+    PTD_BACKEND=dense) always takes the dense route."""
 
     def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
                  dilation=1, backend: str | None = None, relu: bool = False):
@@ -144,7 +145,10 @@ class SparseConv2d(nn.Module):
                                       error_msgs)
 
     def forward(self, input: Tensor) -> Tensor:
-        automatic = requested_backend(self.backend) is None
+        requested = requested_backend(self.backend)
+        if requested == DENSE:
+            return self._run(measured_route.DENSE, input)
+        automatic = requested is None
         if automatic and input.dim() == 4 and not torch.compiler.is_compiling() and not self._wants_grad(input):
             key = measured_route.shape_key(input)
             route = self._routes.get(key)
@@ -152,10 +156,10 @@ class SparseConv2d(nn.Module):
                 route = self._measure(key, input)
             return self._run(route, input)
         batch = input.shape[0] if input.dim() == 4 else 1
-        # The automatic choice's dense route runs F.conv2d on the dense weight; an explicit backend (reference
-        # included: the oracle) always goes through the operator.
+        # The automatic choice's dense route runs F.conv2d on this module's cached dense weight; an explicit backend
+        # (reference included: the oracle) always goes through the operator.
         if automatic and not torch.compiler.is_compiling() and \
-                choose_backend(SPARSE_CONV, input.device, self.backend, self._density, batch) == "reference":
+                choose_backend(SPARSE_CONV, input.device, self.backend, self._density, batch) == DENSE:
             return self._run(measured_route.DENSE, input)
         return self._run(measured_route.SPARSE, input)
 

@@ -64,31 +64,50 @@ def _sparse_conv2d_backward_fake(grad_output, input, values, row_ptr, col_idx, t
     return tuple(grad_output.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask))
 
 
-def _setup_context(ctx, inputs, output):
-    (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
-     backend, relu) = inputs
-    # With a fused ReLU the output is saved too: its sign masks the incoming gradient.
-    ctx.relu = relu
-    ctx.save_for_backward(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output if relu else None)
-    ctx.conv_args = (weight_shape, stride, padding, dilation)
-    ctx.backend = backend
-    ctx.has_bias = bias is not None
+# Arguments every sparse convolution operator starts with, in this order: input, values, row_ptr, col_idx, t_ptr,
+# t_rows, t_perm, weight_shape, bias, stride, padding, dilation; then operator-specific ones, then relu last.
+_COMMON_ARGUMENTS = 12
+_BIAS = 8
 
 
-def _backward(ctx, grad_output):
-    input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output = ctx.saved_tensors
-    if ctx.relu:
-        grad_output = grad_output * (output > 0)
-    needs = ctx.needs_input_grad
-    output_mask = [needs[0], needs[1], ctx.has_bias and needs[8]]
-    grad_input, grad_values, grad_bias = sparse_conv2d_backward(
-        grad_output, input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, *ctx.conv_args, output_mask,
-        ctx.backend)
-    return (grad_input if output_mask[0] else None, grad_values if output_mask[1] else None,
-            None, None, None, None, None, None,
-            grad_bias if output_mask[2] else None, None, None, None, None, None)
+def autograd_rule(backward_op):
+    """(setup_context, backward) of a sparse convolution operator, the one definition of its gradient for every
+    route: ptd_sparse::sparse_conv2d (which carries its backend name after dilation) and the triton_op version that
+    torch.compile traces (ptd_sparse/ops/triton_sparse_conv2d.py). `backward_op(grad_output, input, values, row_ptr,
+    col_idx, t_ptr, t_rows, t_perm, weight_shape, stride, padding, dilation, output_mask, *extra)` computes
+    (grad_input, grad_values, grad_bias), where `extra` are the operator-specific arguments."""
+
+    def setup_context(ctx, inputs, output):
+        input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation = \
+            inputs[:_COMMON_ARGUMENTS]
+        ctx.relu = inputs[-1]
+        ctx.extra = tuple(inputs[_COMMON_ARGUMENTS:-1])
+        ctx.n_inputs = len(inputs)
+        # With a fused ReLU the output is saved too: its sign masks the incoming gradient.
+        ctx.save_for_backward(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output if ctx.relu else None)
+        ctx.conv_args = (weight_shape, stride, padding, dilation)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_output):
+        input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, output = ctx.saved_tensors
+        if ctx.relu:
+            grad_output = grad_output * (output > 0)
+        needs = ctx.needs_input_grad
+        output_mask = [needs[0], needs[1], ctx.has_bias and needs[_BIAS]]
+        # Gradients of sum() arrive as stride-0 views; the kernels read contiguous memory.
+        grad_input, grad_values, grad_bias = backward_op(
+            grad_output.contiguous(), input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, *ctx.conv_args,
+            output_mask, *ctx.extra)
+        grads = [None] * ctx.n_inputs
+        grads[0] = grad_input if output_mask[0] else None
+        grads[1] = grad_values if output_mask[1] else None
+        grads[_BIAS] = grad_bias if output_mask[2] else None
+        return tuple(grads)
+
+    return setup_context, backward
 
 
+_setup_context, _backward = autograd_rule(sparse_conv2d_backward)
 sparse_conv2d.register_autograd(_backward, setup_context=_setup_context)
 # Under torch.autocast the convolution runs in the autocast dtype, like F.conv2d.
 register_autocast("ptd_sparse::sparse_conv2d", cast_to=None)

@@ -1,5 +1,7 @@
-"""The prune-then-distill pipeline: models, data, training, pruning, student design, distillation, reporting.
+"""The prune-then-distill pipeline: models, training, pruning, student design, distillation, reporting.
 
-Read it in stage order: stages.py chains train -> prune -> design -> distill -> report; cli.py is the `ptd` command.
+Read it in stage order: stages.py chains train -> prune -> design -> [cache] -> distill -> report; cli.py is the
+`ptd` command. Data sets and views (ptd_sparse.data), atomic files (ptd_sparse.files), the torchrun helpers
+(ptd_sparse.distributed) and the teacher-logit cache (ptd_sparse.cache) lie below it.
 """
 from ptd_sparse.pipeline.design import design_student  # noqa: F401

@@ -2,16 +2,13 @@
 
 A model is a folder: model.json (architecture, plan, input and class counts), weights.safetensors (parameters and
 BatchNorm buffers) and masks.safetensors (the pruning masks, kept apart so a dense consumer can ignore them). Every
-file is written to a temporary name and renamed into place, so an interruption leaves the old file or the new one,
-never half of one. Training state for resuming (optimizer, schedule, epoch) goes through torch.save and is read back
+file is written atomically (ptd_sparse.files), so an interruption leaves the old file or the new one, never half
+of one. Training state for resuming (optimizer, schedule, epoch) goes through torch.save and is read back
 with weights_only=True.
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ptd_sparse.files import atomic_write, write_json
 from ptd_sparse.pipeline.models import build_model
 
 MASK_SUFFIX = ".mask"
@@ -26,30 +24,6 @@ MASK_SUFFIX = ".mask"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path), then move the result onto `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    # A writer killed mid-write (SIGKILL, power loss) runs no cleanup and leaves its temporary behind; the next
-    # successful write of the same file removes those. Only one process writes a given path (rank 0, or the rank that
-    # owns a chunk), so no live writer's temporary is among them.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def write_json(path: Path, value) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1, sort_keys=True) + "\n"))
 
 
 def read_json(path: Path):

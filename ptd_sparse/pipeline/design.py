@@ -1,4 +1,4 @@
-"""Student design from a pruned teacher (DESIGN.md, "Student design").
+"""Student design from a pruned teacher (docs/design.md, section 1.4).
 
 Same depth as the teacher, fewer channels: each student layer holds about as many dense weights as the pruned
 teacher layer holds nonzeros, c_out(l) = round(nnz_l / (k_l * k_l * c_in_student(l))), the first layer's c_in being

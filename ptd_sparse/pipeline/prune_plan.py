@@ -1,4 +1,4 @@
-"""The sparsity levels of iterative pruning, one per round, that reach every target exactly (DESIGN.md, "The paper").
+"""The sparsity levels of iterative pruning, one per round, that reach every target exactly (docs/design.md, 1.1).
 
 Rounds remove `rate` of the remaining weights: after k rounds the sparsity is 1 - (1 - rate)^k. A target s takes
 the place of round n, the n whose level is closest to s (0.79 -> 7, 0.59 -> 4, 0.36 -> 2 at rate 0.2), so its last

@@ -1,4 +1,4 @@
-"""Unstructured L1-magnitude pruning of every MaskedConv2d and MaskedLinear weight (DESIGN.md, "The paper").
+"""Unstructured L1-magnitude pruning of every MaskedConv2d and MaskedLinear weight (docs/design.md, section 1.1).
 
 One round removes `rate` of the weights that are still unpruned (20% in the paper): globally (one magnitude threshold
 over all layers) or per layer (the same fraction of each layer). Layers named in `skip` are never pruned and do not

@@ -4,7 +4,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ptd_sparse.pipeline.checkpoint import read_json, write_json
+from ptd_sparse.files import write_json
+from ptd_sparse.pipeline.checkpoint import read_json
 
 DESCRIPTIONS = {
     "student_ce": "student, no KD",

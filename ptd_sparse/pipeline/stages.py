@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 from ptd_sparse.pipeline import design as design_rule
-from ptd_sparse.pipeline import distributed, prune_plan, pruning
-from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model, write_json
-from ptd_sparse.pipeline.data import Augmentation, load_dataset, resolve_root
+from ptd_sparse import distributed
+from ptd_sparse.pipeline import prune_plan, pruning
+from ptd_sparse.files import write_json
+from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
+from ptd_sparse.data import Augmentation, dataset_identity, load_dataset, resolve_root
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
 from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, fit,
                                           precision_for)
@@ -279,7 +281,7 @@ def cache_teacher(run: Run) -> dict:
 
 
 def _open_cache(run: Run, name: str, teacher, model_spec: dict):
-    from ptd_sparse.cache import CacheError, TeacherCache, dataset_identity, teacher_fingerprint
+    from ptd_sparse.cache import CacheError, TeacherCache, teacher_fingerprint
 
     folder = cache_folder(run, name)
     if not (folder / "manifest.json").exists() and not (folder / "layout.json").exists():

@@ -1,14 +1,14 @@
 """One training loop for every stage: the teacher, retraining between pruning rounds, and distillation.
 
 SGD with Nesterov momentum and a multi-step schedule; batched tensor augmentation; the model with the best
-validation accuracy is kept and evaluated on the test split. Distillation runs the teacher in eval mode on the same
-augmented batch and uses the fused kd_loss. The loop saves its state after every epoch and resumes from it, so an
-interrupted stage continues where it stopped. Under torchrun it wraps the model in DistributedDataParallel and
-each rank trains on its own share of every epoch.
+validation accuracy is kept and evaluated on the test split. Where the loss comes from is one small object, the
+teacher signal, that the loop asks for each batch's views and loss: `CrossEntropy` (no teacher) or `Distillation`
+(the fused kd_loss against a live teacher in eval mode on the same augmented batch, or against a cache). The loop
+saves its state after every epoch and resumes from it, so an interrupted stage continues where it stopped. Under
+torchrun it wraps the model in DistributedDataParallel and each rank trains on its own share of every epoch.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from ptd_sparse import distributed
+from ptd_sparse.data import Augmentation, Dataset, Split, Views, apply_views, batches, normalize, sample_views
 from ptd_sparse.functional import kd_loss
-from ptd_sparse.pipeline import distributed
 from ptd_sparse.pipeline.checkpoint import load_state, save_state
-from ptd_sparse.pipeline.data import Augmentation, Dataset, Split, apply_views, batches, normalize, sample_views
+from ptd_sparse.topk_teacher import TopKTeacher
 
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the running sums back from the device)
@@ -38,20 +39,52 @@ class Schedule:
     batch_size: int = 128
 
 
+class CrossEntropy:
+    """The signal of a training without a teacher: fresh random views, cross-entropy on the labels."""
+
+    def to(self, device: torch.device) -> "CrossEntropy":
+        return self
+
+    def views(self, index: Tensor, epoch: int, augmentation: Augmentation, generator: torch.Generator) -> Views:
+        return sample_views(len(index), augmentation, generator)
+
+    def loss(self, logits: Tensor, inputs: Tensor, labels: Tensor, index: Tensor, epoch: int) -> Tensor:
+        return F.cross_entropy(logits.float(), labels)
+
+
 @dataclass
 class Distillation:
-    """The KD term of a training. With a `cache` (ptd_sparse.cache.TeacherCache) every batch replays the cached
-    views of its samples (epoch e: view e mod K); the teacher's output then comes from the cache when `teacher` is
-    None, else from running `teacher` live on those same views (the on-the-fly reference of the cache)."""
+    """The KD signal of a training: kd_loss against a teacher. With a `cache` (ptd_sparse.cache.TeacherCache) every
+    batch replays the cached views of its samples (epoch e: view e mod K); the teacher's output then comes from the
+    cache when `teacher` is None, else from running `teacher` live on those same views (the on-the-fly reference of
+    the cache). Without a cache, the teacher runs live (in eval mode) on the batch's fresh random views."""
 
     teacher: nn.Module | None
     alpha: float
     temperature: float
     cache: object | None = None
 
-    def loss(self, student_logits, teacher_output, labels):
-        """kd_loss against dense teacher logits [B, C] or a TopKTeacher from the cache."""
-        return kd_loss(student_logits, teacher_output, labels, alpha=self.alpha, temperature=self.temperature)
+    def to(self, device: torch.device) -> "Distillation":
+        if self.teacher is not None:
+            self.teacher.to(device).eval()
+        return self
+
+    def views(self, index: Tensor, epoch: int, augmentation: Augmentation, generator: torch.Generator) -> Views:
+        if self.cache is not None:
+            return self.cache.views(index, epoch)
+        return sample_views(len(index), augmentation, generator)
+
+    def teacher_output(self, inputs: Tensor, index: Tensor, epoch: int) -> Tensor | TopKTeacher:
+        """The teacher's logits [B, C] for the batch `inputs` (samples `index` of the training split), or the
+        cached TopKTeacher."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                return self.teacher(inputs).float()
+        return self.cache.teacher(index, epoch, inputs.device)
+
+    def loss(self, logits: Tensor, inputs: Tensor, labels: Tensor, index: Tensor, epoch: int) -> Tensor:
+        return kd_loss(logits.float(), self.teacher_output(inputs, index, epoch), labels, alpha=self.alpha,
+                       temperature=self.temperature)
 
 
 @dataclass
@@ -112,88 +145,94 @@ def _progress(iterable, total: int, enabled: bool, description: str):
     return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
 
 
+@dataclass
+class _Progress:
+    """What a training resumes from: the next epoch, the best validation accuracy so far and that model's state."""
+
+    epoch: int = 0
+    best_acc: float = -1.0
+    best_state: dict | None = None
+
+
+def _resume(model: nn.Module, optimizer, scheduler, state_path: Path, ctx: Context, label: str) -> _Progress:
+    if not Path(state_path).exists():
+        return _Progress()
+    state = load_state(state_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _log(ctx, {"event": "resumed", "label": label, "epoch": state["epoch"]})
+    return _Progress(state["epoch"], state["best_acc"], state["best_model"])
+
+
+def _train_epoch(trained: nn.Module, optimizer, signal, ctx: Context, schedule: Schedule, epoch: int,
+                 label: str) -> dict:
+    """One epoch of steps on this rank's share of the training split; returns the epoch's training metrics."""
+    trained.train()
+    split = ctx.dataset.train
+    steps = -(-len(split) // (schedule.batch_size * distributed.world_size()))
+    generator = torch.Generator().manual_seed(ctx.seed * 7919 + epoch * 31 + distributed.rank())
+    # Running sums stay on the device: reading them every step would stall a GPU once per step.
+    seen = 0
+    total_loss = torch.zeros((), device=ctx.device)
+    correct = torch.zeros((), dtype=torch.long, device=ctx.device)
+    stream = batches(split, schedule.batch_size, True, ctx.seed, epoch, distributed.rank(), distributed.world_size())
+    bar = _progress(stream, steps, ctx.progress, f"{label} {epoch + 1}/{schedule.epochs}")
+    for index, images, labels in bar:
+        views = signal.views(index, epoch, ctx.augmentation, generator)
+        inputs = normalize(apply_views(images.to(ctx.device), views, ctx.augmentation.crop_padding), ctx.dataset)
+        if ctx.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(ctx.device)
+        with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
+                            enabled=ctx.autocast_dtype is not None):
+            logits = trained(inputs)
+            loss = signal.loss(logits, inputs, labels, index, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        if hasattr(bar, "set_postfix") and bar.n % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
+    return {"train_loss": float(total_loss) / max(seen, 1), "train_acc": int(correct) / max(seen, 1)}
+
+
 def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, label: str,
         distillation: Distillation | None = None, on_epoch_end=None) -> dict:
-    """Train `model` in place; returns {"best_val_acc", "test_acc", "epochs"}. Resumes from `state_path`."""
+    """Train `model` in place; returns {"best_val_acc", "test_acc", "epochs"}. Resumes from `state_path`.
+
+    The loss comes from the teacher signal: `distillation` (a live teacher or a cache), else cross-entropy."""
     model.to(ctx.device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum, nesterov=True,
                                 weight_decay=schedule.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(schedule.milestones), schedule.gamma)
-    start_epoch, best_acc, best_state = 0, -1.0, None
-    if Path(state_path).exists():
-        state = load_state(state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
-        _log(ctx, {"event": "resumed", "label": label, "epoch": start_epoch})
+    progress = _resume(model, optimizer, scheduler, state_path, ctx, label)
     trained = distributed.wrap(model)
-    teacher = distillation.teacher.to(ctx.device).eval() if distillation and distillation.teacher is not None \
-        else None
-    cache = distillation.cache if distillation else None
-    split = ctx.dataset.train
-    steps = -(-len(split) // (schedule.batch_size * distributed.world_size()))
-    for epoch in range(start_epoch, schedule.epochs):
-        trained.train()
-        generator = torch.Generator().manual_seed(ctx.seed * 7919 + epoch * 31 + distributed.rank())
-        # Running sums stay on the device: reading them every step would stall a GPU once per step.
-        started, seen = time.time(), 0
-        total_loss = torch.zeros((), device=ctx.device)
-        correct = torch.zeros((), dtype=torch.long, device=ctx.device)
-        stream = batches(split, schedule.batch_size, True, ctx.seed, epoch, distributed.rank(),
-                         distributed.world_size())
-        bar = _progress(stream, steps, ctx.progress, f"{label} {epoch + 1}/{schedule.epochs}")
-        for index, images, labels in bar:
-            views = cache.views(index, epoch) if cache is not None else \
-                sample_views(len(labels), ctx.augmentation, generator)
-            inputs = normalize(apply_views(images.to(ctx.device), views, ctx.augmentation.crop_padding), ctx.dataset)
-            if ctx.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(ctx.device)
-            with torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype or torch.float32,
-                                enabled=ctx.autocast_dtype is not None):
-                logits = trained(inputs)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_output = teacher(inputs).float()
-                    loss = distillation.loss(logits.float(), teacher_output, labels)
-                elif cache is not None:
-                    loss = distillation.loss(logits.float(), cache.teacher(index, epoch, ctx.device), labels)
-                else:
-                    loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-            if hasattr(bar, "set_postfix") and bar.n % PROGRESS_EVERY == 0:
-                bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
+    signal = (distillation or CrossEntropy()).to(ctx.device)
+    for epoch in range(progress.epoch, schedule.epochs):
+        started = time.time()
+        metrics = _train_epoch(trained, optimizer, signal, ctx, schedule, epoch, label)
         scheduler.step()
         val_acc = evaluate(model, ctx.dataset.val, ctx)
-        if val_acc > best_acc:
-            best_acc = val_acc
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        record = {"label": label, "epoch": epoch + 1, "train_loss": float(total_loss) / max(seen, 1),
-                  "train_acc": int(correct) / max(seen, 1), "val_acc": val_acc, "lr": scheduler.get_last_lr()[0],
-                  "seconds": round(time.time() - started, 2)}
-        _log(ctx, record)
+        if val_acc > progress.best_acc:
+            progress.best_acc = val_acc
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        _log(ctx, {"label": label, "epoch": epoch + 1, **metrics, "val_acc": val_acc,
+                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)})
         if distributed.is_main():
             save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
-                                    "best_model": best_state})
+                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                                    "best_acc": progress.best_acc, "best_model": progress.best_state})
         distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if progress.best_state is not None:
+        model.load_state_dict(progress.best_state)
     test_acc = evaluate(model, ctx.dataset.test, ctx)
-    result = {"best_val_acc": best_acc, "test_acc": test_acc, "epochs": schedule.epochs}
+    result = {"best_val_acc": progress.best_acc, "test_acc": test_acc, "epochs": schedule.epochs}
     _log(ctx, {"label": label, "event": "finished", **result})
     return result
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

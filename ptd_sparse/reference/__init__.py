@@ -1,3 +1,3 @@
 """The `reference` backend: plain PyTorch implementations of both operators, the oracle every backend is tested
-against. The sparse convolution's reference is also the dense masked path that the automatic choice uses above the
-density crossover."""
+against. It is never the automatic choice for the convolution: the dense route there is `dense` (F.conv2d on the
+dense weight, see ptd_sparse.backends)."""

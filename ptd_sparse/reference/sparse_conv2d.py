@@ -1,24 +1,11 @@
 """Reference sparse convolution: scatter the CSR values into a dense weight and call PyTorch's convolution."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def flat_positions(row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int]) -> Tensor:
-    """Position of each CSR entry in the flattened dense weight."""
-    c_out, c_in, kh, kw = weight_shape
-    rows = torch.repeat_interleave(torch.arange(c_out, device=col_idx.device), (row_ptr[1:] - row_ptr[:-1]).long())
-    return rows * (c_in * kh * kw) + col_idx.long()
-
-
-def dense_weight(values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int]) -> Tensor:
-    """The dense [C_out, C_in, KH, KW] weight holding `values` at the CSR positions."""
-    flat = flat_positions(row_ptr, col_idx, weight_shape)
-    return values.new_zeros(math.prod(weight_shape)).index_put((flat,), values).reshape(weight_shape)
+from ptd_sparse.pattern import dense_weight, flat_positions
 
 
 def forward(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int],

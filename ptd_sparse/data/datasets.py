@@ -1,4 +1,4 @@
-"""Data sets held in memory as uint8 image tensors, a seeded validation split, and batched tensor augmentation.
+"""Data sets held in memory as uint8 image tensors, a seeded validation split, their identity, and batches.
 
 Fashion-MNIST (default; the four idx .gz files, as Debian's dataset-fashion-mnist installs them), CIFAR-10/100 (the
 python pickle batches, read with an unpickler that admits only plain containers and numpy arrays) and Tiny-ImageNet
@@ -7,6 +7,7 @@ python pickle batches, read with an unpickler that admits only plain containers 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -52,11 +53,6 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return int(self.train.images.shape[2])
-
-    def identity(self) -> dict:
-        """What identifies this data (for manifests and reports)."""
-        return {"name": self.name, "train": len(self.train), "val": len(self.val), "test": len(self.test),
-                "classes": self.num_classes, "shape": list(self.train.images.shape[1:])}
 
 
 class MissingDataError(FileNotFoundError):
@@ -189,48 +185,14 @@ def load_dataset(name: str, root: str | None = None, val_fraction: float = 0.1, 
     return Dataset(name, train, val, test, classes, mean, std)
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    crop_padding: int = 0  # random crop of the original size from the zero-padded image; 0 = no crop
-    flip: bool = False  # random horizontal flip
-
-
-@dataclass
-class Views:
-    """The augmentation applied to each image of a batch (what a teacher-logit cache must replay)."""
-
-    crop_y: Tensor  # int64 [B], offset into the padded image
-    crop_x: Tensor
-    flip: Tensor  # bool [B]
-
-
-def sample_views(batch: int, augmentation: Augmentation, generator: torch.Generator) -> Views:
-    pad = augmentation.crop_padding
-    crop_y = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
-    crop_x = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
-    flip = torch.rand(batch, generator=generator) < 0.5 if augmentation.flip else torch.zeros(batch, dtype=torch.bool)
-    return Views(crop_y, crop_x, flip)
-
-
-def apply_views(images: Tensor, views: Views, padding: int) -> Tensor:
-    """Crop and flip a whole batch [B, C, H, W] at once with gathered indices (no per-image Python loop)."""
-    if padding:
-        batch, channels, height, width = images.shape
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
-        rows = (views.crop_y.to(images.device)[:, None] + torch.arange(height, device=images.device))
-        cols = (views.crop_x.to(images.device)[:, None] + torch.arange(width, device=images.device))
-        images = padded[torch.arange(batch, device=images.device)[:, None, None, None],
-                        torch.arange(channels, device=images.device)[None, :, None, None],
-                        rows[:, None, :, None], cols[:, None, None, :]]
-    flip = views.flip.to(images.device)[:, None, None, None]
-    return torch.where(flip, images.flip(3), images)
-
-
-def normalize(images: Tensor, dataset: Dataset) -> Tensor:
-    """uint8 [B, C, H, W] -> float32 standardized with the training set's statistics."""
-    mean = dataset.mean.to(images.device)[None, :, None, None]
-    std = dataset.std.to(images.device)[None, :, None, None]
-    return (images.float() / 255 - mean) / std
+def dataset_identity(dataset: Dataset, split: str = "train") -> dict:
+    """Name, split, sample count, image shape, classes and a sha256 of the split's images and labels in order
+    (a reordered, resampled or relabelled split is another data set for the cache)."""
+    part = getattr(dataset, split)
+    digest = hashlib.sha256(part.images.contiguous().numpy().tobytes())
+    digest.update(part.labels.contiguous().numpy().tobytes())
+    return {"name": dataset.name, "split": split, "samples": len(part), "shape": list(part.images.shape[1:]),
+            "classes": dataset.num_classes, "sha256": digest.hexdigest()}
 
 
 def batches(split: Split, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
