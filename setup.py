@@ -5,9 +5,16 @@ the installed torch has CUDA, nvcc is found (CUDA_HOME) and PTD_SKIP_CUDA_BUILD 
 (kernels/) are plain Python and are installed as the subpackage ptd_sparse.kernels.
 
 Build against the torch you run with: `pip install --no-build-isolation .` (an isolated build fetches its own torch).
+
+Portability: the extension is compiled for a baseline every x86-64 CPU of the last fifteen years runs (x86-64-v2);
+its float32 hot kernels are compiled again for AVX2+FMA and AVX-512 and chosen at run time
+(csrc/cpu/isa/dispatch.h), so one build runs, fast, on any CPU. PTD_NATIVE=1 compiles everything for the building
+CPU instead (-march=native: such a build may die with an illegal instruction elsewhere); PTD_CPU_ARCH=<value> sets
+the baseline's -march explicitly (x86-64-v3, znver4, ...).
 """
 import glob
 import os
+import platform
 
 import torch
 from setuptools import find_packages, setup
@@ -41,16 +48,41 @@ def sanitizer_flags() -> list[str]:
     return ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
 
 
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpu_arch_flags() -> list[str]:
+    """The -march (or -mcpu) of the extension's ordinary code; the AVX2 and AVX-512 copies of the hot kernels are
+    compiled on top of it with target pragmas whatever it is.
+
+    Default: x86-64-v2 (SSE4.2, POPCNT) on x86-64, the compiler's own default elsewhere (aarch64 and others get no
+    x86 flag). PTD_NATIVE=1: the building CPU's every extension. PTD_CPU_ARCH=<value>: -march=<value>."""
+    native = os.environ.get("PTD_NATIVE", "0")
+    if native not in ("0", "1"):
+        raise ValueError(f"PTD_NATIVE must be 0 or 1, got {native!r}")
+    arch = os.environ.get("PTD_CPU_ARCH", "")
+    if native == "1" and arch and arch != "native":
+        raise ValueError(f"PTD_NATIVE=1 and PTD_CPU_ARCH={arch} ask for two different -march values; set only one")
+    if native == "1" or arch == "native":
+        # On Arm, GCC's spelling of "the building CPU" (architecture and tuning) is -mcpu=native.
+        return ["-mcpu=native"] if platform.machine().lower() in ("aarch64", "arm64") else ["-march=native"]
+    if arch:
+        return [f"-march={arch}"]
+    return ["-march=x86-64-v2"] if is_x86_64() else []
+
+
 def extension():
-    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # The CPU kernels are written with portable vector types; -march lets the compiler use the widest vectors of the
-    # building machine (AVX2/FMA, AVX-512). PTD_CPU_ARCH=x86-64-v2 (or any -march value) builds for other machines.
-    arch = os.environ.get("PTD_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-fopenmp", f"-march={arch}", f'-DPTD_TORCH_VERSION="{torch.__version__}"']
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                         + glob.glob("csrc/cpu/isa/*.cpp"))
+    sanitize = sanitizer_flags()
+    # The flags that decide how and for which CPUs the code is compiled; they are compiled into the build
+    # (ptd_sparse._C.build_flags()). The sanitizer's come last, so its -O1 wins over -O3.
+    code_flags = ["-O3"] + cpu_arch_flags() + sanitize
+    cxx_flags = code_flags + ["-fopenmp", f'-DPTD_TORCH_VERSION="{torch.__version__}"',
+                              f'-DPTD_BUILD_FLAGS="{" ".join(code_flags)}"']
     # -fopenmp is needed in the extension itself: at::parallel_for expands to an OpenMP region in our own code.
-    link_flags = ["-fopenmp"]
-    sanitize = sanitizer_flags()  # last, so its -O1 wins over -O3
-    cxx_flags, link_flags = cxx_flags + sanitize, link_flags + sanitize
+    link_flags = ["-fopenmp"] + sanitize
     if want_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
         # Without a visible GPU (CI, build machines) torch would compile for every architecture it knows; build for
@@ -67,9 +99,12 @@ def extension():
     return CppExtension("ptd_sparse._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
-setup(
-    packages=find_packages(include=["ptd_sparse", "ptd_sparse.*"]) + ["ptd_sparse.kernels"],
-    package_dir={"ptd_sparse.kernels": "kernels"},
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# Guarded so that tests can import this file and inspect extension() without building (setuptools runs it as
+# __main__, `python setup.py` too).
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["ptd_sparse", "ptd_sparse.*"]) + ["ptd_sparse.kernels"],
+        package_dir={"ptd_sparse.kernels": "kernels"},
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

@@ -39,6 +39,16 @@ inline OutputRange valid_output_range(int64_t offset, int64_t stride, int64_t in
   return {begin, end};
 }
 
+// One nonzero's position in the weight, decoded from its CSR column (c_in * KH + kh) * KW + kw.
+struct KernelTap {
+  int64_t channel, kh, kw;
+};
+
+inline KernelTap decode_column(int32_t column, const ConvGeometry& g) {
+  const int64_t tap = column % g.taps();
+  return {column / g.taps(), tap / g.kernel_w, tap % g.kernel_w};
+}
+
 // Builds the geometry from the kernel-op arguments and checks everything a kernel relies on, with messages that
 // name the argument. The public Python layer validates user input first; these checks guard direct calls.
 inline ConvGeometry make_geometry(at::IntArrayRef input_shape, at::IntArrayRef weight_shape, at::IntArrayRef stride,

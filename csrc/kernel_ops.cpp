@@ -8,8 +8,13 @@
 //   t_ptr int32 [C_in + 1], t_rows int32 [nnz] (output channel of each entry), t_perm int32 [nnz] (its CSR position).
 #include <torch/extension.h>
 
+#include "cpu/isa/dispatch.h"
+
 #ifndef PTD_TORCH_VERSION
 #define PTD_TORCH_VERSION "unknown"
+#endif
+#ifndef PTD_BUILD_FLAGS
+#define PTD_BUILD_FLAGS "unknown"
 #endif
 
 TORCH_LIBRARY(ptd_sparse_kernels, m) {
@@ -62,4 +67,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return false;
 #endif
   }, "Whether the CUDA kernels were compiled into this build.");
+  // Portability (csrc/cpu/isa/dispatch.h): which copy of the float32 CPU kernels runs here, which ones could, the
+  // flags the ordinary code was compiled with, and what those flags assume that this CPU lacks (the stale-build
+  // check refuses an extension whose list is not empty).
+  module.def("cpu_kernel_isa", []() { return std::string(ptd_sparse::cpu_isa::f32_kernels().isa); },
+             "The float32 CPU kernel set in use on this CPU: 'avx512', 'avx2' or 'baseline' (PTD_CPU_ISA forces one).");
+  module.def("cpu_kernel_isas", &ptd_sparse::cpu_isa::available_isas,
+             "The float32 CPU kernel sets this build has and this CPU runs, lowest first.");
+  module.def("build_flags", []() { return std::string(PTD_BUILD_FLAGS); },
+             "The compiler flags of the extension's CPU code that decide where it runs (optimisation, -march).");
+  module.def("missing_cpu_features", &ptd_sparse::cpu_isa::missing_baseline_features,
+             "CPU features the build's -march assumes that this CPU lacks (empty for a portable build).");
 }

@@ -28,10 +28,22 @@ fi
 "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install --quiet "setuptools>=64" wheel ninja numpy pytest pytest-benchmark expecttest safetensors tqdm matplotlib
 # --no-build-isolation: compile against the torch installed above, not one fetched into an isolated build env.
-# The build is skipped when neither the sources nor the torch it was built for changed since the last one.
+# The build is skipped when nothing it depends on changed since the last one: the sources, the torch it was built
+# for, and the variables that choose its code (PTD_NATIVE, PTD_CPU_ARCH, PTD_SKIP_CUDA_BUILD; setup.py). A
+# -march=native build also depends on the CPU it was made on, so its stamp holds this CPU's flags. The extension is
+# rebuilt, too, when it refuses to load here (ptd_sparse._extension: another torch, CPU features this CPU lacks).
+build_stamp() {
+  local choices="PTD_NATIVE=${PTD_NATIVE:-0} PTD_CPU_ARCH=${PTD_CPU_ARCH:-} PTD_SKIP_CUDA_BUILD=${PTD_SKIP_CUDA_BUILD:-0}"
+  if [ "${PTD_NATIVE:-0}" = "1" ] || [ "${PTD_CPU_ARCH:-}" = "native" ]; then
+    choices="$choices $(grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m)"
+  fi
+  (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat; echo "$choices"
+   "$VENV/bin/python" -c 'import torch; print(torch.__version__)') | sha256sum | cut -d' ' -f1
+}
 STAMP="$VENV/.ptd_build_stamp"
-CURRENT="$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat; "$VENV/bin/python" -c 'import torch; print(torch.__version__)') | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$CURRENT" ] || ! "$VENV/bin/python" -c "import ptd_sparse._C" 2>/dev/null; then
+CURRENT="$(build_stamp)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$CURRENT" ] || ! "$VENV/bin/python" -c \
+    "import sys, ptd_sparse._extension as e; sys.exit(e.extension_problem() is not None)" 2>/dev/null; then
   "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e .
   echo "$CURRENT" > "$STAMP"
 fi

@@ -8,13 +8,14 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "../kd_loss_checks.h"
-#include "vec_math.h"
+#include "isa/dispatch.h"
 
 namespace ptd_sparse {
 namespace {
@@ -145,100 +146,9 @@ void kd_loss_rows(const at::Tensor& student, const at::Tensor& teacher, const in
   report_bad_rows(bad_student.load(), bad_teacher.load(), rows);
 }
 
-// ---- fast path: every student dtype but double, rows as float (converted per row when needed), vectorised.
-// Per row: a sweep for the maxima (and the NaN/+inf check), a sweep for the three normalisers and the teacher-
-// weighted sum, and a sweep writing the gradient; the row stays in L2 between sweeps, so each logit comes from memory
-// once. This costs three exponentials per logit and sweep instead of the rescaling exponentials of an online softmax.
-
-struct RowResult {
-  float loss;
-  bool bad_student, bad_teacher;
-};
-
-// scratch holds 3 * classes floats, rounded up to whole vectors.
-RowResult kd_row_f32(const float* s, const float* t, int64_t classes, int64_t label, float inv_t, float kd_weight,
-                     float ce_weight, float kd_grad, float ce_grad, float* scratch, float* grad) {
-  using wide::broadcast8;
-  using wide::kLanes;
-  using wide::load8;
-  using wide::vec8;
-  constexpr float inf = std::numeric_limits<float>::infinity();
-  const int64_t vector_end = classes / kLanes * kLanes;
-  vec8 max_s = broadcast8(-inf), max_t = broadcast8(-inf);
-  vmath::ivec8 bad_s{}, bad_t{};
-  for (int64_t c = 0; c < vector_end; c += kLanes) {
-    const vec8 vs = load8(s + c), vt = load8(t + c);
-    bad_s |= (vs != vs) | (vs == inf);
-    bad_t |= (vt != vt) | (vt == inf);
-    max_s = vs > max_s ? vs : max_s;
-    max_t = vt > max_t ? vt : max_t;
-  }
-  float ms = vmath::horizontal_max(max_s), mt = vmath::horizontal_max(max_t);
-  bool any_bad_s = false, any_bad_t = false;
-  for (int i = 0; i < kLanes; ++i) any_bad_s |= bad_s[i] != 0, any_bad_t |= bad_t[i] != 0;
-  for (int64_t c = vector_end; c < classes; ++c) {
-    any_bad_s |= std::isnan(s[c]) || s[c] == inf;
-    any_bad_t |= std::isnan(t[c]) || t[c] == inf;
-    ms = std::max(ms, s[c]);
-    mt = std::max(mt, t[c]);
-  }
-  any_bad_s |= ms == -inf;
-  any_bad_t |= mt == -inf;
-  if (any_bad_s || any_bad_t) return {0.0f, any_bad_s, any_bad_t};
-
-  // Sweep 2: the exponentials, kept in the scratch rows for sweep 3 so each is computed once.
-  const vec8 v_inv_t = broadcast8(inv_t), v_ms = broadcast8(ms), v_mt = broadcast8(mt), zero{};
-  vec8 z_st{}, z_s1{}, z_t{}, weighted{};
-  const bool need_kd = kd_weight != 0, need_ce = ce_weight != 0, same_scale = inv_t == 1.0f;
-  const int64_t padded = wide::round_up(classes, kLanes);
-  float* e_st = scratch;                 // exp((s - ms) / T)
-  float* e_t = scratch + padded;         // exp((t - mt) / T)
-  float* e_s1 = same_scale ? e_st : scratch + 2 * padded;  // exp(s - ms)
-  // The last partial vector runs on copies padded with -inf, whose exponentials are exactly 0: no scalar exp.
-  float s_tail[kLanes], t_tail[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) {
-    s_tail[i] = vector_end + i < classes ? s[vector_end + i] : -inf;
-    t_tail[i] = vector_end + i < classes ? t[vector_end + i] : -inf;
-  }
-  for (int64_t c = 0; c < padded; c += kLanes) {
-    const vec8 vs = load8(c < vector_end ? s + c : s_tail), vt = load8(c < vector_end ? t + c : t_tail);
-    const vec8 ds = vs - v_ms;
-    if (need_kd) {
-      const vec8 et = vmath::exp8_nonpositive((vt - v_mt) * v_inv_t), est = vmath::exp8_nonpositive(ds * v_inv_t);
-      wide::store8(e_t + c, et);
-      wide::store8(e_st + c, est);
-      z_st += est;
-      z_t += et;
-      weighted += et > zero ? et * ((vt - vs) * v_inv_t) : zero;  // classes the teacher rules out add nothing
-    }
-    if (need_ce) {
-      const vec8 es1 = same_scale && need_kd ? load8(e_st + c) : vmath::exp8_nonpositive(ds);
-      wide::store8(e_s1 + c, es1);
-      z_s1 += es1;
-    }
-  }
-  const float sum_st = vmath::horizontal_sum(z_st), sum_s1 = vmath::horizontal_sum(z_s1);
-  const float sum_t = vmath::horizontal_sum(z_t), sum_w = vmath::horizontal_sum(weighted);
-  float loss = 0;
-  if (need_kd) loss += kd_weight * (sum_w / sum_t - ((mt - ms) * inv_t + std::log(sum_t) - std::log(sum_st)));
-  if (need_ce) loss += ce_weight * (ms - s[label] + std::log(sum_s1));
-  if (!grad) return {loss, false, false};
-
-  // Sweep 3: the gradient from the stored exponentials.
-  const float kd_st = need_kd ? kd_grad / sum_st : 0.0f, kd_t = need_kd ? kd_grad / sum_t : 0.0f;
-  const float ce_s1 = need_ce ? ce_grad / sum_s1 : 0.0f;
-  const vec8 v_kd_st = broadcast8(kd_st), v_kd_t = broadcast8(kd_t), v_ce_s1 = broadcast8(ce_s1);
-  for (int64_t c = 0; c < vector_end; c += kLanes) {
-    vec8 g{};
-    if (need_kd) g += v_kd_st * load8(e_st + c) - v_kd_t * load8(e_t + c);
-    if (need_ce) g += v_ce_s1 * load8(e_s1 + c);
-    wide::store8(grad + c, g);
-  }
-  for (int64_t c = vector_end; c < classes; ++c)
-    grad[c] = (need_kd ? kd_st * e_st[c] - kd_t * e_t[c] : 0.0f) + (need_ce ? ce_s1 * e_s1[c] : 0.0f);
-  if (need_ce) grad[label] -= ce_grad;
-  return {loss, false, false};
-}
+// ---- fast path: every student dtype but double, rows as float (converted per row when needed), through the
+// vectorised row kernel of the best instruction set this CPU has (csrc/cpu/kd_row_f32.h, dispatched by
+// csrc/cpu/isa/dispatch.cpp).
 
 template <typename T>
 const float* row_as_float(const T* row, int64_t classes, std::vector<float>& buffer) {
@@ -265,8 +175,11 @@ void kd_loss_rows_fast(const at::Tensor& student, const at::Tensor& teacher, con
   const float kd_grad = static_cast<float>(alpha) * T * static_cast<float>(grad_scale);
   const float ce_grad = ce_weight * static_cast<float>(grad_scale);
   std::atomic<int64_t> bad_student{rows}, bad_teacher{rows};
+  const cpu_isa::F32Kernels& kernels = cpu_isa::f32_kernels();
+  const int64_t multiple = kernels.kd_scratch_multiple;
+  const int64_t scratch_size = 3 * ((classes + multiple - 1) / multiple * multiple);
   at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buffer, t_buffer, g_buffer, scratch(3 * wide::round_up(classes, wide::kLanes));
+    std::vector<float> s_buffer, t_buffer, g_buffer, scratch(scratch_size);
     if (!std::is_same_v<student_t, float>) s_buffer.resize(classes), g_buffer.resize(classes);
     if (!std::is_same_v<teacher_t, float>) t_buffer.resize(classes);
     for (int64_t r = begin; r < end; ++r) {
@@ -280,8 +193,9 @@ void kd_loss_rows_fast(const at::Tensor& student, const at::Tensor& teacher, con
       const float* t_row = row_as_float(t_ptr + r * classes, classes, t_buffer);
       float* g_float = nullptr;
       if (g_row) g_float = std::is_same_v<student_t, float> ? reinterpret_cast<float*>(g_row) : g_buffer.data();
-      const RowResult result = kd_row_f32(s_row, t_row, classes, target ? target[r] : 0, inv_t, kd_weight,
-                                          ce_weight, kd_grad, ce_grad, scratch.data(), g_float);
+      const cpu_isa::KdRowResult result = kernels.kd_row(s_row, t_row, classes, target ? target[r] : 0, inv_t,
+                                                         kd_weight, ce_weight, kd_grad, ce_grad, scratch.data(),
+                                                         g_float);
       if (result.bad_student) record_first(bad_student, r);
       if (result.bad_teacher) record_first(bad_teacher, r);
       loss_ptr[r] = result.loss;

@@ -6,34 +6,36 @@
 // positions are enumerated "wide", q = oh * Wq + ow with ow running over the full packed width Wq; the columns
 // ow >= OW are computed and discarded, which buys loops with no bounds checks. A sparse row is then a list of
 // (offset, value) taps and an output block is
-//     acc[q .. q + 32) = bias + sum_taps value * src[offset + q .. offset + q + 32)
-// with the 32 accumulators held in registers across all taps of the row (register blocking). Work and traffic scale
-// with the nonzeros; nothing dense is ever built.
-#pragma once
+//     acc[q .. q + kBlock) = bias + sum_taps value * src[offset + q .. offset + q + kBlock)
+// with the kBlock accumulators held in registers across all taps of the row (register blocking). Work and traffic
+// scale with the nonzeros; nothing dense is ever built.
+//
+// Compiled once per instruction set: this file is included only by csrc/cpu/isa/kernels_body.h, inside a namespace
+// of its own per ISA (isa_baseline, isa_avx2, isa_avx512), after every system and torch header (isa/prelude.h). It
+// therefore includes nothing and has no include guard. PTD_ISA_VECTOR_BYTES (set by the ISA's .cpp) is the width of
+// the float vectors of the register-blocked loops: the widest registers of the copy's instruction set, 16 bytes
+// (4 floats) for the baseline (SSE, NEON), 32 (8 floats, ymm) for AVX2, 64 (16 floats, zmm) for AVX-512. Never
+// wider: GCC keeps a vector type wider than the hardware's registers in memory, which cost the baseline 5-10x.
+#ifndef PTD_ISA_VECTOR_BYTES
+#error "wide_conv_f32.h is compiled per instruction set: include csrc/cpu/isa/kernels_body.h instead"
+#endif
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-namespace ptd_sparse {
 namespace wide {
 
-// GCC/Clang vector extension: 8 floats, lowered to AVX when the build enables it (-march), to SSE pairs otherwise.
-typedef float vec8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
+// GCC/Clang vector extension: kLanes floats, lowered to whatever the copy's instruction set offers (SSE pairs for
+// the baseline, ymm for AVX2, zmm for AVX-512).
+typedef float vec __attribute__((vector_size(PTD_ISA_VECTOR_BYTES)));
+typedef int32_t ivec __attribute__((vector_size(PTD_ISA_VECTOR_BYTES)));
+constexpr int64_t kLanes = PTD_ISA_VECTOR_BYTES / sizeof(float);
 constexpr int64_t kBlock = 4 * kLanes;  // outputs per register block
 
-inline vec8 load8(const float* p) {
-  vec8 v;
+inline vec load(const float* p) {
+  vec v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void store8(float* p, vec8 v) { std::memcpy(p, &v, sizeof v); }
-inline vec8 broadcast8(float x) { return vec8{} + x; }
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+inline vec broadcast(float x) { return vec{} + x; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct Tap {
@@ -98,39 +100,39 @@ inline at::Tensor pack_images(const float* src, int64_t batch, int64_t in_h, int
 inline void gather_row(const float* src, const Tap* taps, int64_t count, float init, float* dst, int64_t length) {
   int64_t q = 0;
   for (; q + kBlock <= length; q += kBlock) {
-    vec8 a0 = broadcast8(init), a1 = a0, a2 = a0, a3 = a0;
+    vec a0 = broadcast(init), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t t = 0; t < count; ++t) {
       const float* s = src + taps[t].offset + q;
-      const vec8 v = broadcast8(taps[t].value);
-      a0 += v * load8(s);
-      a1 += v * load8(s + kLanes);
-      a2 += v * load8(s + 2 * kLanes);
-      a3 += v * load8(s + 3 * kLanes);
+      const vec v = broadcast(taps[t].value);
+      a0 += v * load(s);
+      a1 += v * load(s + kLanes);
+      a2 += v * load(s + 2 * kLanes);
+      a3 += v * load(s + 3 * kLanes);
     }
-    store8(dst + q, a0);
-    store8(dst + q + kLanes, a1);
-    store8(dst + q + 2 * kLanes, a2);
-    store8(dst + q + 3 * kLanes, a3);
+    store(dst + q, a0);
+    store(dst + q + kLanes, a1);
+    store(dst + q + 2 * kLanes, a2);
+    store(dst + q + 3 * kLanes, a3);
   }
   for (; q < length; q += kLanes) {
-    vec8 a = broadcast8(init);
-    for (int64_t t = 0; t < count; ++t) a += broadcast8(taps[t].value) * load8(src + taps[t].offset + q);
-    store8(dst + q, a);
+    vec a = broadcast(init);
+    for (int64_t t = 0; t < count; ++t) a += broadcast(taps[t].value) * load(src + taps[t].offset + q);
+    store(dst + q, a);
   }
 }
 
 // sum over q in [0, length) of a[q] * b[q]; length is a multiple of kLanes.
 inline float dot(const float* a, const float* b, int64_t length) {
-  vec8 s0{}, s1{}, s2{}, s3{};
+  vec s0{}, s1{}, s2{}, s3{};
   int64_t q = 0;
   for (; q + kBlock <= length; q += kBlock) {
-    s0 += load8(a + q) * load8(b + q);
-    s1 += load8(a + q + kLanes) * load8(b + q + kLanes);
-    s2 += load8(a + q + 2 * kLanes) * load8(b + q + 2 * kLanes);
-    s3 += load8(a + q + 3 * kLanes) * load8(b + q + 3 * kLanes);
+    s0 += load(a + q) * load(b + q);
+    s1 += load(a + q + kLanes) * load(b + q + kLanes);
+    s2 += load(a + q + 2 * kLanes) * load(b + q + 2 * kLanes);
+    s3 += load(a + q + 3 * kLanes) * load(b + q + 3 * kLanes);
   }
-  for (; q < length; q += kLanes) s0 += load8(a + q) * load8(b + q);
-  const vec8 s = (s0 + s1) + (s2 + s3);
+  for (; q < length; q += kLanes) s0 += load(a + q) * load(b + q);
+  const vec s = (s0 + s1) + (s2 + s3);
   float total = 0;
   for (int i = 0; i < kLanes; ++i) total += s[i];
   return total;
@@ -164,21 +166,29 @@ inline void sparse_rows(const float* packed, const PackedGeometry& p, const std:
 }
 
 }  // namespace wide
-}  // namespace ptd_sparse
 
-namespace ptd_sparse {
 namespace batch_inner {
 
 // Batch-innermost sparse convolution for small feature maps (after SparseProp, ICML 2023): with 4x4 or 2x2 maps the
 // wide layout wastes most of every vector on discarded columns, so the vectors run over images instead. Input is
 // packed as [batch blocks][C][Hp][Wp][kBatch] (zero padded, missing images zero); one register block is one output
 // position for kBatch images, accumulated over every tap of the row.
-using wide::broadcast8;
-using wide::kLanes;
-using wide::load8;
-using wide::store8;
-using wide::vec8;
+//
+// The vectors here are at most 8 floats wide (ymm with AVX-512VL): a batch block of 32 images already exceeds the
+// smallest batch this path takes (16), and 16-float vectors would double the block and its waste. The baseline's
+// 4-float vectors make its block 16 images.
+constexpr int64_t kVectorBytes = PTD_ISA_VECTOR_BYTES < 32 ? PTD_ISA_VECTOR_BYTES : 32;
+typedef float vec __attribute__((vector_size(kVectorBytes)));
+constexpr int64_t kLanes = kVectorBytes / sizeof(float);
 constexpr int64_t kBatch = 4 * kLanes;
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+inline vec broadcast(float x) { return vec{} + x; }
 
 struct Geometry {
   int64_t channels, padded_h, padded_w;
@@ -228,27 +238,27 @@ inline void sparse_rows(const float* packed, const Geometry& p, const std::vecto
       for (int64_t oh = 0; oh < out_h; ++oh) {
         for (int64_t ow = 0; ow < out_w; ++ow) {
           const float* at = block + (oh * stride_h * p.padded_w + ow * stride_w) * kBatch;
-          vec8 a0 = broadcast8(init), a1 = a0, a2 = a0, a3 = a0;
+          vec a0 = broadcast(init), a1 = a0, a2 = a0, a3 = a0;
           for (int64_t t = 0; t < count; ++t) {
             const float* s = at + row_taps[t].offset;
-            const vec8 v = broadcast8(row_taps[t].value);
-            a0 += v * load8(s);
-            a1 += v * load8(s + kLanes);
-            a2 += v * load8(s + 2 * kLanes);
-            a3 += v * load8(s + 3 * kLanes);
+            const vec v = broadcast(row_taps[t].value);
+            a0 += v * load(s);
+            a1 += v * load(s + kLanes);
+            a2 += v * load(s + 2 * kLanes);
+            a3 += v * load(s + 3 * kLanes);
           }
           if (relu) {
-            const vec8 zero{};
+            const vec zero{};
             a0 = a0 > zero ? a0 : zero;
             a1 = a1 > zero ? a1 : zero;
             a2 = a2 > zero ? a2 : zero;
             a3 = a3 > zero ? a3 : zero;
           }
           float* dst = tile.data() + (oh * out_w + ow) * kBatch;
-          store8(dst, a0);
-          store8(dst + kLanes, a1);
-          store8(dst + 2 * kLanes, a2);
-          store8(dst + 3 * kLanes, a3);
+          store(dst, a0);
+          store(dst + kLanes, a1);
+          store(dst + 2 * kLanes, a2);
+          store(dst + 3 * kLanes, a3);
         }
       }
       for (int64_t i = 0; i < kBatch && nb * kBatch + i < batch; ++i) {
@@ -273,18 +283,18 @@ inline void grad_values(const float* packed_input, const Geometry& p, const floa
       for (int64_t r = begin; r < end; ++r) {
         const float* grad_plane = packed_grad + (nb * rows + r) * positions * kBatch;
         for (int32_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
-          vec8 a0{}, a1{}, a2{}, a3{};
+          vec a0{}, a1{}, a2{}, a3{};
           for (int64_t oh = 0; oh < out_h; ++oh) {
             for (int64_t ow = 0; ow < out_w; ++ow) {
               const float* s = block + taps[e].offset + (oh * stride_h * p.padded_w + ow * stride_w) * kBatch;
               const float* g = grad_plane + (oh * out_w + ow) * kBatch;
-              a0 += load8(g) * load8(s);
-              a1 += load8(g + kLanes) * load8(s + kLanes);
-              a2 += load8(g + 2 * kLanes) * load8(s + 2 * kLanes);
-              a3 += load8(g + 3 * kLanes) * load8(s + 3 * kLanes);
+              a0 += load(g) * load(s);
+              a1 += load(g + kLanes) * load(s + kLanes);
+              a2 += load(g + 2 * kLanes) * load(s + 2 * kLanes);
+              a3 += load(g + 3 * kLanes) * load(s + 3 * kLanes);
             }
           }
-          const vec8 sum = (a0 + a1) + (a2 + a3);
+          const vec sum = (a0 + a1) + (a2 + a3);
           float total = 0;
           for (int i = 0; i < kLanes; ++i) total += sum[i];
           grad[e] += total;
@@ -295,4 +305,3 @@ inline void grad_values(const float* packed_input, const Geometry& p, const floa
 }
 
 }  // namespace batch_inner
-}  // namespace ptd_sparse

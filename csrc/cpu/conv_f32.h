@@ -1,0 +1,205 @@
+// The float32 fast paths of the sparse convolution (the kernels of wide_conv_f32.h applied to the operator's
+// tensors): forward, backward-data and backward-weight, each choosing between the wide and the batch-innermost
+// layout. Entry points return false when the geometry does not suit either layout; the caller
+// (sparse_conv2d_cpu.cpp) then runs its generic loops.
+//
+// Compiled once per instruction set, like wide_conv_f32.h: included only by csrc/cpu/isa/kernels_body.h.
+#ifndef PTD_ISA_VECTOR_BYTES
+#error "conv_f32.h is compiled per instruction set: include csrc/cpu/isa/kernels_body.h instead"
+#endif
+
+// Packed-image offset of every weight column (c_in, kh, kw) for either packing (wide::PackedGeometry or
+// batch_inner::Geometry), tap (kh, kw) flipped when `flipped` (the data gradient's kernel) and the channel term left
+// out when `without_channel`. A table of C_in * KH * KW entries built per call makes each nonzero's tap one load:
+// decoding every column with three integer divisions cost more than the arithmetic itself at batch 1, where each
+// tap is applied to a few dozen outputs only.
+template <typename Packing>
+std::vector<int32_t> column_offsets(const ConvGeometry& g, const Packing& p, bool flipped, bool without_channel) {
+  std::vector<int32_t> table(g.in_channels * g.taps());
+  for (int64_t c = 0; c < g.in_channels; ++c)
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+      for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+        const int64_t th = (flipped ? g.kernel_h - 1 - kh : kh) * g.dil_h;
+        const int64_t tw = (flipped ? g.kernel_w - 1 - kw : kw) * g.dil_w;
+        table[(c * g.kernel_h + kh) * g.kernel_w + kw] = p.tap_offset(without_channel ? 0 : c, th, tw);
+      }
+  return table;
+}
+
+// The CSR taps as (offset into one packed image, value); values may be null when only the offsets are needed.
+template <typename Packing>
+std::vector<wide::Tap> csr_taps(const float* values, const int32_t* col_idx, int64_t nnz, const ConvGeometry& g,
+                                const Packing& p) {
+  const std::vector<int32_t> offsets = column_offsets(g, p, false, false);
+  std::vector<wide::Tap> taps(nnz);
+  for (int64_t e = 0; e < nnz; ++e) taps[e] = {offsets[col_idx[e]], values ? values[e] : 0.0f};
+  return taps;
+}
+
+// The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
+// and padding (K - 1) * dilation - padding; its rows are the transposed pattern's input channels and its channels
+// the output channels (t_rows). Packed offsets are linear in the channel, so a tap is the flipped (kh, kw) term from
+// the table plus the output channel's stride.
+template <typename Packing>
+std::vector<wide::Tap> transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tr,
+                                               const at::Tensor& tperm, const ConvGeometry& g, const Packing& p) {
+  const float* v_ptr = vals.const_data_ptr<float>();
+  const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
+  const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
+  const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
+  const std::vector<int32_t> spatial = column_offsets(g, p, true, true);
+  const int64_t channel_stride = p.tap_offset(1, 0, 0);
+  std::vector<wide::Tap> taps(vals.numel());
+  for (int64_t j = 0; j < vals.numel(); ++j) {
+    const int32_t e = perm_ptr[j];
+    taps[j] = {static_cast<int32_t>(tr_ptr[j] * channel_stride + spatial[col_ptr[e]]), v_ptr[e]};
+  }
+  return taps;
+}
+
+inline int64_t data_grad_pad_h(const ConvGeometry& g) { return (g.kernel_h - 1) * g.dil_h - g.pad_h; }
+inline int64_t data_grad_pad_w(const ConvGeometry& g) { return (g.kernel_w - 1) * g.dil_w - g.pad_w; }
+
+inline wide::PackedGeometry input_packing(const ConvGeometry& g) {
+  return wide::packed_geometry(g.in_channels, g.in_h, g.in_w, g.pad_h, g.pad_w, g.stride_h, g.stride_w, g.out_h,
+                               g.out_w);
+}
+
+// Small feature maps with enough images go batch-innermost (see batch_inner in wide_conv_f32.h); the threshold is
+// where the wide layout's discarded columns start to dominate (bench/bench_sparse_conv2d.py).
+constexpr int64_t kBatchInnerMaxPositions = 64;
+constexpr int64_t kBatchInnerMinBatch = 16;
+
+inline batch_inner::Geometry batch_inner_packing(const ConvGeometry& g) {
+  return {g.in_channels, g.in_h + 2 * g.pad_h, g.in_w + 2 * g.pad_w};
+}
+
+inline bool use_batch_inner(const ConvGeometry& g) {
+  return g.out_h * g.out_w <= kBatchInnerMaxPositions && g.batch >= kBatchInnerMinBatch &&
+         batch_inner::fits_int32(batch_inner_packing(g));
+}
+
+inline void conv_forward_batch_inner_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
+                                         const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
+                                         at::Tensor& out) {
+  const batch_inner::Geometry p = batch_inner_packing(g);
+  const at::Tensor packed =
+      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
+  batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels,
+                           g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu,
+                           out.mutable_data_ptr<float>());
+}
+
+// Data gradient, batch-innermost: the flipped transposed kernel over grad_output padded by (K - 1) * dilation - pad.
+inline void conv_backward_input_batch_inner_f32(const at::Tensor& go, const at::Tensor& vals, const at::Tensor& cols,
+                                                const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
+                                                const ConvGeometry& g, at::Tensor& grad_input) {
+  const int64_t pad_h = data_grad_pad_h(g), pad_w = data_grad_pad_w(g);
+  const batch_inner::Geometry p{g.out_channels, g.out_h + 2 * pad_h, g.out_w + 2 * pad_w};
+  const at::Tensor packed = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, pad_h, pad_w, p);
+  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels,
+                           g.batch, g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
+}
+
+inline void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
+                                                 const at::Tensor& cols, const ConvGeometry& g,
+                                                 at::Tensor& grad_values) {
+  const batch_inner::Geometry p = batch_inner_packing(g);
+  const at::Tensor packed_x =
+      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
+                                                 {g.out_channels, g.out_h, g.out_w});
+  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
+  batch_inner::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
+                           rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h,
+                           g.stride_w, grad_values.mutable_data_ptr<float>());
+}
+
+inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
+                             const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
+                             at::Tensor& out) {
+  const wide::PackedGeometry p = input_packing(g);
+  if (!wide::fits_int32(p)) return false;
+  if (use_batch_inner(g)) {
+    conv_forward_batch_inner_f32(x, vals, rp, cols, bias, relu, g, out);
+    return true;
+  }
+  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
+  wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
+                    bias, relu, out.mutable_data_ptr<float>());
+  return true;
+}
+
+inline wide::PackedGeometry grad_output_packing(const ConvGeometry& g) {
+  return wide::packed_geometry(g.out_channels, g.out_h, g.out_w, data_grad_pad_h(g), data_grad_pad_w(g), 1, 1,
+                               g.in_h, g.in_w);
+}
+
+inline bool backward_input_is_wide(const ConvGeometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && data_grad_pad_h(g) >= 0 && data_grad_pad_w(g) >= 0 &&
+         wide::fits_int32(grad_output_packing(g));
+}
+
+inline bool conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals, const at::Tensor& cols,
+                                    const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
+                                    const ConvGeometry& g, at::Tensor& grad_input) {
+  if (!backward_input_is_wide(g)) return false;
+  if (g.in_h * g.in_w <= kBatchInnerMaxPositions && use_batch_inner(g)) {
+    conv_backward_input_batch_inner_f32(go, vals, cols, tp, tr, tperm, g, grad_input);
+    return true;
+  }
+  const wide::PackedGeometry p = grad_output_packing(g);
+  const at::Tensor packed = wide::pack_images(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w,
+                                              data_grad_pad_h(g), data_grad_pad_w(g), p);
+  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels, g.batch,
+                    nullptr, false, grad_input.mutable_data_ptr<float>());
+  return true;
+}
+
+// grad_values[e] = sum over images of <grad_output plane of e's row, the input window of e's tap>, both laid out wide.
+inline bool conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
+                                     const at::Tensor& cols, const ConvGeometry& g, at::Tensor& grad_values) {
+  if (use_batch_inner(g)) {
+    conv_backward_values_batch_inner_f32(go, x, rp, cols, g, grad_values);
+    return true;
+  }
+  const wide::PackedGeometry p = input_packing(g);
+  if (!wide::fits_int32(p)) return false;
+  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const int64_t length = p.wide_length();
+  // grad_output in the wide layout, zero in the discarded columns so they add nothing.
+  at::Tensor go_wide = at::empty({g.batch * g.out_channels, length}, go.options());
+  const float* go_ptr = go.const_data_ptr<float>();
+  float* wide_ptr = go_wide.mutable_data_ptr<float>();
+  at::parallel_for(0, g.batch * g.out_channels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      float* dst = wide_ptr + plane * length;
+      std::fill(dst, dst + length, 0.0f);
+      for (int64_t oh = 0; oh < g.out_h; ++oh)
+        std::memcpy(dst + oh * p.cols, go_ptr + (plane * g.out_h + oh) * g.out_w, g.out_w * sizeof(float));
+    }
+  });
+  const int64_t nnz = grad_values.numel();
+  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), nnz, g, p);  // offsets only
+  const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
+  const float* packed_ptr = packed.const_data_ptr<float>();
+  float* gv_ptr = grad_values.mutable_data_ptr<float>();
+  // Each task owns a range of output channels (so its entries); images run outermost inside it, so one packed
+  // image stays in cache while every entry of the range reads it.
+  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    std::fill(gv_ptr + rp_ptr[begin], gv_ptr + rp_ptr[end], 0.0f);
+    for (int64_t n = 0; n < g.batch; ++n) {
+      const float* image = packed_ptr + n * p.image();
+      for (int64_t co = begin; co < end; ++co) {
+        const float* grad_plane = wide_ptr + (n * g.out_channels + co) * length;
+        for (int32_t e = rp_ptr[co]; e < rp_ptr[co + 1]; ++e)
+          gv_ptr[e] += wide::dot(grad_plane, image + taps[e].offset, length);
+      }
+    }
+  });
+  return true;
+}

@@ -1,0 +1,63 @@
+// Runtime CPU dispatch of the float32 hot kernels (the sparse convolution's fast paths and the KD loss's row kernel).
+//
+// The extension's ordinary code is compiled for a portable baseline (setup.py: x86-64-v2 unless PTD_NATIVE=1 or
+// PTD_CPU_ARCH say otherwise). The hot kernels are compiled again for AVX2+FMA and for AVX-512 (kernels_avx2.cpp,
+// kernels_avx512.cpp), each copy in a namespace of its own, and one table of entry points per copy. f32_kernels()
+// picks the best table this CPU runs, once; PTD_CPU_ISA=baseline|avx2|avx512 forces one (for tests and
+// comparisons), and asking for one this CPU or this build lacks is an error naming what is missing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "../../conv_geometry.h"
+
+namespace ptd_sparse {
+namespace cpu_isa {
+
+struct KdRowResult {
+  float loss;
+  bool bad_student, bad_teacher;
+};
+
+// One copy of the kernels. The convolution entry points return false (and touch nothing) when the geometry does not
+// suit the fast layout (offsets beyond int32, a strided data gradient, ...): the caller then runs its generic loops.
+// Tensors are contiguous float32 and already checked by the caller.
+struct F32Kernels {
+  const char* isa;  // "baseline", "avx2" or "avx512"
+  bool (*conv_forward)(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                       const at::Tensor& col_idx, const float* bias, bool relu, const ConvGeometry& g,
+                       at::Tensor& out);
+  bool (*conv_backward_input)(const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& col_idx,
+                              const at::Tensor& t_ptr, const at::Tensor& t_rows, const at::Tensor& t_perm,
+                              const ConvGeometry& g, at::Tensor& grad_input);
+  bool (*conv_backward_values)(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& row_ptr,
+                               const at::Tensor& col_idx, const ConvGeometry& g, at::Tensor& grad_values);
+  // One row of the dense KD loss (kd_loss_cpu.cpp): loss, and the gradient into grad when grad is not null.
+  // scratch holds 3 * classes floats rounded up to kd_scratch_multiple.
+  KdRowResult (*kd_row)(const float* s, const float* t, int64_t classes, int64_t label, float inv_t,
+                        float kd_weight, float ce_weight, float kd_grad, float ce_grad, float* scratch, float* grad);
+  int64_t kd_scratch_multiple;
+};
+
+// The tables of each copy; null where this build has no such copy (a non-x86 machine, a compiler without the
+// target pragmas).
+const F32Kernels* baseline_kernels();
+const F32Kernels* avx2_kernels();
+const F32Kernels* avx512_kernels();
+
+// The table in use, chosen on the first call (thread-safe) and kept: the best copy this CPU supports, or the one
+// PTD_CPU_ISA names. Throws c10::ValueError for a bad PTD_CPU_ISA.
+const F32Kernels& f32_kernels();
+
+// The copies this build has and this CPU runs, lowest first (always starts with "baseline").
+std::vector<std::string> available_isas();
+
+// CPU features the extension's ordinary (baseline) code was compiled to assume (-march) that this CPU lacks:
+// empty for a portable build; a -march=native build moved to an older CPU lists what it lacks.
+std::vector<std::string> missing_baseline_features();
+
+}  // namespace cpu_isa
+}  // namespace ptd_sparse

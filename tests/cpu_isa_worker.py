@@ -1,0 +1,100 @@
+"""Runs the float32 CPU kernels under one kernel set and compares them with float64 oracles; used by
+tests/test_cpu_dispatch.py, one process per kernel set, since the set is chosen once per process (PTD_CPU_ISA).
+
+Usage: python cpu_isa_worker.py ISA. Prints the kernel set in use and "ok", or fails with an AssertionError naming
+the case. The cases reach every dispatched entry point: the wide layout (long rows for the register-blocked loop,
+short ones for its tail, strides, dilation, bias and the fused ReLU), the batch-innermost layout (small maps at batch
+>= 16), both data-gradient layouts and both weight-gradient layouts, and the KD loss's row kernel with class counts
+that leave partial vectors for 8 and 16 lanes, temperatures 1 and 4, teacher -inf entries and half-precision rows.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import ptd_sparse
+import ptd_sparse._extension as extension
+from ptd_sparse.pattern import ConvPattern
+
+ops = extension.kernels()
+
+
+def close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 2e-5) -> None:
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want.double(), atol=tol * scale, rtol=tol,
+                               msg=lambda m: f"{extension.cpu_kernel_isa()}: {what}: {m}")
+
+
+def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation, density, seed, relu=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c_in, *size, generator=g)
+    weight = torch.randn(c_out, c_in, kernel, kernel, generator=g)
+    mask = torch.rand(weight.shape, generator=g) < density
+    bias = torch.randn(c_out, generator=g)
+    p = ConvPattern.from_mask(mask)
+    values = p.gather(weight).contiguous()
+    shape, st, pad, dil = list(weight.shape), [stride] * 2, [padding] * 2, [dilation] * 2
+
+    x64 = x.double().requires_grad_()
+    dense = (weight * mask).double().requires_grad_()
+    want = F.conv2d(x64, dense, bias.double(), stride, padding, dilation)
+    if relu:
+        want = want.clamp_min(0)
+    got = ops.conv_forward(x, values, p.row_ptr, p.col_idx, shape, bias, st, pad, dil, relu)
+    close(got, want, f"{name} forward")
+
+    grad_out = torch.randn(want.shape, generator=g)
+    want_x, want_w = torch.autograd.grad(want, (x64, dense), grad_out.double())
+    got_x = ops.conv_backward_input(grad_out, values, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, shape, list(x.shape),
+                                    st, pad, dil) if not relu else None
+    if got_x is not None:
+        close(got_x, want_x, f"{name} grad_input")
+        got_v = ops.conv_backward_values(grad_out, x, p.row_ptr, p.col_idx, shape, st, pad, dil)
+        close(got_v, want_w.reshape(-1)[p.flat_index], f"{name} grad_values")
+
+
+def kd_case(name, rows, classes, temperature, alpha, seed, dtype=torch.float32, minus_inf=False):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(rows, classes, generator=g) * 3).to(dtype).requires_grad_()
+    t = torch.randn(rows, classes, generator=g) * 3
+    if minus_inf:
+        t[:, ::5] = float("-inf")
+    t = t.to(dtype)
+    y = torch.randint(0, classes, (rows,), generator=g)
+    loss = ptd_sparse.kd_loss(s, t, y, temperature=temperature, alpha=alpha, backend="cpu")
+    (grad,) = torch.autograd.grad(loss, s)
+    s64 = s.detach().double().requires_grad_()
+    want = ptd_sparse.kd_loss(s64, t.double(), y, temperature=temperature, alpha=alpha, backend="reference")
+    (want_grad,) = torch.autograd.grad(want, s64)
+    tol = 2e-5 if dtype == torch.float32 else 8e-3
+    close(loss, want, f"{name} loss", tol)
+    close(grad, want_grad, f"{name} grad", tol)
+
+
+def main() -> None:
+    isa = sys.argv[1]
+    used = extension.cpu_kernel_isa()
+    assert used == isa, f"PTD_CPU_ISA={isa} but the extension reports {used!r}"
+    # Wide layout: long rows (several 4-vector blocks of 8 or 16 lanes) and short ones (the tail loop only).
+    conv_case("wide 3x3 s1", 2, 8, 6, (21, 19), 3, 1, 1, 1, 0.3, 1)
+    conv_case("wide 3x3 s1 relu", 2, 8, 6, (21, 19), 3, 1, 1, 1, 0.3, 2, relu=True)
+    conv_case("wide 3x3 s2 d2", 3, 5, 7, (17, 15), 3, 2, 2, 2, 0.4, 3)
+    conv_case("wide 5x5 short rows", 2, 4, 4, (7, 6), 5, 1, 2, 1, 0.5, 4)
+    conv_case("wide 1x1 dense", 2, 16, 16, (9, 9), 1, 1, 0, 1, 1.0, 5)
+    # Batch-innermost layout: 6x6 and 4x4 maps at batch 16 and 20 (partial batch blocks).
+    conv_case("batch-inner 6x6", 20, 8, 8, (6, 6), 3, 1, 1, 1, 0.3, 6)
+    conv_case("batch-inner 4x4 relu", 16, 8, 8, (4, 4), 3, 1, 1, 1, 0.3, 7, relu=True)
+    conv_case("batch-inner 4x4 s2", 17, 6, 5, (8, 8), 3, 2, 1, 1, 0.5, 8)
+    # The KD loss's row kernel: partial vectors (classes 37, 100), long rows (1000), T = 1 (one exponential shared).
+    for classes in (1, 37, 100, 1000):
+        for temperature, alpha in ((4.0, 0.9), (1.0, 0.5), (2.0, 1.0), (3.0, 0.0)):
+            kd_case(f"kd {classes} T{temperature} a{alpha}", 9, classes, temperature, alpha, classes)
+    kd_case("kd teacher -inf", 6, 53, 4.0, 0.7, 11, minus_inf=True)
+    kd_case("kd bfloat16", 5, 77, 4.0, 0.7, 12, dtype=torch.bfloat16)
+    print(used, "ok")
+
+
+if __name__ == "__main__":
+    main()
