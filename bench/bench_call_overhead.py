@@ -5,25 +5,16 @@ against the bare kernel operators and eager PyTorch, in one process. Medians of 
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 import ptd_sparse
 from ptd_sparse.nn import KDLoss, MaskedConv2d
+from timing import median_ms  # bench/timing.py
 
 
-def median_us(fn, calls: int = 2000) -> float:
-    for _ in range(50):
-        fn()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1e6 * statistics.median(times)
+def median_us(fn) -> float:
+    return 1e3 * median_ms(fn, warmup=50, repeats=2000)
 
 
 def main() -> None:
