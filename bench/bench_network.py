@@ -70,7 +70,10 @@ def pruned_model(name: str, pruning: str) -> nn.Module:
 def eager_dense(model: nn.Module) -> nn.Module:
     """A copy of the pruned `model` as plain PyTorch layers holding weight * mask (what users run without this
     package): torch.nn.utils.prune's masks baked in, MaskedConv2d / MaskedLinear replaced by nn.Conv2d / nn.Linear."""
-    plain_model = copy.deepcopy(model).eval()
+    # torch.nn.utils.prune's computed `weight` is a non-leaf tensor, which deepcopy refuses: copy it detached (the
+    # prune hook recomputes it from weight_orig * weight_mask anyway).
+    memo = {id(m.weight): m.weight.detach().clone() for m in model.modules() if hasattr(m, "weight_mask")}
+    plain_model = copy.deepcopy(model, memo).eval()
     for name, module in list(plain_model.named_modules()):
         if hasattr(module, "weight_mask"):
             prune.remove(module, "weight")
