@@ -84,10 +84,10 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
         # A compiled graph cannot key a cached pattern on the mask's values (nor build one: its size depends on them),
         # so it takes the dense masked path, which traces into the graph; sparse kernels under torch.compile come
         # with SparseConv2d (sparsify), whose pattern lives in buffers.
-        out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
-        return out.squeeze(0) if unbatched else out
-    pattern = pattern_of(mask)
-    chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density, batched.shape[0])
+        pattern, chosen = None, DENSE
+    else:
+        pattern = pattern_of(mask)
+        chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density, batched.shape[0])
     if chosen == DENSE:
         out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
     else:
