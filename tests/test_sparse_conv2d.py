@@ -223,10 +223,12 @@ def test_torch_compile_treats_the_op_as_opaque(backend, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size,kernel,stride,padding,dilation", [
     ((4, 4), 3, 1, 1, 1), ((2, 2), 3, 1, 1, 1), ((7, 5), 3, 2, 1, 1), ((6, 6), 3, 1, 2, 2), ((5, 5), 1, 1, 0, 1)])
-def test_many_images_of_small_maps(backend, size, kernel, stride, padding, dilation, generator):
-    """Batches of >= 16 images on small maps take the CPU backend's batch-innermost layout; 37 is not a multiple of
-    its block of images."""
-    x = torch.randn(37, 6, *size, generator=generator)
+@pytest.mark.parametrize("batch", [37, 20])
+def test_many_images_of_small_maps(backend, size, kernel, stride, padding, dilation, batch, generator):
+    """Batches of >= 16 images on small maps take the CPU backend's batch-innermost layout. Neither batch is a
+    multiple of its blocks of images; with 8-float vectors 37 takes the narrow block (16 images, two positions per
+    register block, 25 positions leave one over) and 20 the wide one (32 images)."""
+    x = torch.randn(batch, 6, *size, generator=generator)
     weight = torch.randn(9, 6, kernel, kernel, generator=generator)
     mask = random_mask(weight.shape, 0.3, generator)
     run_case(backend, x, weight, mask, torch.randn(9, generator=generator), stride, padding, dilation,

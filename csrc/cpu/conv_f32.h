@@ -71,7 +71,7 @@ constexpr int64_t kBatchInnerMaxPositions = 64;
 constexpr int64_t kBatchInnerMinBatch = 16;
 
 inline batch_inner::Geometry batch_inner_packing(const ConvGeometry& g) {
-  return {g.in_channels, g.in_h + 2 * g.pad_h, g.in_w + 2 * g.pad_w};
+  return {g.in_channels, g.in_h + 2 * g.pad_h, g.in_w + 2 * g.pad_w, batch_inner::images_per_block(g.batch)};
 }
 
 inline bool use_batch_inner(const ConvGeometry& g) {
@@ -96,7 +96,8 @@ inline void conv_backward_input_batch_inner_f32(const at::Tensor& go, const at::
                                                 const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
                                                 const ConvGeometry& g, at::Tensor& grad_input) {
   const int64_t pad_h = data_grad_pad_h(g), pad_w = data_grad_pad_w(g);
-  const batch_inner::Geometry p{g.out_channels, g.out_h + 2 * pad_h, g.out_w + 2 * pad_w};
+  const batch_inner::Geometry p{g.out_channels, g.out_h + 2 * pad_h, g.out_w + 2 * pad_w,
+                                batch_inner::images_per_block(g.batch)};
   const at::Tensor packed = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, pad_h, pad_w, p);
   const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
   batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels,
@@ -110,7 +111,7 @@ inline void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at:
   const at::Tensor packed_x =
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
-                                                 {g.out_channels, g.out_h, g.out_w});
+                                                 {g.out_channels, g.out_h, g.out_w, p.images});
   const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
   batch_inner::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
                            rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h,

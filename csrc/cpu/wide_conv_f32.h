@@ -171,16 +171,18 @@ namespace batch_inner {
 
 // Batch-innermost sparse convolution for small feature maps (after SparseProp, ICML 2023): with 4x4 or 2x2 maps the
 // wide layout wastes most of every vector on discarded columns, so the vectors run over images instead. Input is
-// packed as [batch blocks][C][Hp][Wp][kBatch] (zero padded, missing images zero); one register block is one output
-// position for kBatch images, accumulated over every tap of the row.
+// packed as [batch blocks][C][Hp][Wp][images] (zero padded, missing images zero). A register block is always four
+// vectors: one output position for a block of four vectors of images, or two positions for a block of two vectors
+// (the narrow block, taken where it leaves fewer empty lanes: a batch of 16 with 8-float vectors would otherwise
+// fill half of a 32-image block with zeros and compute on them).
 //
-// The vectors here are at most 8 floats wide (ymm with AVX-512VL): a batch block of 32 images already exceeds the
-// smallest batch this path takes (16), and 16-float vectors would double the block and its waste. The baseline's
-// 4-float vectors make its block 16 images.
+// The vectors here are at most 8 floats wide (ymm with AVX-512VL): 16-float vectors would double both blocks and
+// their waste at the batch sizes this path takes (16 and up). The baseline's 4-float vectors make its blocks 8 and
+// 16 images.
 constexpr int64_t kVectorBytes = PTD_ISA_VECTOR_BYTES < 32 ? PTD_ISA_VECTOR_BYTES : 32;
 typedef float vec __attribute__((vector_size(kVectorBytes)));
 constexpr int64_t kLanes = kVectorBytes / sizeof(float);
-constexpr int64_t kBatch = 4 * kLanes;
+constexpr int64_t kNarrowImages = 2 * kLanes, kWideImages = 4 * kLanes;
 
 inline vec load(const float* p) {
   vec v;
@@ -190,11 +192,18 @@ inline vec load(const float* p) {
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 inline vec broadcast(float x) { return vec{} + x; }
 
+// Images per batch block for a batch: the narrow block where it pads the batch less, else the wide one.
+inline int64_t images_per_block(int64_t batch) {
+  const auto padded = [batch](int64_t images) { return (batch + images - 1) / images * images; };
+  return padded(kNarrowImages) < padded(kWideImages) ? kNarrowImages : kWideImages;
+}
+
 struct Geometry {
-  int64_t channels, padded_h, padded_w;
-  int64_t block() const { return channels * padded_h * padded_w * kBatch; }  // floats per batch block
+  int64_t channels, padded_h, padded_w, images;  // images per batch block: kNarrowImages or kWideImages
+  int64_t block() const { return channels * padded_h * padded_w * images; }  // floats per batch block
+  int64_t blocks(int64_t batch) const { return (batch + images - 1) / images; }
   int32_t tap_offset(int64_t channel, int64_t tap_h, int64_t tap_w) const {
-    return static_cast<int32_t>(((channel * padded_h + tap_h) * padded_w + tap_w) * kBatch);
+    return static_cast<int32_t>(((channel * padded_h + tap_h) * padded_w + tap_w) * images);
   }
 };
 
@@ -202,102 +211,142 @@ inline bool fits_int32(const Geometry& p) { return p.block() < (int64_t{1} << 31
 
 inline at::Tensor pack(const float* src, int64_t batch, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
                        const Geometry& p) {
-  const int64_t blocks = (batch + kBatch - 1) / kBatch;
+  const int64_t blocks = p.blocks(batch), images = p.images;
   at::Tensor packed = at::empty({blocks * p.block()}, at::TensorOptions().dtype(at::kFloat));
   float* base = packed.mutable_data_ptr<float>();
-  const int64_t plane = p.padded_h * p.padded_w * kBatch;
+  const int64_t plane = p.padded_h * p.padded_w * images;
   at::parallel_for(0, blocks * p.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task / p.channels, c = task % p.channels;
       float* dst = base + task * plane;
       std::fill(dst, dst + plane, 0.0f);
-      for (int64_t i = 0; i < kBatch && nb * kBatch + i < batch; ++i) {
-        const float* image_plane = src + ((nb * kBatch + i) * p.channels + c) * in_h * in_w;
+      for (int64_t i = 0; i < images && nb * images + i < batch; ++i) {
+        const float* image_plane = src + ((nb * images + i) * p.channels + c) * in_h * in_w;
         for (int64_t h = 0; h < in_h; ++h)
           for (int64_t w = 0; w < in_w; ++w)
-            dst[((h + pad_h) * p.padded_w + w + pad_w) * kBatch + i] = image_plane[h * in_w + w];
+            dst[((h + pad_h) * p.padded_w + w + pad_w) * images + i] = image_plane[h * in_w + w];
       }
     }
   });
   return packed;
 }
 
+// Offset in a batch block of every output position's input window (at most kBatchInnerMaxPositions of them),
+// computed once per call so the inner loops divide nothing.
+inline std::vector<int64_t> windows(const Geometry& p, int64_t out_h, int64_t out_w, int64_t stride_h,
+                                    int64_t stride_w) {
+  std::vector<int64_t> offsets(out_h * out_w);
+  for (int64_t oh = 0; oh < out_h; ++oh)
+    for (int64_t ow = 0; ow < out_w; ++ow)
+      offsets[oh * out_w + ow] = (oh * stride_h * p.padded_w + ow * stride_w) * p.images;
+  return offsets;
+}
+
+// One sparse row over one batch block with kVectors vectors of images per position: the four accumulators hold
+// 4 / kVectors positions. tile [positions][images] receives the result.
+template <int kVectors>
+inline void row_block(const float* block, const int64_t* windows, int64_t positions, const wide::Tap* taps,
+                      int64_t count, float init, bool relu, float* tile) {
+  constexpr int kPositions = 4 / kVectors;
+  constexpr int64_t kImages = kVectors * kLanes;
+  const auto finish = [relu](vec a) {
+    const vec zero{};
+    return relu ? (a > zero ? a : zero) : a;
+  };
+  int64_t q = 0;
+  for (; q + kPositions <= positions; q += kPositions) {
+    const float* at[kPositions];
+    for (int i = 0; i < kPositions; ++i) at[i] = block + windows[q + i];
+    vec a[4];
+    for (int k = 0; k < 4; ++k) a[k] = broadcast(init);
+    for (int64_t t = 0; t < count; ++t) {
+      const vec v = broadcast(taps[t].value);
+      const int32_t offset = taps[t].offset;
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) a[k] += v * load(at[k / kVectors] + offset + (k % kVectors) * kLanes);
+    }
+    for (int k = 0; k < 4; ++k) store(tile + q * kImages + k * kLanes, finish(a[k]));
+  }
+  for (; q < positions; ++q) {  // the last position when two share a register block and the count is odd
+    const float* at = block + windows[q];
+    vec a[kVectors];
+    for (int k = 0; k < kVectors; ++k) a[k] = broadcast(init);
+    for (int64_t t = 0; t < count; ++t) {
+      const vec v = broadcast(taps[t].value);
+      for (int k = 0; k < kVectors; ++k) a[k] += v * load(at + taps[t].offset + k * kLanes);
+    }
+    for (int k = 0; k < kVectors; ++k) store(tile + q * kImages + k * kLanes, finish(a[k]));
+  }
+}
+
 // out[n, r, oh, ow] = bias[r] + sum over taps of row r of value * input window, for every image n.
 inline void sparse_rows(const float* packed, const Geometry& p, const std::vector<wide::Tap>& taps,
                         const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                         int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
-  const int64_t blocks = (batch + kBatch - 1) / kBatch, positions = out_h * out_w;
+  const int64_t blocks = p.blocks(batch), positions = out_h * out_w, images = p.images;
+  const std::vector<int64_t> offsets = windows(p, out_h, out_w, stride_h, stride_w);
   at::parallel_for(0, blocks * rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(positions * kBatch);
+    std::vector<float> tile(positions * images);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task / rows, r = task % rows;
       const float* block = packed + nb * p.block();
       const wide::Tap* row_taps = taps.data() + row_ptr[r];
       const int64_t count = row_ptr[r + 1] - row_ptr[r];
       const float init = bias ? bias[r] : 0.0f;
-      for (int64_t oh = 0; oh < out_h; ++oh) {
-        for (int64_t ow = 0; ow < out_w; ++ow) {
-          const float* at = block + (oh * stride_h * p.padded_w + ow * stride_w) * kBatch;
-          vec a0 = broadcast(init), a1 = a0, a2 = a0, a3 = a0;
-          for (int64_t t = 0; t < count; ++t) {
-            const float* s = at + row_taps[t].offset;
-            const vec v = broadcast(row_taps[t].value);
-            a0 += v * load(s);
-            a1 += v * load(s + kLanes);
-            a2 += v * load(s + 2 * kLanes);
-            a3 += v * load(s + 3 * kLanes);
-          }
-          if (relu) {
-            const vec zero{};
-            a0 = a0 > zero ? a0 : zero;
-            a1 = a1 > zero ? a1 : zero;
-            a2 = a2 > zero ? a2 : zero;
-            a3 = a3 > zero ? a3 : zero;
-          }
-          float* dst = tile.data() + (oh * out_w + ow) * kBatch;
-          store(dst, a0);
-          store(dst + kLanes, a1);
-          store(dst + 2 * kLanes, a2);
-          store(dst + 3 * kLanes, a3);
-        }
-      }
-      for (int64_t i = 0; i < kBatch && nb * kBatch + i < batch; ++i) {
-        float* plane = out + ((nb * kBatch + i) * rows + r) * positions;
-        for (int64_t q = 0; q < positions; ++q) plane[q] = tile[q * kBatch + i];
+      if (images == kNarrowImages)
+        row_block<2>(block, offsets.data(), positions, row_taps, count, init, relu, tile.data());
+      else
+        row_block<4>(block, offsets.data(), positions, row_taps, count, init, relu, tile.data());
+      for (int64_t i = 0; i < images && nb * images + i < batch; ++i) {
+        float* plane = out + ((nb * images + i) * rows + r) * positions;
+        for (int64_t q = 0; q < positions; ++q) plane[q] = tile[q * images + i];
       }
     }
   });
 }
 
+// sum over positions of <grad_output vectors, the tap's input window> for one entry (block already offset by the
+// tap), kVectors vectors of images per position; with two, alternate positions go to two accumulator pairs so four
+// chains stay in flight.
+template <int kVectors>
+inline float entry_dot(const float* block, const float* grad_plane, const int64_t* windows, int64_t positions) {
+  constexpr int kPositions = 4 / kVectors;
+  constexpr int64_t kImages = kVectors * kLanes;
+  vec a[4] = {};
+  int64_t q = 0;
+  for (; q + kPositions <= positions; q += kPositions)
+    for (int k = 0; k < 4; ++k) {
+      const int64_t position = q + k / kVectors, lane = (k % kVectors) * kLanes;
+      a[k] += load(grad_plane + position * kImages + lane) * load(block + windows[position] + lane);
+    }
+  for (; q < positions; ++q)
+    for (int k = 0; k < kVectors; ++k)
+      a[k] += load(grad_plane + q * kImages + k * kLanes) * load(block + windows[q] + k * kLanes);
+  const vec sum = (a[0] + a[1]) + (a[2] + a[3]);
+  float total = 0;
+  for (int i = 0; i < kLanes; ++i) total += sum[i];
+  return total;
+}
+
 // grad[e] += sum over images and output positions of grad_output[n, r(e), pos] * input[n, window of tap e at pos].
-// packed_grad is grad_output packed by pack() with no padding: [blocks][rows][out_h][out_w][kBatch]. Each task owns a
-// range of rows (so its entries); batch blocks run outermost inside it so one input block stays in cache.
+// packed_grad is grad_output packed by pack() with no padding and the same images per block:
+// [blocks][rows][out_h][out_w][images]. Each task owns a range of rows (so its entries); batch blocks run outermost
+// inside it so one input block stays in cache.
 inline void grad_values(const float* packed_input, const Geometry& p, const float* packed_grad,
                         const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                         int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
-  const int64_t blocks = (batch + kBatch - 1) / kBatch, positions = out_h * out_w;
+  const int64_t blocks = p.blocks(batch), positions = out_h * out_w;
+  const std::vector<int64_t> offsets = windows(p, out_h, out_w, stride_h, stride_w);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::fill(grad + row_ptr[begin], grad + row_ptr[end], 0.0f);
     for (int64_t nb = 0; nb < blocks; ++nb) {
       const float* block = packed_input + nb * p.block();
       for (int64_t r = begin; r < end; ++r) {
-        const float* grad_plane = packed_grad + (nb * rows + r) * positions * kBatch;
+        const float* grad_plane = packed_grad + (nb * rows + r) * positions * p.images;
         for (int32_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
-          vec a0{}, a1{}, a2{}, a3{};
-          for (int64_t oh = 0; oh < out_h; ++oh) {
-            for (int64_t ow = 0; ow < out_w; ++ow) {
-              const float* s = block + taps[e].offset + (oh * stride_h * p.padded_w + ow * stride_w) * kBatch;
-              const float* g = grad_plane + (oh * out_w + ow) * kBatch;
-              a0 += load(g) * load(s);
-              a1 += load(g + kLanes) * load(s + kLanes);
-              a2 += load(g + 2 * kLanes) * load(s + 2 * kLanes);
-              a3 += load(g + 3 * kLanes) * load(s + 3 * kLanes);
-            }
-          }
-          const vec sum = (a0 + a1) + (a2 + a3);
-          float total = 0;
-          for (int i = 0; i < kLanes; ++i) total += sum[i];
-          grad[e] += total;
+          const float* tap_block = block + taps[e].offset;
+          grad[e] += p.images == kNarrowImages ? entry_dot<2>(tap_block, grad_plane, offsets.data(), positions)
+                                               : entry_dot<4>(tap_block, grad_plane, offsets.data(), positions);
         }
       }
     }
