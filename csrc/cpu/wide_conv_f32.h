@@ -96,6 +96,32 @@ inline at::Tensor pack_images(const float* src, int64_t batch, int64_t in_h, int
   return packed;
 }
 
+// The last 1-3 vectors of a row (src and dst at their start) in one pass over the taps, even and odd taps in
+// separate accumulators. One vector per pass, as before, left a single chain of dependent FMAs (latency-bound: about
+// 4 cycles a tap against under 1 in the blocks), and that tail was a third to a half of the time of the 8x8 and
+// 16x16 maps of a batch-1 call.
+template <int kVectors>
+inline void gather_tail(const float* src, const Tap* taps, int64_t count, float init, float* dst) {
+  vec even[kVectors], odd[kVectors];
+  for (int k = 0; k < kVectors; ++k) {
+    even[k] = broadcast(init);
+    odd[k] = vec{};
+  }
+  int64_t t = 0;
+  for (; t + 2 <= count; t += 2) {
+    const float* s0 = src + taps[t].offset;
+    const float* s1 = src + taps[t + 1].offset;
+    const vec v0 = broadcast(taps[t].value), v1 = broadcast(taps[t + 1].value);
+    for (int k = 0; k < kVectors; ++k) {
+      even[k] += v0 * load(s0 + k * kLanes);
+      odd[k] += v1 * load(s1 + k * kLanes);
+    }
+  }
+  if (t < count)
+    for (int k = 0; k < kVectors; ++k) even[k] += broadcast(taps[t].value) * load(src + taps[t].offset + k * kLanes);
+  for (int k = 0; k < kVectors; ++k) store(dst + k * kLanes, even[k] + odd[k]);
+}
+
 // dst[q] = init + sum over taps of value * src[offset + q], q in [0, length); length is a multiple of kLanes.
 inline void gather_row(const float* src, const Tap* taps, int64_t count, float init, float* dst, int64_t length) {
   int64_t q = 0;
@@ -114,10 +140,11 @@ inline void gather_row(const float* src, const Tap* taps, int64_t count, float i
     store(dst + q + 2 * kLanes, a2);
     store(dst + q + 3 * kLanes, a3);
   }
-  for (; q < length; q += kLanes) {
-    vec a = broadcast(init);
-    for (int64_t t = 0; t < count; ++t) a += broadcast(taps[t].value) * load(src + taps[t].offset + q);
-    store(dst + q, a);
+  switch ((length - q) / kLanes) {
+    case 1: gather_tail<1>(src + q, taps, count, init, dst + q); break;
+    case 2: gather_tail<2>(src + q, taps, count, init, dst + q); break;
+    case 3: gather_tail<3>(src + q, taps, count, init, dst + q); break;
+    default: break;  // no tail
   }
 }
 
