@@ -1,19 +1,14 @@
 """Times SparseProp's sparse convolution, forward + backward, on the cases bench/bench_sparse_training.py passes; run
 by that benchmark with the python of SparseProp's own venv (built by bench/build_sparseprop.sh):
 
-    /tmp/sp/venv/bin/python bench/sparseprop_runner.py '{"cases": [[batch, channels, size, density], ...],
-                                                         "warmup": 2, "repeats": 7}'
+    /tmp/sp/venv/bin/python bench/sparseprop_runner.py     # requests on stdin, see main()
 
 Uses SparseProp the way its README does: `SparseConv2d` built from the masked dense weight (3x3, stride 1, padding 1),
 called on NCHW input, gradients by autograd to the input and to its `W_val` parameter (the weight gradient at the
 unmasked positions only). SparseProp has two kernels per layer, vectorised over the batch or over the output columns
 (`vectorizing_over_on`); its `sparsify_conv2d_auto` picks one from a single timed call, here both are timed with the
-median timer and the faster one is reported, so SparseProp runs at its best. Each case is checked against dense
-F.conv2d before it is timed.
-
-Prints one JSON line: {"torch": ..., "rows": [{"batch", "channels", "size", "density", "nnz", "over_batch_ms",
-"over_columns_ms", "ms", "vectorised_over", "max_abs_error"}]}. Uses only torch, SparseProp and bench/timing.py (plain
-Python), never this package.
+median timer and the benchmark takes the faster, so SparseProp runs at its best. Each case is checked against dense
+F.conv2d before it is timed. Uses only torch, SparseProp and bench/timing.py (plain Python), never this package.
 """
 import json
 import sys
@@ -52,30 +47,47 @@ def max_abs_error(module: SparseConv2d, x, weight, mask, grad_out) -> float:
     return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in pairs)
 
 
-def measure(batch: int, channels: int, size: int, density: float, warmup: int, repeats: int) -> dict:
-    x, weight, mask, grad_out = case_tensors(batch, channels, size, density)
-    masked = weight * mask
-    times, error = {}, 0.0
-    for over_columns in (False, True):
-        module = SparseConv2d(masked.clone(), padding=1, stride=1, vectorizing_over_on=over_columns)
-        error = max(error, max_abs_error(module, x, masked, mask, grad_out))
-        x_train = x.clone().requires_grad_()
+class Case:
+    """One layer case: SparseProp's two modules (vectorised over the batch, over the output columns), checked."""
 
-        def train():
-            out = module(x_train)
-            torch.autograd.grad(out, (x_train, module.W_val), grad_out)
+    def __init__(self, batch: int, channels: int, size: int, density: float):
+        x, weight, mask, grad_out = case_tensors(batch, channels, size, density)
+        masked = weight * mask
+        self.nnz = int(mask.sum())
+        self.error = 0.0
+        self.steps = {}
+        for over_columns in (False, True):
+            module = SparseConv2d(masked.clone(), padding=1, stride=1, vectorizing_over_on=over_columns)
+            self.error = max(self.error, max_abs_error(module, x, masked, mask, grad_out))
+            x_train = x.clone().requires_grad_()
 
-        times[over_columns] = median_ms(train, warmup, repeats)
-    best = min(times, key=times.get)
-    return {"batch": batch, "channels": channels, "size": size, "density": density, "nnz": int(mask.sum()),
-            "over_batch_ms": times[False], "over_columns_ms": times[True], "ms": times[best],
-            "vectorised_over": "columns" if best else "batch", "max_abs_error": error}
+            def step(module=module, x_train=x_train):
+                out = module(x_train)
+                torch.autograd.grad(out, (x_train, module.W_val), grad_out)
+
+            self.steps["columns" if over_columns else "batch"] = step
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
-    rows = [measure(*case, spec["warmup"], spec["repeats"]) for case in spec["cases"]]
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}))
+    """Serves requests, one JSON object a line on stdin, one answer a line on stdout, so the benchmark can alternate
+    rounds between its own candidates and SparseProp:
+        {"op": "case", "case": [batch, channels, size, density]} -> {"nnz", "max_abs_error", "torch", "threads"}
+        {"op": "time", "warmup": w, "repeats": r} -> {"batch": median ms, "columns": median ms} (the last case)
+    """
+    case = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "case":
+            case = Case(*request["case"])
+            answer = {"nnz": case.nnz, "max_abs_error": case.error, "torch": torch.__version__,
+                      "threads": torch.get_num_threads()}
+        elif request["op"] == "time":
+            if case is None:
+                raise ValueError("a 'time' request came before any 'case' request")
+            answer = {name: median_ms(step, request["warmup"], request["repeats"]) for name, step in case.steps.items()}
+        else:
+            raise ValueError(f"unknown op {request['op']!r}; expected 'case' or 'time'")
+        print(json.dumps(answer), flush=True)
 
 
 if __name__ == "__main__":
