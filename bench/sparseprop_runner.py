@@ -20,7 +20,7 @@ from sparseprop.modules import SparseConv2d
 from sparseprop.modules.utils import from_sparse_format_conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_ms  # noqa: E402  (bench/timing.py, standard library only)
+from timing import call_times_ms  # noqa: E402  (bench/timing.py, standard library only)
 
 
 def case_tensors(batch: int, channels: int, size: int, density: float):
@@ -72,7 +72,7 @@ def main() -> None:
     """Serves requests, one JSON object a line on stdin, one answer a line on stdout, so the benchmark can alternate
     rounds between its own candidates and SparseProp:
         {"op": "case", "case": [batch, channels, size, density]} -> {"nnz", "max_abs_error", "torch", "threads"}
-        {"op": "time", "warmup": w, "repeats": r} -> {"batch": median ms, "columns": median ms} (the last case)
+        {"op": "time", "warmup": w, "repeats": r} -> {"batch": [ms of each call], "columns": [...]} (the last case)
     """
     case = None
     for line in sys.stdin:
@@ -84,7 +84,8 @@ def main() -> None:
         elif request["op"] == "time":
             if case is None:
                 raise ValueError("a 'time' request came before any 'case' request")
-            answer = {name: median_ms(step, request["warmup"], request["repeats"]) for name, step in case.steps.items()}
+            answer = {name: call_times_ms(step, request["warmup"], request["repeats"])
+                      for name, step in case.steps.items()}
         else:
             raise ValueError(f"unknown op {request['op']!r}; expected 'case' or 'time'")
         print(json.dumps(answer), flush=True)
