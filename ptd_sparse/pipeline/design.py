@@ -4,8 +4,8 @@ Same depth as the teacher, fewer channels: each student layer holds about as man
 teacher layer holds nonzeros, c_out(l) = round(nnz_l / (k_l * k_l * c_in_student(l))), the first layer's c_in being
 the image channels. Residual networks apply the rule per stage: all convolutions of a stage share one width w (so
 the tensors they add keep equal widths), chosen so that the stage's dense student weights, a quadratic in w, equal
-the stage's teacher nonzeros. Widths are rounded to a multiple and never fall below min_width. The classifier maps
-the last width to the classes.
+the stage's teacher nonzeros. Widths are rounded to a multiple, never fall below min_width and never exceed the
+teacher's width. The classifier maps the last width to the classes.
 
 Which convolutions share a width is read from the model's graph (ptd_sparse.pipeline.width_graph), so the rule
 applies to any traceable CNN: the zoo's VGG and ResNet18 (whose students are built from a plan list, as before), a
@@ -96,7 +96,11 @@ def design_widths(pruned_teacher: nn.Module, in_channels: int, multiple: int = 1
         base = nonzeros / linear if quadratic == 0 else \
             (-linear + math.sqrt(linear * linear + 4 * quadratic * nonzeros)) / (2 * quadratic)
         for var in members[root]:
-            widths[var] = _round_width(base * _ratio(graph, var, root), multiple, min_width)
+            # Never wider than the teacher's layer: the rule alone can ask for that where a narrow group feeds a
+            # layer with many nonzeros (a 1x1 convolution after a heavily pruned stage), and a student wider than
+            # its teacher is not what "fewer channels" means. Where it does not bind the rule is unchanged.
+            widths[var] = max(min(_round_width(base * _ratio(graph, var, root), multiple, min_width),
+                                  graph.teacher_width[var]), min_width)
         weights = sum(conv.area * widths[conv.out] * (1 if conv.depthwise else sum(widths[v] for v in conv.inputs))
                       for conv in convs)
         rows.append(DesignRow(index, ", ".join(conv.name for conv in convs), nonzeros, graph.teacher_width[root],
