@@ -184,7 +184,8 @@ def test_design_never_reaches_zero_width_and_designs_mobilenet():
     assert all(w >= 2 for w in plan if w != models.POOL)
     # MobileNetV2's widths need a width map (its expansion layers), built by rewriting the model's widths.
     plan, _ = design.design_student(models.build_model("mobilenetv2"), in_channels=3)
-    assert isinstance(plan, dict) and models.build_model("mobilenetv2", plan)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    student = models.build_model("mobilenetv2", plan)
+    assert isinstance(plan, dict) and student(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
 # --- checkpoints and import ----------------------------------------------------------------------------------------

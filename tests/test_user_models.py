@@ -64,7 +64,8 @@ def zoo_plan(groups: list, nonzeros: list, in_channels: int) -> list:
     for convs, nnz in zip(groups, nonzeros):
         quadratic = sum(a for _, a, own in convs if own)
         linear = sum(a * previous for _, a, own in convs if not own)
-        w = nnz / linear if quadratic == 0 else (-linear + math.sqrt(linear ** 2 + 4 * quadratic * nnz)) / (2 * quadratic)
+        w = nnz / linear if quadratic == 0 else \
+            (-linear + math.sqrt(linear ** 2 + 4 * quadratic * nnz)) / (2 * quadratic)
         widths.append(max(1, round(w)))
         previous = widths[-1]
     return widths

@@ -21,11 +21,12 @@ DEFAULTS = {
              "crop_padding": 2, "flip": True},
     # model: a zoo name or a user's factory "package.module:function" called with kwargs (a table). checkpoint: a
     # model folder (`ptd import`) used as the trained teacher instead of training one ("" = train).
-    "teacher": {"model": "vgg_fmnist", "plan": [], "kwargs": {}, "checkpoint": "", "epochs": 4, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-                "milestones": [2, 3], "gamma": 0.2},
+    "teacher": {"model": "vgg_fmnist", "plan": [], "kwargs": {}, "checkpoint": "", "epochs": 4, "lr": 0.05,
+                "momentum": 0.9, "weight_decay": 5e-4, "milestones": [2, 3], "gamma": 0.2},
     "prune": {"targets": [0.79], "rate": 0.2, "scope": "global", "method": "lr_rewind", "skip": [],
               "epochs": 1, "lr": 0.05, "weight_decay": 2e-4, "milestones": [], "gamma": 0.1, "finetune_lr": 0.001},
-    "student": {"model": "vgg_fmnist", "plan": [16, "M", 32, "M", 64, "M"], "kwargs": {}, "multiple": 1, "min_width": 4},
+    "student": {"model": "vgg_fmnist", "plan": [16, "M", 32, "M", 64, "M"], "kwargs": {}, "multiple": 1,
+                "min_width": 4},
     "distill": {"alpha": 0.95, "temperature": 10.0, "epochs": 4, "lr": 0.05, "weight_decay": 5e-4,
                 "milestones": [2, 3], "gamma": 0.2,
                 "variants": ["student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned"]},
