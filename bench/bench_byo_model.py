@@ -2,8 +2,9 @@
 random weights and BatchNorm statistics, pruned with torch.nn.utils.prune (the authors' seven rounds of 20%: 79%, or
 global L1 90% in one step), through ptd_sparse.sparsify (Conv-BN(-ReLU) found in the fx trace, grouped and depthwise
 layers sparse too) against the same pruned network in eager PyTorch and in the best dense form PyTorch offers
-(BatchNorm folded, torch.jit.freeze + optimize_for_inference, NCHW and channels_last). One run, medians after
-warm-up, ratios of medians; ImageNet-size input (224 x 224, 1000 classes) by default.
+(BatchNorm folded, torch.jit.freeze + optimize_for_inference, NCHW and channels_last). One run, every form timed
+round-robin (the machine may be shared), medians after warm-up, ratios of medians; ImageNet-size input (224 x 224,
+1000 classes) by default.
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_byo_model.py --batches 1 64
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,7 +24,6 @@ from torch.nn.utils import prune
 
 import ptd_sparse
 from bench_network import best_dense_forms, cpu_vector_extensions, eager_dense, sparsity_of  # bench/
-from timing import median_ms  # bench/timing.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import user_models  # noqa: E402
@@ -43,6 +45,20 @@ def pruned_user_model(name: str, pruning: str) -> nn.Module:
     else:
         prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=float(pruning[6:]))
     return model
+
+
+def interleaved_medians_ms(runs: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median ms of each run on x, timed round-robin (one call of each per round, after one warm-up each), so that a
+    change of the machine's load during the measurement (it is shared) hits every form alike."""
+    for run in runs.values():
+        run(x)
+    samples = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(x)
+            samples[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(times) for name, times in samples.items()}
 
 
 def main() -> None:
@@ -70,10 +86,10 @@ def main() -> None:
                 with torch.no_grad():
                     fast(x)  # the first call of a batch size measures each layer's route
                     torch.testing.assert_close(fast(x), dense(x), atol=1e-3, rtol=1e-3)
-                    eager_ms = median_ms(lambda: dense(x), 1, args.repeats)
-                    forms = best_dense_forms(dense, x)
-                    form_ms = {form: median_ms(lambda: run(x), 1, args.repeats) for form, run in forms.items()}
-                    ptd_ms = median_ms(lambda: fast(x), 1, args.repeats)
+                    runs = {"eager": dense, **best_dense_forms(dense, x), "ptd": fast}
+                    measured = interleaved_medians_ms(runs, x, args.repeats)
+                eager_ms, ptd_ms = measured.pop("eager"), measured.pop("ptd")
+                form_ms = measured
                 best_dense_ms = min(eager_ms, *form_ms.values())
                 routes = {}
                 for module in fast.modules():

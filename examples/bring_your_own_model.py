@@ -94,7 +94,10 @@ def main() -> None:
 
     # 4. ptd run: prune further, design, distil (short), report.
     run = args.out / "run"
-    overrides = [f"teacher.checkpoint={json.dumps(str(imported))}", f"data.train_subset={args.train_subset}",
+    # teacher.kwargs must be those of the import (the full width); the preset's fixed student is half as wide.
+    overrides = [f"teacher.checkpoint={json.dumps(str(imported))}", f"teacher.kwargs={KWARGS}",
+                 "student.kwargs={num_classes = 10, in_channels = 1, base_width = 32}",
+                 f"data.train_subset={args.train_subset}",
                  f"data.root={json.dumps(args.data_root)}", f"distill.epochs={args.epochs}", "distill.milestones=[]",
                  "distill.variants=['student_ce', 'kd_pruned', 'designed_kd_pruned']", "run.progress=false"]
     cli.main(["run", "--config", "configs/byo_resnet18_fmnist.toml", "--out", str(run)] +
