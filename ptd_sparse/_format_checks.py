@@ -39,6 +39,16 @@ def check_shape(shape) -> tuple[int, int, int, int]:
     return tuple(int(s) for s in shape)
 
 
+def check_groups(groups, c_out: int, c_in: int | None = None) -> int:
+    """groups: a positive int dividing C_out (and the full C_in, when given)."""
+    if not isinstance(groups, Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if c_out % groups or (c_in is not None and c_in % groups):
+        raise ValueError(f"groups={groups} must divide C_out = {c_out}" +
+                         (f" and C_in = {c_in}" if c_in is not None else ""))
+    return int(groups)
+
+
 def check_index_tensor(tensor, name: str, length: int | None, device: torch.device | None) -> Tensor:
     """A 1-D tensor of the index dtype `name` needs, with `length` entries (None: any) on `device`."""
     if not isinstance(tensor, Tensor):
@@ -71,9 +81,11 @@ def check_pointers(pointers: Tensor, name: str, entries: int) -> None:
                          "last pointer must equal nnz")
 
 
-def check_pattern(shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, flat_index) -> tuple[int, int, int, int]:
+def check_pattern(shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, flat_index,
+                  groups: int = 1) -> tuple[int, int, int, int]:
     """Every invariant of ConvPattern (see its field comments); returns the shape as a tuple of ints."""
     c_out, c_in, kh, kw = check_shape(shape)
+    groups = check_groups(groups, c_out, c_in)
     device = check_index_tensor(row_ptr, "row_ptr", c_out + 1, None).device
     nnz = check_index_tensor(col_idx, "col_idx", None, device).numel()
     check_index_tensor(t_ptr, "t_ptr", c_in + 1, device)
@@ -94,7 +106,17 @@ def check_pattern(shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, flat_index) ->
     if e is not None:
         raise ValueError(f"col_idx[{e + 1}] = {int(cols[e + 1])} is not greater than col_idx[{e}] = {int(cols[e])} "
                          f"in row {int(rows[e])}; columns must be strictly ascending within a row")
+    group_columns = columns // groups
     expected_flat = rows * columns + cols
+    if groups != 1:
+        # A grouped pattern's row reads only its group's block of columns; flat_index counts in the grouped weight.
+        group_of_row = torch.div(rows, c_out // groups, rounding_mode="floor")
+        e = _first(torch.div(cols, group_columns, rounding_mode="floor") != group_of_row)
+        if e is not None:
+            raise ValueError(f"col_idx[{e}] = {int(cols[e])} (input channel {int(cols[e]) // (kh * kw)}) lies outside "
+                             f"the input channels of row {int(rows[e])}'s group {int(group_of_row[e])} "
+                             f"(groups={groups}, {c_in // groups} channels each)")
+        expected_flat = rows * group_columns + cols - group_of_row * group_columns
     e = _first(flat_index != expected_flat)
     if e is not None:
         raise ValueError(f"flat_index[{e}] = {int(flat_index[e])} but the CSR entry {e} (row {int(rows[e])}, column "

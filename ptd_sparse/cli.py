@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
                                  "distill and run read it (sets cache.enabled=true, cache.dir=DIR)")
     imported = sub.add_parser("import", help="turn a torch.nn.utils.prune state dict into a ptd model folder")
     imported.add_argument("state_dict", help="a file saved with torch.save(model.state_dict()), loaded weights_only")
-    imported.add_argument("--model", required=True, help="architecture name (vgg11/16/19, vgg_fmnist, resnet18, ...)")
+    imported.add_argument("--model", required=True,
+                          help="architecture name (vgg11/16/19, vgg_fmnist, resnet18, mobilenetv2) or your own "
+                          "model's constructor, package.module:function (imported; the working directory counts)")
+    imported.add_argument("--kwargs", default="{}", metavar="TOML_TABLE",
+                          help="keyword arguments of the constructor, a TOML inline table, e.g. "
+                          "'{num_classes = 10, in_channels = 1}'")
     imported.add_argument("--in-channels", type=int, default=3)
     imported.add_argument("--classes", type=int, default=10)
     imported.add_argument("--image-size", type=int, default=32)
@@ -49,10 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     from ptd_sparse.pipeline.config import ConfigError, load_config
 
     if args.command == "import":
+        import tomllib
+
+        from ptd_sparse.pipeline import factories
         from ptd_sparse.pipeline.importing import import_state_dict_file
 
+        try:
+            kwargs = tomllib.loads(f"kwargs = {args.kwargs}")["kwargs"]
+        except tomllib.TOMLDecodeError as error:
+            print(f"ptd import: --kwargs must be a TOML inline table like '{{a = 1}}': {error}", file=sys.stderr)
+            return 2
+        if factories.is_factory(args.model):
+            factories.trust(args.model)  # named on the command line: the user asks for it to be imported
         sparsity = import_state_dict_file(Path(args.state_dict), args.model, args.in_channels, args.classes,
-                                          args.image_size, Path(args.out))
+                                          args.image_size, Path(args.out), kwargs)
         print(f"wrote {args.out} (sparsity {sparsity:.4f})")
         return 0
     overrides = list(args.set)

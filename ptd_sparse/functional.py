@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ptd_sparse import _format_checks
 from ptd_sparse import _validation as check
 from ptd_sparse import ops
 from ptd_sparse.backends import COMPILED, DENSE, KD_LOSS, SPARSE_CONV, choose_backend
@@ -23,26 +24,26 @@ DEFAULT_ALPHA = 0.95  # the paper's weight of the distillation term
 # Patterns of the masks seen by masked_conv2d, so a mask is compressed once, not on every call. Keyed by the mask
 # tensor's identity; an entry is rebuilt when the mask is modified in place (its version counter moves) and dropped
 # when the mask is freed.
-_pattern_cache: dict[int, tuple[weakref.ref, tuple[int, int], ConvPattern]] = {}
+_pattern_cache: dict[int, tuple[weakref.ref, tuple[int, int, int], ConvPattern]] = {}
 
 
-def _mask_version(mask: Tensor) -> tuple[int, int]:
+def _mask_version(mask: Tensor, groups: int) -> tuple[int, int, int]:
     try:
         version = mask._version
     except RuntimeError:  # inference tensors carry no version counter
         version = -1
-    return version, mask.data_ptr()
+    return version, mask.data_ptr(), groups
 
 
-def pattern_of(mask: Tensor) -> ConvPattern:
-    """The cached ConvPattern of `mask`, rebuilt only when the mask changed."""
+def pattern_of(mask: Tensor, groups: int = 1) -> ConvPattern:
+    """The cached ConvPattern of `mask` (of a convolution with `groups` groups), rebuilt only when the mask changed."""
     key = id(mask)
     entry = _pattern_cache.get(key)
-    if entry is not None and entry[0]() is mask and entry[1] == _mask_version(mask):
+    if entry is not None and entry[0]() is mask and entry[1] == _mask_version(mask, groups):
         return entry[2]
-    pattern = ConvPattern.from_mask(mask.detach())
+    pattern = ConvPattern.from_mask(mask.detach(), groups)
     _pattern_cache[key] = (weakref.ref(mask, lambda _, key=key: _pattern_cache.pop(key, None)),
-                           _mask_version(mask), pattern)
+                           _mask_version(mask, groups), pattern)
     return pattern
 
 
@@ -63,22 +64,26 @@ def _conv_arguments(input, weight_shape, bias, stride, padding, dilation):
 
 
 def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-                  dilation=1, backend: str | None = None) -> Tensor:
-    """F.conv2d(input, weight * mask, bias, stride, padding, dilation) with sparse kernels.
+                  dilation=1, groups: int = 1, backend: str | None = None) -> Tensor:
+    """F.conv2d(input, weight * mask, bias, stride, padding, dilation, groups) with sparse kernels.
 
-    input [N, C_in, H, W] (or [C_in, H, W]), weight and mask [C_out, C_in, KH, KW] (mask bool or 0/1), bias [C_out].
-    Returns [N, C_out, OH, OW]. The gradient of weight is zero wherever mask is zero. The mask is compressed once and
-    cached until it changes. backend: None (automatic; PTD_BACKEND overrides), "cpu", "cuda", "triton",
-    "reference" (the plain-PyTorch oracle) or "dense" (the dense route: F.conv2d on weight * mask).
+    input [N, C_in, H, W] (or [C_in, H, W]), weight and mask [C_out, C_in / groups, KH, KW] (mask bool or 0/1),
+    bias [C_out]. Returns [N, C_out, OH, OW]. The gradient of weight is zero wherever mask is zero. The mask is
+    compressed once and cached until it changes. Grouped and depthwise convolutions (groups > 1) run the same sparse
+    kernels (ptd_sparse.pattern: the format indexes the full input-channel space). backend: None (automatic;
+    PTD_BACKEND overrides), "cpu", "cuda", "triton", "reference" (the plain-PyTorch oracle) or "dense" (the dense
+    route: F.conv2d on weight * mask).
     """
     check.tensor(weight, "weight", dims=(4,), floating=True)
     check.tensor(mask, "mask", dims=(4,))
     if mask.shape != weight.shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has shape {tuple(weight.shape)}; "
                          "they must match")
+    groups = _format_checks.check_groups(groups, weight.shape[0])
     check.same_device(weight, "weight", input=input, mask=mask, bias=bias)
     _same_dtype_unless_autocast(weight, "weight", input=input, bias=bias)
-    batched, unbatched, stride, padding, dilation = _conv_arguments(input, tuple(weight.shape), bias, stride, padding,
+    full_shape = (weight.shape[0], weight.shape[1] * groups, weight.shape[2], weight.shape[3])
+    batched, unbatched, stride, padding, dilation = _conv_arguments(input, full_shape, bias, stride, padding,
                                                                     dilation)
     if torch.compiler.is_compiling():
         # A compiled graph cannot key a cached pattern on the mask's values (nor build one: its size depends on them),
@@ -86,13 +91,13 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
         # with SparseConv2d (sparsify), whose pattern lives in buffers.
         pattern, chosen = None, DENSE
     else:
-        pattern = pattern_of(mask)
+        pattern = pattern_of(mask, groups)
         chosen = choose_backend(SPARSE_CONV, batched.device, backend, pattern.density, batched.shape[0])
     if chosen == DENSE:
-        out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation)
+        out = F.conv2d(batched, weight * mask.to(weight.dtype), bias, stride, padding, dilation, groups)
     else:
         out = _run_sparse_conv(batched, pattern_indices(pattern), list(pattern.shape), pattern.gather(weight), bias,
-                               stride, padding, dilation, chosen)
+                               stride, padding, dilation, chosen, groups=groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -101,13 +106,15 @@ def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor |
     """Convolution with a weight in the canonical CSR format; gradients flow to input, sparse_weight.values and bias.
 
     input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, OH, OW]. backend as for masked_conv2d. relu=True fuses
-    max(0, .) into the kernel's epilogue (used by sparsify for Conv-BN-ReLU inference).
+    max(0, .) into the kernel's epilogue (used by sparsify for Conv-BN-ReLU inference). A grouped sparse_weight
+    (sparse_weight.groups > 1) computes the grouped convolution.
     """
     if not isinstance(sparse_weight, SparseConvWeight):
         raise TypeError(f"sparse_weight must be a ptd_sparse.SparseConvWeight, got {type(sparse_weight).__name__}")
     pattern = sparse_weight.pattern
     return sparse_conv2d_indexed(input, sparse_weight.values, pattern_indices(pattern), pattern.shape,
-                                 sparse_weight.density, bias, stride, padding, dilation, backend, relu)
+                                 sparse_weight.density, bias, stride, padding, dilation, backend, relu,
+                                 groups=pattern.groups)
 
 
 def pattern_indices(pattern) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -117,27 +124,28 @@ def pattern_indices(pattern) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 
 def sparse_conv2d_indexed(input: Tensor, values: Tensor, indices: tuple, weight_shape, density: float,
                           bias: Tensor | None = None, stride=1, padding=0, dilation=1, backend: str | None = None,
-                          relu: bool = False) -> Tensor:
+                          relu: bool = False, groups: int = 1) -> Tensor:
     """sparse_conv2d on a pattern's index tensors `indices` = (row_ptr, col_idx, t_ptr, t_rows, t_perm), already
     validated (SparseConvWeight and SparseConv2d validate them once, when built or loaded). Builds no Python objects,
-    so SparseConv2d's calls stay lean and trace into torch.compile graphs."""
+    so SparseConv2d's calls stay lean and trace into torch.compile graphs. weight_shape is the full (block-diagonal)
+    [C_out, C_in, KH, KW]; groups is needed only by the dense route, which runs F.conv2d on the grouped weight."""
     check.same_device(values, "sparse_weight.values", input=input, bias=bias)
     _same_dtype_unless_autocast(values, "sparse_weight.values", input=input, bias=bias)
     batched, unbatched, stride, padding, dilation = _conv_arguments(input, weight_shape, bias, stride, padding,
                                                                     dilation)
     chosen = choose_backend(SPARSE_CONV, batched.device, backend, density, batched.shape[0])
     out = _run_sparse_conv(batched, indices, list(weight_shape), values, bias, stride, padding, dilation, chosen,
-                           bool(relu))
+                           bool(relu), groups)
     return out.squeeze(0) if unbatched else out
 
 
 def _run_sparse_conv(input: Tensor, indices: tuple, weight_shape: list, values: Tensor, bias, stride, padding,
-                     dilation, backend: str, relu: bool = False) -> Tensor:
+                     dilation, backend: str, relu: bool = False, groups: int = 1) -> Tensor:
     if backend == DENSE:
-        # The dense route: the nonzeros scattered into the dense weight (differentiable, so values get their
-        # gradient), then PyTorch's own convolution.
-        weight = dense_weight(values, indices[0], indices[1], weight_shape)
-        out = F.conv2d(input, weight, bias, stride, padding, dilation)
+        # The dense route: the nonzeros scattered into the dense (grouped) weight (differentiable, so values get
+        # their gradient), then PyTorch's own convolution.
+        weight = dense_weight(values, indices[0], indices[1], weight_shape, groups)
+        out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return F.relu(out) if relu else out
     if backend == "triton" and input.is_cuda and torch.compiler.is_compiling():
         # torch.compile traces through the triton_op version into the Triton kernels (registered with the operators,

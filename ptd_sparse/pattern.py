@@ -2,6 +2,12 @@
 
 A 4-D convolution weight [C_out, C_in, KH, KW] is stored as CSR by output channel:
     row_ptr int32 [C_out + 1], col_idx int32 [nnz] = (c_in * KH + kh) * KW + kw, values [nnz] (the weight's dtype).
+A grouped convolution (groups g, weight [C_out, C_in / g, KH, KW]) is stored as the block-diagonal dense weight
+[C_out, C_in, KH, KW] it is equivalent to: the columns of row r index the FULL input-channel space, and only those of
+r's group, c_in = group(r) * C_in / g + c_local, are ever present. So every backend's forward, data-gradient and
+weight-gradient kernels compute grouped and depthwise convolutions unchanged (their work scales with the nonzeros,
+and no zero block is ever stored); only `flat_index` (positions in the grouped weight, from which values are gathered
+and into which their gradients go) and the dense fallbacks (F.conv2d with groups) need to know g.
 `ConvPattern` is the part that depends only on the mask: the CSR structure plus the layouts derived from it once per
 mask (the transposed CSC-by-input-channel view for the data gradient, and the flat positions used to gather values
 from a dense weight). `SparseConvWeight` is a pattern plus its values.
@@ -14,7 +20,7 @@ construction and skip the check through `_trusted`, so nothing is re-validated p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -30,66 +36,90 @@ def _counts_to_pointers(counts: Tensor) -> Tensor:
     return pointers
 
 
-def flat_positions(row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int]) -> Tensor:
-    """Position of each CSR entry in the flattened dense weight (what ConvPattern.flat_index holds, computed from
-    the index tensors alone for callers that have no ConvPattern)."""
+def grouped_shape(weight_shape, groups: int) -> tuple[int, int, int, int]:
+    """The grouped weight's shape [C_out, C_in / groups, KH, KW] of the full (block-diagonal) `weight_shape`."""
+    c_out, c_in, kh, kw = weight_shape
+    return (int(c_out), int(c_in) // groups, int(kh), int(kw))
+
+
+def flat_positions(row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int], groups: int = 1) -> Tensor:
+    """Position of each CSR entry in the flattened grouped weight [C_out, C_in / groups, KH, KW] (what
+    ConvPattern.flat_index holds, computed from the index tensors alone for callers that have no ConvPattern).
+    weight_shape is the full [C_out, C_in, KH, KW]; with groups=1 the two coincide."""
     c_out, c_in, kh, kw = weight_shape
     # output_size: the length is known (nnz), so torch.compile needs no data-dependent size here.
     rows = torch.repeat_interleave(torch.arange(c_out, device=col_idx.device), (row_ptr[1:] - row_ptr[:-1]).long(),
                                    output_size=col_idx.numel())
-    return rows * (c_in * kh * kw) + col_idx.long()
+    group_columns = (c_in // groups) * kh * kw
+    if groups == 1:
+        return rows * group_columns + col_idx.long()
+    # Row r's columns lie in its group's block [group(r) * group_columns, (group(r) + 1) * group_columns).
+    group_of_row = torch.div(rows, c_out // groups, rounding_mode="floor")
+    return rows * group_columns + col_idx.long() - group_of_row * group_columns
 
 
-def dense_weight(values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int]) -> Tensor:
-    """The dense [C_out, C_in, KH, KW] weight holding `values` at the CSR positions."""
-    flat = flat_positions(row_ptr, col_idx, weight_shape)
-    return values.new_zeros(math.prod(weight_shape)).index_put((flat,), values).reshape(weight_shape)
+def dense_weight(values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int],
+                 groups: int = 1) -> Tensor:
+    """The dense grouped weight [C_out, C_in / groups, KH, KW] holding `values` at the CSR positions (weight_shape is
+    the full [C_out, C_in, KH, KW]); for F.conv2d(..., groups=groups)."""
+    shape = grouped_shape(weight_shape, groups)
+    flat = flat_positions(row_ptr, col_idx, weight_shape, groups)
+    return values.new_zeros(math.prod(shape)).index_put((flat,), values).reshape(shape)
 
 
 @dataclass(frozen=True)
 class ConvPattern:
-    """Nonzero structure of a [C_out, C_in, KH, KW] weight; built once per mask, shared by all calls."""
+    """Nonzero structure of a [C_out, C_in, KH, KW] weight; built once per mask, shared by all calls. With
+    groups > 1, `shape` is the full (block-diagonal) shape the kernels see and `weight_shape` the grouped weight's
+    [C_out, C_in / groups, KH, KW] (see the module docstring)."""
 
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, int, int, int]  # full: C_in counts every input channel
     row_ptr: Tensor  # int32 [C_out + 1]
     col_idx: Tensor  # int32 [nnz], column = (c_in * KH + kh) * KW + kw, ascending within a row
     t_ptr: Tensor  # int32 [C_in + 1], entries of input channel c are t_ptr[c] .. t_ptr[c + 1]
     t_rows: Tensor  # int32 [nnz], output channel of each transposed entry
     t_perm: Tensor  # int32 [nnz], CSR position of each transposed entry
-    flat_index: Tensor  # int64 [nnz], position of each nonzero in weight.reshape(-1)
+    flat_index: Tensor  # int64 [nnz], position of each nonzero in the grouped weight.reshape(-1)
+    groups: int = 1  # row r reads only input channels of its group, group(r) = r // (C_out / groups)
 
     def __post_init__(self):
         shape = _format_checks.check_pattern(self.shape, self.row_ptr, self.col_idx, self.t_ptr, self.t_rows,
-                                             self.t_perm, self.flat_index)
+                                             self.t_perm, self.flat_index, self.groups)
         object.__setattr__(self, "shape", shape)
 
     @classmethod
-    def _trusted(cls, shape, *tensors: Tensor) -> "ConvPattern":
+    def _trusted(cls, shape, *tensors: Tensor, groups: int = 1) -> "ConvPattern":
         """A pattern from tensors the package derived itself (valid by construction): no validation, which would
         cost O(C_out + nnz) (and device synchronisations) on every call of the modules that rebuild it per call."""
         pattern = object.__new__(cls)
         object.__setattr__(pattern, "shape", tuple(int(s) for s in shape))
-        for field, tensor in zip(fields(cls)[1:], tensors, strict=True):
-            object.__setattr__(pattern, field.name, tensor)
+        for name, tensor in zip(cls.index_names(), tensors, strict=True):
+            object.__setattr__(pattern, name, tensor)
+        object.__setattr__(pattern, "groups", int(groups))
         return pattern
 
     @classmethod
-    def from_mask(cls, mask: Tensor) -> "ConvPattern":
-        """Pattern of the nonzero entries of `mask` ([C_out, C_in, KH, KW], bool or 0/1 valued)."""
+    def from_mask(cls, mask: Tensor, groups: int = 1) -> "ConvPattern":
+        """Pattern of the nonzero entries of `mask` ([C_out, C_in / groups, KH, KW], bool or 0/1 valued): the mask
+        of a convolution with `groups` groups (C_out divisible by groups)."""
         if not isinstance(mask, Tensor) or mask.dim() != 4:
-            raise ValueError(f"mask must be a 4-D tensor [C_out, C_in, KH, KW], got "
+            raise ValueError(f"mask must be a 4-D tensor [C_out, C_in / groups, KH, KW], got "
                              f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        groups = _format_checks.check_groups(groups, mask.shape[0])
         if mask.dtype != torch.bool:
             if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError("mask must be boolean or hold only 0 and 1, so that weight * mask keeps or drops "
                                  "each weight; got other values")
-        c_out, c_in, kh, kw = mask.shape
-        taps = c_in * kh * kw
+        c_out, c_in_group, kh, kw = mask.shape
+        c_in = c_in_group * groups
+        taps = c_in_group * kh * kw
         flat_index = torch.nonzero(mask.reshape(-1) != 0).reshape(-1)
-        if flat_index.numel() > INT32_MAX or mask.numel() > INT32_MAX:
-            raise ValueError(f"mask has {mask.numel()} entries; the int32 CSR format holds at most {INT32_MAX}")
+        if flat_index.numel() > INT32_MAX or c_out * c_in * kh * kw > INT32_MAX:
+            raise ValueError(f"mask has {mask.numel()} entries over {c_in} input channels; the int32 CSR format "
+                             f"holds at most {INT32_MAX} columns x rows")
         rows = torch.div(flat_index, taps, rounding_mode="floor")
-        cols = flat_index - rows * taps
+        # Columns over the full input-channel space: the row's group block, then the position inside the group.
+        cols = flat_index - rows * taps + torch.div(rows, c_out // groups, rounding_mode="floor") * taps
         in_channels = torch.div(cols, kh * kw, rounding_mode="floor")
         order = torch.argsort(in_channels, stable=True)
         return cls._trusted(
@@ -100,7 +130,13 @@ class ConvPattern:
             rows[order].to(torch.int32),  # t_rows
             order.to(torch.int32),  # t_perm
             flat_index,
+            groups=groups,
         )
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """The grouped weight's shape [C_out, C_in / groups, KH, KW] (equal to `shape` when groups=1)."""
+        return grouped_shape(self.shape, self.groups)
 
     @property
     def nnz(self) -> int:
@@ -108,7 +144,8 @@ class ConvPattern:
 
     @property
     def density(self) -> float:
-        total = self.shape[0] * self.shape[1] * self.shape[2] * self.shape[3]
+        """Nonzeros over the grouped weight's entries (the zero blocks outside the groups do not count)."""
+        total = math.prod(self.weight_shape)
         return self.nnz / total if total else 1.0
 
     @property
@@ -116,22 +153,25 @@ class ConvPattern:
         return self.row_ptr.device
 
     def to(self, device: torch.device | str) -> "ConvPattern":
-        return ConvPattern._trusted(self.shape, *(getattr(self, name).to(device) for name in self.index_names()))
+        return ConvPattern._trusted(self.shape, *(getattr(self, name).to(device) for name in self.index_names()),
+                                    groups=self.groups)
 
     @staticmethod
     def index_names() -> tuple[str, ...]:
         return ("row_ptr", "col_idx", "t_ptr", "t_rows", "t_perm", "flat_index")
 
     def gather(self, weight: Tensor) -> Tensor:
-        """values [nnz] of a dense weight at this pattern's nonzeros (differentiable)."""
-        if tuple(weight.shape) != self.shape:
-            raise ValueError(f"weight has shape {tuple(weight.shape)} but the pattern was built for {self.shape}")
+        """values [nnz] of a dense (grouped) weight [C_out, C_in / groups, KH, KW] at this pattern's nonzeros
+        (differentiable)."""
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"weight has shape {tuple(weight.shape)} but the pattern was built for "
+                             f"{self.weight_shape}" + (f" (groups={self.groups})" if self.groups != 1 else ""))
         return torch.take(weight, self.flat_index)  # one autograd node (reshape + index_select would be two)
 
     def scatter(self, values: Tensor) -> Tensor:
-        """The dense weight holding `values` at the nonzeros and 0 elsewhere."""
-        dense = values.new_zeros(self.shape[0] * self.shape[1] * self.shape[2] * self.shape[3])
-        return dense.index_put((self.flat_index,), values).reshape(self.shape)
+        """The dense (grouped) weight [C_out, C_in / groups, KH, KW] holding `values` at the nonzeros, 0 elsewhere."""
+        dense = values.new_zeros(math.prod(self.weight_shape))
+        return dense.index_put((self.flat_index,), values).reshape(self.weight_shape)
 
 
 class SparseConvWeight:
@@ -156,8 +196,9 @@ class SparseConvWeight:
         return weight
 
     @classmethod
-    def from_dense(cls, weight: Tensor, mask: Tensor | None = None) -> "SparseConvWeight":
-        """Compress `weight` [C_out, C_in, KH, KW]; with no mask, its nonzero entries are kept."""
+    def from_dense(cls, weight: Tensor, mask: Tensor | None = None, groups: int = 1) -> "SparseConvWeight":
+        """Compress `weight` [C_out, C_in / groups, KH, KW] (the weight of a convolution with `groups` groups);
+        with no mask, its nonzero entries are kept."""
         if not isinstance(weight, Tensor) or weight.dim() != 4 or not weight.is_floating_point():
             raise ValueError("weight must be a 4-D floating-point tensor [C_out, C_in, KH, KW]")
         if mask is None:
@@ -166,12 +207,21 @@ class SparseConvWeight:
             raise ValueError(f"mask has shape {tuple(mask.shape)} but weight has shape {tuple(weight.shape)}")
         elif mask.device != weight.device:
             raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
-        pattern = ConvPattern.from_mask(mask)
+        pattern = ConvPattern.from_mask(mask, groups)
         return cls(pattern, pattern.gather(weight.detach()).clone())
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
+        """The full shape [C_out, C_in, KH, KW] the kernels see (see weight_shape for the grouped weight's)."""
         return self.pattern.shape
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return self.pattern.weight_shape
+
+    @property
+    def groups(self) -> int:
+        return self.pattern.groups
 
     @property
     def nnz(self) -> int:
@@ -190,7 +240,7 @@ class SparseConvWeight:
         return self.values.device
 
     def to_dense(self) -> Tensor:
-        """The dense [C_out, C_in, KH, KW] weight, zero outside the pattern."""
+        """The dense weight [C_out, C_in / groups, KH, KW], zero outside the pattern."""
         return self.pattern.scatter(self.values)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SparseConvWeight":
@@ -198,5 +248,6 @@ class SparseConvWeight:
         return SparseConvWeight._trusted(pattern, self.values.to(device=device, dtype=dtype))
 
     def __repr__(self) -> str:
-        return (f"SparseConvWeight(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
+        return (f"SparseConvWeight(shape={self.weight_shape}, groups={self.groups}, nnz={self.nnz}, "
+                f"density={self.density:.4f}, "
                 f"dtype={self.dtype}, device={self.device})")

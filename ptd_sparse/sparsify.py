@@ -2,13 +2,21 @@
 
 A convolution counts as pruned when it is a MaskedConv2d (its `mask` buffer) or carries a mask from
 torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
-- A BatchNorm2d that directly follows it in an nn.Sequential is folded into its weights and bias (with the running
-  statistics: inference only), and a ReLU after that is fused into the kernel's epilogue; both become nn.Identity.
+- A BatchNorm2d that takes its output (and is its only reader) is folded into its weights and bias (with the running
+  statistics: inference only), and a ReLU that is the BatchNorm's only reader is fused into the kernel's epilogue;
+  both modules become nn.Identity. The pattern is found in the model's torch.fx trace (ptd_sparse.nn.module_graph),
+  wherever it is: in an nn.Sequential, or in a forward such as torchvision's `self.relu(self.bn1(self.conv1(x)))`.
+  Only modules change; the model's own forward stays as it is. So a BatchNorm called at two places, or a ReLU
+  module or function that is also applied elsewhere (torchvision's blocks apply one `self.relu` after bn1 and again
+  after the addition) is left to run on its own: the BatchNorm is then not folded, the ReLU not fused. A model fx
+  cannot trace falls back to the nn.Sequential scan (a BatchNorm2d directly after the convolution in one).
 - It becomes a SparseConv2d with the folded weights. With the automatic backend, each of its inference calls runs
   the fastest of the sparse kernel and the dense F.conv2d (NCHW or channels_last), measured on the first call of
   each batch-size bucket on the real input (ptd_sparse.nn.measured_route): no density constant decides, and no
   layer is slower than its dense form. A backend given to sparsify always runs.
-- Layers SparseConv2d cannot express (groups != 1, asymmetric or non-zero padding) stay as they are, noted in the log.
+- Grouped and depthwise convolutions become grouped SparseConv2d layers (the same sparse kernels, see
+  ptd_sparse.pattern). Layers SparseConv2d cannot express (asymmetric or non-zero padding) stay as they are, noted
+  in the log.
 - 2x2 stride-2 max-pools become MaxPool2x2 (the same values; torch's NCHW max_pool2d on CPUs is several times
   slower and was the largest cost of a sparse VGG after the convolutions got fast).
 """
@@ -20,6 +28,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from ptd_sparse.nn import module_graph
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
 from ptd_sparse.nn.pooling import MaxPool2x2
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
@@ -60,16 +69,16 @@ def _convert(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, 
     found = pruned_weight_and_mask(conv)
     if found is None:
         return None
-    if conv.groups != 1 or explicit_padding(conv) is None:
-        _logger.warning("ptd_sparse.sparsify: %s stays as it is (groups=%d, padding=%r, padding_mode=%r)", name,
-                        conv.groups, conv.padding, conv.padding_mode)
+    if explicit_padding(conv) is None:
+        _logger.warning("ptd_sparse.sparsify: %s stays as it is (padding=%r, padding_mode=%r)", name,
+                        conv.padding, conv.padding_mode)
         return None
     weight, mask = found
     bias = conv.bias
     if bn is not None:
         weight, bias = fold_batch_norm(weight, bias, bn)
     template = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, explicit_padding(conv),
-                         conv.dilation, bias=False, device="meta")
+                         conv.dilation, conv.groups, bias=False, device="meta")
     template.weight = nn.Parameter(weight.detach())
     template.bias = nn.Parameter(bias.detach()) if bias is not None else None
     sparse = SparseConv2d.from_conv(template, mask, backend=backend)
@@ -82,35 +91,90 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _graph_patterns(model: nn.Module) -> list[tuple[str, str | None, str | None]] | None:
+    """(conv, bn or None, relu module or None) qualified names of the Conv-BN(-ReLU) chains that module replacement can
+    fold, read from the fx trace; None when the model cannot be traced. A chain qualifies when each module is called
+    once and each step is the previous one's only reader. A fused ReLU that is a function call (F.relu) stays in
+    forward: applying it again to the fused output changes nothing, but the call is not removed, so it is not fused."""
+    graph = module_graph.trace(model)
+    if graph is None:
+        return None
+    calls = module_graph.module_calls(graph)
+    found = []
+    for node in graph.nodes:
+        conv = module_graph.module_of(model, node)
+        if not isinstance(conv, nn.Conv2d) or calls[node.target] != 1:
+            continue
+        users = list(node.users)
+        bn_node = users[0] if len(users) == 1 else None
+        bn = module_graph.module_of(model, bn_node) if bn_node is not None else None
+        if not isinstance(bn, nn.BatchNorm2d) or calls[bn_node.target] != 1 or bn.num_features != conv.out_channels:
+            found.append((node.target, None, None))
+            continue
+        relu_name = None
+        after = list(bn_node.users)
+        if len(after) == 1 and after[0].op == "call_module" and module_graph.is_relu(model, after[0]) \
+                and calls[after[0].target] == 1:
+            relu_name = after[0].target
+        found.append((node.target, bn_node.target, relu_name))
+    return found
+
+
+def _fold_sequential(target: nn.Module, backend: str | None, handled: set) -> None:
+    """The fallback for models fx cannot trace: Conv-BN(-ReLU) runs inside nn.Sequential containers."""
+    for parent_name, parent in list(target.named_modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for i, (child_name, child) in enumerate(children):
+            following = [c for _, c in children[i + 1:i + 3]]
+            if not isinstance(child, nn.Conv2d) or not following or not isinstance(following[0], nn.BatchNorm2d):
+                continue
+            relu = len(following) > 1 and isinstance(following[1], nn.ReLU)
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            new = _convert(full_name, child, following[0], relu, backend)
+            if new is None:
+                continue
+            setattr(parent, child_name, new)
+            setattr(parent, children[i + 1][0], nn.Identity())
+            if relu:
+                setattr(parent, children[i + 2][0], nn.Identity())
+            handled.add(id(new))
+
+
+def _fold_traced(target: nn.Module, patterns: list, backend: str | None, handled: set) -> None:
+    for conv_name, bn_name, relu_name in patterns:
+        if bn_name is None:
+            continue
+        new = _convert(conv_name, target.get_submodule(conv_name), target.get_submodule(bn_name),
+                       relu_name is not None, backend)
+        if new is None:
+            continue
+        _replace(target, conv_name, new)
+        _replace(target, bn_name, nn.Identity())
+        if relu_name is not None:
+            _replace(target, relu_name, nn.Identity())
+        handled.add(id(new))
+
+
 @torch.no_grad()
 def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None,
              fold_bn: bool = True, fast_pooling: bool = True) -> nn.Module:
     """Return `model` (a copy unless inplace) in inference form, in eval mode: pruned convolutions stored sparse
-    (or dense above the crossover), BatchNorm folded and ReLU fused where they follow a pruned convolution, 2x2
-    max-pools as MaxPool2x2 (fast_pooling)."""
+    (or dense where measured faster), BatchNorm folded and ReLU fused where they follow a pruned convolution (found
+    in the fx trace, see the module docstring), 2x2 max-pools as MaxPool2x2 (fast_pooling)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = (model if inplace else _copy(model)).eval()
     handled = set()
     if fold_bn:
-        for parent_name, parent in list(target.named_modules()):
-            if not isinstance(parent, nn.Sequential):
-                continue
-            children = list(parent.named_children())
-            for i, (child_name, child) in enumerate(children):
-                following = [c for _, c in children[i + 1:i + 3]]
-                if not isinstance(child, nn.Conv2d) or not following or not isinstance(following[0], nn.BatchNorm2d):
-                    continue
-                relu = len(following) > 1 and isinstance(following[1], nn.ReLU)
-                full_name = f"{parent_name}.{child_name}" if parent_name else child_name
-                new = _convert(full_name, child, following[0], relu, backend)
-                if new is None:
-                    continue
-                setattr(parent, child_name, new)
-                setattr(parent, children[i + 1][0], nn.Identity())
-                if relu:
-                    setattr(parent, children[i + 2][0], nn.Identity())
-                handled.add(id(new))
+        patterns = _graph_patterns(target)
+        if patterns is None:
+            _logger.info("ptd_sparse.sparsify: torch.fx cannot trace %s; folding BatchNorm only inside nn.Sequential",
+                         type(target).__name__)
+            _fold_sequential(target, backend, handled)
+        else:
+            _fold_traced(target, patterns, backend, handled)
     for name, module in list(target.named_modules()):
         if isinstance(module, nn.Conv2d) and id(module) not in handled:
             new = _convert(name, module, None, False, backend)

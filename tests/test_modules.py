@@ -64,9 +64,9 @@ def test_mask_is_compressed_once_per_change(monkeypatch, generator):
     calls = []
     original = ConvPattern.from_mask.__func__
 
-    def counting(cls, mask):
+    def counting(cls, mask, groups=1):
         calls.append(1)
-        return original(cls, mask)
+        return original(cls, mask, groups)
 
     monkeypatch.setattr(ConvPattern, "from_mask", classmethod(counting))
     conv = MaskedConv2d(3, 4, 3, padding=1)
@@ -140,8 +140,8 @@ def test_sparse_conv2d_module(backend, generator):
     assert sparse.nnz == int(mask.sum())
     restored = SparseConv2d.from_conv(conv, mask)
     restored.load_state_dict(sparse.state_dict())
-    with pytest.raises(ValueError, match="groups=1"):
-        SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="symmetric zero padding"):
+        SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
 
 
 class SmallNet(nn.Module):
@@ -173,8 +173,9 @@ def test_sparsify_folds_batch_norm_and_fuses_relu(generator):
             module.set_mask(random_mask(module.weight.shape, 0.1, generator))
     sparse = ptd_sparse.sparsify(model)
     kinds = [type(m).__name__ for m in sparse.features]
-    assert kinds[:4] == ["SparseConv2d", "Identity", "Identity", "MaskedConv2d"]  # conv+BN+ReLU fused; groups=2 kept
-    assert sparse.features[0].relu and kinds[5] == "SparseConv2d" and not sparse.features[5].relu
+    assert kinds[:4] == ["SparseConv2d", "Identity", "Identity", "SparseConv2d"]  # conv+BN+ReLU fused; groups=2 too
+    assert sparse.features[0].relu and sparse.features[3].groups == 2 and not sparse.features[3].relu
+    assert kinds[5] == "SparseConv2d" and not sparse.features[5].relu
     assert isinstance(model.features[0], MaskedConv2d)  # the original is untouched
     x = torch.randn(2, 3, 12, 12, generator=generator)
     torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
@@ -229,9 +230,8 @@ def test_sparsify_torch_prune_model(generator):
     prune.global_unstructured(convs, pruning_method=prune.L1Unstructured, amount=0.9)
     sparse = ptd_sparse.sparsify(model)
     sparse_layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
-    ungrouped = [c for c, _ in convs if c.groups == 1]  # grouped convolutions stay as they are
-    assert len(sparse_layers) == len(ungrouped)
-    assert sum(m.nnz for m in sparse_layers) == sum(int(c.weight_mask.sum()) for c in ungrouped)
+    assert len(sparse_layers) == len(convs)  # the grouped convolution too
+    assert sum(m.nnz for m in sparse_layers) == sum(int(c.weight_mask.sum()) for c, _ in convs)
     x = torch.randn(2, 3, 12, 12, generator=generator)
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)

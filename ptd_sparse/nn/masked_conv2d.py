@@ -12,7 +12,8 @@ from ptd_sparse.nn._masked import MaskedWeight
 class MaskedConv2d(MaskedWeight, nn.Conv2d):
     """nn.Conv2d computing conv2d(input, weight * mask, bias). `mask` is a bool buffer of the weight's shape (all
     True at construction), saved in the state dict. The mask is compressed once per change (set_mask, in-place edits,
-    load_state_dict) and reused by every call. groups != 1 runs the dense masked path (F.conv2d on weight * mask).
+    load_state_dict) and reused by every call. Grouped and depthwise convolutions (groups > 1) run the same sparse
+    kernels (the pattern indexes the full input-channel space, ptd_sparse.pattern).
     `backend` fixes the backend for this module (None: automatic, see ptd_sparse.backends)."""
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
@@ -33,15 +34,14 @@ class MaskedConv2d(MaskedWeight, nn.Conv2d):
         return masked
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.groups != 1:
-            return super()._conv_forward(input, weight * self.mask, bias)
         padding = self.padding
         if self.padding_mode != "zeros" or isinstance(padding, str):
             # Explicit padding (non-zero modes, 'same'), as nn.Conv2d does, then an unpadded convolution.
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
             padding = 0
-        return masked_conv2d(input, weight, self.mask, bias, self.stride, padding, self.dilation, backend=self.backend)
+        return masked_conv2d(input, weight, self.mask, bias, self.stride, padding, self.dilation, self.groups,
+                             backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", density={self.density:.4f}"

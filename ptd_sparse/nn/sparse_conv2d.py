@@ -38,12 +38,15 @@ class SparseConv2d(nn.Module):
     of three routes was fastest on the first call of its shape bucket (ptd_sparse.nn.measured_route): the sparse
     kernel, or F.conv2d on the dense weight in NCHW or in channels_last. Calls that want gradients take the sparse
     kernel, or the dense route above the density crossover for their batch size. backend="dense" (or
-    PTD_BACKEND=dense) always takes the dense route."""
+    PTD_BACKEND=dense) always takes the dense route. A grouped or depthwise sparse_weight (groups > 1) runs the
+    same sparse kernels (ptd_sparse.pattern), and its dense routes run F.conv2d with groups, so the measurement
+    compares the sparse kernel with PyTorch's own grouped convolution."""
 
     def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
                  dilation=1, backend: str | None = None, relu: bool = False):
         super().__init__()
-        self.weight_shape = sparse_weight.shape
+        self.weight_shape = sparse_weight.shape  # full [C_out, C_in, KH, KW], what the kernels see
+        self.groups = sparse_weight.groups
         for name in ConvPattern.index_names():
             self.register_buffer(name, getattr(sparse_weight.pattern, name))
         self.values = nn.Parameter(sparse_weight.values.detach().clone())
@@ -97,19 +100,20 @@ class SparseConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "SparseConv2d":
-        """Compress `conv` (groups=1, zero padding). Without a mask, the nonzero weights are kept."""
+        """Compress `conv` (any groups, symmetric zero padding). Without a mask, the nonzero weights are kept."""
         padding = explicit_padding(conv)
-        if conv.groups != 1 or padding is None:
-            raise ValueError(f"SparseConv2d needs groups=1 and symmetric zero padding; got groups={conv.groups}, "
-                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        if padding is None:
+            raise ValueError(f"SparseConv2d needs symmetric zero padding; got padding={conv.padding!r}, "
+                             f"padding_mode={conv.padding_mode!r}")
         weight = conv.weight.detach()
-        sparse_weight = SparseConvWeight.from_dense(weight, mask)
+        sparse_weight = SparseConvWeight.from_dense(weight, mask, conv.groups)
         return cls(sparse_weight, conv.bias, conv.stride, padding, conv.dilation, backend)
 
     @property
     def sparse_weight(self) -> SparseConvWeight:
         # The buffers were validated when the module was built or its state loaded; forward reads this every call.
-        pattern = ConvPattern._trusted(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()))
+        pattern = ConvPattern._trusted(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()),
+                                       groups=self.groups)
         return SparseConvWeight._trusted(pattern, self.values)
 
     @property
@@ -133,7 +137,8 @@ class SparseConv2d(nn.Module):
                 if not isinstance(tensor, Tensor):
                     raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
             cpu = {name: tensor.detach().cpu() for name, tensor in incoming.items()}
-            _format_checks.check_pattern(self.weight_shape, *(cpu[name] for name in ConvPattern.index_names()))
+            _format_checks.check_pattern(self.weight_shape, *(cpu[name] for name in ConvPattern.index_names()),
+                                         self.groups)
             _format_checks.check_values(cpu["values"], cpu["col_idx"].numel(), torch.device("cpu"))
             bias = state_dict.get(prefix + "bias")
             if isinstance(bias, Tensor) and bias.is_floating_point():
@@ -175,13 +180,13 @@ class SparseConv2d(nn.Module):
                 choose_backend(SPARSE_CONV, input.device, None, None)
             return sparse_conv2d_indexed(input, self.values, pattern_indices(self), self.weight_shape, self._density,
                                          self.bias, self.stride, self.padding, self.dilation, backend=backend,
-                                         relu=self.relu)
+                                         relu=self.relu, groups=self.groups)
         channels_last = route == measured_route.DENSE_CHANNELS_LAST
         if channels_last:
             # oneDNN's NHWC kernels; at small batches its NCHW path may fall back to a slow direct convolution.
             input = input.contiguous(memory_format=torch.channels_last)
         weight = self._dense_weight(channels_last)
-        out = F.conv2d(input, weight, self.bias, self.stride, self.padding, self.dilation)
+        out = F.conv2d(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return out.relu_() if self.relu and not out.requires_grad else (F.relu(out) if self.relu else out)
 
     @torch.no_grad()
@@ -203,5 +208,6 @@ class SparseConv2d(nn.Module):
     def extra_repr(self) -> str:
         c_out, c_in, kh, kw = self.weight_shape
         return (f"{c_in}, {c_out}, kernel_size=({kh}, {kw}), stride={tuple(self.stride)}, "
-                f"padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, bias={self.bias is not None}, "
+                f"padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, "
+                + (f"groups={self.groups}, " if self.groups != 1 else "") + f"bias={self.bias is not None}, "
                 f"nnz={self.nnz}, density={self.density:.4f}" + (", relu" if self.relu else ""))

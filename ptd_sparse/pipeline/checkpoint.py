@@ -36,7 +36,8 @@ def read_json(path: Path):
 
 
 def save_model(model: nn.Module, folder: Path, spec: dict) -> None:
-    """Save `model` built from `spec` (name, plan, in_channels, num_classes, image_size) into `folder`."""
+    """Save `model` built from `spec` (name, plan, in_channels, num_classes, image_size; kwargs for a factory) into
+    `folder`."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     masks = {k: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
     weights = {k: v for k, v in state.items() if not k.endswith(MASK_SUFFIX)}
@@ -51,7 +52,8 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     folder = Path(folder)
     spec = read_json(folder / "model.json")
     try:
-        model = build_model(spec["name"], spec["plan"], spec["in_channels"], spec["num_classes"], spec["image_size"])
+        model = build_model(spec["name"], spec["plan"], spec["in_channels"], spec["num_classes"], spec["image_size"],
+                            spec.get("kwargs"))
     except (KeyError, TypeError) as error:
         raise CheckpointError(f"{folder / 'model.json'} does not describe a model: {error}") from error
     try:

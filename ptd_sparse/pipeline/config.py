@@ -9,6 +9,7 @@ import copy
 import tomllib
 from pathlib import Path
 
+from ptd_sparse.pipeline import factories
 from ptd_sparse.pipeline.prune_plan import METHODS, pruning_levels
 
 DEFAULTS = {
@@ -18,11 +19,14 @@ DEFAULTS = {
             "memory_format": "auto"},
     "data": {"name": "fashion_mnist", "root": "", "val_fraction": 0.1, "train_subset": 20000, "batch_size": 128,
              "crop_padding": 2, "flip": True},
-    "teacher": {"model": "vgg_fmnist", "plan": [], "epochs": 4, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-                "milestones": [2, 3], "gamma": 0.2},
+    # model: a zoo name or a user's factory "package.module:function" called with kwargs (a table). checkpoint: a
+    # model folder (`ptd import`) used as the trained teacher instead of training one ("" = train).
+    "teacher": {"model": "vgg_fmnist", "plan": [], "kwargs": {}, "checkpoint": "", "epochs": 4, "lr": 0.05,
+                "momentum": 0.9, "weight_decay": 5e-4, "milestones": [2, 3], "gamma": 0.2},
     "prune": {"targets": [0.79], "rate": 0.2, "scope": "global", "method": "lr_rewind", "skip": [],
               "epochs": 1, "lr": 0.05, "weight_decay": 2e-4, "milestones": [], "gamma": 0.1, "finetune_lr": 0.001},
-    "student": {"model": "vgg_fmnist", "plan": [16, "M", 32, "M", 64, "M"], "multiple": 1, "min_width": 4},
+    "student": {"model": "vgg_fmnist", "plan": [16, "M", 32, "M", 64, "M"], "kwargs": {}, "multiple": 1,
+                "min_width": 4},
     "distill": {"alpha": 0.95, "temperature": 10.0, "epochs": 4, "lr": 0.05, "weight_decay": 5e-4,
                 "milestones": [2, 3], "gamma": 0.2,
                 "variants": ["student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned"]},
@@ -54,6 +58,8 @@ def _check_type(key: str, value, default):
         ok = isinstance(value, str)
     elif isinstance(default, list):
         ok = isinstance(value, list)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
     else:
         ok = True
     if not ok:
@@ -126,6 +132,15 @@ def validate(config: dict) -> dict:
         raise ConfigError(f"run.memory_format must be one of {MEMORY_FORMATS}, got {config['run']['memory_format']!r}")
     if config["run"]["seeds"] < 1:
         raise ConfigError(f"run.seeds must be >= 1, got {config['run']['seeds']}")
+    for section in ("teacher", "student"):
+        model = config[section]["model"]
+        if ":" in model:
+            factories.trust(model)  # the configuration names it: the pipeline may import it
+            if config[section]["plan"]:
+                raise ConfigError(f"{section}.plan must be empty for a factory model ({model}): its widths are the "
+                                  f"factory's (set them with {section}.kwargs)")
+        elif config[section]["kwargs"]:
+            raise ConfigError(f"{section}.kwargs are for factory models (package.module:function), not {model!r}")
     if config["student"]["multiple"] < 1 or config["student"]["min_width"] < 1:
         raise ConfigError("student.multiple and student.min_width must be >= 1")
     c = config["cache"]

@@ -4,8 +4,14 @@ Same depth as the teacher, fewer channels: each student layer holds about as man
 teacher layer holds nonzeros, c_out(l) = round(nnz_l / (k_l * k_l * c_in_student(l))), the first layer's c_in being
 the image channels. Residual networks apply the rule per stage: all convolutions of a stage share one width w (so
 the tensors they add keep equal widths), chosen so that the stage's dense student weights, a quadratic in w, equal
-the stage's teacher nonzeros. Widths are rounded to a multiple and never fall below min_width. The classifier maps
-the last width to the classes.
+the stage's teacher nonzeros. Widths are rounded to a multiple, never fall below min_width and never exceed the
+teacher's width. The classifier maps the last width to the classes.
+
+Which convolutions share a width is read from the model's graph (ptd_sparse.pipeline.width_graph), so the rule
+applies to any traceable CNN: the zoo's VGG and ResNet18 (whose students are built from a plan list, as before), a
+torchvision-style ResNet, a MobileNetV2 (its expansion layers keep their ratio to the stage width inside residual
+blocks), networks that concatenate branches. Their students are copies of the model with rewritten widths
+(ptd_sparse.pipeline.rewrite_widths).
 """
 from __future__ import annotations
 
@@ -14,17 +20,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ptd_sparse.nn import MaskedConv2d
-from ptd_sparse.pipeline.models import POOL, VGG, BasicBlock, ResNet18
-
-
-@dataclass(frozen=True)
-class WidthGroup:
-    """Convolutions that output one width of the plan. Each entry: (name, k*k, True if its input is the group's own
-    width, False if it is the previous group's width)."""
-
-    convs: tuple
-    nonzeros: int
+from ptd_sparse.pipeline import width_graph
+from ptd_sparse.pipeline.models import POOL, VGG, ResNet18
 
 
 @dataclass(frozen=True)
@@ -37,56 +34,79 @@ class DesignRow:
     student_weights: int
 
 
-def _vgg_groups(model: VGG) -> list[WidthGroup]:
-    groups = []
-    for name, module in model.features.named_children():
-        if isinstance(module, MaskedConv2d):
-            area = module.kernel_size[0] * module.kernel_size[1]
-            groups.append(WidthGroup(((f"features.{name}", area, False),), module.nnz))
-    return groups
+@dataclass
+class WidthDesign:
+    """The solved widths of every width variable (ptd_sparse.pipeline.width_graph) and the per-group report."""
+
+    graph: width_graph.WidthGraph
+    widths: dict[int, int]  # variable -> student channels (IMAGE -> the image channels)
+    rows: list[DesignRow]
+    roots: list[int]  # the groups' roots, in order
+
+    def width_map(self) -> dict:
+        """What rewrite_widths needs, JSON-serialisable: every convolution's (in, out, groups), every BatchNorm's
+        features and every linear layer's input features."""
+        g = self.graph
+        convs = {}
+        for conv in g.convs:
+            c_in = sum(self.widths[v] for v in conv.inputs)
+            convs[conv.name] = [c_in, self.widths[conv.out], c_in if conv.depthwise else 1]
+        return {"convs": convs,
+                "batch_norms": {name: sum(self.widths[v] for v in parts) for name, parts in g.bns.items()},
+                "linears": {name: [sum(self.widths[v] for v in parts), sum(g.teacher_width[v] for v in parts)]
+                            for name, parts in g.linears.items() if parts is not None}}
 
 
-def _resnet_groups(model: ResNet18) -> list[WidthGroup]:
-    children = list(model.features.named_children())
-    stem_name, stem = children[0]
-    stages: list[list] = [[(f"features.{stem_name}", 9, False)]]
-    nonzeros = [stem.nnz]
-    blocks = [(name, block) for name, block in children if isinstance(block, BasicBlock)]
-    for index, (name, block) in enumerate(blocks):
-        stage = index // 2
-        if stage == len(stages):
-            stages.append([])
-            nonzeros.append(0)
-        convs = [(f"features.{name}.body.{n}", m) for n, m in block.body.named_children()
-                 if isinstance(m, MaskedConv2d)]
-        convs += [(f"features.{name}.shortcut.{n}", m) for n, m in block.shortcut.named_children()
-                  if isinstance(m, MaskedConv2d)]
-        for conv_name, conv in convs:
-            # Stage 0's stem already fixes its input; otherwise a block's first conv and shortcut read the previous
-            # stage's width only in the first block of a stage.
-            reads_previous = index % 2 == 0 and stage > 0 and (".body.0" in conv_name or ".shortcut." in conv_name)
-            area = conv.kernel_size[0] * conv.kernel_size[1]
-            stages[stage].append((conv_name, area, not reads_previous))
-            nonzeros[stage] += conv.nnz
-    return [WidthGroup(tuple(convs), nnz) for convs, nnz in zip(stages, nonzeros)]
+def _ratio(graph: width_graph.WidthGraph, var: int, root: int) -> float:
+    return graph.teacher_width[var] / graph.teacher_width[root]
 
 
-def width_groups(model: nn.Module) -> list[WidthGroup]:
-    if isinstance(model, VGG):
-        return _vgg_groups(model)
-    if isinstance(model, ResNet18):
-        return _resnet_groups(model)
-    raise ValueError(f"design_student supports the VGG and ResNet18 families; got {type(model).__name__} (in "
-                     "MobileNetV2 the expansion layers tie widths to their inputs, which this rule does not model)")
-
-
-def _solve_width(group: WidthGroup, previous: int) -> float:
-    """The w with  sum_own k^2 * w * w + sum_prev k^2 * previous * w = nonzeros."""
-    quadratic = sum(area for _, area, own in group.convs if own)
-    linear = sum(area * previous for _, area, own in group.convs if not own)
-    if quadratic == 0:
-        return group.nonzeros / linear
-    return (-linear + math.sqrt(linear * linear + 4 * quadratic * group.nonzeros)) / (2 * quadratic)
+def design_widths(pruned_teacher: nn.Module, in_channels: int, multiple: int = 1,
+                  min_width: int = 1) -> WidthDesign:
+    """Student widths of any traceable CNN: the width groups from its graph (ptd_sparse.pipeline.width_graph), then
+    per group the w whose dense student weights equal the group's teacher nonzeros. A group's convolution with
+    output ratio r_o (its variable's teacher width over the group's base) and input of ratio r_i in the same group
+    contributes k^2 r_o r_i w^2 (a residual stage's quadratic); one reading an earlier group of solved width c
+    contributes k^2 r_o c w (the linear rule of chains); a depthwise one contributes k^2 r_o w."""
+    if multiple < 1 or min_width < 1:
+        raise ValueError(f"multiple and min_width must be >= 1, got {multiple} and {min_width}")
+    graph = width_graph.analyse(pruned_teacher, in_channels)
+    widths = {width_graph.IMAGE: in_channels}
+    rows, roots = [], []
+    members: dict[int, list[int]] = {}
+    for var in graph.parent:
+        members.setdefault(graph.root(var), []).append(var)
+    for index, (root, convs) in enumerate(graph.groups()):
+        quadratic = linear = 0.0
+        for conv in convs:
+            out_ratio = conv.area * _ratio(graph, conv.out, root)
+            if conv.depthwise:
+                linear += out_ratio
+                continue
+            for var in conv.inputs:
+                if graph.root(var) == root:
+                    quadratic += out_ratio * _ratio(graph, var, root)
+                elif var in widths:
+                    linear += out_ratio * widths[var]
+                else:
+                    raise width_graph.WidthGraphError(
+                        f"{conv.name} reads a width that is designed only after its own group (a loop between "
+                        "groups); not modelled")
+        nonzeros = sum(conv.nonzeros for conv in convs)
+        base = nonzeros / linear if quadratic == 0 else \
+            (-linear + math.sqrt(linear * linear + 4 * quadratic * nonzeros)) / (2 * quadratic)
+        for var in members[root]:
+            # Never wider than the teacher's layer: the rule alone can ask for that where a narrow group feeds a
+            # layer with many nonzeros (a 1x1 convolution after a heavily pruned stage), and a student wider than
+            # its teacher is not what "fewer channels" means. Where it does not bind the rule is unchanged.
+            widths[var] = max(min(_round_width(base * _ratio(graph, var, root), multiple, min_width),
+                                  graph.teacher_width[var]), min_width)
+        weights = sum(conv.area * widths[conv.out] * (1 if conv.depthwise else sum(widths[v] for v in conv.inputs))
+                      for conv in convs)
+        rows.append(DesignRow(index, ", ".join(conv.name for conv in convs), nonzeros, graph.teacher_width[root],
+                              widths[root], weights))
+        roots.append(root)
+    return WidthDesign(graph, widths, rows, roots)
 
 
 def _round_width(width: float, multiple: int, min_width: int) -> int:
@@ -95,26 +115,19 @@ def _round_width(width: float, multiple: int, min_width: int) -> int:
 
 
 def design_student(pruned_teacher: nn.Module, in_channels: int, multiple: int = 1,
-                   min_width: int = 1) -> tuple[list, list[DesignRow]]:
-    """(student plan, per-group report) for a pruned VGG or ResNet18 teacher."""
-    if multiple < 1 or min_width < 1:
-        raise ValueError(f"multiple and min_width must be >= 1, got {multiple} and {min_width}")
-    groups = width_groups(pruned_teacher)
-    teacher_widths = [w for w in pruned_teacher.plan if w != POOL]
-    widths, rows, previous = [], [], in_channels
-    for index, group in enumerate(groups):
-        width = _round_width(_solve_width(group, previous), multiple, min_width)
-        weights = sum(area * width * (width if own else previous) for _, area, own in group.convs)
-        rows.append(DesignRow(index, ", ".join(name for name, _, _ in group.convs), group.nonzeros,
-                              int(teacher_widths[index]), width, weights))
-        widths.append(width)
-        previous = width
+                   min_width: int = 1) -> tuple[list | dict, list[DesignRow]]:
+    """(student plan, per-group report) for a pruned teacher. The zoo's VGG and ResNet18 get their plan lists
+    (build them with ptd_sparse.pipeline.models.build_model); any other traceable CNN gets a width map, a dict that
+    ptd_sparse.pipeline.rewrite_widths.rewrite_widths applies to a copy of the model. Raises
+    width_graph.WidthGraphError (a ValueError) with the reason when the model's widths cannot be modelled."""
+    design = design_widths(pruned_teacher, in_channels, multiple, min_width)
+    group_widths = [design.widths[root] for root in design.roots]
     if isinstance(pruned_teacher, VGG):
-        iterator = iter(widths)
-        plan = [POOL if item == POOL else next(iterator) for item in pruned_teacher.plan]
-    else:
-        plan = widths
-    return plan, rows
+        iterator = iter(group_widths)
+        return [POOL if item == POOL else next(iterator) for item in pruned_teacher.plan], design.rows
+    if isinstance(pruned_teacher, ResNet18):
+        return group_widths, design.rows
+    return design.width_map(), design.rows
 
 
 def format_design(rows: list[DesignRow]) -> str:

@@ -1,5 +1,6 @@
 """Import a model pruned with torch.nn.utils.prune: its state dict holds `<layer>.weight_orig` and
-`<layer>.weight_mask` where ptd_sparse models hold `<layer>.weight` and `<layer>.mask`."""
+`<layer>.weight_mask` where ptd_sparse models hold `<layer>.weight` and `<layer>.mask`. The model is one of the zoo's
+or the user's own (a factory "package.module:function", ptd_sparse.pipeline.factories)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,10 +44,18 @@ def load_pruned_state(model: nn.Module, state: dict) -> nn.Module:
 
 
 def import_state_dict_file(path: Path, name: str, in_channels: int, classes: int, image_size: int,
-                           out: Path) -> float:
+                           out: Path, kwargs: dict | None = None) -> float:
+    """Write the model folder `out` from a state dict file (torch.save of a state_dict, read weights_only): of a zoo
+    model `name`, or of the user's own model built by factory `name` = "package.module:function" with `kwargs`.
+    Masks of torch.nn.utils.prune (weight_orig / weight_mask) and the pipeline's own (weight / mask) are accepted.
+    Returns the sparsity of the imported model."""
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     spec = {"name": name, "plan": default_plan(name), "in_channels": in_channels, "num_classes": classes,
             "image_size": image_size}
+    if kwargs:
+        spec["kwargs"] = dict(kwargs)
     model = load_pruned_state(build_model(**spec), state)
     save_model(model, out, spec)
     return achieved_sparsity(model)

@@ -5,6 +5,9 @@ runs the package's masked sparse convolution. A plan lists the output width of e
 - VGG: conv widths with "M" for a 2x2 max-pool, e.g. CIFAR VGG11 [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512];
 - ResNet18: the widths of its stages, [64, 128, 256, 512] (per stage so the residual additions keep equal widths);
 - MobileNetV2: the widths of its stem, its 17 inverted-residual blocks and its last 1x1 convolution.
+A designed student whose widths a plan list cannot express (MobileNetV2's, a user's model) has a width map instead
+(ptd_sparse.pipeline.design), applied by rewriting a copy's widths. A user's own model comes from its factory,
+"package.module:function" (ptd_sparse.pipeline.factories).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import torch
 from torch import nn
 
 from ptd_sparse.nn import MaskedConv2d, MaskedLinear
+from ptd_sparse.pipeline import factories
+from ptd_sparse.pipeline.rewrite_widths import rewrite_widths
 
 POOL = "M"
 
@@ -136,8 +141,11 @@ class MobileNetV2(nn.Module):
 ARCHITECTURES = {"vgg": VGG, "resnet18": ResNet18, "mobilenetv2": MobileNetV2}
 
 
-def default_plan(name: str) -> list:
-    """The teacher plan of a model name: vgg11/16/19, vgg_fmnist, resnet18, mobilenetv2."""
+def default_plan(name: str) -> list | None:
+    """The teacher plan of a model name: vgg11/16/19, vgg_fmnist, resnet18, mobilenetv2; None for a user's factory
+    (package.module:function), whose own widths are its plan."""
+    if factories.is_factory(name):
+        return None
     if name in VGG_PLANS:
         return list(VGG_PLANS[name])
     if name == "resnet18":
@@ -151,11 +159,26 @@ def architecture_of(name: str) -> str:
     return "vgg" if name in VGG_PLANS or name == "vgg" else name
 
 
-def build_model(name: str, plan: Sequence | None = None, in_channels: int = 3, num_classes: int = 10,
-                image_size: int = 32) -> nn.Module:
-    """Model `name` with `plan` (default: the teacher plan of that name)."""
-    plan = default_plan(name) if plan is None else list(plan)
-    return ARCHITECTURES[architecture_of(name)](plan, in_channels, num_classes, image_size)
+def build_model(name: str, plan: Sequence | dict | None = None, in_channels: int = 3, num_classes: int = 10,
+                image_size: int = 32, kwargs: dict | None = None) -> nn.Module:
+    """Model `name` with `plan` (default: the teacher plan of that name).
+
+    name: a zoo name, or a user's factory "package.module:function" called with `kwargs` (ptd_sparse.pipeline.
+    factories; its convolutions and linear layers become masked ones). plan: a zoo plan list, or a width map (a dict
+    made by design_student for models the zoo's plans cannot express), applied to the default model by rewriting a
+    copy's widths."""
+    if factories.is_factory(name):
+        model = factories.call_factory(name, kwargs)
+    else:
+        if kwargs:
+            raise ValueError(f"keyword arguments are for factories (package.module:function); {name} takes none")
+        base = default_plan(name) if plan is None or isinstance(plan, dict) else list(plan)
+        model = ARCHITECTURES[architecture_of(name)](base, in_channels, num_classes, image_size)
+    if isinstance(plan, dict):
+        model = rewrite_widths(model, plan)
+    elif plan is not None and factories.is_factory(name):
+        raise ValueError(f"the plan of factory model {name} must be a width map (dict) or None, got {plan!r}")
+    return factories.masked(model)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -64,7 +64,10 @@ def write_report(run) -> dict:
     designs = read_json(run_dir / "design" / "students.json") if (run_dir / "design" / "students.json").exists() \
         else {}
     for name, d in designs.items():
-        lines += ["", f"## Designed student, teacher {name.replace('_', ' ')}: plan {d['plan']}", "", d["table"]]
+        # A width map (a model the zoo's plan lists cannot express) names every layer: the table shows its groups.
+        plan = f"width map of {len(d['plan']['convs'])} convolutions (design/students.json)" \
+            if isinstance(d["plan"], dict) else d["plan"]
+        lines += ["", f"## Designed student, teacher {name.replace('_', ' ')}: plan {plan}", "", d["table"]]
     for target in targets:
         layers = run_dir / "prune" / f"sparsity_{target:.2f}" / "layers.json"
         if layers.exists():

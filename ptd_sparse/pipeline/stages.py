@@ -30,7 +30,7 @@ from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
 from ptd_sparse.data import Augmentation, dataset_identity, load_dataset, resolve_root
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
-from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, fit,
+from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, evaluate, fit,
                                           precision_for)
 
 logger = logging.getLogger("ptd_sparse.pipeline")
@@ -72,8 +72,11 @@ class Run:
     def spec(self, section: str, plan=None) -> dict:
         name = self.config[section]["model"]
         plan = plan if plan is not None else (self.config[section]["plan"] or default_plan(name))
-        return {"name": name, "plan": plan, "in_channels": self.dataset.in_channels,
+        spec = {"name": name, "plan": plan, "in_channels": self.dataset.in_channels,
                 "num_classes": self.dataset.num_classes, "image_size": self.dataset.image_size}
+        if self.config[section]["kwargs"]:  # factories only: zoo specs (and fingerprints) stay as they were
+            spec["kwargs"] = dict(self.config[section]["kwargs"])
+        return spec
 
     def schedule(self, section: str) -> Schedule:
         s = self.config[section]
@@ -138,10 +141,35 @@ def sparsity_name(target: float) -> str:
     return prune_plan.target_name(target)
 
 
+def _imported_teacher(run: Run, folder: Path) -> dict:
+    """teacher.checkpoint: a model folder (`ptd import`) stands in for training; it becomes the teacher (and the
+    starting point of weight rewinding), its masks kept, so pruning continues from them."""
+    source = Path(run.config["teacher"]["checkpoint"]).expanduser()
+    model, spec = load_model(source, run.device)
+    expected = run.spec("teacher")
+    for key in ("name", "in_channels", "num_classes"):
+        if spec.get(key) != expected.get(key):
+            raise ValueError(f"teacher.checkpoint {source} holds {key} {spec.get(key)!r} but this run's teacher has "
+                             f"{expected.get(key)!r} (teacher.model, teacher.kwargs and the data set decide it)")
+    if spec.get("kwargs", {}) != expected.get("kwargs", {}):
+        raise ValueError(f"teacher.checkpoint {source} was built with kwargs {spec.get('kwargs', {})} but "
+                         f"teacher.kwargs are {expected.get('kwargs', {})}")
+    ctx = run.context(run.config["run"]["seed"], stage="teacher")
+    result = {"imported": str(source), "sparsity": pruning.achieved_sparsity(model),
+              "best_val_acc": evaluate(model, ctx.dataset.val, ctx), "test_acc": evaluate(model, ctx.dataset.test, ctx),
+              "epochs": 0, "parameters": count_parameters(model)}
+    if distributed.is_main():
+        save_model(model, folder / "init", spec)
+        save_model(model, folder / "model", spec)
+    return run.finish(folder, result)
+
+
 def train_teacher(run: Run) -> dict:
     folder = run.dir / "teacher"
     if (result := run.done(folder)) is not None:
         return result
+    if run.config["teacher"]["checkpoint"]:
+        return _imported_teacher(run, folder)
     torch.manual_seed(run.config["run"]["seed"])
     spec = run.spec("teacher")
     model = build_model(**spec)
@@ -211,7 +239,8 @@ def design_students(run: Run) -> dict:
     for target in run.config["prune"]["targets"]:
         teacher, spec = load_model(run.dir / "prune" / sparsity_name(target) / "model")
         plan, rows = design_rule.design_student(teacher, spec["in_channels"], s["multiple"], s["min_width"])
-        student = build_model(spec["name"], plan, spec["in_channels"], spec["num_classes"], spec["image_size"])
+        student = build_model(spec["name"], plan, spec["in_channels"], spec["num_classes"], spec["image_size"],
+                              spec.get("kwargs"))
         designs[sparsity_name(target)] = {
             "plan": plan, "teacher_nonzeros": sum(r.teacher_nonzeros for r in rows),
             "student_parameters": count_parameters(student), "rows": [r.__dict__ for r in rows],
@@ -315,7 +344,9 @@ def distill_students(run: Run) -> dict:
                     continue
                 torch.manual_seed(seed)
                 if variant == "designed_kd_pruned":
-                    spec = run.spec("student", designs[sparsity_name(target)]["plan"])
+                    plan = designs[sparsity_name(target)]["plan"]
+                    # A width map names the teacher's layers: that student is the teacher's model, rewritten.
+                    spec = run.spec("teacher" if isinstance(plan, dict) else "student", plan)
                 else:
                     spec = run.spec("student")
                 student = build_model(**spec)
