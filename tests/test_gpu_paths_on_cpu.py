@@ -73,7 +73,7 @@ DDP_SCRIPT = textwrap.dedent('''
 
     builds = []
     original = ConvPattern.from_mask.__func__
-    ConvPattern.from_mask = classmethod(lambda cls, mask: builds.append(1) or original(cls, mask))
+    ConvPattern.from_mask = classmethod(lambda cls, mask, *rest: builds.append(1) or original(cls, mask, *rest))
     distributed.setup(torch.device("cpu"))
     torch.manual_seed(0)
     model = nn.Sequential(MaskedConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

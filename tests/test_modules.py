@@ -222,6 +222,26 @@ def test_measured_routes_agree_and_are_measured_once_per_bucket(generator, monke
     assert measured_route.batch_bucket(256) == 256 and measured_route.batch_bucket(0) == 0
 
 
+def test_every_route_keeps_the_callers_layout(generator):
+    """A route never hands back a layout other than its input's: a channels_last route after an NCHW layer (or the
+    sparse kernel, which writes NCHW, inside a channels_last network) would make the layers around it pay for
+    layout copies that the route's measurement did not count."""
+    from ptd_sparse.nn import measured_route
+
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.4, generator))
+    x = torch.randn(2, 6, 7, 7, generator=generator)
+    expected = F.conv2d(x, layer.sparse_weight.to_dense(), layer.bias, padding=1)
+    with torch.no_grad():
+        for route in measured_route.ROUTES:
+            out = layer._run(route, x)
+            assert out.is_contiguous(), route
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            out = layer._run(route, x.contiguous(memory_format=torch.channels_last))
+            assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous(), route
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_sparsify_torch_prune_model(generator):
     torch.manual_seed(0)
     model = SmallNet().eval()

@@ -30,6 +30,12 @@ def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
     return list(conv.padding)
 
 
+def is_channels_last(input: Tensor) -> bool:
+    """Whether a 4-d `input` is laid out channels_last (and not also plain contiguous, as 1x1 maps or one channel
+    are)."""
+    return input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+
+
 class SparseConv2d(nn.Module):
     """Convolution with a SparseConvWeight: pattern tensors as buffers, the nonzero `values` [nnz] as a parameter
     (so they can be fine-tuned), optional bias. Memory and work scale with the nonzeros.
@@ -173,21 +179,28 @@ class SparseConv2d(nn.Module):
                                             (self.bias is not None and self.bias.requires_grad))
 
     def _run(self, route: str, input: Tensor) -> Tensor:
+        # Every route returns its output in the caller's layout (NCHW, or channels_last when the input is), the
+        # conversion inside the route and so inside its measured time. A route that handed back its own layout would
+        # make the next layers, activations and residual additions pay for the change, uncounted: a torchvision-style
+        # ResNet18 whose layers each picked their fastest route lost more in layout copies than the routes gained.
+        caller_format = torch.channels_last if is_channels_last(input) else torch.contiguous_format
         if route == measured_route.SPARSE:
             # The sparse kernel of the device's preferred backend, whatever the density: this route is the sparse
             # one (no crossover applies; with density=None the automatic choice gives the sparse backend).
             backend = self.backend if self.backend is not None else \
                 choose_backend(SPARSE_CONV, input.device, None, None)
-            return sparse_conv2d_indexed(input, self.values, pattern_indices(self), self.weight_shape, self._density,
-                                         self.bias, self.stride, self.padding, self.dilation, backend=backend,
-                                         relu=self.relu, groups=self.groups)
+            out = sparse_conv2d_indexed(input, self.values, pattern_indices(self), self.weight_shape, self._density,
+                                        self.bias, self.stride, self.padding, self.dilation, backend=backend,
+                                        relu=self.relu, groups=self.groups)
+            return out.contiguous(memory_format=caller_format) if out.dim() == 4 else out
         channels_last = route == measured_route.DENSE_CHANNELS_LAST
         if channels_last:
             # oneDNN's NHWC kernels; at small batches its NCHW path may fall back to a slow direct convolution.
             input = input.contiguous(memory_format=torch.channels_last)
         weight = self._dense_weight(channels_last)
         out = F.conv2d(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return out.relu_() if self.relu and not out.requires_grad else (F.relu(out) if self.relu else out)
+        out = out.relu_() if self.relu and not out.requires_grad else (F.relu(out) if self.relu else out)
+        return out.contiguous(memory_format=caller_format) if out.dim() == 4 else out
 
     @torch.no_grad()
     def _measure(self, key: tuple, input: Tensor) -> str:
