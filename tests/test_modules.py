@@ -240,6 +240,12 @@ def test_every_route_keeps_the_callers_layout(generator):
             out = layer._run(route, x.contiguous(memory_format=torch.channels_last))
             assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous(), route
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        # The prepacked weight was reordered for the first input's shape; another shape runs on it too.
+        other = torch.randn(5, 6, 11, 10, generator=generator)
+        if measured_route.prepacked_route_available(other):
+            torch.testing.assert_close(layer._run(measured_route.DENSE_PREPACKED, other),
+                                       F.conv2d(other, layer.sparse_weight.to_dense(), layer.bias, padding=1),
+                                       atol=1e-5, rtol=1e-5)
 
 
 def test_sparsify_torch_prune_model(generator):

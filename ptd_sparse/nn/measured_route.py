@@ -6,7 +6,8 @@ sparse kernel even at 90% density; at batch 1 oneDNN's NCHW path falls back to a
 channels_last path avoids). So the first inference call of each (batch bucket, map size, dtype, device, layout)
 times every route on that very input and remembers the fastest; later calls in the bucket take it at no cost.
 Batch sizes are bucketed by powers of two (1, 2, 4, ..., 256, ...), so a loop over a data set with a smaller last
-batch measures at most once more.
+batch measures at most once more. Each route returns its output in its input's layout, converting inside the timed
+call, so that a route's cost includes what its layout would otherwise impose on the layers after it.
 """
 from __future__ import annotations
 
@@ -14,10 +15,26 @@ import statistics
 import time
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 SPARSE, DENSE, DENSE_CHANNELS_LAST = "sparse", "dense", "dense_channels_last"
-ROUTES = (SPARSE, DENSE, DENSE_CHANNELS_LAST)
+# oneDNN with the weight reordered into its own blocked layout once (not on every call, as F.conv2d does) and the
+# ReLU fused: what torch.jit.freeze + optimize_for_inference and Inductor's CPU freezing run. float32 on CPUs with
+# oneDNN only (prepacked_route_available).
+DENSE_PREPACKED = "dense_prepacked"
+ROUTES = (SPARSE, DENSE, DENSE_CHANNELS_LAST, DENSE_PREPACKED)
+
+
+def prepacked_route_available(input: Tensor) -> bool:
+    """Whether the prepacked oneDNN route can run `input`: float32 on a CPU, torch built with oneDNN."""
+    return (input.device.type == "cpu" and input.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def routes_for(input: Tensor) -> tuple[str, ...]:
+    """The routes an inference call on `input` may take."""
+    return ROUTES if prepacked_route_available(input) else ROUTES[:3]
 REPEATS = 3  # timed runs per route, interleaved, after one warm-up each
 
 

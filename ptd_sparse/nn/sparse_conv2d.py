@@ -41,8 +41,9 @@ class SparseConv2d(nn.Module):
     (so they can be fine-tuned), optional bias. Memory and work scale with the nonzeros.
 
     With the automatic backend (backend=None, no PTD_BACKEND), an inference call (no gradient wanted) runs whichever
-    of three routes was fastest on the first call of its shape bucket (ptd_sparse.nn.measured_route): the sparse
-    kernel, or F.conv2d on the dense weight in NCHW or in channels_last. Calls that want gradients take the sparse
+    of its routes was fastest on the first call of its shape bucket (ptd_sparse.nn.measured_route): the sparse
+    kernel, F.conv2d on the dense weight in NCHW or in channels_last, or (float32 on CPUs) oneDNN with the weight
+    prepacked once and the ReLU fused. Every route returns the caller's layout. Calls that want gradients take the sparse
     kernel, or the dense route above the density crossover for their batch size. backend="dense" (or
     PTD_BACKEND=dense) always takes the dense route. A grouped or depthwise sparse_weight (groups > 1) runs the
     same sparse kernels (ptd_sparse.pattern), and its dense routes run F.conv2d with groups, so the measurement
@@ -68,6 +69,8 @@ class SparseConv2d(nn.Module):
         # The measured route of each input shape bucket (measured_route.shape_key -> route name); not saved in the
         # state dict, as it describes this machine.
         self._routes: dict[tuple, str] = {}
+        # The prepacked oneDNN weight of the dense_prepacked route: (key as for the dense copy, weight), or None.
+        self._prepacked: tuple[tuple, Tensor] | None = None
 
     def keep_dense_copy(self) -> None:
         """Build the dense weight now (it is otherwise built by the first call that takes the dense route), so calls
@@ -193,6 +196,11 @@ class SparseConv2d(nn.Module):
                                         self.bias, self.stride, self.padding, self.dilation, backend=backend,
                                         relu=self.relu, groups=self.groups)
             return out.contiguous(memory_format=caller_format) if out.dim() == 4 else out
+        if route == measured_route.DENSE_PREPACKED:
+            out = torch.ops.mkldnn._convolution_pointwise(
+                input.contiguous(memory_format=torch.channels_last), self._prepacked_weight(input), self.bias,
+                self.padding, self.stride, self.dilation, self.groups, "relu" if self.relu else "none", [], "")
+            return out.contiguous(memory_format=caller_format)
         channels_last = route == measured_route.DENSE_CHANNELS_LAST
         if channels_last:
             # oneDNN's NHWC kernels; at small batches its NCHW path may fall back to a slow direct convolution.
@@ -203,10 +211,24 @@ class SparseConv2d(nn.Module):
         return out.contiguous(memory_format=caller_format) if out.dim() == 4 else out
 
     @torch.no_grad()
+    def _prepacked_weight(self, input: Tensor) -> Tensor:
+        """The dense weight in oneDNN's blocked layout for the prepacked route, reordered once (for the first input's
+        shape; any shape runs on it) and rebuilt only when values or pattern change, as the dense copy is."""
+        key = self._dense_key()
+        if self._prepacked is None or self._prepacked[0] != key:
+            weight = self._cached_dense_weight().to_mkldnn()
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight, self.padding, self.stride, self.dilation,
+                                                               self.groups, list(input.shape))
+            self._prepacked = (key, packed)
+        return self._prepacked[1]
+
+    @torch.no_grad()
     def _measure(self, key: tuple, input: Tensor) -> str:
-        routes = {name: (lambda x, name=name: self._run(name, x)) for name in measured_route.ROUTES}
+        routes = {name: (lambda x, name=name: self._run(name, x)) for name in measured_route.routes_for(input)}
         best, seconds = measured_route.fastest(routes, input)
         self._routes[key] = best
+        if measured_route.DENSE_PREPACKED not in self._routes.values():
+            self._prepacked = None
         if best == measured_route.SPARSE:
             self._dense_cache = None  # the dense weight is not needed by this bucket: keep memory at the nonzeros
         _logger.debug("SparseConv2d %s density %.3f input %s: %s (%s)", self.weight_shape, self._density,
