@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 import ptd_sparse
-from bench_network import best_dense_forms, cpu_vector_extensions, eager_dense, sparsity_of  # bench/
+from bench_network import best_dense_forms, eager_dense, sparsity_of  # bench/
+from machine import cpu_vector_extensions  # bench/machine.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import user_models  # noqa: E402

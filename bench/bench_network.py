@@ -31,21 +31,10 @@ import ptd_sparse
 from ptd_sparse.nn import MaskedConv2d, MaskedLinear
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
+from machine import cpu_vector_extensions  # bench/machine.py
 from timing import median_ms  # bench/timing.py
 
 PRUNINGS = ("authors", "global0.9", "global0.95")
-
-
-def cpu_vector_extensions() -> str:
-    """The CPU's model and its SIMD extensions that matter for these kernels (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile")
-    return f"{model}; " + (" ".join(f for f in wanted if f in flags) or "no AVX2")
 
 
 def pruned_model(name: str, pruning: str) -> nn.Module:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import ptd_sparse
 from ptd_sparse.files import write_json
+from machine import cpu_vector_extensions  # bench/machine.py
 from timing import call_times_ms  # bench/timing.py
 
 HERE = Path(__file__).resolve().parent
@@ -174,18 +175,6 @@ def measure(name: str, channels: int, size: int, networks: str, batch: int, dens
 def median_of_round_medians(rounds: list[list[float]]) -> float:
     """The figure of one candidate: the median over rounds of each round's median call time."""
     return statistics.median(statistics.median(times) for times in rounds)
-
-
-def cpu_vector_extensions() -> str:
-    """The CPU's model and its SIMD extensions that matter for these kernels (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile")
-    return f"{model}; " + (" ".join(f for f in wanted if f in flags) or "no AVX2")
 
 
 def format_row(row: Row) -> str:
