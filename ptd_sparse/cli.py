@@ -1,4 +1,4 @@
-"""The `ptd` command line: train | prune | design | cache | distill | report | run | import.
+"""The `ptd` command line: train | prune | design | cache | distill | report | run | sweep | import.
 
 Each stage subcommand runs that stage (and nothing else) on a run directory; `ptd run` chains all of them and
 resumes an interrupted run. Configuration: a TOML file (--config, see configs/) plus `--set section.key=value`.
@@ -6,6 +6,7 @@ resumes an interrupted run. Configuration: a TOML file (--config, see configs/) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -22,15 +23,24 @@ def _parser() -> argparse.ArgumentParser:
                             ("design", "design students from the pruned teacher"),
                             ("cache", "precompute the teachers' logits (sparse inference) for distillation"),
                             ("distill", "train every student variant of the comparison"),
-                            ("report", "write the summary table and plots"), ("run", "all stages, resumable")):
+                            ("report", "write the summary table and plots"), ("run", "all stages, resumable"),
+                            ("sweep", "choose KD temperature and alpha on the validation split")):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--config", help="TOML file (default: the fast Fashion-MNIST preset)")
         command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one configuration value (repeatable)")
         command.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
-        command.add_argument("--seeds", type=int, help="repeat the comparison with N seeds (run.seeds)")
+        command.add_argument("--seeds", type=int, help="repeat the comparison with N seeds (run.seeds); sweep: "
+                             "each setting, without changing run.seeds (default 1)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
-        if name in ("cache", "distill", "run"):
+        if name == "sweep":
+            command.add_argument("--temperatures", type=float, nargs="+", default=[2.0, 4.0, 10.0], metavar="T",
+                                 help="KD temperatures to try (default 2 4 10)")
+            command.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.9, 0.95], metavar="A",
+                                 help="KD alphas to try (default 0.5 0.9 0.95)")
+            command.add_argument("--teachers", nargs="+", default=["pruned", "unpruned"],
+                                 choices=["pruned", "unpruned"], help="teachers to distil from (default both)")
+        if name in ("cache", "distill", "run", "sweep"):
             command.add_argument("--cache", metavar="DIR", help="teacher-logit cache folder: `ptd cache` writes it, "
                                  "distill and run read it (sets cache.enabled=true, cache.dir=DIR)")
     imported = sub.add_parser("import", help="turn a torch.nn.utils.prune state dict into a ptd model folder")
@@ -46,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("--image-size", type=int, default=32)
     imported.add_argument("--out", required=True, help="folder to write (model.json, weights and masks)")
     return parser
+
+
+def _log_beside_progress_bars():
+    """On a terminal, log lines go through tqdm.write so that they print above a stage's bar instead of through it;
+    in a log file there are no bars (ptd_sparse.pipeline.progress) and logging stays as it is."""
+    if sys.stderr.isatty():
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
+    return contextlib.nullcontext()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} (sparsity {sparsity:.4f})")
         return 0
     overrides = list(args.set)
-    if args.seeds is not None:
+    if args.seeds is not None and args.command != "sweep":
         overrides.append(f"run.seeds={args.seeds}")
     if args.quiet:
         overrides.append("run.progress=false")
@@ -79,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides += ["cache.enabled=true", f"cache.dir={json.dumps(args.cache)}"]
     if args.command == "cache":
         overrides.append("cache.enabled=true")
+    if args.command == "sweep" and args.seeds is None:
+        args.seeds = 1  # the sweep's own default; --seeds N repeats every setting N times
     try:
         config = load_config(args.config, overrides)
     except ConfigError as error:
@@ -94,10 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = stages.Run(Path(args.out), config)
         main_rank = distributed.is_main()  # read before teardown, after which every process looks like rank 0
+        if args.command == "sweep":
+            from ptd_sparse.pipeline.sweep import sweep_distillation
+
+            with _log_beside_progress_bars():
+                result = sweep_distillation(run, args.temperatures, args.alphas, args.seeds, tuple(args.teachers))
+            if main_rank:
+                print(result["table"])
+            return 0
         action = {"train": stages.train_teacher, "prune": stages.prune_teacher, "design": stages.design_students,
                   "cache": stages.cache_teacher,
                   "distill": stages.distill_students, "report": write_report, "run": stages.run_all}[args.command]
-        result = action(run)
+        with _log_beside_progress_bars():
+            result = action(run)
     except (MissingDataError, CacheError) as error:
         print(f"ptd: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job: sets up the environment (scripts/setup.sh) and Fashion-MNIST, then runs the default prune-then-
-# distill pipeline (`ptd run`, configs/default.toml) into runs/default. Extra arguments go to `ptd run`
-# (for example --seeds 3, or --set distill.epochs=8). An interrupted run resumes when started again.
+# distill pipeline (`ptd run`, configs/default.toml: 3 seeds per student) into runs/default. Extra arguments go to
+# `ptd run` (for example --seeds 5, or --set distill.epochs=8; on a machine shared with other busy processes,
+# --set run.threads=1 avoids two OpenMP threads spin-waiting for each other, see docs/results.md). An interrupted run
+# resumes when started again. Output to a file or a pipe is one line per epoch, not a redrawn progress bar.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,6 +1,8 @@
-"""The report stage: the paper's comparison as a markdown table, a JSON summary and PNG plots."""
+"""The report stage: the paper's comparison as a markdown table (mean and standard deviation over seeds), the
+paper's claims checked against those numbers, a JSON summary, and the plots (ptd_sparse.pipeline.plots)."""
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -23,21 +25,87 @@ def _collect(run_dir: Path) -> list[dict]:
 
 
 def _summarize(results: list[dict], teacher: dict, prune: dict) -> list[dict]:
+    """One row per (variant, teacher sparsity): the test accuracy (%) of every seed, their mean and their sample
+    standard deviation (0 for one seed)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["variant"], r["target"]), []).append(r)
     order = list(DESCRIPTIONS)
     summary = []
     for (variant, target), items in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] or 0)):
+        items = sorted(items, key=lambda r: r.get("seed", 0))
         accuracies = [100 * r["test_acc"] for r in items]
         summary.append({
             "variant": variant, "description": DESCRIPTIONS[variant], "teacher_sparsity": target or 0.0,
             "teacher_test_acc": 100 * (teacher["test_acc"] if target is None or variant == "kd_unpruned"
                                        else prune[f"{target:.2f}"]),
             "parameters": items[0]["parameters"], "seeds": len(items),
+            "seed_values": [r.get("seed") for r in items], "test_acc": accuracies,
             "test_acc_mean": statistics.fmean(accuracies),
             "test_acc_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0})
     return summary
+
+
+def _row(summary: list[dict], variant: str, target: float | None = None) -> dict | None:
+    for s in summary:
+        if s["variant"] == variant and (target is None or abs(s["teacher_sparsity"] - target) < 1e-9):
+            return s
+    return None
+
+
+def check_claims(summary: list[dict]) -> list[dict]:
+    """The paper's three claims, per pruning target, as the numbers of this run decide them:
+
+    (a) KD from the pruned teacher beats the student trained alone by more than the larger standard deviation;
+    (b) KD from the pruned teacher is at least as good as KD from the unpruned teacher, within one standard deviation
+        (the larger of the two);
+    (c) the sparsity-designed student is within one standard deviation (the larger) of the fixed student distilled
+        from the same pruned teacher, or better.
+
+    Each entry: claim, target, difference (points), tolerance (the larger std), holds (None where a variant is
+    missing or a variant has fewer than 2 seeds: one seed has no spread to judge a difference by)."""
+    claims = []
+    targets = sorted({s["teacher_sparsity"] for s in summary if s["variant"] in ("kd_pruned", "designed_kd_pruned")})
+    comparisons = [("a", "kd_pruned", "student_ce", "beats the student trained alone by more than the larger std",
+                    lambda diff, tol: diff > tol),
+                   ("b", "kd_pruned", "kd_unpruned", "at least as good as KD from the unpruned teacher, within one std",
+                    lambda diff, tol: diff >= -tol),
+                   ("c", "designed_kd_pruned", "kd_pruned",
+                    "designed student at least as good as the fixed one (same pruned teacher), within one std",
+                    lambda diff, tol: diff >= -tol)]
+    for target in targets:
+        for name, variant, baseline, text, decide in comparisons:
+            row = _row(summary, variant, target)
+            base = _row(summary, baseline, target if baseline == "kd_pruned" else None)
+            if row is None or base is None:
+                continue
+            diff = row["test_acc_mean"] - base["test_acc_mean"]
+            tolerance = max(row["test_acc_std"], base["test_acc_std"])
+            seeds = min(row["seeds"], base["seeds"])
+            claims.append({"claim": name, "text": text, "target": target, "variant": variant, "baseline": baseline,
+                           "mean": row["test_acc_mean"], "baseline_mean": base["test_acc_mean"],
+                           "difference": diff, "tolerance": tolerance, "seeds": seeds,
+                           "parameters": row["parameters"], "baseline_parameters": base["parameters"],
+                           "holds": decide(diff, tolerance) if seeds > 1 else None})
+    return claims
+
+
+def _verdict(holds: bool | None) -> str:
+    return {True: "holds", False: "does not hold", None: "not judged (needs >= 2 seeds)"}[holds]
+
+
+def claims_markdown(claims: list[dict]) -> list[str]:
+    if not claims:
+        return []
+    lines = ["", "## The paper's claims, on this run", "",
+             "Differences of mean test accuracy in points; tolerance: the larger standard deviation of the two rows.",
+             "", "| claim | teacher sparsity | variant | baseline | difference | tolerance | seeds | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| ({c['claim']}) {c['text']} | {c['target']:.2f} | {c['variant']} ({c['mean']:.2f}) | "
+                     f"{c['baseline']} ({c['baseline_mean']:.2f}) | {c['difference']:+.2f} | {c['tolerance']:.2f} | "
+                     f"{c['seeds']} | {_verdict(c['holds'])} |")
+    return lines
 
 
 def _pruned_accuracies(run_dir: Path, targets: list[float]) -> dict:
@@ -46,21 +114,38 @@ def _pruned_accuracies(run_dir: Path, targets: list[float]) -> dict:
     return {f"{t:.2f}": by_sparsity.get(f"{t:.2f}", float("nan")) for t in targets}
 
 
+def _settings_line(config: dict) -> str:
+    d, t = config["distill"], config["teacher"]
+    return (f"Teacher: {t['epochs']} epochs ({t['schedule']}); pruning: {config['prune']['method']}, "
+            f"{config['prune']['epochs']} epoch(s) per round; students: {d['epochs']} epochs ({d['schedule']}), "
+            f"KD alpha {d['alpha']:g}, temperature {d['temperature']:g}; training images: "
+            f"{config['data']['train_subset'] or 'all'}; seeds per student: {config['run']['seeds']}.")
+
+
 def write_report(run) -> dict:
+    from ptd_sparse.pipeline.plots import draw_plots
+
     run_dir, config = run.dir, run.config
     teacher = read_json(run_dir / "teacher" / "done.json")
     targets = config["prune"]["targets"]
     prune = _pruned_accuracies(run_dir, targets)
     summary = _summarize(_collect(run_dir), teacher, prune)
+    claims = check_claims(summary)
     folder = run_dir / "report"
+    pruned = ", ".join(f"{float(t):.2f}: {100 * acc:.2f}%" for t, acc in prune.items() if not math.isnan(acc))
     lines = [f"# Prune, then distill: {config['data']['name']}, teacher {config['teacher']['model']} "
              f"({teacher['parameters']} parameters, test accuracy {100 * teacher['test_acc']:.2f}%)", "",
-             "| variant | teacher sparsity | teacher test acc (%) | student parameters | test acc (%) | seeds |",
-             "|---|---|---|---|---|---|"]
+             f"Pruned teacher test accuracy by sparsity: {pruned}.", _settings_line(config),
+             "Student test accuracy: mean ± sample standard deviation over seeds, then each seed's value.", "",
+             "| variant | teacher sparsity | teacher test acc (%) | student parameters | test acc (%) | seeds | "
+             "per seed |", "|---|---|---|---|---|---|---|"]
+    table_end = len(lines) + len(summary)
     for s in summary:
         spread = f" ± {s['test_acc_std']:.2f}" if s["seeds"] > 1 else ""
+        per_seed = ", ".join(f"{a:.2f}" for a in s["test_acc"])
         lines.append(f"| {s['description']} | {s['teacher_sparsity']:.2f} | {s['teacher_test_acc']:.2f} | "
-                     f"{s['parameters']} | {s['test_acc_mean']:.2f}{spread} | {s['seeds']} |")
+                     f"{s['parameters']} | {s['test_acc_mean']:.2f}{spread} | {s['seeds']} | {per_seed} |")
+    lines += claims_markdown(claims)
     designs = read_json(run_dir / "design" / "students.json") if (run_dir / "design" / "students.json").exists() \
         else {}
     for name, d in designs.items():
@@ -78,55 +163,7 @@ def write_report(run) -> dict:
                       for r in rows]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
-    write_json(folder / "summary.json", {"teacher": teacher, "pruned_teacher_test_acc": prune, "rows": summary})
-    _plots(run_dir, folder, summary, targets)
-    return {"rows": summary, "markdown": "\n".join(lines[:4 + len(summary)])}
-
-
-def _plots(run_dir: Path, folder: Path, summary: list[dict], targets: list[float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{s['variant']}" + (f"\n@{s['teacher_sparsity']:.2f}" if s["teacher_sparsity"] else "")
-              for s in summary]
-    ax.bar(range(len(summary)), [s["test_acc_mean"] for s in summary],
-           yerr=[s["test_acc_std"] for s in summary], color="tab:blue", capsize=4)
-    ax.set_xticks(range(len(summary)), labels, fontsize=8)
-    low = min(s["test_acc_mean"] for s in summary)
-    ax.set_ylim(max(0, low - 5), 100)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Student accuracy by variant")
-    fig.tight_layout()
-    fig.savefig(folder / "accuracy_by_variant.png", dpi=120)
-    plt.close(fig)
-
-    for target in targets:
-        layers = run_dir / "prune" / f"sparsity_{target:.2f}" / "layers.json"
-        if not layers.exists():
-            continue
-        rows = read_json(layers)
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.bar(range(len(rows)), [r["nonzeros"] / r["total"] for r in rows], color="tab:green")
-        ax.set_xticks(range(len(rows)), [r["name"].replace("features.", "f.") for r in rows], rotation=60,
-                      fontsize=7)
-        ax.set_ylabel("density (nonzeros / weights)")
-        ax.set_title(f"Pruned teacher, global sparsity {target:.2f}: density per layer")
-        fig.tight_layout()
-        fig.savefig(folder / f"layer_density_{target:.2f}.png", dpi=120)
-        plt.close(fig)
-
-    if len(targets) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for variant in ("kd_pruned", "designed_kd_pruned"):
-            points = sorted((s["teacher_sparsity"], s["test_acc_mean"]) for s in summary if s["variant"] == variant)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=DESCRIPTIONS[variant])
-        ax.set_xlabel("teacher sparsity")
-        ax.set_ylabel("student test accuracy (%)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "accuracy_vs_sparsity.png", dpi=120)
-        plt.close(fig)
+    write_json(folder / "summary.json", {"teacher": teacher, "pruned_teacher_test_acc": prune, "rows": summary,
+                                         "claims": claims})
+    draw_plots(run_dir, folder, summary, targets, 100 * teacher["test_acc"], prune)
+    return {"rows": summary, "claims": claims, "markdown": "\n".join(lines[:table_end])}

@@ -30,8 +30,9 @@ from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
 from ptd_sparse.data import Augmentation, dataset_identity, load_dataset, resolve_root
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
+from ptd_sparse.pipeline.progress import StageProgress
 from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, evaluate, fit,
-                                          precision_for)
+                                          precision_for, steps_per_epoch)
 
 logger = logging.getLogger("ptd_sparse.pipeline")
 
@@ -62,12 +63,26 @@ class Run:
                                          self.config["run"]["seed"], data["train_subset"] or None)
         return self._dataset
 
-    def context(self, seed: int, **extra) -> Context:
+    def context(self, seed: int, progress: StageProgress | None = None, **extra) -> Context:
+        """The training context of one training of a stage; progress: the stage's bar or log."""
         data, run = self.config["data"], self.config["run"]
         return Context(self.dataset, Augmentation(data["crop_padding"], data["flip"]), self.device, seed,
                        run["progress"], self.dir / "metrics.jsonl", extra,
                        precision_for(self.device, run["precision"]),
-                       channels_last_for(self.device, run["memory_format"]))
+                       channels_last_for(self.device, run["memory_format"]), progress)
+
+    def progress(self, name: str, trainings: int, section: str) -> StageProgress:
+        """The progress of a stage of `trainings` trainings, each run with the schedule of `section`."""
+        steps = steps_per_epoch(len(self.dataset.train), self.config["data"]["batch_size"],
+                                distributed.world_size())
+        return StageProgress(name, trainings * self.config[section]["epochs"] * steps,
+                             self.config["run"]["progress"])
+
+    def skip(self, progress: StageProgress, section: str) -> None:
+        """Count one training of `section` that was finished before this process on `progress`."""
+        steps = steps_per_epoch(len(self.dataset.train), self.config["data"]["batch_size"],
+                                distributed.world_size())
+        progress.skip(self.config[section]["epochs"] * steps)
 
     def spec(self, section: str, plan=None) -> dict:
         name = self.config[section]["model"]
@@ -82,7 +97,8 @@ class Run:
         s = self.config[section]
         milestones = s.get("milestones", [])
         return Schedule(s["epochs"], s["lr"], s["weight_decay"], tuple(milestones), s.get("gamma", 0.1),
-                        batch_size=self.config["data"]["batch_size"])
+                        batch_size=self.config["data"]["batch_size"], kind=s["schedule"], warmup=s["warmup"],
+                        label_smoothing=s.get("label_smoothing", 0.0))
 
     def done(self, folder: Path) -> dict | None:
         marker = Path(folder) / "done.json"
@@ -178,8 +194,11 @@ def train_teacher(run: Run) -> dict:
     distributed.barrier()  # every rank starts from the weights rank 0 saved
     init, _ = load_model(folder / "init")
     model.load_state_dict(init.state_dict())
-    result = fit(model, run.context(run.config["run"]["seed"], stage="teacher"), run.schedule("teacher"),
+    progress = run.progress("teacher", 1, "teacher")
+    result = fit(model, run.context(run.config["run"]["seed"], progress, stage="teacher"), run.schedule("teacher"),
                  folder / "state.pt", "teacher")
+    progress.close()
+    logger.info("teacher: validation %.2f%%, test %.2f%%", 100 * result["best_val_acc"], 100 * result["test_acc"])
     result["parameters"] = count_parameters(model)
     if distributed.is_main():
         save_model(model, folder / "model", spec)
@@ -197,11 +216,13 @@ def prune_teacher(run: Run) -> dict:
     model, spec = load_model(run.dir / "teacher" / "model")
     init, _ = load_model(run.dir / "teacher" / "init")
     results = {}
+    progress = run.progress("prune", len(levels), "prune")
     for k, level in enumerate(levels, start=1):
         round_folder = folder / f"round_{k}"
         if (done := run.done(round_folder)) is not None:
             model, _ = load_model(round_folder / "model")
             results[f"round_{k}"] = done
+            run.skip(progress, "prune")
             continue
         pruning.prune_to(model, level, p["scope"], p["skip"])
         if p["method"] == "weight_rewind":
@@ -215,10 +236,12 @@ def prune_teacher(run: Run) -> dict:
         achieved = pruning.check_sparsity(model, level, p["skip"])
         table = pruning.format_table(pruning.sparsity_table(model))
         logger.info("prune round %d: sparsity %.4f\n%s", k, achieved, table)
-        result = fit(model, run.context(run.config["run"]["seed"], stage="prune", round=k), schedule,
-                     round_folder / "state.pt", f"prune round {k} ({level:.2f})")
+        result = fit(model, run.context(run.config["run"]["seed"], progress, stage="prune", round=k), schedule,
+                     round_folder / "state.pt", f"round {k} ({level:.2f})")
         pruning.check_sparsity(model, level, p["skip"])  # retraining must not revive pruned weights
         result.update(sparsity=achieved, round=k)
+        logger.info("prune round %d (sparsity %.2f): validation %.2f%%, test %.2f%%", k, achieved,
+                    100 * result["best_val_acc"], 100 * result["test_acc"])
         if distributed.is_main():
             save_model(model, round_folder / "model", spec)
             (round_folder / "sparsity.md").write_text(table + "\n")
@@ -227,6 +250,7 @@ def prune_teacher(run: Run) -> dict:
                 write_json(folder / sparsity_name(level) / "layers.json",
                            [r.__dict__ for r in pruning.sparsity_table(model)])
         results[f"round_{k}"] = run.finish(round_folder, result)
+    progress.close()
     return run.finish(folder, {"targets": targets, "rounds": results})
 
 
@@ -309,7 +333,7 @@ def cache_teacher(run: Run) -> dict:
     return results
 
 
-def _open_cache(run: Run, name: str, teacher, model_spec: dict):
+def open_cache(run: Run, name: str, teacher, model_spec: dict):
     from ptd_sparse.cache import CacheError, TeacherCache, teacher_fingerprint
 
     folder = cache_folder(run, name)
@@ -331,6 +355,9 @@ def distill_students(run: Run) -> dict:
     folders = distillation_teachers(run)
     source = teacher_source(run.config)
     results = {}
+    targets_of = {v: len(run.config["prune"]["targets"]) if v in ("kd_pruned", "designed_kd_pruned") else 1
+                  for v in d["variants"]}
+    progress = run.progress("distill", run.config["run"]["seeds"] * sum(targets_of.values()), "distill")
     for seed_index in range(run.config["run"]["seeds"]):
         seed = run.config["run"]["seed"] + seed_index
         for variant in d["variants"]:
@@ -341,6 +368,7 @@ def distill_students(run: Run) -> dict:
                 _hold_teacher_source(folder, source if variant != "student_ce" else {"teacher": None})
                 if (done := run.done(folder)) is not None:
                     results.setdefault(key, []).append(done)
+                    run.skip(progress, "distill")
                     continue
                 torch.manual_seed(seed)
                 if variant == "designed_kd_pruned":
@@ -357,17 +385,20 @@ def distill_students(run: Run) -> dict:
                         teacher, model_spec = load_model(folders[name])
                         if run.config["cache"]["enabled"]:
                             teachers[name] = Distillation(None, d["alpha"], d["temperature"],
-                                                          _open_cache(run, name, teacher, model_spec))
+                                                          open_cache(run, name, teacher, model_spec))
                         else:
                             teachers[name] = Distillation(teacher, d["alpha"], d["temperature"])
                     distillation = teachers[name]
-                result = fit(student, run.context(seed, stage="distill", variant=key), run.schedule("distill"),
-                             folder / "state.pt", f"{key} seed {seed}", distillation)
+                result = fit(student, run.context(seed, progress, stage="distill", variant=key),
+                             run.schedule("distill"), folder / "state.pt", f"{key} seed {seed}", distillation)
+                logger.info("%s seed %d: validation %.2f%%, test %.2f%%", key, seed, 100 * result["best_val_acc"],
+                            100 * result["test_acc"])
                 result.update(variant=variant, target=target, seed=seed, parameters=count_parameters(student),
                               plan=spec["plan"])
                 if distributed.is_main():
                     save_model(student, folder / "model", spec)
                 results.setdefault(key, []).append(run.finish(folder, result))
+    progress.close()
     return results
 
 

@@ -1,6 +1,8 @@
 """One training loop for every stage: the teacher, retraining between pruning rounds, and distillation.
 
-SGD with Nesterov momentum and a multi-step schedule; batched tensor augmentation; the model with the best
+SGD with Nesterov momentum and either a multi-step schedule (stepped per epoch, the paper's) or a one-cycle schedule
+(linear warm-up, then cosine annealing to zero, stepped per batch: what trains a small network well in a few epochs);
+batched tensor augmentation; the model with the best
 validation accuracy is kept and evaluated on the test split. Where the loss comes from is one small object, the
 teacher signal, that the loop asks for each batch's views and loss: `CrossEntropy` (no teacher) or `Distillation`
 (the fused kd_loss against a live teacher in eval mode on the same augmented batch, or against a cache). The loop
@@ -10,6 +12,7 @@ torchrun it wraps the model in DistributedDataParallel and each rank trains on i
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,8 @@ from ptd_sparse import distributed
 from ptd_sparse.data import Augmentation, Dataset, Split, Views, apply_views, batches, normalize, sample_views
 from ptd_sparse.functional import kd_loss
 from ptd_sparse.pipeline.checkpoint import load_state, save_state
+from ptd_sparse.pipeline.config import SCHEDULES
+from ptd_sparse.pipeline.progress import StageProgress
 from ptd_sparse.topk_teacher import TopKTeacher
 
 
@@ -30,6 +35,10 @@ PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the runnin
 
 @dataclass(frozen=True)
 class Schedule:
+    """How one training runs. kind "multistep": lr times gamma at each milestone epoch; "onecycle": lr / 25 rising
+    linearly to lr over the first `warmup` fraction of the steps, then cosine annealing to zero by the last step
+    (milestones and gamma unused). label_smoothing applies to trainings without a teacher (cross-entropy)."""
+
     epochs: int
     lr: float
     weight_decay: float
@@ -37,10 +46,59 @@ class Schedule:
     gamma: float = 0.1
     momentum: float = 0.9
     batch_size: int = 128
+    kind: str = "multistep"
+    warmup: float = 0.2
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule kind must be one of {SCHEDULES}, got {self.kind!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"schedule warmup must lie in [0, 1), got {self.warmup}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
+class OneCycle:
+    """The learning-rate factor of step s of a one-cycle schedule over `total` steps: 1/25 rising linearly to 1 over
+    `warmup` steps, then 0.5 (1 + cos(pi t)) with t going from 0 to 1 over the remaining steps. A callable object
+    (not a lambda) so that LambdaLR's state dict records it and a resumed training continues the same curve."""
+
+    START = 1 / 25  # the usual one-cycle starting fraction (Smith & Topin 2017)
+
+    def __init__(self, total: int, warmup: int):
+        self.total = max(int(total), 1)
+        self.warmup = min(max(int(warmup), 0), self.total - 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.START + (1 - self.START) * step / self.warmup
+        t = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """The optimizer steps of one epoch on this rank: its share of `samples` (data.batches) in batches."""
+    share = samples // world_size if world_size > 1 else samples
+    return -(-share // batch_size)
+
+
+def lr_scheduler(optimizer, schedule: Schedule, steps: int):
+    """(scheduler, per_step) of `schedule` for an epoch of `steps` optimizer steps: a one-cycle schedule is stepped
+    after every batch, a multi-step one after every epoch."""
+    if schedule.kind == "onecycle":
+        total = schedule.epochs * steps
+        cycle = OneCycle(total, round(schedule.warmup * total))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cycle), True
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(schedule.milestones), schedule.gamma), False
+
+
+@dataclass
 class CrossEntropy:
-    """The signal of a training without a teacher: fresh random views, cross-entropy on the labels."""
+    """The signal of a training without a teacher: fresh random views, cross-entropy on the labels (optionally
+    label-smoothed)."""
+
+    label_smoothing: float = 0.0
 
     def to(self, device: torch.device) -> "CrossEntropy":
         return self
@@ -49,7 +107,7 @@ class CrossEntropy:
         return sample_views(len(index), augmentation, generator)
 
     def loss(self, logits: Tensor, inputs: Tensor, labels: Tensor, index: Tensor, epoch: int) -> Tensor:
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
 
 @dataclass
@@ -100,6 +158,9 @@ class Context:
     # forward passes (None: no autocast), channels_last models and batches.
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
+    # The progress of the stage this training belongs to (one bar or log for all its trainings); None: fit reports
+    # on a StageProgress of its own.
+    stage: StageProgress | None = None
 
 
 def precision_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
@@ -137,14 +198,6 @@ def _log(ctx: Context, record: dict) -> None:
         f.write(json.dumps({**ctx.extra, **record}) + "\n")
 
 
-def _progress(iterable, total: int, enabled: bool, description: str):
-    if not enabled or not distributed.is_main():
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
-
-
 @dataclass
 class _Progress:
     """What a training resumes from: the next epoch, the best validation accuracy so far and that model's state."""
@@ -165,20 +218,20 @@ def _resume(model: nn.Module, optimizer, scheduler, state_path: Path, ctx: Conte
     return _Progress(state["epoch"], state["best_acc"], state["best_model"])
 
 
-def _train_epoch(trained: nn.Module, optimizer, signal, ctx: Context, schedule: Schedule, epoch: int,
-                 label: str) -> dict:
-    """One epoch of steps on this rank's share of the training split; returns the epoch's training metrics."""
+def _train_epoch(trained: nn.Module, optimizer, scheduler, signal, ctx: Context, schedule: Schedule, epoch: int,
+                 label: str, stage: StageProgress) -> dict:
+    """One epoch of steps on this rank's share of the training split; returns the epoch's training metrics. A
+    per-step `scheduler` steps after every batch (None: the caller steps it per epoch)."""
     trained.train()
     split = ctx.dataset.train
-    steps = -(-len(split) // (schedule.batch_size * distributed.world_size()))
     generator = torch.Generator().manual_seed(ctx.seed * 7919 + epoch * 31 + distributed.rank())
     # Running sums stay on the device: reading them every step would stall a GPU once per step.
     seen = 0
     total_loss = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), dtype=torch.long, device=ctx.device)
     stream = batches(split, schedule.batch_size, True, ctx.seed, epoch, distributed.rank(), distributed.world_size())
-    bar = _progress(stream, steps, ctx.progress, f"{label} {epoch + 1}/{schedule.epochs}")
-    for index, images, labels in bar:
+    pending = 0
+    for step, (index, images, labels) in enumerate(stream, start=1):
         views = signal.views(index, epoch, ctx.augmentation, generator)
         inputs = normalize(apply_views(images.to(ctx.device), views, ctx.augmentation.crop_padding), ctx.dataset)
         if ctx.channels_last:
@@ -191,38 +244,53 @@ def _train_epoch(trained: nn.Module, optimizer, signal, ctx: Context, schedule: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total_loss += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-        if hasattr(bar, "set_postfix") and bar.n % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
+        pending += 1
+        if step % PROGRESS_EVERY == 0:
+            stage.step(pending, f"{label} {epoch + 1}/{schedule.epochs}",
+                       {"loss": f"{float(total_loss) / seen:.3f}", "acc": f"{int(correct) / seen:.3f}"}
+                       if stage.bar is not None else None)
+            pending = 0
+    stage.step(pending, f"{label} {epoch + 1}/{schedule.epochs}")
     return {"train_loss": float(total_loss) / max(seen, 1), "train_acc": int(correct) / max(seen, 1)}
 
 
 def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, label: str,
-        distillation: Distillation | None = None, on_epoch_end=None) -> dict:
+        distillation: Distillation | None = None, on_epoch_end=None, test: bool = True) -> dict:
     """Train `model` in place; returns {"best_val_acc", "test_acc", "epochs"}. Resumes from `state_path`.
 
-    The loss comes from the teacher signal: `distillation` (a live teacher or a cache), else cross-entropy."""
+    The loss comes from the teacher signal: `distillation` (a live teacher or a cache), else cross-entropy.
+    test=False leaves the test split untouched (test_acc None), for choices made on the validation split."""
     model.to(ctx.device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum, nesterov=True,
                                 weight_decay=schedule.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(schedule.milestones), schedule.gamma)
+    steps = steps_per_epoch(len(ctx.dataset.train), schedule.batch_size, distributed.world_size())
+    scheduler, per_step = lr_scheduler(optimizer, schedule, steps)
     progress = _resume(model, optimizer, scheduler, state_path, ctx, label)
+    stage = ctx.stage or StageProgress(label, schedule.epochs * steps, ctx.progress)
+    stage.skip(progress.epoch * steps)
     trained = distributed.wrap(model)
-    signal = (distillation or CrossEntropy()).to(ctx.device)
+    signal = (distillation or CrossEntropy(schedule.label_smoothing)).to(ctx.device)
     for epoch in range(progress.epoch, schedule.epochs):
         started = time.time()
-        metrics = _train_epoch(trained, optimizer, signal, ctx, schedule, epoch, label)
-        scheduler.step()
+        metrics = _train_epoch(trained, optimizer, scheduler if per_step else None, signal, ctx, schedule, epoch,
+                               label, stage)
+        if not per_step:
+            scheduler.step()
         val_acc = evaluate(model, ctx.dataset.val, ctx)
         if val_acc > progress.best_acc:
             progress.best_acc = val_acc
             progress.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        _log(ctx, {"label": label, "epoch": epoch + 1, **metrics, "val_acc": val_acc,
-                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)})
+        record = {"label": label, "epoch": epoch + 1, **metrics, "val_acc": val_acc,
+                  "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
+        _log(ctx, record)
+        stage.epoch(label, epoch + 1, schedule.epochs, record)
         if distributed.is_main():
             save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
@@ -232,7 +300,9 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
             on_epoch_end(epoch + 1)
     if progress.best_state is not None:
         model.load_state_dict(progress.best_state)
-    test_acc = evaluate(model, ctx.dataset.test, ctx)
+    test_acc = evaluate(model, ctx.dataset.test, ctx) if test else None
     result = {"best_val_acc": progress.best_acc, "test_acc": test_acc, "epochs": schedule.epochs}
     _log(ctx, {"label": label, "event": "finished", **result})
+    if ctx.stage is None:
+        stage.close()
     return result
