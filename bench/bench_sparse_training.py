@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import ptd_sparse
 from ptd_sparse.files import write_json
 from machine import cpu_vector_extensions  # bench/machine.py
+from conv_cases import case_tensors  # bench/conv_cases.py
 from timing import call_times_ms  # bench/timing.py
 
 HERE = Path(__file__).resolve().parent
@@ -73,17 +74,6 @@ class Row:
     # The fastest single call of each candidate (dense, masked, csr, sparseprop): on a machine shared with other
     # work the least disturbed call, a second view beside the medians.
     fastest_ms: dict | None = None
-
-
-def case_tensors(batch: int, channels: int, size: int, density: float):
-    """x [batch, C, size, size], weight [C, C, 3, 3], mask (bool, ~density of it set), grad_out like x. The same draws,
-    in the same order, as bench/sparseprop_runner.py, so both processes time the same mask."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, size, size, generator=generator)
-    weight = torch.randn(channels, channels, 3, 3, generator=generator)
-    mask = torch.rand(weight.shape, generator=generator) < density
-    grad_out = torch.randn(batch, channels, size, size, generator=generator)
-    return x, weight, mask, grad_out
 
 
 def relative_error(pairs) -> float:

@@ -20,17 +20,8 @@ from sparseprop.modules import SparseConv2d
 from sparseprop.modules.utils import from_sparse_format_conv2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conv_cases import case_tensors  # noqa: E402  (bench/conv_cases.py, torch only)
 from timing import call_times_ms  # noqa: E402  (bench/timing.py, standard library only)
-
-
-def case_tensors(batch: int, channels: int, size: int, density: float):
-    """The same tensors as bench_sparse_training.case_tensors (same generator, same order of draws)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, channels, size, size, generator=generator)
-    weight = torch.randn(channels, channels, 3, 3, generator=generator)
-    mask = torch.rand(weight.shape, generator=generator) < density
-    grad_out = torch.randn(batch, channels, size, size, generator=generator)
-    return x, weight, mask, grad_out
 
 
 def max_abs_error(module: SparseConv2d, x, weight, mask, grad_out) -> float:
