@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include "cpu/isa/dispatch.h"
+#include "fingerprint.h"
 
 #ifndef PTD_TORCH_VERSION
 #define PTD_TORCH_VERSION "unknown"
@@ -76,6 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "The float32 CPU kernel sets this build has and this CPU runs, lowest first.");
   module.def("build_flags", []() { return std::string(PTD_BUILD_FLAGS); },
              "The compiler flags of the extension's CPU code that decide where it runs (optimisation, -march).");
+  module.def("fingerprint", &ptd_sparse::fingerprint, pybind11::arg("tensor"),
+             "A 64-bit hash of a CPU tensor's bytes (caches derived from a weight key on it; ptd_sparse/fingerprint.py).");
   module.def("missing_cpu_features", &ptd_sparse::cpu_isa::missing_baseline_features,
              "CPU features the build's -march assumes that this CPU lacks (empty for a portable build).");
 }

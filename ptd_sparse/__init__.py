@@ -5,12 +5,14 @@ Operators (each with the backends reference / cpu / cuda / triton, see ptd_spars
     sparse_conv2d(input, sparse_weight, ...)     convolution with a SparseConvWeight (canonical CSR)
     kd_loss(student_logits, teacher_logits, ...) fused temperature-softmax distillation loss; the teacher may be
                                                  a TopKTeacher (its k largest classes, see topk_teacher)
-Modules: ptd_sparse.nn.MaskedConv2d, ptd_sparse.nn.SparseConv2d, ptd_sparse.nn.KDLoss; sparsify(model).
+Modules: ptd_sparse.nn.MaskedConv2d, ptd_sparse.nn.SparseConv2d, ptd_sparse.nn.KDLoss; sparsify(model), and its
+inference routes saved and loaded as plans (route_plan, save_route_plan, load_route_plan).
 """
 from ptd_sparse import nn
 from ptd_sparse.backends import BACKENDS, choose_backend
 from ptd_sparse.functional import kd_loss, masked_conv2d, sparse_conv2d
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
+from ptd_sparse.route_plan import load_route_plan, route_plan, save_route_plan
 from ptd_sparse.sparsify import sparsify
 from ptd_sparse.topk_teacher import TopKTeacher, topk_teacher
 
@@ -24,4 +26,4 @@ def design_student(*args, **kwargs):
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ConvPattern", "SparseConvWeight", "choose_backend", "kd_loss", "masked_conv2d", "nn",
-           "sparse_conv2d", "sparsify", "design_student", "TopKTeacher", "topk_teacher"]
+           "sparse_conv2d", "sparsify", "design_student", "route_plan", "save_route_plan", "load_route_plan", "TopKTeacher", "topk_teacher"]

@@ -11,8 +11,9 @@ from torch import Tensor
 from ptd_sparse import _format_checks
 from ptd_sparse import _validation as check
 from ptd_sparse import ops
-from ptd_sparse.backends import COMPILED, DENSE, KD_LOSS, SPARSE_CONV, choose_backend
+from ptd_sparse.backends import COMPILED, DENSE, KD_LOSS, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.compiled import sparse_conv2d as compiled_conv
+from ptd_sparse.fingerprint import content_key
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight, dense_weight
 from ptd_sparse.reference.kd_loss import REDUCTIONS, check_topk_teacher
 from ptd_sparse.topk_teacher import TopKTeacher
@@ -22,28 +23,31 @@ DEFAULT_TEMPERATURE = 10.0  # the paper's setting (Park & No 2022, following the
 DEFAULT_ALPHA = 0.95  # the paper's weight of the distillation term
 
 # Patterns of the masks seen by masked_conv2d, so a mask is compressed once, not on every call. Keyed by the mask
-# tensor's identity; an entry is rebuilt when the mask is modified in place (its version counter moves) and dropped
-# when the mask is freed.
-_pattern_cache: dict[int, tuple[weakref.ref, tuple[int, int, int], ConvPattern]] = {}
+# tensor's identity and dropped when the mask is freed. An entry is rebuilt when the mask's contents change: on CPUs
+# its key is a hash of the bytes (ptd_sparse.fingerprint; `.data` edits and NumPy writes move no version counter),
+# elsewhere a copy of the mask is kept and compared.
+_pattern_cache: dict[int, tuple[weakref.ref, tuple, Tensor | None, ConvPattern]] = {}
 
 
-def _mask_version(mask: Tensor, groups: int) -> tuple[int, int, int]:
-    try:
-        version = mask._version
-    except RuntimeError:  # inference tensors carry no version counter
-        version = -1
-    return version, mask.data_ptr(), groups
+def _mask_key(mask: Tensor, groups: int) -> tuple:
+    content = content_key(mask) if mask.device.type == "cpu" else None
+    return mask.device, tuple(mask.shape), groups, content
 
 
 def pattern_of(mask: Tensor, groups: int = 1) -> ConvPattern:
-    """The cached ConvPattern of `mask` (of a convolution with `groups` groups), rebuilt only when the mask changed."""
+    """The cached ConvPattern of `mask` (of a convolution with `groups` groups), rebuilt whenever the mask's
+    contents change."""
     key = id(mask)
     entry = _pattern_cache.get(key)
-    if entry is not None and entry[0]() is mask and entry[1] == _mask_version(mask, groups):
-        return entry[2]
-    pattern = ConvPattern.from_mask(mask.detach(), groups)
-    _pattern_cache[key] = (weakref.ref(mask, lambda _, key=key: _pattern_cache.pop(key, None)),
-                           _mask_version(mask, groups), pattern)
+    mask_key = _mask_key(mask, groups)
+    if entry is not None and entry[0]() is mask and entry[1] == mask_key and \
+            (entry[2] is None or torch.equal(entry[2], mask)):
+        return entry[3]
+    with torch.inference_mode(False):
+        pattern = ConvPattern.from_mask(mask.detach(), groups)
+        snapshot = None if mask.device.type == "cpu" else mask.detach().clone()
+    _pattern_cache[key] = (weakref.ref(mask, lambda _, key=key: _pattern_cache.pop(key, None)), mask_key, snapshot,
+                           pattern)
     return pattern
 
 
@@ -89,6 +93,10 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
         # A compiled graph cannot key a cached pattern on the mask's values (nor build one: its size depends on them),
         # so it takes the dense masked path, which traces into the graph; sparse kernels under torch.compile come
         # with SparseConv2d (sparsify), whose pattern lives in buffers.
+        pattern, chosen = None, DENSE
+    elif batched.device.type != "cpu" and requested_backend(backend) is None:
+        # On GPUs the automatic choice is cuDNN (docs/design.md, round 3): no pattern is needed, so none is built
+        # or checked (which would synchronise with the device on every call).
         pattern, chosen = None, DENSE
     else:
         pattern = pattern_of(mask, groups)

@@ -32,6 +32,7 @@ from ptd_sparse.nn import module_graph
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
 from ptd_sparse.nn.pooling import MaxPool2x2
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
+from ptd_sparse.route_plan import apply_routes
 
 _logger = logging.getLogger("ptd_sparse")
 
@@ -159,10 +160,16 @@ def _fold_traced(target: nn.Module, patterns: list, backend: str | None, handled
 
 @torch.no_grad()
 def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None,
-             fold_bn: bool = True, fast_pooling: bool = True) -> nn.Module:
+             fold_bn: bool = True, fast_pooling: bool = True, routes=None) -> nn.Module:
     """Return `model` (a copy unless inplace) in inference form, in eval mode: pruned convolutions stored sparse
     (or dense where measured faster), BatchNorm folded and ReLU fused where they follow a pruned convolution (found
-    in the fx trace, see the module docstring), 2x2 max-pools as MaxPool2x2 (fast_pooling)."""
+    in the fx trace, see the module docstring), 2x2 max-pools as MaxPool2x2 (fast_pooling).
+
+    routes: how each SparseConv2d picks its inference route (ptd_sparse.nn.measured_route). None or "measure":
+    timed on the first call of each shape bucket (bounded). "density": the deterministic density rule, for results
+    that must not depend on timings. A route name ("sparse", "dense", "dense_channels_last", "dense_prepacked"):
+    that route everywhere. A plan saved by ptd_sparse.save_route_plan (its path or the dict): the saved routes, no
+    measurement."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     target = (model if inplace else _copy(model)).eval()
@@ -184,4 +191,5 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
         for name, module in list(target.named_modules()):
             if MaxPool2x2.replaces(module):
                 _replace(target, name, MaxPool2x2())
+    apply_routes(target, routes)
     return target

@@ -20,13 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # of the operators and modules, so it sits with nn.
 LAYERS = [
     ("foundation", ("ptd_sparse._validation", "ptd_sparse._format_checks", "ptd_sparse.conv_geometry",
-                    "ptd_sparse.pattern", "ptd_sparse.topk_teacher")),
-    ("kernels", ("ptd_sparse.kernels", "ptd_sparse._C", "ptd_sparse._extension", "ptd_sparse.compiled",
+                    "ptd_sparse.pattern", "ptd_sparse.topk_teacher", "ptd_sparse.files")),
+    ("kernels", ("ptd_sparse.kernels", "ptd_sparse._C", "ptd_sparse._extension", "ptd_sparse.fingerprint",
+                 "ptd_sparse.compiled",
                  "ptd_sparse.reference", "ptd_sparse.triton_kernels", "ptd_sparse.backends")),
     ("ops", ("ptd_sparse.ops",)),
     ("functional", ("ptd_sparse.functional",)),
-    ("nn", ("ptd_sparse.nn", "ptd_sparse.sparsify", "ptd_sparse")),
-    ("data", ("ptd_sparse.data", "ptd_sparse.files", "ptd_sparse.distributed")),
+    ("nn", ("ptd_sparse.nn", "ptd_sparse.sparsify", "ptd_sparse.route_plan", "ptd_sparse")),
+    ("data", ("ptd_sparse.data", "ptd_sparse.distributed")),
     ("cache", ("ptd_sparse.cache",)),
     ("pipeline", ("ptd_sparse.pipeline",)),
     ("cli", ("ptd_sparse.cli",)),

@@ -1,18 +1,27 @@
-"""Which path runs an inference call of a SparseConv2d: measured once per input shape bucket, on the real input.
+"""Which path runs an inference call of a SparseConv2d: its route, and how the route is chosen.
 
-A fixed density crossover cannot say whether a layer gains from its sparse kernel: that depends on the layer's
-channels and map size, the batch, and the CPU (the first layer of a network with 1-3 input channels gains from the
-sparse kernel even at 90% density; at batch 1 oneDNN's NCHW path falls back to a slow direct convolution that the
-channels_last path avoids). So the first inference call of each (batch bucket, map size, dtype, device, layout)
-times every route on that very input and remembers the fastest; later calls in the bucket take it at no cost.
-Batch sizes are bucketed by powers of two (1, 2, 4, ..., 256, ...), so a loop over a data set with a smaller last
-batch measures at most once more. Each route returns its output in its input's layout, converting inside the timed
-call, so that a route's cost includes what its layout would otherwise impose on the layers after it.
+Routes: the sparse kernel (`sparse`), F.conv2d on the dense weight in NCHW (`dense`) or channels_last
+(`dense_channels_last`), and oneDNN with the weight prepacked once and the ReLU fused (`dense_prepacked`, float32 on
+CPUs). Every route computes the same convolution and returns its output in its input's layout.
+
+A layer's route policy says how its route is chosen:
+- `measure` (the default): the first inference call of each shape bucket times every route on that very input and
+  keeps the fastest. A fixed density crossover cannot say whether a layer gains from its sparse kernel: that depends
+  on its channels and map size, the batch, and the CPU. Buckets round the batch and the map's height and width up
+  to powers of two, and a layer measures at most MAX_BUCKETS of them; a call in a further bucket takes the route of
+  the nearest bucket measured, so varying input sizes cost a bounded number of measurements and memory. The choice
+  depends on timings, so two runs may pick different routes, whose results differ in the last bits.
+- `density`: the sparse kernel where the weight is at most as dense as the device's crossover
+  (ptd_sparse.backends.dense_crossover), the dense NCHW route above it. Deterministic: what a stored artefact (a
+  teacher-logit cache) uses, so that its bytes depend only on the weights and the inputs.
+- a route name: that route for every call (no measurement).
+- a saved plan (ptd_sparse.route_plan): the routes of each bucket as measured once, elsewhere; no measurement.
 """
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -20,22 +29,41 @@ from torch import Tensor
 
 SPARSE, DENSE, DENSE_CHANNELS_LAST = "sparse", "dense", "dense_channels_last"
 # oneDNN with the weight reordered into its own blocked layout once (not on every call, as F.conv2d does) and the
-# ReLU fused: what torch.jit.freeze + optimize_for_inference and Inductor's CPU freezing run. float32 on CPUs with
-# oneDNN only (prepacked_route_available).
+# ReLU fused: what torch.jit.freeze + optimize_for_inference and Inductor's CPU freezing run.
 DENSE_PREPACKED = "dense_prepacked"
 ROUTES = (SPARSE, DENSE, DENSE_CHANNELS_LAST, DENSE_PREPACKED)
+MEASURE, DENSITY = "measure", "density"
+POLICIES = (MEASURE, DENSITY) + ROUTES
+MAX_BUCKETS = 8  # measured shape buckets per layer; further buckets borrow the nearest one's route
+REPEATS = 3  # timed runs per route, interleaved, after one warm-up each
+
+
+def check_policy(policy: str | None) -> str:
+    """`policy` (None means measure) checked against POLICIES."""
+    policy = MEASURE if policy is None else policy
+    if policy not in POLICIES:
+        raise ValueError(f"route must be one of {POLICIES} (or None: measure), got {policy!r}")
+    return policy
 
 
 def prepacked_route_available(input: Tensor) -> bool:
-    """Whether the prepacked oneDNN route can run `input`: float32 on a CPU, torch built with oneDNN."""
+    """Whether the prepacked oneDNN route can run `input`: float32 on a CPU, torch built with oneDNN and oneDNN
+    enabled (torch.backends.mkldnn.flags), its private convolution op present, and no CPU autocast (under which the
+    other routes compute and return the autocast dtype, and this one could not)."""
     return (input.device.type == "cpu" and input.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+            and bool(torch.backends.mkldnn.enabled) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def routes_for(input: Tensor) -> tuple[str, ...]:
     """The routes an inference call on `input` may take."""
     return ROUTES if prepacked_route_available(input) else ROUTES[:3]
-REPEATS = 3  # timed runs per route, interleaved, after one warm-up each
+
+
+def runnable(route: str, input: Tensor) -> str:
+    """`route`, or the dense NCHW route where `route` cannot run `input` (the prepacked route outside float32 CPU
+    calls: a plan or a bucket measured for another dtype or under no autocast)."""
+    return DENSE if route == DENSE_PREPACKED and not prepacked_route_available(input) else route
 
 
 def batch_bucket(batch: int) -> int:
@@ -44,19 +72,45 @@ def batch_bucket(batch: int) -> int:
 
 
 def shape_key(input: Tensor) -> tuple:
-    """What a measured choice is valid for: the batch bucket, the map size, dtype, device, memory layout."""
-    return (batch_bucket(input.shape[0]), tuple(input.shape[2:]), input.dtype, input.device.type,
-            input.is_contiguous())
+    """The bucket a measured choice is valid for: (batch, height, width) rounded up to powers of two, dtype, device
+    type, channels_last, and the autocast dtype in force (None outside autocast)."""
+    device = input.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (batch_bucket(int(input.shape[0])), batch_bucket(int(input.shape[2])), batch_bucket(int(input.shape[3])),
+            input.dtype, device, not input.is_contiguous(), autocast)
+
+
+def nearest_key(keys, key: tuple) -> tuple | None:
+    """Of `keys`, the one closest to `key`: same dtype, device, layout and autocast first, then the closest batch,
+    then the closest map size (in powers of two). None when `keys` is empty."""
+    def distance(other: tuple) -> tuple:
+        same_kind = other[3:] == key[3:]
+        log = lambda n: n.bit_length()  # noqa: E731 - buckets are powers of two
+        return (not same_kind, abs(log(other[0]) - log(key[0])),
+                abs(log(other[1]) - log(key[1])) + abs(log(other[2]) - log(key[2])))
+    return min(keys, key=distance, default=None)
 
 
 def fastest(routes: dict[str, Callable[[Tensor], Tensor]], input: Tensor) -> tuple[str, dict[str, float]]:
     """(name of the fastest route on `input`, median seconds of each). Runs are interleaved so that a drift of the
-    machine's speed during the measurement hits every route alike."""
-    for run in routes.values():
-        run(input)  # warm-up: first-call set-up (pattern layouts, oneDNN primitives) is not what is compared
-    samples = {name: [] for name in routes}
+    machine's speed during the measurement hits every route alike. A route that raises is dropped with a warning
+    naming it and the error; if every route raises, the first error propagates."""
+    working, first_error = {}, None
+    for name, run in routes.items():
+        try:
+            run(input)  # warm-up: first-call set-up (pattern layouts, oneDNN primitives) is not what is compared
+        except Exception as error:  # noqa: BLE001 - any failure of a candidate only removes it from the choice
+            first_error = first_error or error
+            warnings.warn(f"ptd_sparse: the {name} route failed on input {tuple(input.shape)} "
+                          f"({type(error).__name__}: {error}); it is dropped from the choice", RuntimeWarning,
+                          stacklevel=3)
+            continue
+        working[name] = run
+    if not working:
+        raise first_error
+    samples = {name: [] for name in working}
     for _ in range(REPEATS):
-        for name, run in routes.items():
+        for name, run in working.items():
             started = time.perf_counter()
             run(input)
             samples[name].append(time.perf_counter() - started)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ptd_sparse import _format_checks
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import DENSE, SPARSE_CONV, choose_backend, requested_backend
+from ptd_sparse.fingerprint import content_key
 from ptd_sparse.functional import pattern_indices, sparse_conv2d_indexed
 from ptd_sparse.nn import measured_route
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
@@ -30,6 +31,11 @@ def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
     return list(conv.padding)
 
 
+def _tracing() -> bool:
+    """Whether this call is being traced (torch.jit.trace) or compiled/exported (torch.compile, torch.export)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def is_channels_last(input: Tensor) -> bool:
     """Whether a 4-d `input` is laid out channels_last (and not also plain contiguous, as 1x1 maps or one channel
     are)."""
@@ -40,17 +46,21 @@ class SparseConv2d(nn.Module):
     """Convolution with a SparseConvWeight: pattern tensors as buffers, the nonzero `values` [nnz] as a parameter
     (so they can be fine-tuned), optional bias. Memory and work scale with the nonzeros.
 
-    With the automatic backend (backend=None, no PTD_BACKEND), an inference call (no gradient wanted) runs whichever
-    of its routes was fastest on the first call of its shape bucket (ptd_sparse.nn.measured_route): the sparse
-    kernel, F.conv2d on the dense weight in NCHW or in channels_last, or (float32 on CPUs) oneDNN with the weight
-    prepacked once and the ReLU fused. Every route returns the caller's layout. Calls that want gradients take the sparse
-    kernel, or the dense route above the density crossover for their batch size. backend="dense" (or
-    PTD_BACKEND=dense) always takes the dense route. A grouped or depthwise sparse_weight (groups > 1) runs the
-    same sparse kernels (ptd_sparse.pattern), and its dense routes run F.conv2d with groups, so the measurement
-    compares the sparse kernel with PyTorch's own grouped convolution."""
+    With the automatic backend (backend=None, no PTD_BACKEND), an inference call (no gradient wanted) runs one of
+    four routes (ptd_sparse.nn.measured_route): the sparse kernel, F.conv2d on the dense weight in NCHW or in
+    channels_last, or (float32 on CPUs) oneDNN with the weight prepacked once and the ReLU fused. `route` (or
+    `set_routes`, or sparsify's `routes`) says how the route is chosen: measured per shape bucket (None, "measure"),
+    by the deterministic density rule ("density"), fixed (a route name), or from a saved plan. Every route returns
+    the caller's layout. Calls that want gradients take the fixed route, else the sparse kernel or the dense route by
+    the density crossover for their batch size. backend="dense" (or PTD_BACKEND=dense) always takes the dense route.
+    A grouped or depthwise sparse_weight (groups > 1) runs the same sparse kernels (ptd_sparse.pattern), and its
+    dense routes run F.conv2d with groups. Weights derived for the dense routes are keyed on the contents of values
+    and pattern (ptd_sparse.fingerprint), so no way of changing values leaves a stale copy in use."""
+
+    route_policy: str = measured_route.MEASURE  # what a module unpickled from an older save lacks
 
     def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
-                 dilation=1, backend: str | None = None, relu: bool = False):
+                 dilation=1, backend: str | None = None, relu: bool = False, route: str | None = None):
         super().__init__()
         self.weight_shape = sparse_weight.shape  # full [C_out, C_in, KH, KW], what the kernels see
         self.groups = sparse_weight.groups
@@ -63,52 +73,66 @@ class SparseConv2d(nn.Module):
         self.backend = backend
         self.relu = relu  # max(0, .) fused into the kernel's epilogue
         self._density = sparse_weight.density
-        # The dense weight of the calls that the automatic choice sends to the dense route (above the crossover for
-        # their batch size), built on first use and reused while values and pattern are unchanged: (key, weight).
-        self._dense_cache: tuple[tuple, dict[bool, Tensor]] | None = None
-        # The measured route of each input shape bucket (measured_route.shape_key -> route name); not saved in the
-        # state dict, as it describes this machine.
+        # How inference calls choose their route (measured_route: "measure", "density" or a route name).
+        self.route_policy = measured_route.check_policy(route)
+        # The route of each input shape bucket (measured_route.shape_key -> route name), measured or loaded from a
+        # plan; not saved in the state dict, as it describes one machine.
         self._routes: dict[tuple, str] = {}
-        # The prepacked oneDNN weight of the dense_prepacked route: (key as for the dense copy, weight), or None.
+        # Weights derived from values for the dense routes, on CPUs only (on GPUs the scatter costs less than
+        # checking a cache): (content key of values and flat_index, {NCHW: False / channels_last: True -> weight})
+        # and (content key, prepacked oneDNN weight). Keyed on the contents, never on version counters, which fused
+        # optimizers and .data edits do not move; dropped by deepcopy and pickling (__getstate__).
+        self._dense_cache: tuple[tuple, dict[bool, Tensor]] | None = None
         self._prepacked: tuple[tuple, Tensor] | None = None
 
     def keep_dense_copy(self) -> None:
-        """Build the dense weight now (it is otherwise built by the first call that takes the dense route), so calls
-        whose batch makes the dense kernel faster (by the measured crossover, ptd_sparse.backends.dense_crossover)
-        start without that cost. The copy follows the values: it is rebuilt whenever they change."""
+        """Build the dense weight now (it is otherwise built by the first call that takes a dense route), so calls
+        whose route is dense start without that cost. The copy follows the values: it is rebuilt whenever their
+        contents change, however they were changed."""
         with torch.no_grad():
             self._cached_dense_weight()
 
-    def _dense_key(self) -> tuple:
-        # In-place updates (optimizer steps, load_state_dict) move a tensor's version counter; .to() and .half()
-        # change its storage, device or dtype.
-        # Inference tensors (made under torch.inference_mode) track no version; they cannot be edited in place
-        # outside inference mode either, so their storage identifies them.
-        return tuple((-1 if t.is_inference() else t._version, t.data_ptr(), t.device, t.dtype)
-                     for t in (self.values, self.flat_index))
+    def _weight_key(self) -> tuple:
+        return content_key(self.values, self.flat_index)
 
     def _cached_dense_weight(self, channels_last: bool = False) -> Tensor:
-        """The cached dense weight, in NCHW or channels_last (both kept once made: each is read on every call of
-        its route, and converting per call would copy the whole weight)."""
-        key = self._dense_key()
-        if self._dense_cache is None or self._dense_cache[0] != key:
-            self._dense_cache = (key, {False: self.sparse_weight.to_dense().detach()})
-        weights = self._dense_cache[1]
-        if channels_last not in weights:
-            weights[channels_last] = weights[False].contiguous(memory_format=torch.channels_last)
+        """The dense weight in NCHW or channels_last, cached on CPUs while values and pattern hold the same bytes.
+        Made outside inference mode, so a weight first built under torch.inference_mode can serve later calls that
+        record autograd."""
+        if self.values.device.type != "cpu":
+            weight = self.sparse_weight.to_dense().detach()
+            return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
+        key = self._weight_key()
+        with torch.inference_mode(False), torch.no_grad():
+            if self._dense_cache is None or self._dense_cache[0] != key:
+                self._dense_cache = (key, {})
+            weights = self._dense_cache[1]
+            if channels_last not in weights:
+                dense = weights[False] if False in weights else self.sparse_weight.to_dense()
+                weights[channels_last] = dense.contiguous(memory_format=torch.channels_last) if channels_last \
+                    else dense
         return weights[channels_last]
 
     def _dense_weight(self, channels_last: bool = False) -> Tensor:
-        """The dense weight for this call. With gradients wanted for values it is scattered from them anew, as part
-        of the autograd graph (values change every step, and a weight cached across calls would carry no gradient);
-        otherwise the cached copy, rebuilt only when values or pattern changed."""
-        if torch.is_grad_enabled() and self.values.requires_grad:
+        """The dense weight for this call. With gradients wanted for values, or while tracing or compiling, it is
+        scattered from them anew inside the graph (a cached weight would carry no gradient, and a traced graph would
+        hold it as a constant); otherwise the cached copy."""
+        if (torch.is_grad_enabled() and self.values.requires_grad) or _tracing():
             weight = self.sparse_weight.to_dense()
             return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
         return self._cached_dense_weight(channels_last)
 
+    def __getstate__(self):
+        # The derived weights are dropped (rebuilt on the next call): a prepacked oneDNN tensor cannot be copied or
+        # pickled at all, and a copy that kept them would only duplicate what values already hold.
+        state = self.__dict__.copy()
+        state["_dense_cache"] = None
+        state["_prepacked"] = None
+        return state
+
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None) -> "SparseConv2d":
+    def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None,
+                  route: str | None = None) -> "SparseConv2d":
         """Compress `conv` (any groups, symmetric zero padding). Without a mask, the nonzero weights are kept."""
         padding = explicit_padding(conv)
         if padding is None:
@@ -116,7 +140,7 @@ class SparseConv2d(nn.Module):
                              f"padding_mode={conv.padding_mode!r}")
         weight = conv.weight.detach()
         sparse_weight = SparseConvWeight.from_dense(weight, mask, conv.groups)
-        return cls(sparse_weight, conv.bias, conv.stride, padding, conv.dilation, backend)
+        return cls(sparse_weight, conv.bias, conv.stride, padding, conv.dilation, backend, route=route)
 
     @property
     def sparse_weight(self) -> SparseConvWeight:
@@ -162,20 +186,58 @@ class SparseConv2d(nn.Module):
         requested = requested_backend(self.backend)
         if requested == DENSE:
             return self._run(measured_route.DENSE, input)
-        automatic = requested is None
-        if automatic and input.dim() == 4 and not torch.compiler.is_compiling() and not self._wants_grad(input):
-            key = measured_route.shape_key(input)
-            route = self._routes.get(key)
-            if route is None:
-                route = self._measure(key, input)
-            return self._run(route, input)
-        batch = input.shape[0] if input.dim() == 4 else 1
-        # The automatic choice's dense route runs F.conv2d on this module's cached dense weight; an explicit backend
-        # (reference included: the oracle) always goes through the operator.
-        if automatic and not torch.compiler.is_compiling() and \
-                choose_backend(SPARSE_CONV, input.device, self.backend, self._density, batch) == DENSE:
-            return self._run(measured_route.DENSE, input)
-        return self._run(measured_route.SPARSE, input)
+        if requested is not None or input.dim() != 4:
+            return self._run(measured_route.SPARSE, input)
+        if _tracing():
+            # One route, chosen here without timing or caches, so the traced or exported graph is the same on every
+            # trace and holds no stale constant.
+            return self._run(self._static_route(), input)
+        if self._wants_grad(input):
+            return self._run(self._training_route(input), input)
+        return self._run(measured_route.runnable(self._inference_route(input), input), input)
+
+    def _static_route(self) -> str:
+        """The route of a traced, compiled or exported graph: the fixed route, else the one most buckets measured
+        (sparse on a tie), else the density rule. The prepacked route runs as the dense one there (its weight is
+        not a graph input)."""
+        if self.route_policy in measured_route.ROUTES:
+            route = self.route_policy
+        elif self._routes:
+            routes = list(self._routes.values())
+            route = max(sorted(set(routes), key=lambda r: r != measured_route.SPARSE), key=routes.count)
+        else:
+            route = self._density_route(self.values.device, None)
+        return measured_route.DENSE if route == measured_route.DENSE_PREPACKED else route
+
+    def _density_route(self, device: torch.device, batch: int | None) -> str:
+        chosen = choose_backend(SPARSE_CONV, device, None, self._density, batch)
+        return measured_route.DENSE if chosen == DENSE else measured_route.SPARSE
+
+    def _training_route(self, input: Tensor) -> str:
+        """A call that records autograd: a fixed route where one is set (the prepacked one, which has no backward,
+        as the dense one), else the density rule for the batch."""
+        if self.route_policy in measured_route.ROUTES:
+            return measured_route.DENSE if self.route_policy == measured_route.DENSE_PREPACKED else self.route_policy
+        return self._density_route(input.device, input.shape[0])
+
+    def _inference_route(self, input: Tensor) -> str:
+        if self.route_policy == measured_route.DENSITY:
+            return self._density_route(input.device, None)
+        if self.route_policy in measured_route.ROUTES and not self._routes:
+            return self.route_policy
+        key = measured_route.shape_key(input)
+        route = self._routes.get(key)
+        if route is not None:
+            return route
+        if self.route_policy != measured_route.MEASURE:
+            # A plan that lacks this bucket: its nearest one, never a measurement.
+            return self._routes[measured_route.nearest_key(self._routes, key)] if self._routes else self.route_policy
+        if len(self._routes) >= measured_route.MAX_BUCKETS:
+            nearest = measured_route.nearest_key(self._routes, key)
+            _logger.debug("SparseConv2d %s: %d buckets measured; input %s takes the route of bucket %s",
+                          self.weight_shape, len(self._routes), tuple(input.shape), nearest)
+            return self._routes[nearest]
+        return self._measure(key, input)
 
     def _wants_grad(self, input: Tensor) -> bool:
         return torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad or
@@ -213,12 +275,13 @@ class SparseConv2d(nn.Module):
     @torch.no_grad()
     def _prepacked_weight(self, input: Tensor) -> Tensor:
         """The dense weight in oneDNN's blocked layout for the prepacked route, reordered once (for the first input's
-        shape; any shape runs on it) and rebuilt only when values or pattern change, as the dense copy is."""
-        key = self._dense_key()
+        shape; any shape runs on it) and rebuilt whenever values or pattern change, as the dense copy is."""
+        key = self._weight_key()
         if self._prepacked is None or self._prepacked[0] != key:
-            weight = self._cached_dense_weight().to_mkldnn()
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight, self.padding, self.stride, self.dilation,
-                                                               self.groups, list(input.shape))
+            with torch.inference_mode(False):
+                weight = self.sparse_weight.to_dense().detach().to_mkldnn()
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight, self.padding, self.stride, self.dilation,
+                                                                   self.groups, list(input.shape))
             self._prepacked = (key, packed)
         return self._prepacked[1]
 
@@ -227,13 +290,36 @@ class SparseConv2d(nn.Module):
         routes = {name: (lambda x, name=name: self._run(name, x)) for name in measured_route.routes_for(input)}
         best, seconds = measured_route.fastest(routes, input)
         self._routes[key] = best
-        if measured_route.DENSE_PREPACKED not in self._routes.values():
-            self._prepacked = None
-        if best == measured_route.SPARSE:
-            self._dense_cache = None  # the dense weight is not needed by this bucket: keep memory at the nonzeros
+        self._drop_unused_weights()
         _logger.debug("SparseConv2d %s density %.3f input %s: %s (%s)", self.weight_shape, self._density,
                       tuple(input.shape), best, ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in seconds.items()))
         return best
+
+    def _drop_unused_weights(self) -> None:
+        """Keep only the derived weights that the chosen routes read: memory stays at the nonzeros for a layer
+        whose every bucket runs the sparse kernel, and at one dense form for a layer that runs dense."""
+        used = set(self._routes.values()) | ({self.route_policy} & set(measured_route.ROUTES))
+        if measured_route.DENSE_PREPACKED not in used:
+            self._prepacked = None
+        if self._dense_cache is not None:
+            layouts = self._dense_cache[1]
+            if measured_route.DENSE not in used:
+                layouts.pop(False, None)
+            if measured_route.DENSE_CHANNELS_LAST not in used:
+                layouts.pop(True, None)
+            if not layouts:
+                self._dense_cache = None
+
+    def set_routes(self, policy: str | None, table: dict[tuple, str] | None = None) -> None:
+        """Fix how inference calls choose their route: `policy` as in measured_route (None: measure), and the route
+        of each shape bucket (`table`, from a saved plan). Derived weights no route reads are dropped."""
+        policy = measured_route.check_policy(policy)
+        table = dict(table or {})
+        for key, route in table.items():
+            if route not in measured_route.ROUTES:
+                raise ValueError(f"route of bucket {key} must be one of {measured_route.ROUTES}, got {route!r}")
+        self.route_policy, self._routes = policy, table
+        self._drop_unused_weights()
 
     @property
     def routes(self) -> dict[tuple, str]:
