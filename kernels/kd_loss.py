@@ -7,7 +7,7 @@ A program owns BLOCK_R rows (several short rows, or one long row) and sweeps the
 1. an online pass keeps, per row, the running maxima of s and t and, relative to them, the normalisers of
    softmax(s/T), softmax(s) and softmax(t/T) and the teacher-weighted sum sum_c e_t * ((t - m_t) - (s - m_s)) / T
    that KL needs; all are rescaled when a maximum grows, so nothing is ever exponentiated above 0. The same pass
-   flags NaN, +inf and rows with no finite entry (the host raises the reference's ValueError for the first one).
+   flags NaN, +inf and rows with no finite entry (the host raises the shared contract's ValueError for the first one).
 2. the gradient pass recomputes the three softmaxes from those statistics and writes the gradient once.
 No [rows, classes] temporaries beyond the gradient itself. Accumulation in float32 (float64 for float64 students).
 """
@@ -18,9 +18,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ptd_sparse._kd_contract import (REDUCTION_BATCHMEAN, REDUCTION_NONE, REDUCTION_SUM, bad_logits_message,
+                                     bad_target_message)
+
 from ._launch import INTERPRET, configs, launch_context
 
-REDUCTION_NONE, REDUCTION_SUM, REDUCTION_BATCHMEAN = 0, 1, 2
 # Flags written per row: which input made the row invalid.
 BAD_STUDENT, BAD_TEACHER, BAD_TARGET = 1, 2, 4
 # Rows of at most this many classes are processed several to a program (one [BLOCK_R, BLOCK_C] tile).
@@ -391,14 +393,13 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
 
 def _raise_for_flags(flags: Tensor, student: Tensor, teacher: Tensor | None, target: Tensor | None,
                      ignore_index: int):
-    """The reference's errors, in its order: student rows first, then teacher rows, then labels."""
+    """The errors of ptd_sparse._kd_contract, in the reference's order: student rows first, then teacher rows, then
+    labels."""
     for bit, name in ((BAD_STUDENT, "student_logits"), (BAD_TEACHER, "teacher_logits")):
         rows = torch.nonzero(flags & bit).reshape(-1)
         if rows.numel():
-            raise ValueError(f"kd_loss: {name} row {int(rows[0])} holds NaN or +inf, or has no finite entry; "
-                             "logits must be finite or -inf")
+            raise ValueError(bad_logits_message(name, int(rows[0])))
     rows = torch.nonzero(flags & BAD_TARGET).reshape(-1)
     if rows.numel():
         row = int(rows[0])
-        raise ValueError(f"kd_loss: target has value {int(target[row])} at row {row}; expected a class index in "
-                         f"[0, {student.shape[1]}) or ignore_index = {ignore_index}")
+        raise ValueError(bad_target_message(int(target[row]), row, student.shape[1], ignore_index))

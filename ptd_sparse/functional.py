@@ -10,12 +10,12 @@ from torch import Tensor
 
 from ptd_sparse import _format_checks
 from ptd_sparse import _validation as check
+from ptd_sparse._kd_contract import check_topk_teacher, reduction_code
 from ptd_sparse import ops
 from ptd_sparse.backends import COMPILED, DENSE, KD_LOSS, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.compiled import sparse_conv2d as compiled_conv
 from ptd_sparse.fingerprint import content_key
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight, dense_weight
-from ptd_sparse.reference.kd_loss import REDUCTIONS, check_topk_teacher
 from ptd_sparse.topk_teacher import TopKTeacher
 from ptd_sparse.topk_teacher import checked as topk_checked
 
@@ -212,8 +212,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
     alpha = check.alpha(alpha)
     if target is None and alpha == 0:
         raise ValueError("alpha=0 with target=None leaves no loss term; give target or an alpha > 0")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    reduction_id = reduction_code(reduction)
     if type(ignore_index) is not int and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
@@ -224,11 +223,11 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
         if topk is not None:
             check_topk_teacher(*topk, student_logits.shape[1])
             return kernels.kd_loss_topk_differentiable(student_logits, *topk, target, temperature, alpha,
-                                                       REDUCTIONS[reduction], int(ignore_index))
+                                                       reduction_id, int(ignore_index))
         return kernels.kd_loss_differentiable(student_logits, teacher_logits.detach(), target, temperature, alpha,
-                                              REDUCTIONS[reduction], int(ignore_index))
+                                              reduction_id, int(ignore_index))
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    options = (target, temperature, alpha, REDUCTIONS[reduction], int(ignore_index), compute_grad, chosen)
+    options = (target, temperature, alpha, reduction_id, int(ignore_index), compute_grad, chosen)
     if topk is not None:
         loss, _ = ops.kd_loss.kd_loss_topk(student_logits, *topk, *options)
     else:

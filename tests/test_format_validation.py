@@ -158,7 +158,8 @@ def test_cpu_kernel_entry_points_check_the_pattern(pattern):
     row_ptr[2] = row_ptr[3] + 1
     with pytest.raises(ValueError, match=r"row_ptr\[3\] = \d+ is less than row_ptr\[2\] = \d+"):
         ops.conv_forward(x, values, row_ptr, pattern.col_idx, list(SHAPE), None, *geometry)
-    # backward-values used to skip check_csr: its fast path filled grad_values[row_ptr[begin] .. row_ptr[end]).
+    # backward-values checks the format too: its fast path fills grad_values[row_ptr[begin] .. row_ptr[end]), so a
+    # bad row_ptr would make it write outside grad_values.
     with pytest.raises(ValueError, match=r"row_ptr\[3\] = \d+ is less than row_ptr\[2\] = \d+"):
         ops.conv_backward_values(grad_output, x, row_ptr, pattern.col_idx, list(SHAPE), *geometry)
     with pytest.raises(ValueError, match=r"grad_output has shape \[1, 4, 6, 6\], expected \[2, 4, 6, 6\]"):

@@ -4,7 +4,8 @@
 
 (docs/architecture.md, "Layers"). Read from each module file's import statements (ast), not from sys.modules at
 run time: several imports are deliberately lazy (inside a function), and those must obey the order too unless they
-are listed in ALLOWED_LAZY with the reason.
+are listed in ALLOWED_LAZY with the reason. Inside a layer the imports form no cycle, lazy ones included: two modules
+that need each other are one job split in two, or share something that belongs in a third.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Module-name prefixes of each layer, lowest first. The package root `ptd_sparse` (its __init__) is the public API
 # of the operators and modules, so it sits with nn.
 LAYERS = [
-    ("foundation", ("ptd_sparse._validation", "ptd_sparse._format_checks", "ptd_sparse.conv_geometry",
-                    "ptd_sparse.pattern", "ptd_sparse.topk_teacher", "ptd_sparse.files")),
+    ("foundation", ("ptd_sparse._validation", "ptd_sparse._format_checks", "ptd_sparse._kd_contract",
+                    "ptd_sparse.conv_geometry", "ptd_sparse.pattern", "ptd_sparse.topk_teacher", "ptd_sparse.files")),
     ("kernels", ("ptd_sparse.kernels", "ptd_sparse._C", "ptd_sparse._extension", "ptd_sparse.fingerprint",
                  "ptd_sparse.compiled",
                  "ptd_sparse.reference", "ptd_sparse.triton_kernels", "ptd_sparse.backends")),
@@ -136,6 +137,49 @@ def test_the_check_sees_an_upward_import(tmp_path):
     targets = imports_of(module, bad)
     assert targets == [("ptd_sparse.pipeline.stages", False), ("ptd_sparse.cli", True)]
     assert all(RANK[layer_of(t)] > RANK[layer_of(module)] for t, _ in targets)
+
+
+def import_cycles(files: dict[str, Path]) -> list[list[str]]:
+    """Cycles of imports between modules of one layer, eager or lazy, each as [a, b, ..., a]; one per cycle found
+    by a depth-first walk (a module in several cycles may show in only one until that one is broken)."""
+    graph = {module: sorted({target for target, _ in imports_of(module, path)
+                             if target != module and target in files and layer_of(target) == layer_of(module)})
+             for module, path in files.items()}
+    cycles, done, path = [], set(), []
+
+    def visit(module: str) -> None:
+        path.append(module)
+        for target in graph[module]:
+            if target in path:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in done:
+                visit(target)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycle_inside_a_layer():
+    cycles = import_cycles(FILES)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_check_sees_a_lazy_import_cycle(tmp_path):
+    """The rule is live: two pipeline modules that import each other, one only inside a function, are a cycle; an
+    import of a lower layer is not."""
+    plots, report = tmp_path / "plots.py", tmp_path / "report.py"
+    plots.write_text("from ptd_sparse.files import write_json\n\ndef f():\n    from ptd_sparse.pipeline.report "
+                     "import X\n")
+    report.write_text("from ptd_sparse.pipeline.plots import draw_plots\n")
+    files = {"ptd_sparse.pipeline.plots": plots, "ptd_sparse.pipeline.report": report}
+    assert import_cycles(files) == [["ptd_sparse.pipeline.plots", "ptd_sparse.pipeline.report",
+                                     "ptd_sparse.pipeline.plots"]]
+    report.write_text("from ptd_sparse.files import write_json\n")
+    assert import_cycles(files) == []
 
 
 @pytest.mark.parametrize("module", sorted(m for m in FILES if not m.startswith("ptd_sparse.kernels")))

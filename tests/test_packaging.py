@@ -54,8 +54,8 @@ def test_requires_python_covers_every_new_stdlib_import():
 
 
 def test_the_import_check_catches_the_old_bound():
-    """pyproject used to say >=3.10 while the configuration module imports tomllib (3.11): the check sees that (and
-    the command line's own tomllib import, which reads `ptd import --kwargs`)."""
+    """A bound of >=3.10 would be wrong, since the configuration module imports tomllib (3.11): the check sees that
+    (and the command line's own tomllib import, which reads `ptd import --kwargs`)."""
     too_new = imports_too_new((3, 10))
     assert ("ptd_sparse/pipeline/config.py", "tomllib") in too_new
     assert set(too_new.values()) == {(3, 11)} and {module for _, module in too_new} == {"tomllib"}

@@ -34,8 +34,8 @@ def convs_of(model: nn.Module) -> dict[str, nn.Conv2d]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-# The zoo's width groups as the package wrote them by hand before the graph analysis (design.py at the time): the
-# graph must find exactly these, so the zoo's students do not change.
+# The zoo's width groups written out by hand from the models' definitions: the graph analysis must find exactly
+# these, so the zoo's students keep their widths.
 def zoo_vgg_groups(model: VGG) -> list:
     return [((f"features.{n}", m.kernel_size[0] * m.kernel_size[1], False),) for n, m in model.features.named_children()
             if isinstance(m, nn.Conv2d)]

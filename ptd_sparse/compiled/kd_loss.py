@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from ptd_sparse._extension import extension_problem, kernels
-
-REDUCTION_NONE = 0
+from ptd_sparse._kd_contract import REDUCTION_NONE
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float, alpha: float,

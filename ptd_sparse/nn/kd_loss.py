@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ptd_sparse import _validation as check
+from ptd_sparse._kd_contract import REDUCTIONS
 from ptd_sparse.functional import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, kd_loss
-from ptd_sparse.reference.kd_loss import REDUCTIONS
 
 
 class KDLoss(nn.Module):

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ptd_sparse._kd_contract import REDUCTION_NONE, check_topk_teacher
 from ptd_sparse.compiled import kd_loss as compiled_impl
-from ptd_sparse.compiled.kd_loss import REDUCTION_NONE
 from ptd_sparse.ops.autocast import register_autocast
 from ptd_sparse import triton_kernels
 from ptd_sparse.reference import kd_loss as reference_impl
@@ -62,7 +62,7 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
     teacher_logits [N, k], teacher_rest_mass [N] float32 (the teacher's probability outside the k classes at this
     temperature, spread evenly over the other C - k classes). Same outputs as kd_loss."""
     # The teacher's values are checked here once for every backend: O(N k) work, small next to the N x C student.
-    reference_impl.check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, student_logits.shape[1])
+    check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, student_logits.shape[1])
     return _implementation(TOPK_IMPLEMENTATIONS, backend, "kd_loss_topk")(
         student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target, temperature, alpha, reduction,
         ignore_index, compute_grad)

@@ -8,7 +8,7 @@ the stage's teacher nonzeros. Widths are rounded to a multiple, never fall below
 teacher's width. The classifier maps the last width to the classes.
 
 Which convolutions share a width is read from the model's graph (ptd_sparse.pipeline.width_graph), so the rule
-applies to any traceable CNN: the zoo's VGG and ResNet18 (whose students are built from a plan list, as before), a
+applies to any traceable CNN: the zoo's VGG and ResNet18 (whose students are built from a plan list), a
 torchvision-style ResNet, a MobileNetV2 (its expansion layers keep their ratio to the stage width inside residual
 blocks), networks that concatenate branches. Their students are copies of the model with rewritten widths
 (ptd_sparse.pipeline.rewrite_widths).

@@ -15,7 +15,8 @@ COLORS = {"student_ce": "tab:gray", "kd_unpruned": "tab:blue", "kd_pruned": "tab
 def draw_plots(run_dir: Path, folder: Path, summary: list[dict], targets: list[float], teacher_acc: float,
                pruned_acc: dict) -> None:
     """Write accuracy_by_variant.png, layer_density_<s>.png per target and, with several targets,
-    accuracy_vs_sparsity.png into `folder`. summary: the rows of report._summarize; accuracies in %."""
+    accuracy_vs_sparsity.png into `folder`. summary: the rows of report._summarize (their "description" labels
+    the variants); accuracies in %."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,8 +33,6 @@ def draw_plots(run_dir: Path, folder: Path, summary: list[dict], targets: list[f
 
 
 def _by_variant(plt, folder: Path, summary: list[dict], teacher_acc: float) -> None:
-    from ptd_sparse.pipeline.report import DESCRIPTIONS
-
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(summary) + 2), 4.5))
     means = [s["test_acc_mean"] for s in summary]
     stds = [s["test_acc_std"] for s in summary]
@@ -44,7 +43,7 @@ def _by_variant(plt, folder: Path, summary: list[dict], teacher_acc: float) -> N
         ax.annotate(f"{s['test_acc_mean']:.2f}\n± {s['test_acc_std']:.2f}", (i, s["test_acc_mean"] + s["test_acc_std"]),
                     textcoords="offset points", xytext=(0, 4), ha="center", fontsize=7)
     ax.axhline(teacher_acc, color="black", linestyle="--", linewidth=1, label=f"teacher {teacher_acc:.2f}%")
-    labels = [DESCRIPTIONS[s["variant"]].replace(", ", ",\n") +
+    labels = [s["description"].replace(", ", ",\n") +
               (f"\n(sparsity {s['teacher_sparsity']:.2f})" if s["teacher_sparsity"] else "") +
               f"\n{s['parameters']} params" for s in summary]
     ax.set_xticks(range(len(summary)), labels, fontsize=7)
@@ -73,15 +72,13 @@ def _layer_density(plt, folder: Path, rows: list[dict], target: float) -> None:
 
 
 def _accuracy_vs_sparsity(plt, folder: Path, summary: list[dict], teacher_acc: float, pruned_acc: dict) -> None:
-    from ptd_sparse.pipeline.report import DESCRIPTIONS
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant in ("kd_pruned", "designed_kd_pruned"):
         rows = sorted((s for s in summary if s["variant"] == variant), key=lambda s: s["teacher_sparsity"])
         if rows:
             ax.errorbar([s["teacher_sparsity"] for s in rows], [s["test_acc_mean"] for s in rows],
                         yerr=[s["test_acc_std"] for s in rows], marker="o", capsize=4, color=COLORS[variant],
-                        label=DESCRIPTIONS[variant])
+                        label=rows[0]["description"])
     points = sorted((float(t), 100 * a) for t, a in pruned_acc.items() if not math.isnan(a))
     if points:
         ax.plot(*zip(*points), marker="s", linestyle=":", color="black", label="pruned teacher")
@@ -91,7 +88,7 @@ def _accuracy_vs_sparsity(plt, folder: Path, summary: list[dict], teacher_acc: f
         if row is not None:
             ax.axhspan(row["test_acc_mean"] - row["test_acc_std"], row["test_acc_mean"] + row["test_acc_std"],
                        color=COLORS[variant], alpha=0.2)
-            ax.axhline(row["test_acc_mean"], color=COLORS[variant], linewidth=1, label=DESCRIPTIONS[variant])
+            ax.axhline(row["test_acc_mean"], color=COLORS[variant], linewidth=1, label=row["description"])
     ax.set_xlabel("teacher sparsity (fraction of weights pruned)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Student accuracy against teacher sparsity (mean ± std over seeds)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import read_json
+from ptd_sparse.pipeline.plots import draw_plots
 
 DESCRIPTIONS = {
     "student_ce": "student, no KD",
@@ -123,8 +124,6 @@ def _settings_line(config: dict) -> str:
 
 
 def write_report(run) -> dict:
-    from ptd_sparse.pipeline.plots import draw_plots
-
     run_dir, config = run.dir, run.config
     teacher = read_json(run_dir / "teacher" / "done.json")
     targets = config["prune"]["targets"]

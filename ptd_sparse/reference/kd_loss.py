@@ -7,65 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
-
-
-def bad_rows(logits: Tensor) -> Tensor:
-    """Mask of the rows holding NaN or +inf or having no finite entry."""
-    return torch.isnan(logits).any(1) | torch.isposinf(logits).any(1) | (logits == float("-inf")).all(1)
-
-
-def first_bad_row(logits: Tensor) -> int | None:
-    """First row holding NaN or +inf or having no finite entry, else None."""
-    rows = torch.nonzero(bad_rows(logits)).reshape(-1)
-    return int(rows[0]) if rows.numel() else None
-
-
-def check_logits(logits: Tensor, name: str) -> None:
-    row = first_bad_row(logits)
-    if row is not None:
-        raise ValueError(f"kd_loss: {name} row {row} holds NaN or +inf, or has no finite entry; "
-                         "logits must be finite or -inf")
-
-
-def check_target(target: Tensor, classes: int, ignore_index: int) -> Tensor:
-    """Mask of the rows that count; raises on a label outside [0, classes) that is not ignore_index."""
-    valid = target != ignore_index
-    out_of_range = valid & ((target < 0) | (target >= classes))
-    rows = torch.nonzero(out_of_range).reshape(-1)
-    if rows.numel():
-        row = int(rows[0])
-        raise ValueError(f"kd_loss: target has value {int(target[row])} at row {row}; expected a class index in "
-                         f"[0, {classes}) or ignore_index = {ignore_index}")
-    return valid
-
-
-def check_topk_teacher(indices: Tensor, logits: Tensor, rest_mass: Tensor, classes: int) -> None:
-    """The top-k teacher's own contract (ptd_sparse.TopKTeacher): k distinct class indices in range per row, logits
-    finite or -inf with a finite entry per row, and a rest mass in [0, 1) that is 0 when k covers every class.
-
-    Runs on every call of every backend, so the checks are row masks on the teacher's device and one host read of
-    whether any failed; only then are the offending row and value looked up for the message."""
-    out_of_range = ((indices < 0) | (indices >= classes)).any(1)
-    ordered = indices.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
-    bad_rest = ~((rest_mass >= 0) & (rest_mass < 1))
-    if indices.shape[1] == classes:
-        bad_rest |= rest_mass != 0
-    bad_logits = bad_rows(logits)
-    if not bool((bad_logits | out_of_range | repeated | bad_rest).any()):
-        return
-    check_logits(logits, "teacher.logits")
-    if bool(out_of_range.any()):
-        low, high = int(indices.min()), int(indices.max())
-        raise ValueError(f"kd_loss: teacher.indices holds {low if low < 0 else high}; expected class indices in "
-                         f"[0, {classes})")
-    if bool(repeated.any()):
-        raise ValueError(f"kd_loss: teacher.indices row {int(repeated.nonzero()[0, 0])} lists a class twice; the k "
-                         "classes of a row must be distinct")
-    row = int(bad_rest.nonzero()[0, 0])
-    raise ValueError(f"kd_loss: teacher.rest_mass is {float(rest_mass[row])} at row {row}; expected a probability "
-                     f"in [0, 1), and 0 when k equals the number of classes ({classes})")
+from ptd_sparse._kd_contract import REDUCTION_BATCHMEAN, REDUCTION_NONE, check_logits, check_target
 
 
 def topk_teacher_probabilities(indices: Tensor, logits: Tensor, rest_mass: Tensor, classes: int,
@@ -95,7 +37,7 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
                  target: Tensor | None, temperature: float, alpha: float, reduction: int, ignore_index: int,
                  compute_grad: bool) -> tuple[Tensor, Tensor]:
     """kd_loss with the teacher given as its top-k classes (ptd_sparse.TopKTeacher); same outputs. The teacher's
-    values were checked by the operator (check_topk_teacher), once for every backend."""
+    values were checked by the operator (ptd_sparse._kd_contract.check_topk_teacher), once for every backend."""
     acc_dtype = _accumulation_dtype(student_logits)
     classes = student_logits.shape[1]
     check_logits(student_logits, "student_logits")
@@ -120,7 +62,7 @@ def _loss_and_grad(student_logits: Tensor, p_teacher: Tensor, log_p_teacher: Ten
     if target is not None:
         valid = check_target(target, classes, ignore_index)
     counted = int(valid.sum())
-    scale = 1.0 / max(counted, 1) if reduction == REDUCTIONS["batchmean"] else 1.0
+    scale = 1.0 / max(counted, 1) if reduction == REDUCTION_BATCHMEAN else 1.0
 
     T = float(temperature)
     log_p_student = torch.log_softmax(s / T, dim=1)
@@ -140,10 +82,10 @@ def _loss_and_grad(student_logits: Tensor, p_teacher: Tensor, log_p_teacher: Ten
     row_loss = torch.where(valid, row_loss, torch.zeros_like(row_loss))
     grad = torch.where(valid[:, None], grad * scale, torch.zeros_like(grad))
 
-    if reduction == REDUCTIONS["none"]:
+    if reduction == REDUCTION_NONE:
         loss = row_loss
     else:
-        loss = row_loss.sum() * (scale if reduction == REDUCTIONS["batchmean"] else 1.0)
+        loss = row_loss.sum() * (scale if reduction == REDUCTION_BATCHMEAN else 1.0)
     if not compute_grad:
         return loss, student_logits.new_empty(0)
     return loss, grad.to(student_logits.dtype)
