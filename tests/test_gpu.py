@@ -380,19 +380,19 @@ def test_loss_does_not_synchronise(backend, generator):
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_loss_bad_input_is_a_device_side_assert(backend):
-    """Without PTD_DEBUG_CHECKS a NaN logit stops the kernel with a device-side assert, reported at the next
-    synchronisation. In a fresh interpreter: the assert leaves the CUDA context unusable."""
+    """Without PTD_DEBUG_CHECKS a NaN logit stops the kernel with a device-side assert, reported by a later CUDA
+    call (the synchronisation at the latest; test_loss_does_not_synchronise shows the call itself waits for
+    nothing). In a fresh interpreter: the assert leaves the CUDA context unusable."""
     code = ("import torch, ptd_sparse\n"
             "s = torch.randn(4, 7, device='cuda'); s[2, 3] = float('nan')\n"
             f"loss = ptd_sparse.kd_loss(s, torch.randn(4, 7, device='cuda'), torch.arange(4, device='cuda'), "
             f"backend={backend!r})\n"
-            "print('returned without a synchronisation', flush=True)\n"
             "torch.cuda.synchronize()\n")
     environment = {key: value for key, value in os.environ.items() if key != "PTD_DEBUG_CHECKS"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env=environment)
     assert result.returncode != 0
-    assert "returned without a synchronisation" in result.stdout
     assert "device-side assert" in result.stderr
+    assert "ValueError" not in result.stderr
     if backend == "cuda":  # the kernel prints the cpu backend's sentence
         assert "kd_loss: student_logits row 2 holds NaN or +inf" in result.stdout + result.stderr
