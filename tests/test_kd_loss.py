@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, device_backends, device_for, gradcheck_options, moved_to, on_device
+from conftest import assert_close, device_backends, gradcheck_options, moved_to, on_device
 
 import ptd_sparse
 from ptd_sparse.backends import KD_LOSS
