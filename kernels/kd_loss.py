@@ -7,7 +7,9 @@ A program owns BLOCK_R rows (several short rows, or one long row) and sweeps the
 1. an online pass keeps, per row, the running maxima of s and t and, relative to them, the normalisers of
    softmax(s/T), softmax(s) and softmax(t/T) and the teacher-weighted sum sum_c e_t * ((t - m_t) - (s - m_s)) / T
    that KL needs; all are rescaled when a maximum grows, so nothing is ever exponentiated above 0. The same pass
-   flags NaN, +inf and rows with no finite entry (the host raises the shared contract's ValueError for the first one).
+   flags NaN, +inf and rows with no finite entry (on the CPU and under PTD_DEBUG_CHECKS=1 the host raises the
+   shared contract's ValueError for the first one; on a GPU a device-side assert reports them without a
+   synchronisation).
 2. the gradient pass recomputes the three softmaxes from those statistics and writes the gradient once.
 No [rows, classes] temporaries beyond the gradient itself. Accumulation in float32 (float64 for float64 students).
 """
@@ -18,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ptd_sparse import debug_checks
 from ptd_sparse._kd_contract import (REDUCTION_BATCHMEAN, REDUCTION_NONE, REDUCTION_SUM, bad_logits_message,
                                      bad_target_message)
 
@@ -330,9 +333,13 @@ class _Call:
         return block_r, triton.cdiv(self.rows, block_r)
 
     def finish(self, teacher: Tensor | None) -> tuple[Tensor, Tensor]:
-        # One host synchronisation: an error must be raised by the call that saw it.
-        if bool(self.flags.any()):
-            _raise_for_flags(self.flags, self.student, teacher, self.target, self.ignore_index)
+        if debug_checks.synchronous(self.flags):
+            # One host synchronisation (free on the CPU): an error is raised by the call that saw it.
+            if bool(self.flags.any()):
+                _raise_for_flags(self.flags, self.student, teacher, self.target, self.ignore_index)
+        else:
+            debug_checks.assert_none(self.flags != 0, "kd_loss: a row of student_logits or teacher_logits holds NaN "
+                                                      "or +inf or has no finite entry, or a target is out of range")
         if self.reduction == REDUCTION_NONE:
             loss = self.row_loss
         elif self.reduction == REDUCTION_SUM:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ptd_sparse import debug_checks
+
 REDUCTION_NONE, REDUCTION_SUM, REDUCTION_BATCHMEAN = 0, 1, 2
 REDUCTIONS = {"none": REDUCTION_NONE, "sum": REDUCTION_SUM, "batchmean": REDUCTION_BATCHMEAN}
 
@@ -57,16 +59,22 @@ def check_topk_teacher(indices: Tensor, logits: Tensor, rest_mass: Tensor, class
     """The top-k teacher's own contract (ptd_sparse.TopKTeacher): k distinct class indices in range per row, logits
     finite or -inf with a finite entry per row, and a rest mass in [0, 1) that is 0 when k covers every class.
 
-    Runs on every call of every backend, so the checks are row masks on the teacher's device and one host read of
-    whether any failed; only then are the offending row and value looked up for the message."""
+    Runs on every call of every backend, so the checks are row masks on the teacher's device. On the CPU (and on any
+    device under PTD_DEBUG_CHECKS=1) one host read says whether any failed, and only then are the offending row and
+    value looked up for the ValueError; on a GPU they end in a device-side assert instead, without a synchronisation
+    (ptd_sparse.debug_checks)."""
     out_of_range = ((indices < 0) | (indices >= classes)).any(1)
     ordered = indices.sort(dim=1).values
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
     bad_rest = ~((rest_mass >= 0) & (rest_mass < 1))
     if indices.shape[1] == classes:
         bad_rest |= rest_mass != 0
-    bad_logits = bad_rows(logits)
-    if not bool((bad_logits | out_of_range | repeated | bad_rest).any()):
+    bad = bad_rows(logits) | out_of_range | repeated | bad_rest
+    if not debug_checks.synchronous(indices):
+        debug_checks.assert_none(bad, "kd_loss: the top-k teacher has NaN or +inf logits, an index out of range, a "
+                                      "class listed twice in a row, or a rest mass outside [0, 1)")
+        return
+    if not bool(bad.any()):
         return
     check_logits(logits, "teacher.logits")
     if bool(out_of_range.any()):

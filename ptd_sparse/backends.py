@@ -12,6 +12,13 @@ leaves its choice automatic). The automatic choice takes the first backend of th
 run and logs once why it skipped the others. For the sparse convolution it picks `dense` when the weight is denser
 than the measured crossover of the preferred sparse backend (early pruning rounds, the first layer), and when no
 sparse backend can run.
+
+On CUDA devices the automatic choice for the convolution is `dense` (cuDNN) at every density: the sparse GPU kernels
+(cuda, triton) do one global load per multiply-add on SIMT cores, read estimates put them at 0.3-0.6x of cuDNN with
+PyTorch's default TF32 convolutions (0.2-0.4x of bf16) on VGG's 256@8x8 and 512@4x4 layers at batch 64 and 90-95%
+sparsity, and no measurement on a GPU has shown them faster. They run when asked for (backend="cuda"/"triton" or
+PTD_BACKEND), and where SparseConv2d's measured route (ptd_sparse.nn.measured_route) times them faster than cuDNN on
+that GPU for that layer. The KD loss keeps its fused GPU kernels: they beat the eager composition.
 """
 from __future__ import annotations
 
@@ -35,21 +42,21 @@ KD_LOSS = "kd_loss"
 # that is the dense route, which computes the same function faster than the oracle).
 AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
-# Density above which the dense masked path (oneDNN/cuDNN through F.conv2d) beats the sparse kernel of that backend,
+# Density above which the dense masked path (oneDNN through F.conv2d) beats the sparse kernel of that backend,
 # measured with bench/bench_sparse_conv2d.py on the CIFAR VGG layers (docs/benchmarks.md); 1.0 never goes dense.
-# The cuda value is provisional until measured on a GPU: bench/gpu_check prints the measured crossover against
-# cuDNN (with PyTorch's default TF32 convolutions) for every GPU backend; update it from there. The triton values are
-# provisional too (no GPU was available when its kernels were written): they assume the issue's targets (1.5x cuDNN
-# at density 0.1), so that early pruning rounds keep cuDNN; bench/gpu_check measures them.
-DENSE_CROSSOVER = {"cpu": 0.30, "cuda": 0.10, "triton": 0.2}
+# None: no density at which the sparse kernel is known to win, so the automatic choice takes the dense route at every
+# density. That is the GPU backends' value (see the module docstring); bench/gpu_check prints their measured speed
+# against cuDNN (PyTorch's default TF32 convolutions, and bf16), the measurement that would justify a number here.
+DENSE_CROSSOVER: dict[str, float | None] = {"cpu": 0.30, "cuda": None, "triton": None}
 # Below SMALL_BATCH images per call (batch-1 inference) the sparse kernels have less work to amortise their set-up,
 # and the crossover is lower.
 SMALL_BATCH = 8
-SMALL_BATCH_CROSSOVER = {"cpu": 0.20, "cuda": 0.10, "triton": 0.1}
+SMALL_BATCH_CROSSOVER: dict[str, float | None] = {"cpu": 0.20, "cuda": None, "triton": None}
 
 
-def dense_crossover(backend: str, batch: int | None = None) -> float:
-    """Density above which the dense path is faster than `backend`'s sparse kernel for a batch of `batch` images."""
+def dense_crossover(backend: str, batch: int | None = None) -> float | None:
+    """Density above which the dense path is faster than `backend`'s sparse kernel for a batch of `batch` images;
+    None where the dense path is taken at every density."""
     table = SMALL_BATCH_CROSSOVER if batch is not None and batch < SMALL_BATCH else DENSE_CROSSOVER
     return table[backend]
 
@@ -104,7 +111,8 @@ def requested_backend(backend: str | None) -> str | None:
 def choose_backend(op: str, device: torch.device, backend: str | None = None, density: float | None = None,
                    batch: int | None = None) -> str:
     """Name of the backend that runs `op` for inputs on `device` (and, for the convolution, weight `density` and
-    the number of images `batch`)."""
+    the number of images `batch`). For the convolution with density=None the automatic choice is the device's
+    preferred sparse backend whatever the crossover: the sparse route that a measurement times against dense."""
     name = requested_backend(backend)
     if name == DENSE and backend is None and op != SPARSE_CONV:
         name = None  # PTD_BACKEND=dense fixes the convolution's route; the KD loss keeps its automatic choice
@@ -118,7 +126,9 @@ def choose_backend(op: str, device: torch.device, backend: str | None = None, de
         if reasons:
             _log_once(f"ptd_sparse: {op} on {device.type} skips the {candidate} backend: " + "; ".join(reasons))
             continue
-        if op == SPARSE_CONV and density is not None and density > dense_crossover(candidate, batch):
-            return DENSE
+        if op == SPARSE_CONV and density is not None:
+            crossover = dense_crossover(candidate, batch)
+            if crossover is None or density > crossover:
+                return DENSE
         return candidate
     return DENSE if op == SPARSE_CONV else "reference"

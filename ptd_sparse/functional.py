@@ -184,7 +184,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
     - reduction: "batchmean" (the sum over rows divided by the number of rows not ignored; 0 when every row is
       ignored), "sum", or "none" (one loss per row, 0 for ignored rows).
     - Teacher entries of -inf mean the teacher rules that class out (probability 0). NaN or +inf anywhere, or a row
-      with no finite entry, is an error.
+      with no finite entry, is an error, and so are a target outside [0, C) that is not ignore_index and a top-k
+      teacher whose row lists a class twice or out of range. On CPU tensors each raises a ValueError naming the row.
+      On CUDA tensors (cuda and triton backends) the call does not synchronise with the GPU: bad input ends in a
+      device-side assert (the kernel prints the same sentence; the host sees "device-side assert triggered" at its
+      next synchronisation, and the CUDA context is unusable afterwards). PTD_DEBUG_CHECKS=1 gives the ValueError on
+      every device, at the cost of one synchronisation per call (ptd_sparse.debug_checks).
     Returns a float32 loss (float64 for float64 students): a scalar, or [N] for reduction="none".
     Defaults are the paper's: temperature 10, alpha 0.95.
     """

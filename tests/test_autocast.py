@@ -1,19 +1,20 @@
-"""torch.autocast on the CPU (bfloat16), the proxy of the GPU training path: the convolutions run in the autocast
-dtype as F.conv2d does, the KD loss in float32 as F.cross_entropy does, on every backend and inside torch.compile."""
+"""torch.autocast (bfloat16): the convolutions run in the autocast dtype as F.conv2d does, the KD loss in float32 as
+F.cross_entropy does, on every backend and inside torch.compile. The cuda and triton cases run on CUDA tensors under
+CUDA autocast where a GPU exists (conftest.device_for), else on the CPU under CPU autocast."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_mask, runnable_backends
+from conftest import device_backends, device_for, on_device, random_mask
 from torch import nn
 
 import ptd_sparse
 from ptd_sparse.backends import KD_LOSS, SPARSE_CONV
 from ptd_sparse.nn import KDLoss, MaskedConv2d, SparseConv2d
 
-CONV_BACKENDS = runnable_backends(SPARSE_CONV)
-LOSS_BACKENDS = runnable_backends(KD_LOSS)
+CONV_BACKENDS = device_backends(SPARSE_CONV)
+LOSS_BACKENDS = device_backends(KD_LOSS)
 BF16 = dict(atol=5e-2, rtol=5e-2)  # bfloat16 keeps 8 bits: two roundings of a sum of ~150 products
 
 
@@ -25,15 +26,20 @@ def masked_network(backend, generator):
     for module in model:
         if isinstance(module, MaskedConv2d):
             module.set_mask(random_mask(module.weight.shape, 0.3, generator))
-    return model
+    return model.to(device_for(backend))
+
+
+def autocast(backend):
+    """bfloat16 autocast on the device of the backend's tensors."""
+    return torch.autocast(device_for(backend).type, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
 def test_masked_network_under_cpu_autocast_matches_float32(backend, generator):
     model = masked_network(backend, generator)
-    x = torch.randn(4, 3, 8, 8, generator=generator)
+    x = on_device(backend, torch.randn(4, 3, 8, 8, generator=generator))
     expected = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(backend):
         out = model(x)
     assert out.dtype == torch.bfloat16  # like nn.Conv2d under autocast
     torch.testing.assert_close(out.float(), expected, **BF16)
@@ -46,12 +52,13 @@ def test_masked_network_under_cpu_autocast_matches_float32(backend, generator):
 
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
 def test_gradients_under_autocast_match_float32(backend, generator):
-    conv = MaskedConv2d(5, 6, 3, padding=1, backend=backend)
-    conv.set_mask(random_mask(conv.weight.shape, 0.5, generator))
-    x = torch.randn(2, 5, 7, 7, generator=generator, requires_grad=True)
-    grad_out = torch.randn(2, 6, 7, 7, generator=generator)
+    conv = MaskedConv2d(5, 6, 3, padding=1, backend=backend).to(device_for(backend))
+    conv.set_mask(on_device(backend, random_mask(conv.weight.shape, 0.5, generator)))
+    x, grad_out = on_device(backend, torch.randn(2, 5, 7, 7, generator=generator),
+                            torch.randn(2, 6, 7, 7, generator=generator))
+    x.requires_grad_()
     expected = torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad_out)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(backend):
         out = conv(x)
     got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad_out)
     for g, e in zip(got, expected):
@@ -64,9 +71,10 @@ def test_gradients_under_autocast_match_float32(backend, generator):
 def test_sparse_conv2d_module_and_channels_last_under_autocast(backend, generator):
     conv = nn.Conv2d(4, 6, 3, padding=1)
     layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.3, generator), backend=backend)
-    x = torch.randn(3, 4, 6, 6, generator=generator).contiguous(memory_format=torch.channels_last)
+    layer = layer.to(device_for(backend))
+    x = on_device(backend, torch.randn(3, 4, 6, 6, generator=generator)).contiguous(memory_format=torch.channels_last)
     expected = F.conv2d(x, layer.sparse_weight.to_dense(), layer.bias, padding=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast(backend):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, **BF16)
@@ -84,10 +92,11 @@ def test_float64_is_left_alone_by_autocast(generator):
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_kd_loss_computes_in_float32_under_autocast(backend, generator):
-    student = torch.randn(8, 10, generator=generator).bfloat16().requires_grad_()
-    teacher = torch.randn(8, 10, generator=generator).bfloat16()
-    target = torch.randint(0, 10, (8,), generator=generator)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    student, teacher, target = on_device(backend, torch.randn(8, 10, generator=generator).bfloat16(),
+                                         torch.randn(8, 10, generator=generator).bfloat16(),
+                                         torch.randint(0, 10, (8,), generator=generator))
+    student.requires_grad_()
+    with autocast(backend):
         loss = ptd_sparse.kd_loss(student, teacher, target, temperature=4.0, alpha=0.9, backend=backend)
         topk_loss = ptd_sparse.kd_loss(student, ptd_sparse.topk_teacher(teacher.float(), 3, 4.0), target,
                                        temperature=4.0, alpha=0.9, backend=backend)

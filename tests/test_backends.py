@@ -1,6 +1,7 @@
 """The backend choice (per call, PTD_BACKEND, automatic with the density crossover) and the extension's errors."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -106,3 +107,27 @@ def test_stale_extension_is_detected(monkeypatch):
     problem, _ = _extension._load()
     assert problem.startswith("the C++ extension ptd_sparse._C is stale: it was built for torch 1.0.0")
     assert "rebuild it with `pip install --no-build-isolation -e .`" in problem
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["cuda_built", "triton_only"])
+def test_automatic_convolution_on_cuda_devices_is_cudnn_at_every_density(monkeypatch, built):
+    """The GPU's sparse kernels are not known to beat cuDNN at any density, so the automatic choice is the dense
+    route; an explicit backend still runs them, the density-free choice (a measured route's sparse candidate) names
+    them, and the KD loss keeps its GPU kernels. Decided from the device type alone, so checked without a GPU."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "has_compiled_cuda", lambda: built)
+    monkeypatch.setattr(backends, "extension_problem", lambda: None)
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    sparse = "cuda" if built else "triton"
+    for density in (0.0, 0.01, 0.05, 0.1, 0.3, 1.0):
+        for batch in (None, 1, 64, 128):
+            assert choose_backend(SPARSE_CONV, cuda, density=density, batch=batch) == "dense", (density, batch)
+    assert choose_backend(SPARSE_CONV, cuda) == sparse
+    assert choose_backend(SPARSE_CONV, cuda, backend=sparse, density=0.05, batch=64) == sparse
+    assert choose_backend(SPARSE_CONV, cuda, backend="triton", density=0.05) == "triton"
+    monkeypatch.setenv("PTD_BACKEND", sparse)
+    assert choose_backend(SPARSE_CONV, cuda, density=0.05, batch=64) == sparse
+    monkeypatch.delenv("PTD_BACKEND")
+    assert choose_backend(KD_LOSS, cuda) == sparse
+    assert backends.dense_crossover("cuda") is None and backends.dense_crossover("triton", 1) is None

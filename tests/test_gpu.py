@@ -1,9 +1,15 @@
 """The GPU backends (cuda, triton) on CUDA tensors at full size, against the float64 oracle computed on the CPU:
-the sparse convolution forward and its three gradients on CIFAR VGG-sized layers and odd geometries, every dtype,
-0% and 100% dense masks, empty batches, non-contiguous inputs, the fused ReLU; the KD loss with dense and top-k
-teachers at vocabulary sizes up to 32000; gradcheck, opcheck, the automatic choice and the errors of bad input.
-Without a CUDA device every test here skips with that reason (the CPU suite covers triton through the interpreter)."""
+the sparse convolution forward and its three gradients on CIFAR VGG-sized layers and odd geometries, grouped and
+depthwise layers, every dtype, 0% and 100% dense masks, empty batches, non-contiguous inputs, the fused ReLU, CUDA
+autocast in bfloat16 and float16; the KD loss with dense and top-k teachers at vocabulary sizes up to 32000, with no
+host synchronisation per call; gradcheck, opcheck, the automatic choice and the errors of bad input (device-side
+asserts, and ValueErrors under PTD_DEBUG_CHECKS=1). Without a CUDA device every test here skips with that reason
+(the CPU suite covers triton through the interpreter)."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,14 +53,15 @@ def generator() -> torch.Generator:
 # --- sparse convolution ---------------------------------------------------------------------------------------------
 
 def conv_case(backend, batch, c_in, c_out, size, kernel, stride, padding, dilation, density, dtype, generator,
-              relu=False, channels_last=False):
+              relu=False, channels_last=False, groups=1):
     x = torch.randn(batch, c_in, *size, generator=generator)
-    weight = torch.randn(c_out, c_in, kernel, kernel, generator=generator) / (c_in * kernel * kernel) ** 0.5
+    fan_in = c_in // groups * kernel * kernel
+    weight = torch.randn(c_out, c_in // groups, kernel, kernel, generator=generator) / fan_in ** 0.5
     mask = random_mask(weight.shape, density, generator)
     bias = torch.randn(c_out, generator=generator)
     # float64 oracle on the CPU, from the same rounded inputs
     xr, wr, br = (t.to(dtype).double().requires_grad_() for t in (x, weight, bias))
-    want = F.conv2d(xr, wr * mask.double(), br, stride, padding, dilation)
+    want = F.conv2d(xr, wr * mask.double(), br, stride, padding, dilation, groups)
     if relu:
         want = want.clamp_min(0)
     grad_out = torch.randn(want.shape, generator=generator).to(dtype)
@@ -64,7 +71,7 @@ def conv_case(backend, batch, c_in, c_out, size, kernel, stride, padding, dilati
     if channels_last:
         xg = xg.contiguous(memory_format=torch.channels_last)
     xg.requires_grad_()
-    sparse = ptd_sparse.SparseConvWeight.from_dense(weight.to("cuda", dtype), mask.cuda())
+    sparse = ptd_sparse.SparseConvWeight.from_dense(weight.to("cuda", dtype), mask.cuda(), groups)
     sparse.values.requires_grad_()
     bg = bias.to("cuda", dtype).requires_grad_()
     out = ptd_sparse.sparse_conv2d(xg, sparse, bg, stride, padding, dilation, backend=backend, relu=relu)
@@ -115,6 +122,85 @@ def test_conv_empty_batch_relu_and_channels_last(backend, generator):
     conv_case(backend, 6, 16, 24, (10, 10), 3, 1, 1, 1, 0.3, torch.float32, generator, channels_last=True)
 
 
+# (batch, groups, C_in, C_out, size): MobileNet-style depthwise layers (with a channel multiplier in the last one),
+# and ResNeXt-style groups of 4 and 32.
+GROUPED_LAYERS = [(8, 64, 64, 64, (32, 32)), (8, 256, 256, 256, (8, 8)), (8, 4, 128, 128, (16, 16)),
+                  (8, 32, 256, 256, (8, 8)), (4, 32, 32, 64, (15, 15))]
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("batch,groups,c_in,c_out,size", GROUPED_LAYERS, ids=lambda v: str(v))
+def test_conv_grouped_and_depthwise(backend, batch, groups, c_in, c_out, size, generator):
+    conv_case(backend, batch, c_in, c_out, size, 3, 1, 1, 1, 0.3, torch.float32, generator, groups=groups)
+    conv_case(backend, batch, c_in, c_out, size, 3, 2, 1, 1, 0.3, torch.float32, generator, groups=groups, relu=True)
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS)
+def test_conv_depthwise_half_precision(backend, dtype, generator):
+    conv_case(backend, 4, 48, 48, (14, 14), 3, 1, 1, 1, 0.5, dtype, generator, groups=48)
+    conv_case(backend, 4, 48, 96, (14, 14), 5, 2, 2, 1, 0.5, dtype, generator, groups=48)
+
+
+def autocast_network(backend, generator):
+    """MaskedConv2d - BatchNorm - ReLU - grouped MaskedConv2d - ReLU - depthwise SparseConv2d, on the GPU."""
+    from ptd_sparse.nn import MaskedConv2d, SparseConv2d
+
+    torch.manual_seed(int(torch.randint(0, 2**30, (1,), generator=generator)))
+    first = MaskedConv2d(16, 32, 3, padding=1, backend=backend)
+    grouped = MaskedConv2d(32, 32, 3, padding=1, groups=4, backend=backend)
+    for conv in (first, grouped):
+        conv.set_mask(random_mask(conv.weight.shape, 0.3, generator))
+    depthwise = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+    sparse = SparseConv2d.from_conv(depthwise, random_mask(depthwise.weight.shape, 0.5, generator), backend=backend)
+    return torch.nn.Sequential(first, torch.nn.BatchNorm2d(32), torch.nn.ReLU(), grouped, torch.nn.ReLU(),
+                               sparse).cuda()
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS)
+def test_conv_network_under_cuda_autocast(backend, dtype, generator):
+    """Under torch.autocast("cuda") the convolutions run in the autocast dtype (as nn.Conv2d does), the master
+    weights and their gradients stay float32 and zero outside the masks, and the result is the float32 network's
+    within the dtype's rounding."""
+    model = autocast_network(backend, generator)
+    x = torch.randn(8, 16, 12, 12, generator=generator).cuda()
+    expected = model(x)
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype and out.device.type == "cuda"
+    tolerance = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else dict(atol=1e-2, rtol=1e-2)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(out.float() / scale, expected / scale, **tolerance)
+    out.float().square().mean().backward()
+    for conv in (model[0], model[3]):
+        assert conv.weight.grad.dtype == torch.float32
+        assert not conv.weight.grad[~conv.mask].any()
+    assert model[5].values.grad is not None and model[5].values.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_IDS)
+def test_kd_loss_under_cuda_autocast(backend, dtype, generator):
+    """The loss computes in float32 under autocast (like F.cross_entropy) and hands the gradient back in the
+    student's dtype."""
+    student = (torch.randn(32, 1000, generator=generator) * 3).cuda().to(dtype).requires_grad_()
+    teacher = (torch.randn(32, 1000, generator=generator) * 3).cuda().to(dtype)
+    target = torch.randint(0, 1000, (32,), generator=generator).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        loss = ptd_sparse.kd_loss(student, teacher, target, temperature=4.0, alpha=0.9, backend=backend)
+        topk = ptd_sparse.kd_loss(student, ptd_sparse.topk_teacher(teacher.float(), 10, 4.0), target,
+                                  temperature=4.0, alpha=0.9, backend=backend)
+    assert loss.dtype == torch.float32 and topk.dtype == torch.float32
+    expected = ptd_sparse.kd_loss(student.float(), teacher.float(), target, temperature=4.0, alpha=0.9,
+                                  backend="reference")
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss, student)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert grad.dtype == dtype
+    assert_close(grad.float().cpu(), expected_grad.float().cpu(), dtype, "grad_student")
+
+
 @pytest.mark.parametrize("backend", CONV_BACKENDS)
 def test_conv_gradcheck_and_opcheck(backend, generator):
     if torch.float64 in dtypes_of(backend):
@@ -139,12 +225,13 @@ def test_conv_gradcheck_and_opcheck(backend, generator):
                                              p.t_rows, p.t_perm, list(p.shape), None, [1, 1], [1, 1], [1, 1], backend))
 
 
-def test_automatic_choice_on_cuda_prefers_a_gpu_kernel():
+def test_automatic_choice_on_cuda_takes_the_gpu_loss_kernel_and_cudnn_for_convolutions():
     if not HAS_GPU:
         pytest.skip("no CUDA device on this machine")
     assert choose_backend(KD_LOSS, torch.device("cuda")) in ("cuda", "triton")
-    assert choose_backend(SPARSE_CONV, torch.device("cuda"), density=0.05, batch=128) in ("cuda", "triton")
+    assert choose_backend(SPARSE_CONV, torch.device("cuda"), density=0.05, batch=128) == "dense"
     assert choose_backend(SPARSE_CONV, torch.device("cuda"), density=0.95, batch=128) == "dense"
+    assert choose_backend(SPARSE_CONV, torch.device("cuda")) in ("cuda", "triton")
 
 
 # --- KD loss --------------------------------------------------------------------------------------------------------
@@ -250,7 +337,8 @@ def test_loss_gradcheck_and_opcheck(backend, generator):
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
-def test_loss_bad_input_is_refused(backend, generator):
+def test_loss_bad_input_is_refused(backend, generator, monkeypatch):
+    monkeypatch.setenv("PTD_DEBUG_CHECKS", "1")  # the ValueErrors; without it, device-side asserts (below)
     s = torch.randn(6, 5, device="cuda")
     t = torch.randn(6, 5, device="cuda")
     for which, bad in (("student_logits", float("nan")), ("teacher_logits", float("inf"))):
@@ -262,3 +350,49 @@ def test_loss_bad_input_is_refused(backend, generator):
         ptd_sparse.kd_loss(s, t, torch.tensor([0, 1, 5, 2, 3, 4], device="cuda"), backend=backend)
     with pytest.raises(ValueError, match="teacher_logits is on cpu"):
         ptd_sparse.kd_loss(s, t.cpu(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_loss_does_not_synchronise(backend, generator):
+    """Forward and backward of the loss, dense and top-k teacher, with labels and batchmean, under
+    torch.cuda.set_sync_debug_mode("error"): any device-to-host synchronisation raises."""
+    s = (torch.randn(64, 1000, generator=generator) * 3).cuda().requires_grad_()
+    t = (torch.randn(64, 1000, generator=generator) * 3).cuda()
+    target = torch.randint(0, 1000, (64,), generator=generator).cuda()
+    target[::9] = -100
+    teacher = ptd_sparse.topk_teacher(t, 10, 4.0)
+
+    def step():
+        for given in (t, teacher):
+            loss = ptd_sparse.kd_loss(s, given, target, temperature=4.0, alpha=0.9, backend=backend)
+            loss.backward()
+
+    step()  # compiles and loads the kernels first
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_loss_bad_input_is_a_device_side_assert(backend):
+    """Without PTD_DEBUG_CHECKS a NaN logit stops the kernel with a device-side assert, reported by a later CUDA
+    call (the synchronisation at the latest; test_loss_does_not_synchronise shows the call itself waits for
+    nothing). In a fresh interpreter: the assert leaves the CUDA context unusable."""
+    code = ("import torch, ptd_sparse\n"
+            "s = torch.randn(4, 7, device='cuda'); s[2, 3] = float('nan')\n"
+            f"loss = ptd_sparse.kd_loss(s, torch.randn(4, 7, device='cuda'), torch.arange(4, device='cuda'), "
+            f"backend={backend!r})\n"
+            "torch.cuda.synchronize()\n")
+    environment = {key: value for key, value in os.environ.items() if key != "PTD_DEBUG_CHECKS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=environment)
+    assert result.returncode != 0
+    assert "device-side assert" in result.stderr
+    assert "ValueError" not in result.stderr
+    if backend == "cuda":  # the kernel prints the cpu backend's sentence
+        assert "kd_loss: student_logits row 2 holds NaN or +inf" in result.stdout + result.stderr

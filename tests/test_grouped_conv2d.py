@@ -1,12 +1,13 @@
 """Grouped and depthwise sparse convolution: the canonical format over the full input-channel space
 (ptd_sparse.pattern), every backend against F.conv2d(groups=g) in float64, forward and all gradients, gradcheck and
-opcheck, and the modules (MaskedConv2d, SparseConv2d) that run them."""
+opcheck, and the modules (MaskedConv2d, SparseConv2d) that run them. The cuda and triton cases run on CUDA tensors
+where a GPU exists (conftest.device_for); the oracle always runs on the CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, gradcheck_options, random_mask, runnable_backends
+from conftest import assert_close, device_backends, device_for, gradcheck_options, moved_to, on_device, random_mask
 from torch import nn
 
 import ptd_sparse
@@ -17,7 +18,8 @@ from ptd_sparse.ops.sparse_conv2d import sparse_conv2d as sparse_conv2d_op
 from ptd_sparse.ops.sparse_conv2d import sparse_conv2d_backward as sparse_conv2d_backward_op
 from ptd_sparse.pattern import ConvPattern
 
-BACKENDS = runnable_backends(SPARSE_CONV)
+BACKENDS = device_backends(SPARSE_CONV)
+CPU = torch.device("cpu")
 
 # (groups, C_in, C_out): two groups, four groups of odd widths, depthwise, depthwise with a channel multiplier,
 # and groups=1 as the control.
@@ -25,6 +27,8 @@ GROUPINGS = [(2, 4, 6), (4, 12, 8), (5, 5, 5), (3, 3, 6), (1, 3, 5)]
 
 
 def grouped_oracle(x, weight, mask, bias, stride, padding, dilation, groups, grad_out):
+    """Forward and gradients in float64 on the CPU, whatever device the inputs are on."""
+    x, weight, mask, bias, grad_out = moved_to(CPU, x, weight, mask, bias, grad_out)
     x64 = x.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
     b64 = bias.detach().double().requires_grad_() if bias is not None else None
@@ -39,48 +43,53 @@ def grouped_oracle(x, weight, mask, bias, stride, padding, dilation, groups, gra
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 0, 2), (1, 1, 0, 1), (5, 2, 2, 1)])
 def test_grouped_matches_f_conv2d(backend, groups, c_in, c_out, density, kernel, stride, padding, dilation,
                                   generator):
-    x = torch.randn(3, c_in, 11, 9, generator=generator, requires_grad=True)
-    weight = torch.randn(c_out, c_in // groups, kernel, kernel, generator=generator, requires_grad=True)
-    mask = random_mask(weight.shape, density, generator)
-    bias = torch.randn(c_out, generator=generator, requires_grad=True)
+    x, weight, mask, bias = on_device(backend, torch.randn(3, c_in, 11, 9, generator=generator),
+                                      torch.randn(c_out, c_in // groups, kernel, kernel, generator=generator),
+                                      random_mask((c_out, c_in // groups, kernel, kernel), density, generator),
+                                      torch.randn(c_out, generator=generator))
+    for tensor in (x, weight, bias):
+        tensor.requires_grad_()
     out = ptd_sparse.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups, backend=backend)
-    grad_out = torch.randn(out.shape, generator=generator)
+    grad_out = on_device(backend, torch.randn(out.shape, generator=generator))
     expected, expected_grads = grouped_oracle(x, weight, mask, bias, stride, padding, dilation, groups, grad_out)
-    assert_close(out, expected, torch.float32, "output")
+    assert_close(out.cpu(), expected, torch.float32, "output")
     grads = torch.autograd.grad(out, (x, weight, bias), grad_out)
     for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), grads, expected_grads):
         assert got.shape == want.shape
-        assert_close(got, want, torch.float32, name)
+        assert_close(got.cpu(), want, torch.float32, name)
     assert not grads[1][~mask].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
 def test_depthwise_in_other_dtypes(backend, dtype, generator):
-    x = torch.randn(2, 8, 10, 10, generator=generator).to(dtype).requires_grad_()
-    weight = torch.randn(8, 1, 3, 3, generator=generator).to(dtype).requires_grad_()
-    mask = random_mask(weight.shape, 0.5, generator)
+    device = device_for(backend)
+    x = torch.randn(2, 8, 10, 10, generator=generator).to(device, dtype).requires_grad_()
+    weight = torch.randn(8, 1, 3, 3, generator=generator).to(device, dtype).requires_grad_()
+    mask = random_mask(weight.shape, 0.5, generator).to(device)
     out = ptd_sparse.masked_conv2d(x, weight, mask, None, 1, 1, 1, 8, backend=backend)
-    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
+    grad_out = torch.randn(out.shape, generator=generator).to(device, dtype)
     expected, expected_grads = grouped_oracle(x, weight, mask, None, 1, 1, 1, 8, grad_out)
-    assert out.dtype == dtype
-    assert_close(out, expected, dtype, "output")
+    assert out.dtype == dtype and out.device == x.device
+    assert_close(out.cpu(), expected, dtype, "output")
     for name, got, want in zip(("grad_input", "grad_weight"), torch.autograd.grad(out, (x, weight), grad_out),
                                expected_grads):
-        assert_close(got, want, dtype, name)
+        assert_close(got.cpu(), want, dtype, name)
 
 
-def grouped_pattern(generator, groups=3, c_in=6, c_out=9, density=0.4, dtype=torch.float64):
-    weight = torch.randn(c_out, c_in // groups, 3, 3, generator=generator, dtype=dtype)
-    return weight, ConvPattern.from_mask(random_mask(weight.shape, density, generator), groups)
+def grouped_pattern(generator, groups=3, c_in=6, c_out=9, density=0.4, dtype=torch.float64, device=CPU):
+    weight = torch.randn(c_out, c_in // groups, 3, 3, generator=generator, dtype=dtype).to(device)
+    return weight, ConvPattern.from_mask(random_mask(weight.shape, density, generator).to(device), groups)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64_grouped(backend, generator):
-    weight, pattern = grouped_pattern(generator)
+    weight, pattern = grouped_pattern(generator, device=device_for(backend))
     values = pattern.gather(weight).requires_grad_()
-    x = torch.randn(2, 6, 7, 6, generator=generator, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(9, generator=generator, dtype=torch.float64, requires_grad=True)
+    x, bias = on_device(backend, torch.randn(2, 6, 7, 6, generator=generator, dtype=torch.float64),
+                        torch.randn(9, generator=generator, dtype=torch.float64))
+    x.requires_grad_()
+    bias.requires_grad_()
 
     def conv(x, values, bias):
         return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
@@ -92,13 +101,13 @@ def test_gradcheck_float64_grouped(backend, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_grouped(backend, generator):
     for groups, c_in, c_out, batch in ((3, 6, 9, 2), (4, 4, 4, 1), (2, 4, 2, 0)):
-        weight, p = grouped_pattern(generator, groups, c_in, c_out, 0.5, torch.float32)
-        x = torch.randn(batch, c_in, 7, 6, generator=generator, requires_grad=True)
+        weight, p = grouped_pattern(generator, groups, c_in, c_out, 0.5, torch.float32, device_for(backend))
+        x = on_device(backend, torch.randn(batch, c_in, 7, 6, generator=generator)).requires_grad_()
         values = p.gather(weight).requires_grad_()
         args = (x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape), None, [1, 1], [1, 1],
                 [1, 1], backend)
         torch.library.opcheck(sparse_conv2d_op, args)
-        grad_out = torch.randn(sparse_conv2d_op(*args).shape, generator=generator)
+        grad_out = on_device(backend, torch.randn(sparse_conv2d_op(*args).shape, generator=generator))
         backward_args = (grad_out, x.detach(), values.detach(), p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
                          list(p.shape), [1, 1], [1, 1], [1, 1], [True, True, False], backend)
         torch.library.opcheck(sparse_conv2d_backward_op, backward_args)
@@ -149,13 +158,13 @@ def test_bad_groups_are_refused(generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_conv2d_module_runs_grouped_layers_sparse(backend, generator, monkeypatch):
-    conv = MaskedConv2d(8, 8, 3, padding=1, groups=8, bias=True, backend=backend)
-    conv.set_mask(random_mask(conv.weight.shape, 0.5, generator))
+    conv = MaskedConv2d(8, 8, 3, padding=1, groups=8, bias=True, backend=backend).to(device_for(backend))
+    conv.set_mask(on_device(backend, random_mask(conv.weight.shape, 0.5, generator)))
     calls = []
     original = functional._run_sparse_conv
     monkeypatch.setattr(functional, "_run_sparse_conv",
                         lambda *a, **k: calls.append(a[8]) or original(*a, **k))
-    x = torch.randn(2, 8, 9, 9, generator=generator, requires_grad=True)
+    x = on_device(backend, torch.randn(2, 8, 9, 9, generator=generator)).requires_grad_()
     out = conv(x)
     assert calls == [backend]
     reference = F.conv2d(x, conv.weight * conv.mask, conv.bias, 1, 1, 1, 8)

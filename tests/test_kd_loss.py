@@ -1,5 +1,6 @@
 """Fused KD loss: every backend against a float64 eager oracle (log_softmax, softmax, KL, cross-entropy, autograd),
-over temperatures, alphas, reductions, dtypes, ignored rows, extreme and -inf logits, and bad input."""
+over temperatures, alphas, reductions, dtypes, ignored rows, extreme and -inf logits, and bad input. The cuda and
+triton cases run on CUDA tensors where a GPU exists (conftest.device_for); the oracle always runs on the CPU."""
 from __future__ import annotations
 
 import math
@@ -7,14 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, gradcheck_options, runnable_backends
+from conftest import assert_close, device_backends, gradcheck_options, moved_to, on_device
 
 import ptd_sparse
 from ptd_sparse.backends import KD_LOSS
 from ptd_sparse.ops.kd_loss import kd_loss as kd_loss_op
 from ptd_sparse.ops.kd_loss import kd_loss_backward as kd_loss_backward_op
 
-BACKENDS = runnable_backends(KD_LOSS)
+BACKENDS = device_backends(KD_LOSS)
+CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = lambda d: str(d).split(".")[-1]  # noqa: E731
 
@@ -53,18 +55,20 @@ def reduced(s, rows, valid, reduction):
 
 def check(backend, student, teacher, target, temperature, alpha, reduction, dtype_tol, ignore_index=-100,
           oracle_fn=None):
-    student = student.detach().requires_grad_()
+    """The backend on device_for(backend) (inputs already there keep their strides) against the oracle on the CPU."""
+    student, teacher, target = on_device(backend, student.detach(), teacher, target)
+    student.requires_grad_()
     loss = ptd_sparse.kd_loss(student, teacher, target, temperature=temperature, alpha=alpha, reduction=reduction,
                               ignore_index=ignore_index, backend=backend)
-    want_loss, want_grad, grad_out = (oracle_fn or oracle)(student, teacher, target, temperature, alpha, reduction,
-                                                           ignore_index)
+    want_loss, want_grad, grad_out = (oracle_fn or oracle)(*moved_to(CPU, student, teacher, target), temperature,
+                                                           alpha, reduction, ignore_index)
     assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
-    assert loss.shape == want_loss.shape
-    assert_close(loss, want_loss, dtype_tol, "loss")
+    assert loss.shape == want_loss.shape and loss.device == student.device
+    assert_close(loss.cpu(), want_loss, dtype_tol, "loss")
     if student.shape[0]:
-        (grad,) = torch.autograd.grad(loss, student, grad_out.to(loss.dtype))
+        (grad,) = torch.autograd.grad(loss, student, grad_out.to(loss.dtype).to(loss.device))
         assert grad.dtype == student.dtype
-        assert_close(grad, want_grad, dtype_tol, "grad_student")
+        assert_close(grad.cpu(), want_grad, dtype_tol, "grad_student")
 
 
 def logits(rows, classes, generator, scale=3.0, dtype=torch.float32):
@@ -110,7 +114,7 @@ def test_teacher_minus_inf_entries(backend, alpha, generator):
     t[:, 5:9] = float("-inf")
     t[3, :19] = float("-inf")  # a teacher that is certain
     target = torch.randint(0, 20, (12,), generator=generator)
-    loss = ptd_sparse.kd_loss(s, t, target, temperature=4.0, alpha=alpha, backend=backend)
+    loss = ptd_sparse.kd_loss(*on_device(backend, s, t, target), temperature=4.0, alpha=alpha, backend=backend)
     assert math.isfinite(float(loss))
     check(backend, s, t, target, 4.0, alpha, "batchmean", torch.float32)
 
@@ -118,10 +122,10 @@ def test_teacher_minus_inf_entries(backend, alpha, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_all_rows_ignored_gives_zero_loss_and_gradient(backend, reduction, generator):
-    s = logits(6, 10, generator).requires_grad_()
-    target = torch.full((6,), -1, dtype=torch.long)
-    loss = ptd_sparse.kd_loss(s, logits(6, 10, generator), target, ignore_index=-1, reduction=reduction,
-                              backend=backend)
+    s, t = on_device(backend, logits(6, 10, generator), logits(6, 10, generator))
+    s.requires_grad_()
+    target = torch.full((6,), -1, dtype=torch.long, device=s.device)
+    loss = ptd_sparse.kd_loss(s, t, target, ignore_index=-1, reduction=reduction, backend=backend)
     assert torch.equal(loss, torch.zeros_like(loss))
     loss.sum().backward()
     assert torch.equal(s.grad, torch.zeros_like(s))
@@ -144,18 +148,19 @@ def test_target_none_is_the_weighted_distillation_term(backend, reduction, gener
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_logits(backend, generator):
-    s = logits(20, 30, generator).t()  # [30, 20] transposed view
-    t = logits(60, 20, generator)[::2]  # every other row
+    s = on_device(backend, logits(20, 30, generator)).t()  # [30, 20] transposed view
+    t = on_device(backend, logits(60, 20, generator))[::2]  # every other row
     assert not s.is_contiguous() and not t.is_contiguous()
-    target = torch.randint(0, 20, (60,), generator=generator)[::2]
+    target = on_device(backend, torch.randint(0, 20, (60,), generator=generator))[::2]
     check(backend, s, t, target, 4.0, 0.5, "batchmean", torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_torch_eager_composition(backend, generator):
     """The textbook eager loss (kl_div batchmean + cross_entropy) that users replace with kd_loss."""
-    s, t = logits(64, 100, generator).requires_grad_(), logits(64, 100, generator)
-    target = torch.randint(0, 100, (64,), generator=generator)
+    s, t, target = on_device(backend, logits(64, 100, generator), logits(64, 100, generator),
+                             torch.randint(0, 100, (64,), generator=generator))
+    s.requires_grad_()
     T, alpha = 4.0, 0.9
     eager = alpha * T * T * F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean",
                                      log_target=True) + (1 - alpha) * F.cross_entropy(s, target)
@@ -168,10 +173,11 @@ def test_matches_torch_eager_composition(backend, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 def test_gradcheck_float64(backend, reduction, generator):
-    s = logits(7, 9, generator, dtype=torch.float64).requires_grad_()
-    t = logits(7, 9, generator, dtype=torch.float64)
     target = torch.randint(0, 9, (7,), generator=generator)
     target[2] = -100
+    s, t, target = on_device(backend, logits(7, 9, generator, dtype=torch.float64),
+                             logits(7, 9, generator, dtype=torch.float64), target)
+    s.requires_grad_()
 
     def loss(s):
         return kd_loss_op(s, t, target, 3.0, 0.6, reduction, -100, True, backend)[0]
@@ -182,9 +188,9 @@ def test_gradcheck_float64(backend, reduction, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, generator):
     for rows, reduction, with_target in ((8, 2, True), (0, 0, True), (5, 1, False)):
-        s = logits(rows, 6, generator).requires_grad_()
-        t = logits(rows, 6, generator)
         target = torch.randint(0, 6, (rows,), generator=generator) if with_target else None
+        s, t, target = on_device(backend, logits(rows, 6, generator), logits(rows, 6, generator), target)
+        s.requires_grad_()
         torch.library.opcheck(kd_loss_op, (s, t, target, 2.0, 0.5, reduction, -100, True, backend))
         loss, grad = kd_loss_op(s.detach(), t, target, 2.0, 0.5, reduction, -100, True, backend)
         torch.library.opcheck(kd_loss_backward_op, (torch.full_like(loss, 0.5), grad, reduction))
@@ -194,8 +200,9 @@ def test_opcheck(backend, generator):
 def test_backward_twice_and_gradient_accumulation(backend, generator):
     """The saved gradient is handed out without a copy when the incoming gradient is 1; a second backward over the
     same graph and accumulation into .grad must still be right."""
-    s = logits(4, 5, generator).requires_grad_()
-    loss = ptd_sparse.kd_loss(s, logits(4, 5, generator), torch.arange(4), backend=backend)
+    s, t, target = on_device(backend, logits(4, 5, generator), logits(4, 5, generator), torch.arange(4))
+    s.requires_grad_()
+    loss = ptd_sparse.kd_loss(s, t, target, backend=backend)
     loss.backward(retain_graph=True)
     first = s.grad.clone()
     loss.backward(retain_graph=True)
@@ -206,9 +213,9 @@ def test_backward_twice_and_gradient_accumulation(backend, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_is_computed_without_requires_grad(backend, generator):
-    s, t = logits(4, 5, generator), logits(4, 5, generator)
+    s, t, target = on_device(backend, logits(4, 5, generator), logits(4, 5, generator), torch.arange(4))
     with torch.no_grad():
-        loss = ptd_sparse.kd_loss(s, t, torch.arange(4), backend=backend)
+        loss = ptd_sparse.kd_loss(s, t, target, backend=backend)
     assert loss.shape == () and not loss.requires_grad
 
 
@@ -222,22 +229,44 @@ def test_kdloss_module_matches_function(generator):
 
 
 # --- bad input: the error names the argument and what was expected -------------------------------------------------
+# On CUDA tensors bad values end in a device-side assert unless PTD_DEBUG_CHECKS=1 (ptd_sparse.debug_checks), which
+# these tests set so that every backend raises the same ValueError (tests/test_gpu.py checks the assert).
+
+@pytest.fixture
+def debug_checks(monkeypatch):
+    monkeypatch.setenv("PTD_DEBUG_CHECKS", "1")
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ["student_logits", "teacher_logits"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "plus_inf"])
-def test_nan_or_inf_logits_are_refused(backend, which, bad, generator):
+def test_nan_or_inf_logits_are_refused(backend, which, bad, generator, debug_checks):
     s, t = logits(5, 4, generator), logits(5, 4, generator)
     (s if which == "student_logits" else t)[3, 2] = bad
     with pytest.raises(ValueError, match=f"{which} row 3"):
-        ptd_sparse.kd_loss(s, t, torch.arange(5) % 4, backend=backend)
+        ptd_sparse.kd_loss(*on_device(backend, s, t, torch.arange(5) % 4), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_label_out_of_range_is_refused(backend, generator):
+def test_label_out_of_range_is_refused(backend, generator, debug_checks):
     target = torch.tensor([0, 1, 4, 2])
     with pytest.raises(ValueError, match="target has value 4 at row 2"):
-        ptd_sparse.kd_loss(logits(4, 4, generator), logits(4, 4, generator), target, backend=backend)
+        ptd_sparse.kd_loss(*on_device(backend, logits(4, 4, generator), logits(4, 4, generator), target),
+                           backend=backend)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("reference", "cpu")])
+def test_cpu_tensors_are_checked_without_the_debug_mode(backend, generator):
+    """Reading a CPU tensor costs no synchronisation, so CPU users get the ValueError whatever PTD_DEBUG_CHECKS."""
+    s = logits(5, 4, generator)
+    s[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="student_logits row 1"):
+        ptd_sparse.kd_loss(s, logits(5, 4, generator), torch.arange(5) % 4, backend=backend)
+    teacher = ptd_sparse.topk_teacher(logits(5, 4, generator), 2, 2.0)
+    repeated = teacher.indices.clone()
+    repeated[3, 1] = repeated[3, 0]
+    with pytest.raises(ValueError, match="teacher.indices row 3 lists a class twice"):
+        ptd_sparse.kd_loss(logits(5, 4, generator), teacher._replace(indices=repeated), backend=backend)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -320,8 +349,9 @@ def test_topk_matches_oracle(backend, k, with_rest, temperature, alpha, reductio
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_of_every_class_is_the_dense_loss(backend, generator):
-    s, t = logits(21, 17, generator).requires_grad_(), logits(21, 17, generator)
-    target = torch.randint(0, 17, (21,), generator=generator)
+    s, t, target = on_device(backend, logits(21, 17, generator), logits(21, 17, generator),
+                             torch.randint(0, 17, (21,), generator=generator))
+    s.requires_grad_()
     dense = ptd_sparse.kd_loss(s, t, target, temperature=3.0, alpha=0.7, backend=backend)
     topk = ptd_sparse.kd_loss(s, ptd_sparse.topk_teacher(t, 17, 3.0), target, temperature=3.0, alpha=0.7,
                               backend=backend)
@@ -352,8 +382,8 @@ def test_topk_odd_and_empty_shapes(backend, rows, classes, k, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_non_contiguous_and_minus_inf(backend, generator):
-    s = logits(20, 30, generator).t()  # [30, 20]
-    full = ptd_sparse.topk_teacher(logits(30, 20, generator), 6, 4.0)
+    s = on_device(backend, logits(20, 30, generator)).t()  # [30, 20]
+    full = on_device(backend, ptd_sparse.topk_teacher(logits(30, 20, generator), 6, 4.0))
     teacher = ptd_sparse.TopKTeacher(full.indices.t().contiguous().t(), full.logits.clone(), full.rest_mass)
     teacher.logits[4, 2:] = float("-inf")  # a teacher sure of fewer than k classes
     assert not s.is_contiguous() and not teacher.indices.is_contiguous()
@@ -364,17 +394,20 @@ def test_topk_non_contiguous_and_minus_inf(backend, generator):
 def test_topk_gradcheck_and_opcheck(backend, generator):
     from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
 
-    s = logits(7, 9, generator, dtype=torch.float64).requires_grad_()
-    teacher = ptd_sparse.topk_teacher(logits(7, 9, generator, dtype=torch.float64), 3, 3.0)
     target = torch.randint(0, 9, (7,), generator=generator)
     target[2] = -100
+    s, teacher, target = on_device(backend, logits(7, 9, generator, dtype=torch.float64),
+                                   ptd_sparse.topk_teacher(logits(7, 9, generator, dtype=torch.float64), 3, 3.0),
+                                   target)
+    s.requires_grad_()
     for reduction in (0, 1, 2):
         assert torch.autograd.gradcheck(
             lambda s: kd_loss_topk_op(s, *teacher, target, 3.0, 0.6, reduction, -100, True, backend)[0], (s,),
             **gradcheck_options(backend))
     for rows, reduction in ((8, 2), (0, 0)):
-        s32 = logits(rows, 6, generator).requires_grad_()
-        topk = ptd_sparse.topk_teacher(logits(rows, 6, generator), 2, 2.0)
+        s32, topk = on_device(backend, logits(rows, 6, generator),
+                              ptd_sparse.topk_teacher(logits(rows, 6, generator), 2, 2.0))
+        s32.requires_grad_()
         torch.library.opcheck(kd_loss_topk_op, (s32, *topk, None, 2.0, 0.5, reduction, -100, True, backend))
 
 
@@ -389,9 +422,9 @@ def test_topk_teacher_helper_rest_mass_is_exact(generator):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_topk_bad_teachers_are_refused(backend, generator):
-    s = logits(4, 6, generator)
-    good = ptd_sparse.topk_teacher(logits(4, 6, generator), 3, 2.0)
+def test_topk_bad_teachers_are_refused(backend, generator, debug_checks):
+    s = on_device(backend, logits(4, 6, generator))
+    good = on_device(backend, ptd_sparse.topk_teacher(logits(4, 6, generator), 3, 2.0))
 
     def run(teacher):
         return ptd_sparse.kd_loss(s, teacher, temperature=2.0, backend=backend)
@@ -401,11 +434,12 @@ def test_topk_bad_teachers_are_refused(backend, generator):
     with pytest.raises(ValueError, match="teacher.indices row 2 lists a class twice"):
         run(good._replace(indices=repeated))
     with pytest.raises(ValueError, match=r"teacher.indices holds 6; expected class indices in \[0, 6\)"):
-        run(good._replace(indices=good.indices.clone().index_fill_(1, torch.tensor([0]), 6)))
+        run(good._replace(indices=good.indices.clone().index_fill_(1, torch.tensor([0], device=s.device), 6)))
     with pytest.raises(ValueError, match="teacher.rest_mass is 1.5 at row 0"):
-        run(good._replace(rest_mass=torch.full((4,), 1.5)))
+        run(good._replace(rest_mass=torch.full((4,), 1.5, device=s.device)))
     with pytest.raises(ValueError, match="0 when k equals the number of classes"):
-        run(ptd_sparse.topk_teacher(logits(4, 6, generator), 6, 2.0)._replace(rest_mass=torch.full((4,), 0.1)))
+        run(on_device(backend, ptd_sparse.topk_teacher(logits(4, 6, generator), 6, 2.0))._replace(
+            rest_mass=torch.full((4,), 0.1, device=s.device)))
     bad_logits = good.logits.clone()
     bad_logits[1, 0] = float("nan")
     with pytest.raises(ValueError, match="teacher.logits row 1 holds NaN"):
@@ -430,12 +464,82 @@ def test_student_minus_inf_gives_the_oracle_value_not_nan(backend, generator):
     t[0, 0], t[0, 32] = -500.0, 500.0  # teacher probability of class 0 underflows at T = 1
     t[1, 5] = 50.0
     s[1, 5] = float("-inf")  # the teacher's favourite class, ruled out by the student
-    dense = ptd_sparse.kd_loss(s, t, temperature=1.0, alpha=1.0, reduction="none", backend=backend)
+    dense = ptd_sparse.kd_loss(*on_device(backend, s, t), temperature=1.0, alpha=1.0, reduction="none",
+                               backend=backend).cpu()
     want, _, _ = oracle(s, t, None, 1.0, 1.0, "none")
     assert not torch.isnan(dense).any()
     torch.testing.assert_close(dense.double(), want, rtol=2e-5, atol=2e-5)
     topk = ptd_sparse.topk_teacher(t, 4, 1.0)
-    listed = ptd_sparse.kd_loss(s, topk, temperature=1.0, alpha=1.0, reduction="none", backend=backend)
+    listed = ptd_sparse.kd_loss(*on_device(backend, s, topk), temperature=1.0, alpha=1.0, reduction="none",
+                                backend=backend).cpu()
     want_topk, _, _ = topk_oracle(s, topk, None, 1.0, 1.0, "none")
     assert not torch.isnan(listed).any()
     torch.testing.assert_close(listed.double(), want_topk, rtol=2e-5, atol=2e-5)
+
+
+# --- rounding: each gradient entry rounded to the student's dtype once, float64 exact -------------------------------
+
+def confident_rows(dtype):
+    """Student logits [8, 10] whose label (class 3) has softmax probability 1 - 9e^-m for margins m from 6 to 11:
+    q close enough to 1 that the label's gradient (1 - alpha) scale (q - 1) lies far below the dtype's spacing at
+    (1 - alpha) scale, where an entry rounded before its one-hot term is subtracted would land."""
+    margins = torch.linspace(6.0, 11.0, 8)
+    s = torch.zeros(8, 10)
+    s[:, 3] = margins
+    s[:, 5] = 0.25  # not every other class alike
+    return s.to(dtype), torch.full((8,), 3, dtype=torch.long)
+
+
+# The cpu backend's top-k kernel (csrc/cpu/kd_loss_cpu.cpp, kd_loss_topk_rows) still subtracts the label's one-hot
+# term from an entry already rounded to the student's dtype; strict, so the mark goes when that is fixed.
+CPU_TOPK_DOUBLE_ROUNDING = pytest.mark.xfail(strict=True, reason="the cpu top-k kernel rounds the label's entry "
+                                                                 "twice in fp16/bf16 (csrc/cpu/kd_loss_cpu.cpp)")
+ROUNDING_BACKENDS = [pytest.param(*p.values, marks=list(p.marks) + ([CPU_TOPK_DOUBLE_ROUNDING]
+                                                                   if p.values[0] == "cpu" else []), id=p.id)
+                     for p in BACKENDS]
+
+
+@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS)
+@pytest.mark.parametrize("listed", [True, False], ids=["label_listed", "label_unlisted"])
+def test_topk_label_gradient_near_probability_one_is_rounded_once(backend, dtype, listed):
+    """Against the float64 oracle (ptd_sparse.reference on float64 copies of the same inputs), every entry within
+    one rounding of the dtype: a second rounding of the label's entry loses its gradient (0 instead of -1e-5)."""
+    from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
+    from ptd_sparse.reference import kd_loss as reference_kd
+
+    s, target = confident_rows(dtype)
+    if listed:  # the teacher is the student itself: its top 4 (the label first) and the exact rest mass
+        teacher = ptd_sparse.topk_teacher(s.float(), 4, 1.0)
+    else:  # every class but the label listed, the label's share as the rest mass: the same distribution
+        others = torch.tensor([c for c in range(10) if c != 3]).repeat(8, 1)
+        p = torch.softmax(s.double(), dim=1)
+        teacher = ptd_sparse.TopKTeacher(others.int(), s.float().gather(1, others), p[:, 3].float())
+    want_loss, want_grad = reference_kd.kd_loss_topk(s.double(), *teacher, target, 1.0, 0.5, 2, -100, True)
+    loss, grad = kd_loss_topk_op(*on_device(backend, s, *teacher, target), 1.0, 0.5, 2, -100, True, backend)
+    assert grad.dtype == dtype
+    label_grad = want_grad[:, 3]
+    assert bool((label_grad < -1e-6).all()), "the case must have a label gradient the dtype can hold"
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=2 * eps, atol=1e-7)
+    assert_close(loss.cpu(), want_loss, torch.float32, "loss")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "sum", "batchmean"])
+def test_float64_gradients_are_exact(backend, reduction, generator):
+    """float64 students get float64 gradients to float64 precision: the batchmean scale 1/3 (three rows count) must
+    not pass through float32 (a relative error of 3e-8)."""
+    from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
+    from ptd_sparse.reference import kd_loss as reference_kd
+
+    s, t = logits(5, 7, generator, dtype=torch.float64), logits(5, 7, generator, dtype=torch.float64)
+    target = torch.tensor([1, -100, 4, -100, 6])
+    teacher = ptd_sparse.topk_teacher(t, 3, 2.0)
+    cases = ((kd_loss_op, reference_kd.kd_loss, (t,)), (kd_loss_topk_op, reference_kd.kd_loss_topk, tuple(teacher)))
+    for op, reference, teacher_args in cases:
+        want_loss, want_grad = reference(s, *teacher_args, target, 2.0, 0.7, reduction, -100, True)
+        loss, grad = op(*on_device(backend, s, *teacher_args, target), 2.0, 0.7, reduction, -100, True, backend)
+        assert grad.dtype == torch.float64 and loss.dtype == torch.float64
+        torch.testing.assert_close(grad.cpu(), want_grad, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-12, atol=1e-15)

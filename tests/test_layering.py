@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # of the operators and modules, so it sits with nn.
 LAYERS = [
     ("foundation", ("ptd_sparse._validation", "ptd_sparse._format_checks", "ptd_sparse._kd_contract",
-                    "ptd_sparse.conv_geometry", "ptd_sparse.pattern", "ptd_sparse.topk_teacher", "ptd_sparse.files")),
+                    "ptd_sparse.conv_geometry", "ptd_sparse.debug_checks", "ptd_sparse.pattern",
+                    "ptd_sparse.topk_teacher", "ptd_sparse.files")),
     ("kernels", ("ptd_sparse.kernels", "ptd_sparse._C", "ptd_sparse._extension", "ptd_sparse.fingerprint",
                  "ptd_sparse.compiled",
                  "ptd_sparse.reference", "ptd_sparse.triton_kernels", "ptd_sparse.backends")),

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as prune
-from conftest import random_mask, runnable_backends
+from conftest import device_backends, device_for, on_device, random_mask
 from torch import nn
 
 import ptd_sparse
@@ -16,7 +16,7 @@ from ptd_sparse.backends import DENSE_CROSSOVER, SPARSE_CONV
 from ptd_sparse.nn import MaskedConv2d, SparseConv2d, measured_route
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 
-BACKENDS = runnable_backends(SPARSE_CONV)
+BACKENDS = device_backends(SPARSE_CONV)  # cuda and triton on CUDA tensors where a GPU exists
 
 
 def test_csr_format_is_canonical(generator):
@@ -91,14 +91,15 @@ def test_mask_is_compressed_once_per_change(monkeypatch, generator):
     dict(kernel_size=3, padding=1, groups=2),  # dense masked path
 ], ids=["pad1", "same", "same_even", "reflect", "rect", "groups2"])
 def test_masked_conv2d_is_a_drop_in_conv2d(backend, config, generator):
-    conv = nn.Conv2d(4, 6, **config)
-    masked = MaskedConv2d(4, 6, backend=backend, **config)
+    device = device_for(backend)
+    conv = nn.Conv2d(4, 6, **config).to(device)
+    masked = MaskedConv2d(4, 6, backend=backend, **config).to(device)
     masked.load_state_dict(conv.state_dict(), strict=False)
-    mask = random_mask(masked.weight.shape, 0.35, generator)
+    mask = random_mask(masked.weight.shape, 0.35, generator).to(device)
     masked.set_mask(mask)
     with torch.no_grad():
         conv.weight.mul_(mask)
-    x = torch.randn(3, 4, 9, 8, generator=generator)
+    x = torch.randn(3, 4, 9, 8, generator=generator).to(device)
     out, expected = masked(x), conv(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     out.square().sum().backward()
@@ -131,10 +132,10 @@ def test_masked_conv2d_from_conv_shares_parameters(generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_conv2d_module(backend, generator):
-    conv = nn.Conv2d(5, 7, 3, stride=2, padding="valid")
-    mask = random_mask(conv.weight.shape, 0.25, generator)
+    conv = nn.Conv2d(5, 7, 3, stride=2, padding="valid").to(device_for(backend))
+    mask = on_device(backend, random_mask(conv.weight.shape, 0.25, generator))
     sparse = SparseConv2d.from_conv(conv, mask, backend=backend)
-    x = torch.randn(2, 5, 11, 11, generator=generator)
+    x = on_device(backend, torch.randn(2, 5, 11, 11, generator=generator))
     torch.testing.assert_close(sparse(x), F.conv2d(x, conv.weight * mask, conv.bias, stride=2), atol=1e-5,
                                rtol=1e-5)
     assert sparse.nnz == int(mask.sum())

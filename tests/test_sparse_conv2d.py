@@ -1,5 +1,6 @@
 """Masked sparse convolution: every backend against the float64 oracle F.conv2d(input, weight * mask), forward and
-all three gradients, over the geometry, density, batch, layout and dtype cases of the foundation issue."""
+all three gradients, over the geometry, density, batch, layout and dtype cases of the foundation issue. The cuda and
+triton cases run on CUDA tensors where a GPU exists (conftest.device_for); the oracle always runs on the CPU."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, gradcheck_options, random_mask, runnable_backends
+from conftest import assert_close, device_backends, device_for, gradcheck_options, moved_to, on_device, random_mask
 
 import ptd_sparse
 from ptd_sparse.backends import SPARSE_CONV
@@ -15,7 +16,8 @@ from ptd_sparse.ops.sparse_conv2d import sparse_conv2d as sparse_conv2d_op
 from ptd_sparse.ops.sparse_conv2d import sparse_conv2d_backward as sparse_conv2d_backward_op
 from ptd_sparse.pattern import ConvPattern
 
-BACKENDS = runnable_backends(SPARSE_CONV)
+BACKENDS = device_backends(SPARSE_CONV)
+CPU = torch.device("cpu")
 DENSITIES = (0.0, 0.01, 0.1, 0.5, 1.0)
 
 
@@ -40,19 +42,23 @@ def oracle(x, weight, mask, bias, stride, padding, dilation, grad_out):
 
 
 def run_case(backend, x, weight, mask, bias, stride, padding, dilation, dtype, generator):
-    x = x.to(dtype).requires_grad_()
-    weight = weight.to(dtype).requires_grad_()
-    bias = bias.to(dtype).requires_grad_() if bias is not None else None
+    """The backend on device_for(backend) (inputs already there keep their layout) against the oracle on the CPU."""
+    device = device_for(backend)
+    x = x.to(device, dtype).requires_grad_()
+    weight = weight.to(device, dtype).requires_grad_()
+    bias = bias.to(device, dtype).requires_grad_() if bias is not None else None
+    mask = mask.to(device)
     out = ptd_sparse.masked_conv2d(x, weight, mask, bias, stride, padding, dilation, backend=backend)
-    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
-    expected_out, expected_grads = oracle(x, weight, mask, bias, stride, padding, dilation, grad_out)
-    assert out.shape == expected_out.shape and out.dtype == dtype
-    assert_close(out, expected_out, dtype, "output")
+    grad_out = torch.randn(out.shape, generator=generator).to(device, dtype)
+    expected_out, expected_grads = oracle(*moved_to(CPU, x, weight, mask, bias), stride, padding, dilation,
+                                          grad_out.cpu())
+    assert out.shape == expected_out.shape and out.dtype == dtype and out.device == x.device
+    assert_close(out.cpu(), expected_out, dtype, "output")
     inputs = (x, weight) + ((bias,) if bias is not None else ())
     grads = torch.autograd.grad(out, inputs, grad_out)
     for name, got, want in zip(("grad_input", "grad_weight", "grad_bias"), grads, expected_grads):
         assert got.dtype == dtype
-        assert_close(got, want, dtype, name)
+        assert_close(got.cpu(), want, dtype, name)
     # The weight gradient is exactly zero where the mask is zero.
     assert not grads[1][~mask].any()
 
@@ -99,7 +105,7 @@ def channels_last(x):
 
 def strided_view(x):
     """Same values, non-contiguous: every other column of a twice-as-wide tensor."""
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1])
+    wide = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
     wide[..., ::2] = x
     return wide[..., ::2]
 
@@ -111,8 +117,8 @@ def transposed_view(x):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", [channels_last, strided_view, transposed_view], ids=lambda f: f.__name__)
 def test_non_contiguous_inputs(backend, layout, generator):
-    x = layout(torch.randn(3, 5, 11, 9, generator=generator))
-    weight = layout(torch.randn(8, 5, 3, 3, generator=generator))
+    x = layout(on_device(backend, torch.randn(3, 5, 11, 9, generator=generator)))
+    weight = layout(on_device(backend, torch.randn(8, 5, 3, 3, generator=generator)))
     assert not x.is_contiguous()
     mask = random_mask(weight.shape, 0.25, generator)
     run_case(backend, x, weight, mask, torch.randn(8, generator=generator), 2, 1, 1, torch.float32, generator)
@@ -121,9 +127,11 @@ def test_non_contiguous_inputs(backend, layout, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_grad_output_from_sum(backend, generator):
     """The gradient of .sum() arrives as an expanded view with stride 0."""
-    x = torch.randn(2, 3, 8, 8, generator=generator, requires_grad=True)
-    weight = torch.randn(4, 3, 3, 3, generator=generator, requires_grad=True)
-    mask = random_mask(weight.shape, 0.5, generator)
+    x, weight = on_device(backend, torch.randn(2, 3, 8, 8, generator=generator),
+                          torch.randn(4, 3, 3, 3, generator=generator))
+    x.requires_grad_()
+    weight.requires_grad_()
+    mask = on_device(backend, random_mask(weight.shape, 0.5, generator))
     ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend=backend).sum().backward()
     x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     F.conv2d(x_ref, w_ref * mask, padding=1).sum().backward()
@@ -133,22 +141,22 @@ def test_expanded_grad_output_from_sum(backend, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unbatched_input(backend, generator):
-    x = torch.randn(3, 9, 9, generator=generator)
-    weight = torch.randn(4, 3, 3, 3, generator=generator)
-    mask = random_mask(weight.shape, 0.4, generator)
+    x, weight, mask = on_device(backend, torch.randn(3, 9, 9, generator=generator),
+                                torch.randn(4, 3, 3, 3, generator=generator),
+                                random_mask((4, 3, 3, 3), 0.4, generator))
     out = ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend=backend)
     torch.testing.assert_close(out, F.conv2d(x, weight * mask, padding=1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_conv2d_trains_values(backend, generator):
-    weight = torch.randn(6, 4, 3, 3, generator=generator)
-    mask = random_mask(weight.shape, 0.3, generator)
+    weight, mask = on_device(backend, torch.randn(6, 4, 3, 3, generator=generator),
+                             random_mask((6, 4, 3, 3), 0.3, generator))
     sparse = ptd_sparse.SparseConvWeight.from_dense(weight, mask)
     sparse.values.requires_grad_()
-    x = torch.randn(2, 4, 10, 10, generator=generator)
+    x = on_device(backend, torch.randn(2, 4, 10, 10, generator=generator))
     out = ptd_sparse.sparse_conv2d(x, sparse, stride=2, padding=1, backend=backend)
-    grad_out = torch.randn(out.shape, generator=generator)
+    grad_out = on_device(backend, torch.randn(out.shape, generator=generator))
     (grad_values,) = torch.autograd.grad(out, sparse.values, grad_out)
     dense = weight.clone().requires_grad_()
     expected = F.conv2d(x, dense * mask, stride=2, padding=1)
@@ -160,11 +168,14 @@ def test_sparse_conv2d_trains_values(backend, generator):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 2, 2), (2, 0, 1)])
 def test_gradcheck_float64(backend, stride, padding, dilation, generator):
-    weight = torch.randn(4, 3, 3, 3, generator=generator, dtype=torch.float64)
-    pattern = ConvPattern.from_mask(random_mask(weight.shape, 0.4, generator))
+    weight, mask, x, bias = on_device(backend, torch.randn(4, 3, 3, 3, generator=generator, dtype=torch.float64),
+                                      random_mask((4, 3, 3, 3), 0.4, generator),
+                                      torch.randn(2, 3, 8, 7, generator=generator, dtype=torch.float64),
+                                      torch.randn(4, generator=generator, dtype=torch.float64))
+    pattern = ConvPattern.from_mask(mask)
     values = pattern.gather(weight).requires_grad_()
-    x = torch.randn(2, 3, 8, 7, generator=generator, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    x.requires_grad_()
+    bias.requires_grad_()
 
     def conv(x, values, bias):
         return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
@@ -174,23 +185,23 @@ def test_gradcheck_float64(backend, stride, padding, dilation, generator):
     assert torch.autograd.gradcheck(conv, (x, values, bias), **gradcheck_options(backend))
 
 
-def op_samples(generator):
+def op_samples(generator, device):
     for density, batch, bias in ((0.3, 2, True), (0.0, 1, False), (1.0, 0, True)):
-        weight = torch.randn(5, 3, 3, 3, generator=generator)
-        pattern = ConvPattern.from_mask(random_mask(weight.shape, density, generator))
-        x = torch.randn(batch, 3, 7, 6, generator=generator, requires_grad=True)
+        weight = torch.randn(5, 3, 3, 3, generator=generator).to(device)
+        pattern = ConvPattern.from_mask(random_mask(weight.shape, density, generator).to(device))
+        x = torch.randn(batch, 3, 7, 6, generator=generator).to(device).requires_grad_()
         values = pattern.gather(weight).requires_grad_()
-        b = torch.randn(5, generator=generator, requires_grad=True) if bias else None
+        b = torch.randn(5, generator=generator).to(device).requires_grad_() if bias else None
         yield x, values, pattern, b
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, generator):
-    for x, values, p, bias in op_samples(generator):
+    for x, values, p, bias in op_samples(generator, device_for(backend)):
         args = (x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape), bias, [2, 1], [1, 1],
                 [1, 2], backend)
         torch.library.opcheck(sparse_conv2d_op, args)
-        grad_out = torch.randn(sparse_conv2d_op(*args).shape, generator=generator)
+        grad_out = on_device(backend, torch.randn(sparse_conv2d_op(*args).shape, generator=generator))
         backward_args = (grad_out, x.detach(), values.detach(), p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
                          list(p.shape), [2, 1], [1, 1], [1, 2], [True, True, bias is not None], backend)
         torch.library.opcheck(sparse_conv2d_backward_op, backward_args)
@@ -209,9 +220,8 @@ def test_dense_route_agrees_with_the_op_reference(generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_treats_the_op_as_opaque(backend, generator):
-    weight = torch.randn(5, 3, 3, 3, generator=generator)
-    mask = random_mask(weight.shape, 0.3, generator)
-    x = torch.randn(2, 3, 9, 9, generator=generator)
+    weight, mask, x = on_device(backend, torch.randn(5, 3, 3, 3, generator=generator),
+                                random_mask((5, 3, 3, 3), 0.3, generator), torch.randn(2, 3, 9, 9, generator=generator))
 
     def fn(x, weight):
         return torch.relu(ptd_sparse.masked_conv2d(x, weight, mask, padding=1, backend=backend))
@@ -239,15 +249,18 @@ def test_many_images_of_small_maps(backend, size, kernel, stride, padding, dilat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("batch,size", [(3, (9, 7)), (40, (4, 4))])
 def test_fused_relu_forward_and_backward(backend, dtype, batch, size, generator):
-    weight = torch.randn(6, 5, 3, 3, generator=generator, dtype=dtype)
-    sparse = ptd_sparse.SparseConvWeight.from_dense(weight, random_mask(weight.shape, 0.3, generator))
+    weight, mask, x, bias = on_device(backend, torch.randn(6, 5, 3, 3, generator=generator, dtype=dtype),
+                                      random_mask((6, 5, 3, 3), 0.3, generator),
+                                      torch.randn(batch, 5, *size, generator=generator, dtype=dtype),
+                                      torch.randn(6, generator=generator, dtype=dtype))
+    sparse = ptd_sparse.SparseConvWeight.from_dense(weight, mask)
     sparse.values.requires_grad_()
-    x = torch.randn(batch, 5, *size, generator=generator, dtype=dtype, requires_grad=True)
-    bias = torch.randn(6, generator=generator, dtype=dtype, requires_grad=True)
+    x.requires_grad_()
+    bias.requires_grad_()
     fused = ptd_sparse.sparse_conv2d(x, sparse, bias, padding=1, backend=backend, relu=True)
     expected = torch.relu(F.conv2d(x, sparse.to_dense(), bias, padding=1))
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
-    grad_out = torch.randn(fused.shape, generator=generator, dtype=dtype)
+    grad_out = on_device(backend, torch.randn(fused.shape, generator=generator, dtype=dtype))
     got = torch.autograd.grad(fused, (x, sparse.values, bias), grad_out)
     want = torch.autograd.grad(expected, (x, sparse.values, bias), grad_out)
     for g, w in zip(got, want):

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <initializer_list>
 #include <utility>
 
@@ -66,8 +68,16 @@ __device__ T block_reduce(T value, T* scratch) {
   return result;
 }
 
-// A kernel records the first offending row of each kind with atomicMin into int32 slots that start at `rows`
-// ("none"); the host reads them once after the launch (one synchronisation) and raises with the row number.
+// PTD_DEBUG_CHECKS=1: checks of input values that need the data on the host (and so a synchronisation per call)
+// run, and raise ordinary exceptions; otherwise the kernels report bad input with device-side asserts. Read on every
+// call (a getenv), so a test or a debugging session can switch it without restarting.
+inline bool debug_checks() {
+  const char* value = std::getenv("PTD_DEBUG_CHECKS");
+  return value != nullptr && std::string_view(value) == "1";
+}
+
+// Under debug_checks(), a kernel records the first offending row of each kind with atomicMin into int32 slots that
+// start at `rows` ("none"); the host reads them once after the launch and raises with the row number.
 inline at::Tensor error_slots(int64_t count, int64_t rows, const at::Tensor& like) {
   TORCH_CHECK(rows < 0x7fffffff, "ptd_sparse cuda: more than 2^31 - 1 rows");
   return at::full({count}, rows, like.options().dtype(at::kInt));

@@ -4,10 +4,15 @@
 //          the student's maximum and its normalisers at temperature T and at 1, and the teacher's maximum, normaliser
 //          and teacher-weighted (t - s) / T sum; the block merges the states and writes the row's loss;
 //   pass 2 reads the row again (largely from L2) and writes the gradient of the reduced loss.
-// The only rows x classes buffer is the gradient itself; accumulation is in fp32 (fp64 for double students).
-// Bad input (NaN / +inf / rows with no finite entry, labels out of range) is recorded as the first offending row
-// in int32 slots that the host reads once after the launch; the reduction scale of batchmean is computed on the
-// device, so nothing synchronises before the kernel.
+// The only rows x classes buffer is the gradient itself; accumulation is in fp32 (fp64 for double students), and
+// every gradient entry is rounded to the student's dtype once.
+// Nothing synchronises with the host: the reduction scale of batchmean is computed on the device, and bad input
+// (NaN / +inf / rows with no finite entry, labels out of range, top-k indices out of range) stops the kernel with a
+// device-side assert that prints the same sentence as the cpu backend's ValueError; the host sees "device-side
+// assert triggered" at its next synchronisation, and the CUDA context is unusable afterwards, as after
+// F.cross_entropy's own label assert. With PTD_DEBUG_CHECKS=1 the kernel records the first offending row of each
+// kind in int32 slots instead, the host reads them after the launch (one synchronisation per call) and raises the
+// cpu backend's ValueError.
 #include "../kd_loss_checks.h"
 #include "cuda_common.cuh"
 
@@ -19,6 +24,43 @@ namespace ptd_sparse {
 namespace {
 
 enum ErrorSlot : int { kBadStudent = 0, kBadTeacher = 1, kBadLabel = 2, kBadIndex = 3, kSlots = 4 };
+
+// Where a kernel reports bad input: the debug mode's error slots, or (nullptr) a device-side assert.
+__device__ void report_bad_logits(int* errors, ErrorSlot slot, int64_t row) {
+  if (errors != nullptr) {
+    atomicMin(errors + slot, static_cast<int>(row));
+    return;
+  }
+  const char* name = slot == kBadStudent ? "student_logits" : "teacher_logits";
+  CUDA_KERNEL_ASSERT_PRINTF(false,
+                            "kd_loss: %s row %lld holds NaN or +inf, or has no finite entry; logits must be finite "
+                            "or -inf (PTD_DEBUG_CHECKS=1 raises this as a ValueError)",
+                            name, static_cast<long long>(row));
+}
+
+__device__ void report_bad_label(int* errors, int64_t row, int64_t label, int64_t classes, int64_t ignore_index) {
+  if (errors != nullptr) {
+    atomicMin(errors + kBadLabel, static_cast<int>(row));
+    return;
+  }
+  CUDA_KERNEL_ASSERT_PRINTF(false,
+                            "kd_loss: target has value %lld at row %lld; expected a class index in [0, %lld) or "
+                            "ignore_index = %lld (PTD_DEBUG_CHECKS=1 raises this as a ValueError)",
+                            static_cast<long long>(label), static_cast<long long>(row),
+                            static_cast<long long>(classes), static_cast<long long>(ignore_index));
+}
+
+__device__ void report_bad_index(int* errors, int64_t row, int64_t index, int64_t classes) {
+  if (errors != nullptr) {
+    atomicMin(errors + kBadIndex, static_cast<int>(row));
+    return;
+  }
+  CUDA_KERNEL_ASSERT_PRINTF(false,
+                            "kd_loss: teacher.indices row %lld holds %lld; expected class indices in [0, %lld) "
+                            "(PTD_DEBUG_CHECKS=1 raises this as a ValueError)",
+                            static_cast<long long>(row), static_cast<long long>(index),
+                            static_cast<long long>(classes));
+}
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
@@ -126,14 +168,14 @@ struct LossWeights {
   double inv_t, kd_weight, ce_weight, kd_grad, ce_grad;  // kd_grad = alpha T, ce_grad = 1 - alpha (0 without labels)
 };
 
-// Label of `row`, or -1 when the row does not count (ignored, or out of range: recorded as an error).
+// Label of `row`, or -1 when the row does not count (ignored, or out of range: reported as bad input).
 __device__ __forceinline__ int64_t row_label(const int64_t* target, int64_t row, int64_t classes, int64_t ignore_index,
                                              int* errors) {
   if (target == nullptr) return classes;  // no hard label: counts, but no class gets the one-hot term
   const int64_t y = target[row];
   if (y == ignore_index) return -1;
   if (y < 0 || y >= classes) {
-    if (threadIdx.x == 0) atomicMin(errors + kBadLabel, static_cast<int>(row));
+    if (threadIdx.x == 0) report_bad_label(errors, row, y, classes, ignore_index);
     return -1;
   }
   return y;
@@ -147,7 +189,7 @@ __device__ void zero_row(student_t* g_row, int64_t classes) {
 template <typename student_t, typename teacher_t, int kVec>
 __global__ void __launch_bounds__(1024) kd_loss_dense_kernel(const student_t* __restrict__ student, const teacher_t* __restrict__ teacher,
                                      const int64_t* __restrict__ target, int64_t classes, LossWeights weights,
-                                     const float* __restrict__ grad_scale, int64_t ignore_index,
+                                     const at::opmath_type<student_t>* __restrict__ grad_scale, int64_t ignore_index,
                                      at::opmath_type<student_t>* __restrict__ row_loss, student_t* __restrict__ grad,
                                      int* __restrict__ errors) {
   using acc_t = std::conditional_t<std::is_same_v<student_t, double>, double, float>;
@@ -186,8 +228,8 @@ __global__ void __launch_bounds__(1024) kd_loss_dense_kernel(const student_t* __
   bad_t = __syncthreads_or(bad_t || tt.max == -INFINITY);
   if (bad_s || bad_t) {
     if (threadIdx.x == 0) {
-      if (bad_s) atomicMin(errors + kBadStudent, static_cast<int>(row));
-      if (bad_t) atomicMin(errors + kBadTeacher, static_cast<int>(row));
+      if (bad_s) report_bad_logits(errors, kBadStudent, row);
+      if (bad_t) report_bad_logits(errors, kBadTeacher, row);
     }
     return;
   }
@@ -205,7 +247,7 @@ __global__ void __launch_bounds__(1024) kd_loss_dense_kernel(const student_t* __
     row_loss[row] = loss;
   }
   if (g_row == nullptr) return;
-  const acc_t scale = static_cast<acc_t>(*grad_scale);
+  const acc_t scale = *grad_scale;
   const acc_t kd_grad = static_cast<acc_t>(weights.kd_grad) * scale, ce_grad = static_cast<acc_t>(weights.ce_grad) * scale;
   for (int64_t c = threadIdx.x * kVec; c < classes; c += blockDim.x * kVec) {
     const Pack<student_t, kVec> sp = load_pack<student_t, kVec>(s_row + c);
@@ -232,7 +274,8 @@ template <typename student_t, typename teacher_t, typename index_t>
 __global__ void __launch_bounds__(1024) kd_loss_topk_kernel(const student_t* __restrict__ student, const index_t* __restrict__ indices,
                                     const teacher_t* __restrict__ teacher, const float* __restrict__ rest_mass,
                                     const int64_t* __restrict__ target, int64_t classes, int64_t k,
-                                    LossWeights weights, const float* __restrict__ grad_scale, int64_t ignore_index,
+                                    LossWeights weights, const at::opmath_type<student_t>* __restrict__ grad_scale,
+                                    int64_t ignore_index,
                                     at::opmath_type<student_t>* __restrict__ row_loss, student_t* __restrict__ grad,
                                     int* __restrict__ errors) {
   using acc_t = std::conditional_t<std::is_same_v<student_t, double>, double, float>;
@@ -265,7 +308,7 @@ __global__ void __launch_bounds__(1024) kd_loss_topk_kernel(const student_t* __r
   st = block_merge(st, student_scratch, inv_t);
   bad_s = __syncthreads_or(bad_s || st.max == -INFINITY);
   if (bad_s) {
-    if (threadIdx.x == 0) atomicMin(errors + kBadStudent, static_cast<int>(row));
+    if (threadIdx.x == 0) report_bad_logits(errors, kBadStudent, row);
     return;
   }
   s_sum = cuda::block_reduce(s_sum, sum_scratch);
@@ -286,8 +329,8 @@ __global__ void __launch_bounds__(1024) kd_loss_topk_kernel(const student_t* __r
   if (need_kd) {
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       const int64_t c = static_cast<int64_t>(i_row[i]);
-      if (c < 0 || c >= classes) {  // refused after the launch; never read out of bounds
-        atomicMin(errors + kBadIndex, static_cast<int>(row));
+      if (c < 0 || c >= classes) {  // never read out of bounds
+        report_bad_index(errors, row, c, classes);
         continue;
       }
       const acc_t s = static_cast<acc_t>(s_row[c]);
@@ -322,33 +365,31 @@ __global__ void __launch_bounds__(1024) kd_loss_topk_kernel(const student_t* __r
     row_loss[row] = loss;
   }
   if (g_row == nullptr) return;
-  const acc_t scale = static_cast<acc_t>(*grad_scale);
+  const acc_t scale = *grad_scale;
   const acc_t kd_grad = need_kd ? static_cast<acc_t>(weights.kd_grad) * scale : acc_t(0);
   const acc_t ce_grad = static_cast<acc_t>(weights.ce_grad) * scale;
-  // Every class as if unlisted, then the listed classes, then the label: each phase after a barrier, since a
-  // different thread may own the same class in the next phase.
+  // Every class as if unlisted, then the listed classes overwritten after a barrier (a different thread may own the
+  // same class). Each entry, the label's one-hot term included, is summed in acc_t and rounded once: subtracting
+  // the one-hot from an entry already rounded to fp16/bf16 would lose the label's gradient where its probability
+  // is near 1 (1 - q below the dtype's spacing at 1 - alpha).
   for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
     const acc_t ds = static_cast<acc_t>(s_row[c]) - st.max;
     acc_t g = 0;
     if (kd_grad != 0) g += kd_grad * (exp_acc(ds * inv_t - log_z_st) - spread);
-    if (ce_grad != 0) g += ce_grad * exp_acc(ds - log_z_s1);
+    if (ce_grad != 0) g += ce_grad * (exp_acc(ds - log_z_s1) - (c == label ? acc_t(1) : acc_t(0)));
     g_row[c] = static_cast<student_t>(g);
   }
+  if (kd_grad == 0) return;
   __syncthreads();
-  if (kd_grad != 0) {
-    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-      const int64_t c = static_cast<int64_t>(i_row[i]);
-      if (c < 0 || c >= classes) continue;  // recorded above
-      const acc_t ds = static_cast<acc_t>(s_row[c]) - st.max;
-      const acc_t p = exp_acc((static_cast<acc_t>(t_row[i]) - t_max) * inv_t + log_listed);
-      acc_t g = kd_grad * (exp_acc(ds * inv_t - log_z_st) - p);
-      if (ce_grad != 0) g += ce_grad * exp_acc(ds - log_z_s1);
-      g_row[c] = static_cast<student_t>(g);
-    }
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const int64_t c = static_cast<int64_t>(i_row[i]);
+    if (c < 0 || c >= classes) continue;  // reported above
+    const acc_t ds = static_cast<acc_t>(s_row[c]) - st.max;
+    const acc_t p = exp_acc((static_cast<acc_t>(t_row[i]) - t_max) * inv_t + log_listed);
+    acc_t g = kd_grad * (exp_acc(ds * inv_t - log_z_st) - p);
+    if (ce_grad != 0) g += ce_grad * (exp_acc(ds - log_z_s1) - (c == label ? acc_t(1) : acc_t(0)));
+    g_row[c] = static_cast<student_t>(g);
   }
-  __syncthreads();
-  if (threadIdx.x == 0 && has_label && ce_grad != 0)
-    g_row[label] = static_cast<student_t>(static_cast<acc_t>(g_row[label]) - ce_grad);
 }
 
 int threads_for(int64_t work) {
@@ -370,12 +411,12 @@ void check_arguments(const at::Tensor& student_logits, double temperature, doubl
 }
 
 // Everything around a launch that the dense and the top-k loss share: labels, the device-side reduction scale,
-// the error slots and the final reduction.
+// the debug mode's error slots and the final reduction.
 struct LossCall {
   at::Tensor labels;      // int64, contiguous, or undefined
   at::Tensor counted;     // number of rows that count (device scalar, int64)
-  at::Tensor grad_scale;  // float32 device scalar: 1 / max(counted, 1) for batchmean, else 1
-  at::Tensor errors;
+  at::Tensor grad_scale;  // device scalar in the accumulation dtype: 1 / max(counted, 1) for batchmean, else 1
+  at::Tensor errors;      // int32 [kSlots] under PTD_DEBUG_CHECKS=1, else undefined (the kernels assert)
   at::Tensor row_loss, grad;
   LossWeights weights;
 
@@ -389,10 +430,11 @@ struct LossCall {
     } else {
       counted = at::full({}, rows, student.options().dtype(at::kLong));
     }
-    grad_scale = reduction == kBatchMean ? counted.clamp_min(1).to(at::kFloat).reciprocal()
-                                         : at::ones({}, student.options().dtype(at::kFloat));
-    errors = cuda::error_slots(kSlots, rows, student);
+    // In the accumulation dtype: a float32 1/3 would put a relative error of 1e-8 into float64 gradients.
     const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    grad_scale = reduction == kBatchMean ? counted.clamp_min(1).to(acc_dtype).reciprocal()
+                                         : at::ones({}, student.options().dtype(acc_dtype));
+    if (cuda::debug_checks()) errors = cuda::error_slots(kSlots, rows, student);
     row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
     grad = compute_grad ? at::empty_like(student) : at::Tensor();
     weights = {1.0 / temperature, alpha * temperature * temperature, with_labels ? 1.0 - alpha : 0.0,
@@ -400,10 +442,21 @@ struct LossCall {
   }
 
   const int64_t* label_pointer() const { return labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr; }
+  int* error_pointer() { return errors.defined() ? errors.mutable_data_ptr<int>() : nullptr; }
 
-  // One synchronisation: the error slots come to the host, and bad input raises with the first offending row.
   std::tuple<at::Tensor, at::Tensor> finish(const at::Tensor& student, int64_t reduction, int64_t ignore_index,
                                             const char* teacher_name) {
+    if (errors.defined()) raise_for_errors(student, ignore_index, teacher_name);
+    at::Tensor out_grad = grad.defined() ? grad : at::empty({0}, student.options());
+    if (reduction == kNone) return {row_loss, out_grad};
+    at::Tensor total = row_loss.sum(at::kDouble);
+    if (reduction == kBatchMean) total = total / counted.clamp_min(1).to(at::kDouble);
+    return {total.to(row_loss.scalar_type()), out_grad};
+  }
+
+  // The debug mode's one synchronisation: the error slots come to the host, and bad input raises the cpu backend's
+  // ValueError with the first offending row.
+  void raise_for_errors(const at::Tensor& student, int64_t ignore_index, const char* teacher_name) const {
     const int64_t rows = student.size(0);
     const at::Tensor slots = errors.cpu();
     const int* bad = slots.const_data_ptr<int>();
@@ -418,11 +471,6 @@ struct LossCall {
       TORCH_CHECK_VALUE(false, "kd_loss: target has value ", value, " at row ", bad[kBadLabel],
                         "; expected a class index in [0, ", student.size(1), ") or ignore_index = ", ignore_index);
     }
-    at::Tensor out_grad = grad.defined() ? grad : at::empty({0}, student.options());
-    if (reduction == kNone) return {row_loss, out_grad};
-    at::Tensor total = row_loss.sum(at::kDouble);
-    if (reduction == kBatchMean) total = total / counted.clamp_min(1).to(at::kDouble);
-    return {total.to(row_loss.scalar_type()), out_grad};
   }
 };
 
@@ -457,10 +505,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cuda(const at::Tensor& student_logits
                                  : kd_loss_dense_kernel<student_t, teacher_t, 1>;
         kernel<<<static_cast<unsigned int>(rows), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
             student.const_data_ptr<student_t>(), teacher.const_data_ptr<teacher_t>(), call.label_pointer(), classes,
-            call.weights, call.grad_scale.const_data_ptr<float>(), ignore_index,
+            call.weights, call.grad_scale.const_data_ptr<at::opmath_type<student_t>>(), ignore_index,
             call.row_loss.mutable_data_ptr<at::opmath_type<student_t>>(),
-            call.grad.defined() ? call.grad.mutable_data_ptr<student_t>() : nullptr,
-            call.errors.mutable_data_ptr<int>());
+            call.grad.defined() ? call.grad.mutable_data_ptr<student_t>() : nullptr, call.error_pointer());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -500,10 +547,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cuda(const at::Tensor& student_l
               <<<static_cast<unsigned int>(rows), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
                   student.const_data_ptr<student_t>(), indices.const_data_ptr<index_t>(),
                   teacher.const_data_ptr<teacher_t>(), rest.const_data_ptr<float>(), call.label_pointer(), classes,
-                  indices.size(1), call.weights, call.grad_scale.const_data_ptr<float>(), ignore_index,
-                  call.row_loss.mutable_data_ptr<at::opmath_type<student_t>>(),
-                  call.grad.defined() ? call.grad.mutable_data_ptr<student_t>() : nullptr,
-                  call.errors.mutable_data_ptr<int>());
+                  indices.size(1), call.weights, call.grad_scale.const_data_ptr<at::opmath_type<student_t>>(),
+                  ignore_index, call.row_loss.mutable_data_ptr<at::opmath_type<student_t>>(),
+                  call.grad.defined() ? call.grad.mutable_data_ptr<student_t>() : nullptr, call.error_pointer());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
