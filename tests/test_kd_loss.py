@@ -490,16 +490,7 @@ def confident_rows(dtype):
     return s.to(dtype), torch.full((8,), 3, dtype=torch.long)
 
 
-# The cpu backend's top-k kernel (csrc/cpu/kd_loss_cpu.cpp, kd_loss_topk_rows) still subtracts the label's one-hot
-# term from an entry already rounded to the student's dtype; strict, so the mark goes when that is fixed.
-CPU_TOPK_DOUBLE_ROUNDING = pytest.mark.xfail(strict=True, reason="the cpu top-k kernel rounds the label's entry "
-                                                                 "twice in fp16/bf16 (csrc/cpu/kd_loss_cpu.cpp)")
-ROUNDING_BACKENDS = [pytest.param(*p.values, marks=list(p.marks) + ([CPU_TOPK_DOUBLE_ROUNDING]
-                                                                   if p.values[0] == "cpu" else []), id=p.id)
-                     for p in BACKENDS]
-
-
-@pytest.mark.parametrize("backend", ROUNDING_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS)
 @pytest.mark.parametrize("listed", [True, False], ids=["label_listed", "label_unlisted"])
 def test_topk_label_gradient_near_probability_one_is_rounded_once(backend, dtype, listed):

@@ -393,7 +393,9 @@ void kd_loss_topk_rows(const at::Tensor& student, const at::Tensor& indices, con
         const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
         acc_t g = 0;
         if (kd_grad != 0) g += kd_grad * (std::exp(d * inv_t - log_z_t) - spread);
-        if (ce_grad != 0) g += ce_grad * std::exp(d - log_z_1);
+        // The label's one-hot term joins its entry before the one rounding to the student's dtype: subtracted
+        // after it, an fp16/bf16 entry near -ce_grad (p near 1) would round to 0 and lose its gradient.
+        if (ce_grad != 0) g += ce_grad * (std::exp(d - log_z_1) - acc_t(c == target[r]));
         g_row[c] = static_cast<student_t>(g);
       }
       if (kd_grad != 0) {
@@ -401,11 +403,10 @@ void kd_loss_topk_rows(const at::Tensor& student, const at::Tensor& indices, con
           const int64_t c = static_cast<int64_t>(i_row[i]);
           const acc_t d = static_cast<acc_t>(s_row[c]) - ms;
           acc_t g = kd_grad * (std::exp(d * inv_t - log_z_t) - listed_p[i]);
-          if (ce_grad != 0) g += ce_grad * std::exp(d - log_z_1);
+          if (ce_grad != 0) g += ce_grad * (std::exp(d - log_z_1) - acc_t(c == target[r]));
           g_row[c] = static_cast<student_t>(g);
         }
       }
-      if (ce_grad != 0) g_row[target[r]] = static_cast<student_t>(static_cast<acc_t>(g_row[target[r]]) - ce_grad);
     }
   });
   report_bad_rows(bad_student.load(), rows, rows);
