@@ -282,15 +282,19 @@ def test_ptd_run_with_the_cache_enabled(tmp_path, capsys):
 
 
 def test_inference_form_keeps_the_teachers_output_with_either_path_per_layer(dataset):
+    from ptd_sparse.backends import dense_crossover
     from ptd_sparse.cache.inference import inference_form
     from ptd_sparse.nn import MaskedConv2d, SparseConv2d
 
     teacher = pruned_teacher()  # global pruning leaves the first layer 88% dense: both paths are candidates there
     example = normalize(dataset.train.images[:16], dataset)
-    fast = inference_form(teacher, example)
+    fast, routes = inference_form(teacher, example)
     assert not any(isinstance(m, (MaskedConv2d, torch.nn.BatchNorm2d)) for m in fast.modules())
-    convolutions = [m for m in fast.modules() if isinstance(m, SparseConv2d)]
+    convolutions = {name: m for name, m in fast.named_modules() if isinstance(m, SparseConv2d)}
     assert len(convolutions) == 3 and not fast.training
-    assert all(len(m.routes) == 1 for m in convolutions)  # each measured once, on the example's shapes
+    # The density rule, never a timing: dense above the crossover, the sparse kernel below it.
+    assert all(m.route_policy == "density" for m in convolutions.values())
+    assert routes == {name: "dense" if m.density > dense_crossover("cpu") else "sparse"
+                      for name, m in convolutions.items()}
     with torch.no_grad():
         torch.testing.assert_close(fast(example), teacher(example), atol=1e-4, rtol=1e-4)

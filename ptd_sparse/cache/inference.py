@@ -1,10 +1,10 @@
-"""The teacher's inference form for a cache: sparsify, then one call on a batch of the cache's size, in which every
-pruned convolution measures its routes (sparse kernel, dense NCHW, dense channels_last) on the real activations and
-keeps the fastest (ptd_sparse.nn.measured_route).
+"""The teacher's inference form for a cache: sparsify with routes fixed by the deterministic density rule
+(ptd_sparse.nn.measured_route, policy "density"), so that a cache's bytes depend only on the teacher's weights and
+the data, never on timings: two runs of one configuration write identical caches whatever the machine's load.
 
-A cache runs its teacher over every view of a data set, so the measurement, once per layer, costs little; it picks
-right for this machine and these shapes, where a density crossover measured on other layers would not (a first
-convolution with one or three input channels gains from the sparse kernel even at 88% density).
+The measured routes would pick per layer whichever of the sparse kernel and oneDNN was faster on the first call;
+their results agree to about 1e-6, but a float16 cache stores those last bits and the students trained from it
+then differ. The routes taken are logged and recorded in the cache's folder (routes.json).
 """
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from ptd_sparse.nn import SparseConv2d
+from ptd_sparse.nn import measured_route
 from ptd_sparse.sparsify import sparsify
 
 logger = logging.getLogger("ptd_sparse.cache")
 
 
 @torch.inference_mode()
-def inference_form(teacher: nn.Module, example: Tensor) -> nn.Module:
-    """sparsify(teacher) on example's device, with each pruned convolution's route measured on the activations that
-    `example` [B, C, H, W] (a batch of the cache's size) produces. Returns a new module in eval mode; the choices are
-    logged."""
-    model = sparsify(teacher).to(example.device)
-    model(example)
+def inference_form(teacher: nn.Module, example: Tensor) -> tuple[nn.Module, dict[str, str]]:
+    """(sparsify(teacher) on example's device with the density rule's routes, {layer name: route}). `example`
+    [B, C, H, W] is a batch of the cache's size; the routes are those its calls take. The model is in eval mode."""
+    model = sparsify(teacher, routes=measured_route.DENSITY).to(example.device)
+    routes = {}
     for name, module in model.named_modules():
         if isinstance(module, SparseConv2d):
-            logger.info("cache teacher %s (density %.3f): %s", name, module.density,
-                        ", ".join(sorted(set(module.routes.values()))))
-    return model
+            routes[name] = module._density_route(example.device, None)
+            logger.info("cache teacher %s (density %.3f): %s", name, module.density, routes[name])
+    return model, routes

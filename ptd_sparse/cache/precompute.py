@@ -23,10 +23,12 @@ from ptd_sparse.cache.replay import TeacherCache
 from ptd_sparse.cache.store import CacheError, CacheSpec, StoreWriter, read_manifest
 from ptd_sparse.cache.topk import topk_teacher
 from ptd_sparse.data import Augmentation, Dataset, Views, apply_views, dataset_identity, normalize, sample_views
+from ptd_sparse.files import write_json
 
 logger = logging.getLogger("ptd_sparse.cache")
 
-TUNING_BATCH = 64  # images the per-layer choice of the inference form is timed on (the kernels scale linearly above)
+TUNING_BATCH = 64  # images of the example batch the inference form is prepared on
+ROUTES_FILE = "routes.json"  # {layer: route} the cache's teacher ran with (cache/inference.py)
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -99,7 +101,8 @@ def build_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, spec: 
     """Write (or finish, or just open) the cache `spec` of `teacher` in `folder`; returns it opened and verified.
 
     `teacher` is the pruned model as trained (MaskedConv2d layers); with sparse=True it runs in its inference form
-    (ptd_sparse.sparsify with each pruned convolution on its faster path, see inference.py), else as given (the
+    (ptd_sparse.sparsify with each pruned convolution's route fixed by the density rule, recorded in routes.json, see
+    inference.py), else as given (the
     benchmark passes a prepared inference form or its dense eager baseline this way). Every rank of a running process group
     writes its share of the chunks. on_chunk(chunk) is called after each chunk this process writes (tests use it
     to interrupt a run)."""
@@ -117,7 +120,9 @@ def build_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, spec: 
     split = getattr(dataset, spec.dataset["split"])
     if sparse and writer.pending(distributed.rank(), distributed.world_size()):
         example = normalize(split.images[:min(batch_size, TUNING_BATCH)].to(device), dataset)
-        model = inference_form(teacher.to(device), example)
+        model, routes = inference_form(teacher.to(device), example)
+        if distributed.is_main():
+            write_json(folder / ROUTES_FILE, routes)  # a record of the routes taken, for the run's readers
     else:
         model = teacher.eval().to(device)
     augmentation = Augmentation(spec.crop_padding, spec.flip)

@@ -76,7 +76,13 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
 
 
 def save_state(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(temporary: str) -> None:
+        # Through a file object: torch.save names the archive's inner folder after a path's file name, which is the
+        # temporary's random name here, so two runs that saved the same state would write different bytes.
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+
+    atomic_write(path, write)
 
 
 def load_state(path: Path) -> dict:
