@@ -4,7 +4,7 @@ tests/test_cpu_dispatch.py, one process per kernel set, since the set is chosen 
 Usage: python cpu_isa_worker.py ISA. Prints the kernel set in use and "ok", or fails with an AssertionError naming
 the case. The cases reach every dispatched entry point: the wide layout (long rows for the register-blocked loop,
 short ones for its tail, strides, dilation, bias and the fused ReLU), the batch-innermost layout (small maps at batch
->= 16), both data-gradient layouts and both weight-gradient layouts, and the KD loss's row kernel with class counts
+>= 16), the tiled forward (small maps at batches that fill its image blocks), both data-gradient layouts and both weight-gradient layouts, and the KD loss's row kernel with class counts
 that leave partial vectors for 8 and 16 lanes, temperatures 1 and 4, teacher -inf entries and half-precision rows.
 """
 from __future__ import annotations
@@ -87,6 +87,12 @@ def main() -> None:
     conv_case("batch-inner 6x6", 20, 8, 8, (6, 6), 3, 1, 1, 1, 0.3, 6)
     conv_case("batch-inner 4x4 relu", 16, 8, 8, (4, 4), 3, 1, 1, 1, 0.3, 7, relu=True)
     conv_case("batch-inner 4x4 s2", 17, 6, 5, (8, 8), 3, 2, 1, 1, 0.5, 8)
+    # Tiled layout (batches that fill its 16/32/64-image blocks): several input-channel blocks and row chunks
+    # (32 channels of 8x8 maps, 40 rows), a position count that leaves a remainder of its register block (7x7),
+    # a partial last batch block (batch 120), stride 2 with dilation, bias and the fused ReLU.
+    conv_case("tiled 8x8 channel blocks", 64, 32, 40, (8, 8), 3, 1, 1, 1, 0.2, 13)
+    conv_case("tiled 7x7 relu partial block", 120, 12, 9, (7, 7), 3, 1, 1, 1, 0.3, 14, relu=True)
+    conv_case("tiled 9x9 s2 d2", 64, 6, 5, (9, 9), 3, 2, 2, 2, 0.5, 15)
     # The KD loss's row kernel: partial vectors (classes 37, 100), long rows (1000), T = 1 (one exponential shared).
     for classes in (1, 37, 100, 1000):
         for temperature, alpha in ((4.0, 0.9), (1.0, 0.5), (2.0, 1.0), (3.0, 0.0)):

@@ -118,11 +118,40 @@ inline void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at:
                            g.stride_w, grad_values.mutable_data_ptr<float>());
 }
 
+// The tiled path (tiled_conv_f32.h) on small maps, where its batch blocks waste at most a sixth of their images on
+// padding. Larger maps stay wide: at 16x16 and 32x32, batch 64, the tiled path measured level with the wide one or
+// slower (its tile's input windows over every channel outgrow L2), at 8x8 to 2x2 1.1-1.6x faster
+// (docs/benchmarks.md, "Roofline").
+inline batch_inner::Geometry tiled_packing(const ConvGeometry& g) {
+  return tiled::packing(g.in_channels, g.in_h + 2 * g.pad_h, g.in_w + 2 * g.pad_w, g.out_h * g.out_w);
+}
+
+inline bool use_tiled(const ConvGeometry& g) {
+  const batch_inner::Geometry p = tiled_packing(g);
+  return g.out_h * g.out_w <= kBatchInnerMaxPositions && 5 * p.blocks(g.batch) * p.images <= 6 * g.batch &&
+         batch_inner::fits_int32(p);
+}
+
+inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
+                                   const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
+                                   at::Tensor& out) {
+  const batch_inner::Geometry p = tiled_packing(g);
+  const at::Tensor packed =
+      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
+  tiled::forward(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
+                 g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu, out.mutable_data_ptr<float>());
+}
+
 inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
                              const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                              at::Tensor& out) {
   const wide::PackedGeometry p = input_packing(g);
   if (!wide::fits_int32(p)) return false;
+  if (use_tiled(g)) {
+    conv_forward_tiled_f32(x, vals, rp, cols, bias, relu, g, out);
+    return true;
+  }
   if (use_batch_inner(g)) {
     conv_forward_batch_inner_f32(x, vals, rp, cols, bias, relu, g, out);
     return true;

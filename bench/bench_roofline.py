@@ -1,0 +1,102 @@
+"""Roofline of the sparse convolution kernel: nonzero multiply-adds per second and their share of this CPU's peak.
+
+The peak is measured in the same run by a large float32 matrix product (torch.mm, 2048^3, oneDNN/MKL near the FMA
+peak of the cores given), the reference DESIGN.md names. Each layer (the 3x3 layers of the CIFAR VGG19 and ResNet18)
+is timed through the raw forward operator (torch.ops.ptd_sparse_kernels.conv_forward: no Python around it) for
+every CPU kernel copy this build and CPU have (PTD_CPU_ISA is read once per process, so each copy runs in a process
+of its own), beside F.conv2d on the dense weight in the same process. Medians after warm-up.
+
+    GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_roofline.py [--batches 64 1] [--densities 0.1 0.05]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_vector_extensions  # noqa: E402
+from timing import median_ms  # noqa: E402
+
+# (name, channels in = out, map size): the 3x3 layers of CIFAR VGG19 (64@32 .. 512@2) and ResNet18 (64@32 .. 512@4).
+LAYERS = [("vgg/resnet 64@32x32", 64, 32), ("vgg/resnet 128@16x16", 128, 16), ("vgg/resnet 256@8x8", 256, 8),
+          ("vgg/resnet 512@4x4", 512, 4), ("vgg 512@2x2", 512, 2)]
+
+
+def sgemm_gmacs(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return size ** 3 / median_ms(lambda: torch.mm(a, b), 2, repeats) / 1e6
+
+
+def layer_case(channels: int, size: int, batch: int, density: float):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=generator)
+    weight = torch.randn(channels, channels, 3, 3, generator=generator)
+    mask = torch.rand(weight.shape, generator=generator) < density
+    return x, weight * mask, mask
+
+
+def measure_layers(batches, densities, repeats: int) -> list[dict]:
+    """Rows for this process's kernel copy."""
+    from ptd_sparse import _C
+    from ptd_sparse.pattern import SparseConvWeight
+
+    rows = []
+    for batch in batches:
+        for density in densities:
+            for name, channels, size in LAYERS:
+                x, weight, mask = layer_case(channels, size, batch, density)
+                sparse = SparseConvWeight.from_dense(weight, mask)
+                p = sparse.pattern
+                args = (x, sparse.values, p.row_ptr, p.col_idx, list(p.shape), None, [1, 1], [1, 1], [1, 1], False)
+                op = torch.ops.ptd_sparse_kernels.conv_forward
+                warmup = 2 if batch > 1 else 5
+                sparse_ms = median_ms(lambda: op(*args), warmup, repeats)
+                dense_ms = median_ms(lambda: F.conv2d(x, weight, None, 1, 1), warmup, repeats)
+                macs = sparse.nnz * batch * size * size
+                rows.append({"isa": _C.cpu_kernel_isa(), "layer": name, "batch": batch, "density": density,
+                             "sparse_ms": sparse_ms, "dense_ms": dense_ms, "gmacs": macs / sparse_ms / 1e6})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 1])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--isas", nargs="+", default=None, help="kernel copies to run (default: all this CPU runs)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure_layers(args.batches, args.densities, args.repeats)))
+        return
+
+    from ptd_sparse import _C
+
+    isas = args.isas or list(_C.cpu_kernel_isas())
+    peak = sgemm_gmacs()
+    rows = []
+    for isa in isas:
+        command = [sys.executable, __file__, "--worker", "--repeats", str(args.repeats), "--batches",
+                   *map(str, args.batches), "--densities", *map(str, args.densities)]
+        result = subprocess.run(command, env={**os.environ, "PTD_CPU_ISA": isa}, capture_output=True, text=True,
+                                check=True)
+        rows += json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"CPU: {cpu_vector_extensions()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"peak (2048^3 sgemm, same run): {peak:.1f} GMAC/s")
+    print(f"{'isa':8} {'layer':22} {'batch':>5} {'density':>7} {'sparse ms':>10} {'GMAC/s':>7} {'of peak':>7} "
+          f"{'F.conv2d ms':>11} {'speed-up':>8}")
+    for row in rows:
+        print(f"{row['isa']:8} {row['layer']:22} {row['batch']:5d} {row['density']:7.2f} {row['sparse_ms']:10.3f} "
+              f"{row['gmacs']:7.1f} {100 * row['gmacs'] / peak:6.1f}% {row['dense_ms']:11.3f} "
+              f"{row['dense_ms'] / row['sparse_ms']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
