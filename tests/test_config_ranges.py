@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from ptd_sparse.pipeline import config
+from ptd_sparse.pipeline import config, stages
 
 NUMERIC_KEYS = [f"{section}.{key}" for section, values in config.DEFAULTS.items()
                 for key, default in values.items()
@@ -88,3 +88,8 @@ def test_ranges_hold_for_a_toml_file_too(tmp_path):
     with pytest.raises(config.ConfigError, match="teacher.lr must be a finite number > 0, got nan"):
         config.load_config(path)
 
+
+def test_teacher_momentum_reaches_the_optimizer(tmp_path):
+    with stages.Run(tmp_path / "run", config.load_config(None, ["teacher.momentum=0.5"])) as run:
+        assert run.schedule("teacher").momentum == 0.5
+        assert run.schedule("distill").momentum == 0.9  # distillation and pruning keep SGD's 0.9
