@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -59,7 +60,7 @@ class DirectoryLock:
 
     def __init__(self, directory: Path, fd: int | None):
         self.directory = directory
-        self._fd = fd  # None: a torchrun rank other than 0, which holds nothing
+        self._fd = fd  # None: nothing held (a torchrun rank other than 0, or a file system without locks)
         self._count = 1
 
     def release(self) -> None:
@@ -78,6 +79,7 @@ class DirectoryLock:
             self._fd = None
 
 
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}  # flock's errors where locks do not exist
 _guard = threading.Lock()
 _held: dict[Path, DirectoryLock] = {}  # this process's locks by resolved directory
 
@@ -93,24 +95,9 @@ def acquire(directory: str | Path, what: str) -> DirectoryLock:
             lock._count += 1
             return lock
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / LOCK_NAME
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise DirectoryInUse(f"{directory} is in use by {holder}; wait for it to finish or stop it, or "
-                                     "choose another directory") from None
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                current = None
-            opened = os.fstat(fd)
-            if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
-                break
-            os.close(fd)  # the previous holder removed this file after we opened it: lock the path's new file
+        fd = _open_locked(directory / LOCK_NAME)
+        if fd is None:
+            return DirectoryLock(directory, None)
         left = _read_record(fd)
         if left is not None:
             logger.warning("%s: taking over the lock left by %s, which no longer runs", directory, _describe(left))
@@ -120,6 +107,40 @@ def acquire(directory: str | Path, what: str) -> DirectoryLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         lock = _held[directory] = DirectoryLock(directory, fd)
         return lock
+
+
+def _open_locked(path: Path) -> int | None:
+    """A descriptor of the lock file `path` with this process's flock on it; None where the file system has no
+    locks (warned)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise DirectoryInUse(f"{path.parent} is in use by {holder}; wait for it to finish or stop it, or "
+                                 "choose another directory") from None
+        except OSError as error:
+            empty = os.fstat(fd).st_size == 0
+            os.close(fd)
+            if error.errno not in _NO_LOCKS:
+                raise
+            if empty:  # the file this call created: nothing is to be left behind
+                path.unlink(missing_ok=True)
+            # A file system without locks (NFS mounted with nolock, some FUSE ones) must not make every run
+            # impossible; the user is told that nothing guards the directory.
+            logger.warning("%s: this file system cannot lock files (%s); nothing keeps a second process from using "
+                           "the directory at the same time", path.parent, error.strerror)
+            return None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            return fd
+        os.close(fd)  # the previous holder removed this file after we opened it: lock the path's new file
 
 
 def _holder(fd: int) -> str:

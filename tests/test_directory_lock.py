@@ -3,39 +3,15 @@ second one is refused with the holder's pid, host and start; a lock left by a SI
 recorded pid that is alive but holds no lock does not block; torchrun ranks other than 0 take nothing."""
 from __future__ import annotations
 
+import errno
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-from pathlib import Path
+
+from lock_holder_worker import hold_once, kill, start_holder
 
 from ptd_sparse import directory_lock
 from ptd_sparse.directory_lock import LOCK_NAME
-
-WORKER = Path(__file__).parent / "lock_holder_worker.py"
-
-
-def start_holder(directory: Path) -> subprocess.Popen:
-    """A process that holds `directory` until it is killed."""
-    holder = subprocess.Popen([sys.executable, str(WORKER), "hold", str(directory)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    line = holder.stdout.readline()  # "held" once it holds the directory, "" if it died
-    if line.strip() != "held":
-        holder.kill()
-        raise AssertionError(f"the holder did not start: {holder.communicate()[1][-2000:]}")
-    return holder
-
-
-def kill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-
-
-def hold_once(directory: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(WORKER), "once", str(directory)], capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_a_second_process_is_refused_until_the_holder_is_killed(tmp_path):
@@ -91,3 +67,14 @@ def test_torchrun_ranks_other_than_0_share_their_groups_lock(tmp_path, monkeypat
         assert refused.returncode == 3 and f"process {holder.pid}" in refused.stderr
     finally:
         kill(holder)
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(directory_lock.fcntl, "flock", no_locks)
+    with directory_lock.hold(tmp_path / "run", "test"):
+        pass
+    assert "cannot lock files (No locks available)" in caplog.text
+    assert not (tmp_path / "run" / LOCK_NAME).exists()

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from lock_holder_worker import kill, start_holder
 from pipeline_helpers import fake_fashion_mnist, tiny_run_overrides
 
 from ptd_sparse import cli
 from ptd_sparse.pipeline import stages
-
-WORKER = Path(__file__).parent / "lock_holder_worker.py"
-
 
 def args(command: str, out: Path, root: Path, *extra: str) -> list[str]:
     result = [command, "--out", str(out)]
@@ -29,18 +24,6 @@ def args(command: str, out: Path, root: Path, *extra: str) -> list[str]:
 def error_lines(err: str) -> list[str]:
     assert "Traceback" not in err
     return [line for line in err.splitlines() if line.startswith("ptd: error: ")]
-
-
-def start_holder(directory: Path) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, str(WORKER), "hold", str(directory)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held", holder.communicate()[1][-2000:]
-    return holder
-
-
-def kill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
 
 
 def test_resume_ignores_progress_and_threads_and_refuses_a_results_change_in_one_line(tmp_path, capsys):
