@@ -162,7 +162,7 @@ def config_differences(stored: dict, config: dict) -> list[str]:
     for section in sorted(set(old) | set(new)):
         before, after = old.get(section, {}), new.get(section, {})
         for key in sorted(set(before) | set(after)):
-            if json.dumps(before.get(key)) != json.dumps(after.get(key)):
+            if (key in before) != (key in after) or before.get(key) != after.get(key):
                 differences.append(f"{section}.{key}: {_shown(before, key)} there, {_shown(after, key)} here")
     return differences
 
