@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 DEFAULT_OUT = "runs/default"
@@ -18,6 +19,7 @@ DEFAULT_OUT = "runs/default"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show its traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("train", "train the teacher"), ("prune", "prune the teacher iteratively"),
                             ("design", "design students from the pruned teacher"),
@@ -33,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--seeds", type=int, help="repeat the comparison with N seeds (run.seeds); sweep: "
                              "each setting, without changing run.seeds (default 1)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_debug(command)
         if name == "sweep":
             command.add_argument("--temperatures", type=float, nargs="+", default=[2.0, 4.0, 10.0], metavar="T",
                                  help="KD temperatures to try (default 2 4 10)")
@@ -55,7 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("--classes", type=int, default=10)
     imported.add_argument("--image-size", type=int, default=32)
     imported.add_argument("--out", required=True, help="folder to write (model.json, weights and masks)")
+    _add_debug(imported)
     return parser
+
+
+def _add_debug(command: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand that was not given --debug leaves the value `ptd --debug <command>` set alone.
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="on an error, show its traceback too")
 
 
 def _log_beside_progress_bars():
@@ -68,10 +78,46 @@ def _log_beside_progress_bars():
     return contextlib.nullcontext()
 
 
+# Errors whose message is meant for the user (bad input, missing files, a directory in use, a failed operation);
+# any other type is a fault of the program, and its name goes with the message.
+_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError)
+
+
+def _sentence(error: Exception) -> str:
+    """An exception as one line: its message (the first line of a longer one), a KeyError's missing key named, an
+    OSError's file named."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and " " not in str(error.args[0]):
+        message = f"missing key {error.args[0]!r}"
+    elif isinstance(error, OSError) and error.strerror and error.filename:
+        message = f"{error.strerror}: {error.filename}"  # without the "[Errno 2]" of str(error)
+    else:
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = message.strip().splitlines() or ["(no message)"]
+    sentence = lines[0] + (" (--debug shows the rest)" if len(lines) > 1 else "")
+    return sentence if isinstance(error, _USER_ERRORS) else f"{type(error).__name__}: {sentence}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`ptd ...`: 0 on success; 2 with one line `ptd: error: ...` on stderr for any error (`--debug`: and its
+    traceback); 130 on Ctrl-C."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("ptd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ptd: error: {_sentence(error)}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ptd_sparse.pipeline.config import ConfigError, load_config
+    from ptd_sparse.pipeline.config import load_config
 
     if args.command == "import":
         import tomllib
@@ -82,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             kwargs = tomllib.loads(f"kwargs = {args.kwargs}")["kwargs"]
         except tomllib.TOMLDecodeError as error:
-            print(f"ptd import: --kwargs must be a TOML inline table like '{{a = 1}}': {error}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--kwargs must be a TOML inline table like '{{a = 1}}': {error}") from None
         if factories.is_factory(args.model):
             factories.trust(args.model)  # named on the command line: the user asks for it to be imported
         sparsity = import_state_dict_file(Path(args.state_dict), args.model, args.in_channels, args.classes,
@@ -101,18 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("cache.enabled=true")
     if args.command == "sweep" and args.seeds is None:
         args.seeds = 1  # the sweep's own default; --seeds N repeats every setting N times
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as error:
-        print(f"ptd: configuration error: {error}", file=sys.stderr)
-        return 2
-    from ptd_sparse.cache import CacheError
+    config = load_config(args.config, overrides)
     from ptd_sparse import distributed
     from ptd_sparse.pipeline import stages
-    from ptd_sparse.data import MissingDataError
     from ptd_sparse.pipeline.report import write_report
 
     main_rank = True
+    run = None
     try:
         run = stages.Run(Path(args.out), config)
         main_rank = distributed.is_main()  # read before teardown, after which every process looks like rank 0
@@ -129,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                   "distill": stages.distill_students, "report": write_report, "run": stages.run_all}[args.command]
         with _log_beside_progress_bars():
             result = action(run)
-    except (MissingDataError, CacheError) as error:
-        print(f"ptd: {error}", file=sys.stderr)
-        return 2
     finally:
+        if run is not None:
+            run.close()
         distributed.teardown()
     if main_rank:
         if args.command in ("run", "report"):

@@ -29,7 +29,7 @@ LAYERS = [
     ("ops", ("ptd_sparse.ops",)),
     ("functional", ("ptd_sparse.functional",)),
     ("nn", ("ptd_sparse.nn", "ptd_sparse.sparsify", "ptd_sparse.route_plan", "ptd_sparse")),
-    ("data", ("ptd_sparse.data", "ptd_sparse.distributed")),
+    ("data", ("ptd_sparse.data", "ptd_sparse.distributed", "ptd_sparse.directory_lock")),
     ("cache", ("ptd_sparse.cache",)),
     ("pipeline", ("ptd_sparse.pipeline",)),
     ("cli", ("ptd_sparse.cli",)),

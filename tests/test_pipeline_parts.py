@@ -24,8 +24,8 @@ def test_defaults_and_overrides():
 @pytest.mark.parametrize("override,match", [
     ("prune.target=0.5", "unknown key prune.target"),
     ("pruning.targets=[0.5]", r"unknown section \[pruning\]"),
-    ("distill.alpha=1.5", r"distill.alpha must lie in \[0, 1\]"),
-    ("distill.temperature=0", "distill.temperature must be > 0"),
+    ("distill.alpha=1.5", r"distill.alpha must be a finite number in \[0, 1\]"),
+    ("distill.temperature=0", "distill.temperature must be a finite number > 0"),
     ("prune.targets=[1.2]", "prune.targets must be a non-empty list"),
     ("prune.method=magic", "prune.method must be one of"),
     ("teacher.epochs=zero", "teacher.epochs must be a int"),

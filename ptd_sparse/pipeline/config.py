@@ -6,8 +6,10 @@ keys and wrongly typed values are errors that name the key, so a typo never sile
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 from ptd_sparse.pipeline import factories
 from ptd_sparse.pipeline.prune_plan import METHODS, pruning_levels
@@ -40,6 +42,55 @@ DEFAULTS = {
     "cache": {"enabled": False, "dir": "", "views": 0, "form": "full", "dtype": "float16", "k": 10,
               "rest_mass": True, "batch_size": 256, "chunk": 1024, "seed": 0},
 }
+
+class Range(NamedTuple):
+    """The values a numeric key admits: low and high bounds (None: unbounded), each closed (the bound itself allowed)
+    or open. Every value must also be finite."""
+    low: float | None
+    high: float | None = None
+    low_closed: bool = True
+    high_closed: bool = True
+
+    def admits(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_closed)):
+            return False
+        return self.high is None or value < self.high or (value == self.high and self.high_closed)
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_closed else '>'} {self.low}"
+        return f"in {'[' if self.low_closed else '('}{self.low}, {self.high}{']' if self.high_closed else ')'}"
+
+
+POSITIVE = Range(0, low_closed=False)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION_OPEN = Range(0, 1, low_closed=False, high_closed=False)  # (0, 1)
+FRACTION_BELOW_ONE = Range(0, 1, high_closed=False)  # [0, 1)
+SEED = Range(0, 2**32 - 1)  # the data split, batch orders and cache views derive generator seeds from it
+
+# The range of every numeric key of DEFAULTS ("section.key"); a key without one is refused at load time.
+RANGES = {
+    "run.seed": SEED, "run.seeds": AT_LEAST_ONE, "run.threads": NON_NEGATIVE,  # threads 0: torch's default
+    "data.val_fraction": FRACTION_OPEN, "data.train_subset": NON_NEGATIVE,  # train_subset 0: the whole split
+    "data.batch_size": AT_LEAST_ONE, "data.crop_padding": NON_NEGATIVE,
+    "teacher.epochs": AT_LEAST_ONE, "teacher.lr": POSITIVE,
+    "teacher.momentum": FRACTION_OPEN,  # Nesterov momentum (training.fit) needs momentum > 0
+    "teacher.weight_decay": NON_NEGATIVE, "teacher.warmup": FRACTION_BELOW_ONE, "teacher.gamma": POSITIVE,
+    "teacher.label_smoothing": FRACTION_BELOW_ONE,
+    "prune.rate": FRACTION_OPEN, "prune.epochs": AT_LEAST_ONE, "prune.lr": POSITIVE,
+    "prune.weight_decay": NON_NEGATIVE, "prune.warmup": FRACTION_BELOW_ONE, "prune.gamma": POSITIVE,
+    "prune.label_smoothing": FRACTION_BELOW_ONE, "prune.finetune_lr": POSITIVE,
+    "student.multiple": AT_LEAST_ONE, "student.min_width": AT_LEAST_ONE,
+    "distill.alpha": Range(0, 1), "distill.temperature": POSITIVE, "distill.epochs": AT_LEAST_ONE,
+    "distill.lr": POSITIVE, "distill.weight_decay": NON_NEGATIVE, "distill.warmup": FRACTION_BELOW_ONE,
+    "distill.gamma": POSITIVE,
+    "cache.views": NON_NEGATIVE, "cache.k": AT_LEAST_ONE, "cache.batch_size": AT_LEAST_ONE,
+    "cache.chunk": AT_LEAST_ONE, "cache.seed": SEED,  # cache.views 0: chosen from the distillation (see above)
+}
+
 
 VARIANTS = ("student_ce", "kd_unpruned", "kd_pruned", "designed_kd_pruned")
 PRUNE_METHODS = METHODS
@@ -99,8 +150,29 @@ def parse_override(text: str) -> dict:
     return {section: {key: value}}
 
 
+def check_ranges(config: dict) -> None:
+    """Every numeric key within its range (RANGES) and finite; milestones are lists of epochs >= 1."""
+    for section, values in DEFAULTS.items():
+        for key, default in values.items():
+            if not isinstance(default, (int, float)) or isinstance(default, bool):
+                continue
+            name, value = f"{section}.{key}", config[section][key]
+            if name not in RANGES:
+                raise ConfigError(f"{name} has no range in RANGES (ptd_sparse/pipeline/config.py)")
+            allowed = RANGES[name]
+            if not allowed.admits(value):
+                kind = "an integer" if isinstance(default, int) else "a finite number"
+                raise ConfigError(f"{name} must be {kind} {allowed.describe()}, got {value}")
+        milestones = values.get("milestones")
+        if milestones is not None and any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                          for m in config[section]["milestones"]):
+            raise ConfigError(f"{section}.milestones must be a list of epochs (integers >= 1), got "
+                              f"{config[section]['milestones']}")
+
+
 def validate(config: dict) -> dict:
-    prune, distill, data = config["prune"], config["distill"], config["data"]
+    check_ranges(config)
+    prune, distill = config["prune"], config["distill"]
     targets = prune["targets"]
     if not targets or any(not isinstance(t, (int, float)) or not 0 < t < 1 for t in targets):
         raise ConfigError(f"prune.targets must be a non-empty list of sparsities in (0, 1), got {targets}")
@@ -111,40 +183,21 @@ def validate(config: dict) -> dict:
         raise ConfigError(f"prune.method must be one of {PRUNE_METHODS}, got {prune['method']!r}")
     if prune["scope"] not in ("global", "layer"):
         raise ConfigError(f"prune.scope must be 'global' or 'layer', got {prune['scope']!r}")
-    if not 0 < prune["rate"] < 1:
-        raise ConfigError(f"prune.rate must lie in (0, 1), got {prune['rate']}")
     # The plan is made now, so targets it cannot honour fail before any training rather than after all pruning.
     try:
         pruning_levels(prune["targets"], prune["rate"], prune["method"])
     except ValueError as error:
         raise ConfigError(f"prune.targets: {error}") from None
-    if not 0 <= distill["alpha"] <= 1:
-        raise ConfigError(f"distill.alpha must lie in [0, 1], got {distill['alpha']}")
-    if not distill["temperature"] > 0:
-        raise ConfigError(f"distill.temperature must be > 0, got {distill['temperature']}")
     unknown = [v for v in distill["variants"] if v not in VARIANTS]
     if unknown or not distill["variants"]:
         raise ConfigError(f"distill.variants must be chosen from {VARIANTS}, got {distill['variants']}")
-    if not 0 < data["val_fraction"] < 1:
-        raise ConfigError(f"data.val_fraction must lie in (0, 1), got {data['val_fraction']}")
     for section in ("teacher", "distill", "prune"):
-        if config[section]["epochs"] < 1:
-            raise ConfigError(f"{section}.epochs must be >= 1, got {config[section]['epochs']}")
         if config[section]["schedule"] not in SCHEDULES:
             raise ConfigError(f"{section}.schedule must be one of {SCHEDULES}, got {config[section]['schedule']!r}")
-        if not 0 <= config[section]["warmup"] < 1:
-            raise ConfigError(f"{section}.warmup must lie in [0, 1), got {config[section]['warmup']}")
-        if not 0 <= config[section].get("label_smoothing", 0.0) < 1:
-            raise ConfigError(f"{section}.label_smoothing must lie in [0, 1), got "
-                              f"{config[section]['label_smoothing']}")
-    if data["batch_size"] < 1:
-        raise ConfigError(f"data.batch_size must be >= 1, got {data['batch_size']}")
     if config["run"]["precision"] not in PRECISIONS:
         raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {config['run']['precision']!r}")
     if config["run"]["memory_format"] not in MEMORY_FORMATS:
         raise ConfigError(f"run.memory_format must be one of {MEMORY_FORMATS}, got {config['run']['memory_format']!r}")
-    if config["run"]["seeds"] < 1:
-        raise ConfigError(f"run.seeds must be >= 1, got {config['run']['seeds']}")
     for section in ("teacher", "student"):
         model = config[section]["model"]
         if ":" in model:
@@ -154,15 +207,11 @@ def validate(config: dict) -> dict:
                                   f"factory's (set them with {section}.kwargs)")
         elif config[section]["kwargs"]:
             raise ConfigError(f"{section}.kwargs are for factory models (package.module:function), not {model!r}")
-    if config["student"]["multiple"] < 1 or config["student"]["min_width"] < 1:
-        raise ConfigError("student.multiple and student.min_width must be >= 1")
     c = config["cache"]
     if c["form"] not in ("full", "topk"):
         raise ConfigError(f"cache.form must be 'full' or 'topk', got {c['form']!r}")
     if c["dtype"] not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"cache.dtype must be float16, bfloat16 or float32, got {c['dtype']!r}")
-    if c["views"] < 0 or c["k"] < 1 or c["batch_size"] < 1 or c["chunk"] < 1:
-        raise ConfigError("cache.views must be >= 0 and cache.k, cache.batch_size, cache.chunk >= 1")
     return config
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import torch
 
 from ptd_sparse.pipeline import design as design_rule
-from ptd_sparse import distributed
+from ptd_sparse import directory_lock, distributed
 from ptd_sparse.pipeline import prune_plan, pruning
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
@@ -38,7 +39,8 @@ logger = logging.getLogger("ptd_sparse.pipeline")
 
 
 class Run:
-    """A run directory and everything the stages share (configuration, data, device)."""
+    """A run directory, held by this process group while the Run is open (directory_lock), and everything the stages
+    share (configuration, data, device)."""
 
     def __init__(self, directory: Path, config: dict):
         self.dir = Path(directory)
@@ -48,12 +50,30 @@ class Run:
             torch.set_num_threads(config["run"]["threads"])
         distributed.setup(self.device)
         self._dataset = None
-        stored = self.dir / "config.json"
-        if stored.exists() and _results_config(read_json(stored)) != _results_config(config):
-            raise ValueError(f"{self.dir} holds a run with another configuration ({stored}); resume it with the same "
-                             "configuration or choose a new --out directory")
-        if distributed.is_main():
-            write_json(stored, config)
+        # Held until close() (or until this Run is collected, or the process ends), before config.json is read, so
+        # that a second process can neither race this one's write of it nor train into the same directory.
+        lock = directory_lock.acquire(self.dir, "ptd run directory")
+        self._release = weakref.finalize(self, lock.release)
+        try:
+            stored = self.dir / "config.json"
+            if stored.exists() and (differences := config_differences(read_json(stored), config)):
+                raise ValueError(f"{self.dir} holds a run with another configuration ({'; '.join(differences)}); "
+                                 "resume it with the same configuration or choose a new --out directory")
+            if distributed.is_main():
+                write_json(stored, config)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let other processes use the run directory (also done when this Run is collected or the process ends)."""
+        self._release()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def dataset(self):
@@ -97,6 +117,7 @@ class Run:
         s = self.config[section]
         milestones = s.get("milestones", [])
         return Schedule(s["epochs"], s["lr"], s["weight_decay"], tuple(milestones), s.get("gamma", 0.1),
+                        momentum=s.get("momentum", Schedule.momentum),
                         batch_size=self.config["data"]["batch_size"], kind=s["schedule"], warmup=s["warmup"],
                         label_smoothing=s.get("label_smoothing", 0.0))
 
@@ -111,11 +132,43 @@ class Run:
         return result
 
 
+# Keys a resume may change, because they change how a run is shown or how fast it goes, not what it computes.
+RESUME_MAY_CHANGE = (
+    "run.progress",  # progress bars or log lines (--quiet): output on the terminal only
+    # The CPU threads that share each operation: the same operations on the same data, so a run interrupted on one
+    # machine can finish on one with other cores; the last bits of a sum may differ with the count (docs/
+    # architecture.md, "Reproducibility"), which is why a byte-identical run keeps it.
+    "run.threads",
+)
+
+
 def _results_config(config: dict) -> dict:
-    """The part of a configuration that the whole run directory is held to. The cache section is left out here, so
-    that a run trained and pruned without a cache can be distilled with one (`ptd cache`, `ptd distill --cache`);
-    what it changes in a student's results is held per student instead (teacher_source)."""
-    return {section: values for section, values in config.items() if section != "cache"}
+    """The part of a configuration that the whole run directory is held to: all of it but RESUME_MAY_CHANGE and the
+    cache section. The cache section is left out so that a run trained and pruned without a cache can be distilled
+    with one (`ptd cache`, `ptd distill --cache`); what it changes in a student's results is held per student instead
+    (teacher_source)."""
+    held = {section: dict(values) for section, values in config.items() if section != "cache"}
+    for dotted in RESUME_MAY_CHANGE:
+        section, key = dotted.split(".")
+        held.get(section, {}).pop(key, None)
+    return held
+
+
+def config_differences(stored: dict, config: dict) -> list[str]:
+    """'section.key: <stored> there, <config> here' for every results-changing key on which a run directory's
+    config.json (stored) and this configuration differ."""
+    old, new = _results_config(stored), _results_config(config)
+    differences = []
+    for section in sorted(set(old) | set(new)):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if (key in before) != (key in after) or before.get(key) != after.get(key):
+                differences.append(f"{section}.{key}: {_shown(before, key)} there, {_shown(after, key)} here")
+    return differences
+
+
+def _shown(values: dict, key: str) -> str:
+    return json.dumps(values[key]) if key in values else "absent"
 
 
 TEACHER_SOURCE_FILE = "teacher_source.json"
@@ -323,8 +376,8 @@ def cache_teacher(run: Run) -> dict:
         started = time.perf_counter()
         # The teacher runs in the run's precision, as it does live in distillation (bfloat16 on GPUs by default).
         autocast_dtype = precision_for(run.device, run.config["run"]["precision"])
-        with torch.autocast(run.device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with directory_lock.hold(folder, "ptd cache"), torch.autocast(
+                run.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             cache = build_cache(folder, teacher, run.dataset, spec, batch_size=c["batch_size"], device=run.device)
         results[name] = {"folder": str(folder), "form": spec.form, "dtype": spec.dtype, "views": spec.views,
                          "samples": spec.samples, "bytes": cache.nbytes(), "bytes_per_view": spec.bytes_per_view(),
