@@ -15,7 +15,10 @@ Records are fixed-size and chunk c covers samples [c * chunk, (c + 1) * chunk), 
 its offsets into the same files; a resumed writer redoes only the chunks without a marker. A reader refuses a
 folder without a manifest (incomplete), a file shorter or longer than the manifest says (truncated or foreign), a
 chunk whose bytes do not hash to the manifest's value (corrupt), and a store made for another teacher, data set,
-view set, temperature, dtype or k; every refusal names the file and the mismatch. No file is ever unpickled.
+view set, temperature, dtype or k; every refusal names the file and the mismatch. Every field of the JSON records
+is checked for presence, type and range (a malformed one is a CacheError naming it). No file is ever unpickled.
+The files' disk space is reserved when they are created (space.py), so a full disk is a CacheSpaceError, never a
+SIGBUS from a write through a memory map.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ FORMS = ("full", "topk")
 DTYPES = ("float16", "bfloat16", "float32")
 VIEW_FIELDS = 3  # crop_y, crop_x, flip
 MAX_CROP_PADDING = 127  # crop offsets go up to 2 * padding and are stored as uint8
+
 __all__ = ["CacheError", "CacheSpaceError", "CacheSpec", "StoreFiles", "StoreWriter", "read_manifest"]
 
 
