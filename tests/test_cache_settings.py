@@ -83,6 +83,12 @@ def test_the_corrected_command_distills_from_the_cache(run_with_caches, capsys):
     refusal(args("distill", out, root, "cache.enabled=true", "cache.form=topk", "cache.k=3"), capsys)
     assert cli.main(args("distill", out, root, "cache.enabled=true")) == 0
     assert (out / "students" / "kd_unpruned" / "seed_0" / "done.json").exists()
+    # Students already done need no cache: the distillation is complete without one.
+    (out / "cache").rename(out / "cache_aside")
+    try:
+        assert cli.main(args("distill", out, root, "cache.enabled=true")) == 0
+    finally:
+        (out / "cache_aside").rename(out / "cache")
 
 
 def test_views_zero_names_its_rule_and_another_teacher_is_named(run_with_caches, tmp_path):

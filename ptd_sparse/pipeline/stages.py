@@ -369,17 +369,19 @@ def _require_cache(run: Run, name: str) -> Path:
 
 
 def check_caches(run: Run) -> None:
-    """Before any student records its teacher source: every cache the distillation reads exists, is complete and
-    was made with this configuration's settings, so a refusal leaves no record behind that would block the corrected
-    command. (The teacher's fingerprint and the chunks' hashes are checked as each cache is opened.)"""
+    """Before any student records its teacher source: every complete cache the distillation may read was made with
+    this configuration's settings, so a refusal leaves no record behind that would block the corrected command. A
+    missing or unfinished cache is reported when a student needs it (students already done need none); the
+    teacher's fingerprint and the chunks' hashes are checked as each cache is opened."""
     from ptd_sparse.cache.store import read_manifest
 
     if not run.config["cache"]["enabled"]:
         return
     for name in distillation_teachers(run):
-        folder = _require_cache(run, name)
-        stored = read_manifest(folder)[0]
-        _refuse_other_cache(folder, stored, _cache_spec(run, stored.teacher), run.config)
+        folder = cache_folder(run, name)
+        if (folder / "manifest.json").exists():
+            stored = read_manifest(folder)[0]
+            _refuse_other_cache(folder, stored, _cache_spec(run, stored.teacher), run.config)
 
 
 def cache_teacher(run: Run) -> dict:
