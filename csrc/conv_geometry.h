@@ -84,10 +84,15 @@ inline ConvGeometry make_geometry(at::IntArrayRef input_shape, at::IntArrayRef w
   g.pad_w = padding[1];
   g.dil_h = dilation[0];
   g.dil_w = dilation[1];
-  g.out_h = (g.in_h + 2 * g.pad_h - g.dil_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
-  g.out_w = (g.in_w + 2 * g.pad_w - g.dil_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
-  TORCH_CHECK_VALUE(g.out_h > 0 && g.out_w > 0, "input of size ", input_shape,
-                    " is too small for kernel ", weight_shape, " with padding ", padding, " and dilation ", dilation);
+  // The dilated kernel must fit the padded input, as F.conv2d requires. Checked before dividing: C++ division rounds
+  // toward zero, so a negative numerator (kernel larger than the padded input) would give an output size of 1.
+  const int64_t span_h = g.dil_h * (g.kernel_h - 1) + 1;
+  const int64_t span_w = g.dil_w * (g.kernel_w - 1) + 1;
+  TORCH_CHECK_VALUE(g.in_h + 2 * g.pad_h >= span_h && g.in_w + 2 * g.pad_w >= span_w, "input of size ", input_shape,
+                    " with padding ", padding, " is smaller than the dilated kernel (", span_h, " x ", span_w,
+                    ") of weight ", weight_shape, " with dilation ", dilation, "; the output would be empty");
+  g.out_h = (g.in_h + 2 * g.pad_h - span_h) / g.stride_h + 1;
+  g.out_w = (g.in_w + 2 * g.pad_w - span_w) / g.stride_w + 1;
   return g;
 }
 

@@ -5,7 +5,14 @@ import torch
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    """F.conv2d's output size: floor((size + 2 padding - span) / stride) + 1, span = dilation (kernel - 1) + 1 the
+    dilated kernel, which must fit the padded input (ValueError otherwise, as csrc/conv_geometry.h raises)."""
+    span = dilation * (kernel - 1) + 1
+    fits = size + 2 * padding >= span
+    if fits is not True:  # False, or a symbolic size (fake tensors), which the check records as a guard
+        torch._check_value(fits, lambda: f"input size {size} with padding {padding} is smaller than the dilated "
+                                         f"kernel ({span}); the output would be empty")
+    return (size + 2 * padding - span) // stride + 1
 
 
 def conv_output_shape(input, weight_shape, stride, padding, dilation) -> tuple:

@@ -55,3 +55,12 @@ def tiny_run_overrides(data_root: Path) -> list[str]:
     return [f"data.root={str(data_root)!r}".replace("'", '"'), "data.train_subset=0", "data.batch_size=64",
             "teacher.epochs=2", "teacher.milestones=[1]", "prune.targets=[0.36, 0.59]", "prune.epochs=1",
             "distill.epochs=1", "distill.milestones=[]", "run.progress=false"]
+
+
+def short_distill_args(command: str, out: Path, root: Path, *extra: str) -> list[str]:
+    """`ptd <command>` on a tiny run: one teacher epoch, two distillation epochs of kd_unpruned, then `extra`."""
+    result = [command, "--out", str(out)]
+    for override in tiny_run_overrides(root) + ["teacher.epochs=1", "teacher.milestones=[]", "distill.epochs=2",
+                                                'distill.variants=["kd_unpruned"]'] + list(extra):
+        result += ["--set", override]
+    return result

@@ -4,19 +4,11 @@ from __future__ import annotations
 import json
 import re
 
-from pipeline_helpers import fake_fashion_mnist, tiny_run_overrides
+from pipeline_helpers import fake_fashion_mnist, short_distill_args as args
 
 from ptd_sparse import cli
 from ptd_sparse.pipeline import stages
 from ptd_sparse.pipeline.config import load_config
-
-
-def args(command: str, out, root, *extra: str) -> list[str]:
-    result = [command, "--out", str(out)]
-    for override in tiny_run_overrides(root) + ["teacher.epochs=1", "teacher.milestones=[]", "distill.epochs=2",
-                                                'distill.variants=["kd_unpruned"]'] + list(extra):
-        result += ["--set", override]
-    return result
 
 
 def test_teacher_source_holds_what_changes_a_students_results():

@@ -11,10 +11,10 @@ See docs/cache.md for when caching pays and when it does not.
 """
 from ptd_sparse.cache.precompute import build_cache, make_spec, teacher_fingerprint, view_table
 from ptd_sparse.cache.replay import TeacherCache
-from ptd_sparse.cache.store import CacheError, CacheSpec
+from ptd_sparse.cache.store import CacheError, CacheSpaceError, CacheSpec
 from ptd_sparse.cache.topk import dense_equivalent
 # The identity a store is checked against, part of the cache's API (defined with the data sets).
 from ptd_sparse.data import dataset_identity
 
-__all__ = ["CacheError", "CacheSpec", "TeacherCache", "build_cache", "dataset_identity", "dense_equivalent",
-           "make_spec", "teacher_fingerprint", "view_table"]
+__all__ = ["CacheError", "CacheSpaceError", "CacheSpec", "TeacherCache", "build_cache", "dataset_identity",
+           "dense_equivalent", "make_spec", "teacher_fingerprint", "view_table"]

@@ -15,17 +15,23 @@ Records are fixed-size and chunk c covers samples [c * chunk, (c + 1) * chunk), 
 its offsets into the same files; a resumed writer redoes only the chunks without a marker. A reader refuses a
 folder without a manifest (incomplete), a file shorter or longer than the manifest says (truncated or foreign), a
 chunk whose bytes do not hash to the manifest's value (corrupt), and a store made for another teacher, data set,
-view set, temperature, dtype or k; every refusal names the file and the mismatch. No file is ever unpickled.
+view set, temperature, dtype or k; every refusal names the file and the mismatch. Every field of the JSON records
+is checked for presence, type and range (a malformed one is a CacheError naming it). No file is ever unpickled.
+The files' disk space is reserved when they are created (space.py), so a full disk is a CacheSpaceError, never a
+SIGBUS from a write through a memory map.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from ptd_sparse.cache.errors import CacheError, CacheSpaceError
+from ptd_sparse.cache.space import reserve
 from ptd_sparse.files import write_json
 
 FORMAT_VERSION = 1
@@ -34,9 +40,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 VIEW_FIELDS = 3  # crop_y, crop_x, flip
 MAX_CROP_PADDING = 127  # crop offsets go up to 2 * padding and are stored as uint8
 
-
-class CacheError(ValueError):
-    """A teacher cache is missing, incomplete, truncated, corrupt, or made for something else."""
+__all__ = ["CacheError", "CacheSpaceError", "CacheSpec", "StoreFiles", "StoreWriter", "read_manifest"]
 
 
 @dataclass(frozen=True)
@@ -59,22 +63,31 @@ class CacheSpec:
     rest_mass: bool = False  # top-k only: the rest mass is stored (else the teacher is renormalised over its top k)
     chunk: int = 1024  # samples per chunk
 
-    def check(self) -> CacheSpec:
+    def check(self, prefix: str = "cache spec: ") -> CacheSpec:
+        """Check the values (their types are the caller's: see _spec_from); `prefix` + the field name starts every
+        message."""
+        def refuse(field: str, expected: str) -> CacheError:
+            return CacheError(f"{prefix}{field} must be {expected}, got {getattr(self, field)!r}")
+
         if self.form not in FORMS:
-            raise CacheError(f"cache form must be one of {FORMS}, got {self.form!r}")
+            raise refuse("form", f"one of {FORMS}")
         if self.dtype not in DTYPES:
-            raise CacheError(f"cache dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.samples < 1 or self.views < 1 or self.classes < 1 or self.chunk < 1:
-            raise CacheError(f"cache needs at least one sample, view, class and chunk size: samples={self.samples}, "
-                             f"views={self.views}, classes={self.classes}, chunk={self.chunk}")
+            raise refuse("dtype", f"one of {DTYPES}")
+        for field in ("samples", "views", "classes", "chunk"):
+            if getattr(self, field) < 1:
+                raise refuse(field, ">= 1")
         if not 0 <= self.crop_padding <= MAX_CROP_PADDING:
-            raise CacheError(f"crop padding must lie in [0, {MAX_CROP_PADDING}] to be stored, got {self.crop_padding}")
+            raise refuse("crop_padding", f"in [0, {MAX_CROP_PADDING}] to be stored")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise refuse("temperature", "a finite number >= 0")
         if self.form == "topk":
             if not 1 <= self.k <= self.classes:
-                raise CacheError(f"cache k must lie in [1, {self.classes}] (the number of classes), got {self.k}")
+                raise refuse("k", f"in [1, {self.classes}] (the number of classes) for a top-k cache")
             if self.rest_mass and not self.temperature > 0:
-                raise CacheError(f"a top-k cache with rest mass needs the temperature it is computed at, got "
-                                 f"{self.temperature}")
+                raise refuse("temperature", "> 0 for a top-k cache with rest mass (the temperature it is computed at)")
+        elif self.k != 0 or self.rest_mass:
+            raise CacheError(f"{prefix}k and {prefix}rest_mass must be 0 and false for a full-logit cache, got "
+                             f"{self.k!r} and {self.rest_mass!r}")
         return self
 
     @property
@@ -105,18 +118,79 @@ class CacheSpec:
                          if mine[key] != theirs[key])
 
 
-def _spec_from(record: dict, path: Path) -> CacheSpec:
-    try:
-        return CacheSpec(**record)
-    except TypeError as error:
-        raise CacheError(f"{path} does not describe a teacher cache: {error}") from error
+# The JSON types each CacheSpec field may have in layout.json and manifest.json. A JSON true is never an integer
+# here (Python's bool is an int); an integer is a number.
+_FIELD_TYPES = {"teacher": str, "dataset": dict, "samples": int, "views": int, "crop_padding": int, "flip": bool,
+                "view_seed": int, "classes": int, "form": str, "dtype": str, "k": int, "temperature": (int, float),
+                "rest_mass": bool, "chunk": int}
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def _json_type(value) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _expected_type(kind) -> str:
+    return "a number" if kind == (int, float) else _JSON_NAMES[kind]
+
+
+def _has_type(value, kind) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _field(record, key: str, kind, path: Path, where: str = ""):
+    """record[key], refused with a CacheError naming `where` + key when record is no object, lacks the key, or holds
+    another JSON type."""
+    name = f"{where}{key}"
+    if not isinstance(record, dict):
+        raise CacheError(f"{path}: {('field ' + where.rstrip('.')) if where else 'the file'} must be an object, "
+                         f"got {_json_type(record)}")
+    if key not in record:
+        raise CacheError(f"{path} lacks the field {name} (corrupt, or written by another version)")
+    value = record[key]
+    if not _has_type(value, kind):
+        raise CacheError(f"{path}: field {name} must be {_expected_type(kind)}, got {_json_type(value)} {value!r}")
+    return value
+
+
+def _spec_from(record, path: Path) -> CacheSpec:
+    """The CacheSpec of a layout's or manifest's "spec" object, every field's presence, type and value checked."""
+    if not isinstance(record, dict):
+        raise CacheError(f"{path}: field spec must be an object, got {_json_type(record)}")
+    unknown = sorted(set(record) - set(_FIELD_TYPES))
+    if unknown:
+        raise CacheError(f"{path}: field spec holds unknown fields {unknown} (written by another version?)")
+    required = {f.name for f in fields(CacheSpec) if f.default is MISSING}
+    values = {key: _field(record, key, kind, path, "spec.") for key, kind in _FIELD_TYPES.items()
+              if key in record or key in required}
+    if "temperature" in values:
+        values["temperature"] = float(values["temperature"])
+    return CacheSpec(**values).check(f"{path}: field spec.")
+
+
+def _chunk_hashes(record, names: list[str], path: Path, where: str) -> dict[str, str]:
+    """A chunk's {data file name: sha256 hex digest}, checked to name exactly the store's files."""
+    if not isinstance(record, dict):
+        raise CacheError(f"{path}: field {where} must be an object of sha256 digests per data file, got "
+                         f"{_json_type(record)}")
+    if sorted(record) != sorted(names):
+        raise CacheError(f"{path}: field {where} lists hashes of {sorted(record)}, the store's files are "
+                         f"{sorted(names)}")
+    for name, digest in record.items():
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise CacheError(f"{path}: field {where}[{name!r}] must be a sha256 hex digest, got {digest!r}")
+    return record
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
+        record = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CacheError(f"{path} is not valid JSON (corrupt or truncated): {error}") from error
+    if not isinstance(record, dict):
+        raise CacheError(f"{path}: the file must hold an object, got {_json_type(record)}")
+    return record
 
 
 def _file_size(dtype: str, shape: tuple[int, ...]) -> int:
@@ -161,20 +235,35 @@ class StoreWriter:
         self._files = None
 
     def create(self) -> None:
+        """Make the store's files with their disk space reserved (or, resuming, reserve what an earlier version or
+        an interrupted creation left unreserved). A full disk raises CacheSpaceError before any record is written;
+        layout.json is written only once every file has its space, so a failed creation starts over."""
         layout_path = self.folder / "layout.json"
         if (self.folder / "manifest.json").exists():
             return  # complete; finish() and the reader check that it is the right one
         if layout_path.exists():
-            stored = _spec_from(_read_json(layout_path)["spec"], layout_path)
+            stored = _spec_from(_field(_read_json(layout_path), "spec", dict, layout_path), layout_path)
             if stored != self.spec:
                 raise CacheError(f"{self.folder} holds an unfinished cache of something else "
                                  f"({self.spec.describe_difference(stored)}); delete it or choose another folder")
+            for name, (dtype, shape) in self.spec.files().items():
+                path, size = self.folder / name, _file_size(dtype, shape)
+                if path.is_file() and path.stat().st_size == size:  # a wrong size is refused when the files open
+                    reserve(path, size)
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "chunks").mkdir(exist_ok=True)
-        for name, (dtype, shape) in self.spec.files().items():
-            with open(self.folder / name, "wb") as f:
-                f.truncate(_file_size(dtype, shape))  # sparse file of zeros, every record at its offset
+        created = []
+        try:
+            for name, (dtype, shape) in self.spec.files().items():
+                created.append(self.folder / name)
+                with open(self.folder / name, "wb") as f:
+                    f.truncate(_file_size(dtype, shape))  # zeros, every record at its offset
+                reserve(self.folder / name, _file_size(dtype, shape))
+        except CacheSpaceError:
+            for path in created:  # nothing is written yet: give the space back
+                path.unlink(missing_ok=True)
+            raise
         write_json(layout_path, {"format_version": FORMAT_VERSION, "spec": asdict(self.spec),
                                  "files": {n: {"dtype": d, "shape": list(s)} for n, (d, s) in
                                            self.spec.files().items()}})
@@ -230,7 +319,9 @@ class StoreWriter:
         missing = [c for c in range(self.spec.chunks) if not self.done(c)]
         if missing:
             raise CacheError(f"{self.folder}: chunks {missing[:10]} of {self.spec.chunks} are not written yet")
-        chunks = [_read_json(self._marker(c))["sha256"] for c in range(self.spec.chunks)]
+        names = list(self.spec.files())
+        chunks = [_chunk_hashes(_field(_read_json(self._marker(c)), "sha256", dict, self._marker(c)), names,
+                                self._marker(c), "sha256") for c in range(self.spec.chunks)]
         layout = _read_json(self.folder / "layout.json")
         write_json(manifest, {**layout, "chunks": chunks})
         return manifest
@@ -246,12 +337,13 @@ def read_manifest(folder: Path) -> tuple[CacheSpec, list[dict]]:
                              "run `ptd cache` again to finish it")
         raise CacheError(f"{folder} is not a teacher cache (no manifest.json)")
     record = _read_json(manifest)
-    if record.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{manifest} has format version {record.get('format_version')!r}; this version reads "
-                         f"{FORMAT_VERSION}")
-    spec = _spec_from(record.get("spec", {}), manifest).check()
-    chunks = record.get("chunks")
-    if not isinstance(chunks, list) or len(chunks) != spec.chunks:
-        raise CacheError(f"{manifest} lists {len(chunks) if isinstance(chunks, list) else 'no'} chunk hashes, "
-                         f"the layout has {spec.chunks} chunks")
-    return spec, chunks
+    version = _field(record, "format_version", int, manifest)
+    if version != FORMAT_VERSION:
+        raise CacheError(f"{manifest} has format version {version!r}; this version reads {FORMAT_VERSION}")
+    spec = _spec_from(_field(record, "spec", dict, manifest), manifest)
+    chunks = _field(record, "chunks", list, manifest)
+    if len(chunks) != spec.chunks:
+        raise CacheError(f"{manifest}: field chunks lists {len(chunks)} chunk hashes, the layout has "
+                         f"{spec.chunks} chunks")
+    names = list(spec.files())
+    return spec, [_chunk_hashes(hashes, names, manifest, f"chunks[{c}]") for c, hashes in enumerate(chunks)]

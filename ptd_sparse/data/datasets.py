@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ptd_sparse.data.array_pickle import load_arrays
 
 FASHION_MNIST_DEFAULT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -88,22 +88,9 @@ def load_fashion_mnist(root: Path | None) -> tuple[Split, Split, int]:
     return train, test, 10
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only dicts, lists, strings, bytes, numbers and numpy arrays: a CIFAR batch, never code."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("builtins", "bytes")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file (only arrays are allowed)")
-
-
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
-        batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        batch = load_arrays(f.read())
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     labels = batch.get("labels", batch.get("fine_labels"))
     if "data" not in batch or labels is None:
