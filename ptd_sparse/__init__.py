@@ -6,6 +6,7 @@ Operators (each with the backends reference / cpu / cuda / triton, see ptd_spars
     kd_loss(student_logits, teacher_logits, ...) fused temperature-softmax distillation loss; the teacher may be
                                                  a TopKTeacher (its k largest classes, see topk_teacher)
 Modules: ptd_sparse.nn.MaskedConv2d, ptd_sparse.nn.SparseConv2d, ptd_sparse.nn.KDLoss; sparsify(model).
+export(model, "model.onnx", example_input): a pruned model to ONNX, pruned weights as zeros (ptd_sparse.onnx_export).
 """
 from ptd_sparse import nn
 from ptd_sparse.backends import BACKENDS, choose_backend
@@ -21,7 +22,15 @@ def design_student(*args, **kwargs):
 
     return rule(*args, **kwargs)
 
+
+def export(*args, **kwargs):
+    """See ptd_sparse.onnx_export.export (imported lazily: it needs the optional onnx package, and it reads a run's
+    model folders through the pipeline's checkpoint loader)."""
+    from ptd_sparse.onnx_export import export as to_onnx
+
+    return to_onnx(*args, **kwargs)
+
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ConvPattern", "SparseConvWeight", "choose_backend", "kd_loss", "masked_conv2d", "nn",
-           "sparse_conv2d", "sparsify", "design_student", "TopKTeacher", "topk_teacher"]
+           "sparse_conv2d", "sparsify", "design_student", "export", "TopKTeacher", "topk_teacher"]
