@@ -17,7 +17,8 @@ from ptd_sparse.topk_teacher import TopKTeacher, topk_teacher
 
 
 def design_student(*args, **kwargs):
-    """See ptd_sparse.pipeline.design.design_student (imported lazily: the pipeline is optional for kernel users)."""
+    """The student of a pruned teacher, any traceable CNN: .module (ready to train), .plan (its widths), .report.
+    See ptd_sparse.pipeline.design.design_student (imported lazily: the pipeline is optional for kernel users)."""
     from ptd_sparse.pipeline.design import design_student as rule
 
     return rule(*args, **kwargs)
