@@ -25,7 +25,7 @@ import torch
 
 from ptd_sparse.pipeline import design as design_rule
 from ptd_sparse import distributed
-from ptd_sparse.pipeline import prune_plan, pruning
+from ptd_sparse.pipeline import prune_plan, pruning, tensorboard
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
 from ptd_sparse.data import Augmentation, dataset_identity, load_dataset, resolve_root
@@ -47,6 +47,8 @@ class Run:
         if config["run"]["threads"]:
             torch.set_num_threads(config["run"]["threads"])
         distributed.setup(self.device)
+        if config["run"]["tensorboard"]:
+            tensorboard.require()  # before any training, not after the first one
         self._dataset = None
         stored = self.dir / "config.json"
         if stored.exists() and _results_config(read_json(stored)) != _results_config(config):
@@ -69,7 +71,8 @@ class Run:
         return Context(self.dataset, Augmentation(data["crop_padding"], data["flip"]), self.device, seed,
                        run["progress"], self.dir / "metrics.jsonl", extra,
                        precision_for(self.device, run["precision"]),
-                       channels_last_for(self.device, run["memory_format"]), progress)
+                       channels_last_for(self.device, run["memory_format"]), progress,
+                       self.dir / tensorboard.FOLDER if run["tensorboard"] else None)
 
     def progress(self, name: str, trainings: int, section: str) -> StageProgress:
         """The progress of a stage of `trainings` trainings, each run with the schedule of `section`."""
