@@ -11,10 +11,17 @@ its float32 hot kernels are compiled again for AVX2+FMA and AVX-512 and chosen a
 (csrc/cpu/isa/dispatch.h), so one build runs, fast, on any CPU. PTD_NATIVE=1 compiles everything for the building
 CPU instead (-march=native: such a build may die with an illegal instruction elsewhere); PTD_CPU_ARCH=<value> sets
 the baseline's -march explicitly (x86-64-v3, znver4, ...).
+
+Release wheels: `pip wheel --no-build-isolation --no-deps . -w dist` (or `python -m build --wheel --no-isolation`).
+The extension loads only with the torch it was compiled against, so the wheel's metadata requires exactly that torch
+release (torch==X.Y.Z) and its version carries the torch build as a local label, as torch extensions do:
+0.1.0+torch2.14.1.cu130 (CUDA kernels built), 0.1.0+torch2.14.1.cu130.cpuonly (a CUDA torch, CUDA kernels skipped),
+0.1.0+torch2.13.0.cpu (a CPU torch). The library carries no debug information (-g0) unless PTD_SANITIZE=1.
 """
 import glob
 import os
 import platform
+import re
 
 import torch
 from setuptools import find_packages, setup
@@ -72,6 +79,25 @@ def cpu_arch_flags() -> list[str]:
     return ["-march=x86-64-v2"] if is_x86_64() else []
 
 
+def base_version() -> str:
+    """The package version, kept once: ptd_sparse.__version__."""
+    text = open(os.path.join(ROOT, "ptd_sparse", "__init__.py")).read()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
+
+
+def torch_requirement() -> str:
+    """The torch release this build loads with: the extension refuses any other (ptd_sparse._extension)."""
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
+def wheel_version(cuda_kernels: bool) -> str:
+    """base version + local label naming the torch build: torch 2.14.1+cu130 -> 0.1.0+torch2.14.1.cu130."""
+    label = "torch" + torch.__version__.replace("+", ".")
+    if torch.version.cuda is not None and not cuda_kernels:
+        label += ".cpuonly"
+    return f"{base_version()}+{label}"
+
+
 def extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp")
                          + glob.glob("csrc/cpu/isa/*.cpp"))
@@ -81,6 +107,9 @@ def extension():
     code_flags = ["-O3"] + cpu_arch_flags() + sanitize
     cxx_flags = code_flags + ["-fopenmp", f'-DPTD_TORCH_VERSION="{torch.__version__}"',
                               f'-DPTD_BUILD_FLAGS="{" ".join(code_flags)}"']
+    if not sanitize:
+        # After Python's own CFLAGS (which hold -g): debug information is most of the library's size (50 of 53 MB).
+        cxx_flags.append("-g0")
     # -fopenmp is needed in the extension itself: at::parallel_for expands to an OpenMP region in our own code.
     link_flags = ["-fopenmp"] + sanitize
     if want_cuda():
@@ -103,6 +132,8 @@ def extension():
 # __main__, `python setup.py` too).
 if __name__ == "__main__":
     setup(
+        version=wheel_version(want_cuda()),
+        install_requires=[torch_requirement(), "numpy", "safetensors", "tqdm", "matplotlib"],
         packages=find_packages(include=["ptd_sparse", "ptd_sparse.*"]) + ["ptd_sparse.kernels"],
         package_dir={"ptd_sparse.kernels": "kernels"},
         ext_modules=[extension()],

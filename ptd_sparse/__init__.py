@@ -7,6 +7,7 @@ Operators (each with the backends reference / cpu / cuda / triton, see ptd_spars
                                                  a TopKTeacher (its k largest classes, see topk_teacher)
 Modules: ptd_sparse.nn.MaskedConv2d, ptd_sparse.nn.SparseConv2d, ptd_sparse.nn.KDLoss; sparsify(model), and its
 inference routes saved and loaded as plans (route_plan, save_route_plan, load_route_plan).
+export(model, "model.onnx", example_input): a pruned model to ONNX, pruned weights as zeros (ptd_sparse.onnx_export).
 """
 from ptd_sparse import nn
 from ptd_sparse.backends import BACKENDS, choose_backend
@@ -18,12 +19,22 @@ from ptd_sparse.topk_teacher import TopKTeacher, topk_teacher
 
 
 def design_student(*args, **kwargs):
-    """See ptd_sparse.pipeline.design.design_student (imported lazily: the pipeline is optional for kernel users)."""
+    """The student of a pruned teacher, any traceable CNN: .module (ready to train), .plan (its widths), .report.
+    See ptd_sparse.pipeline.design.design_student (imported lazily: the pipeline is optional for kernel users)."""
     from ptd_sparse.pipeline.design import design_student as rule
 
     return rule(*args, **kwargs)
 
+
+def export(*args, **kwargs):
+    """See ptd_sparse.onnx_export.export (imported lazily: it needs the optional onnx package, and it reads a run's
+    model folders through the pipeline's checkpoint loader)."""
+    from ptd_sparse.onnx_export import export as to_onnx
+
+    return to_onnx(*args, **kwargs)
+
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ConvPattern", "SparseConvWeight", "choose_backend", "kd_loss", "masked_conv2d", "nn",
-           "sparse_conv2d", "sparsify", "design_student", "route_plan", "save_route_plan", "load_route_plan", "TopKTeacher", "topk_teacher"]
+           "sparse_conv2d", "sparsify", "design_student", "export", "route_plan", "save_route_plan", "load_route_plan",
+           "TopKTeacher", "topk_teacher"]

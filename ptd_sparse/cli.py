@@ -1,4 +1,4 @@
-"""The `ptd` command line: train | prune | design | cache | distill | report | run | sweep | import.
+"""The `ptd` command line: train | prune | design | cache | distill | report | run | sweep | import | export.
 
 Each stage subcommand runs that stage (and nothing else) on a run directory; `ptd run` chains all of them and
 resumes an interrupted run. Configuration: a TOML file (--config, see configs/) plus `--set section.key=value`.
@@ -59,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("--image-size", type=int, default=32)
     imported.add_argument("--out", required=True, help="folder to write (model.json, weights and masks)")
     _add_debug(imported)
+    exported = sub.add_parser("export", help="write a model folder (a run's, or ptd import's) to ONNX, pruned "
+                              "weights as zeros, checked in ONNX Runtime")
+    exported.add_argument("model", help="a model folder, e.g. runs/default/prune/sparsity_0.90/model")
+    exported.add_argument("--out", required=True, help="the .onnx file to write")
+    exported.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    exported.add_argument("--no-check", action="store_true", help="do not run the file in ONNX Runtime")
+    exported.add_argument("--trust", metavar="PACKAGE.MODULE:FUNCTION",
+                          help="the folder's model is built by your own factory: import and call it")
+    _add_debug(exported)
     return parser
 
 
@@ -134,6 +143,17 @@ def _run(args: argparse.Namespace) -> int:
         sparsity = import_state_dict_file(Path(args.state_dict), args.model, args.in_channels, args.classes,
                                           args.image_size, Path(args.out), kwargs)
         print(f"wrote {args.out} (sparsity {sparsity:.4f})")
+        return 0
+    if args.command == "export":
+        from ptd_sparse.onnx_export import export
+        from ptd_sparse.pipeline import factories
+
+        if args.trust:
+            factories.trust(args.trust)
+        result = export(Path(args.model), Path(args.out), opset_version=args.opset, check=not args.no_check)
+        checked = "not checked" if result.max_abs_error is None else \
+            f"ONNX Runtime matches PyTorch within {result.max_abs_error:.2g}"
+        print(f"wrote {result.path} ({result.zeros} of {result.weights} weights zero; {checked})")
         return 0
     overrides = list(args.set)
     if args.seeds is not None and args.command != "sweep":

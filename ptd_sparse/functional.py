@@ -61,10 +61,30 @@ def _same_dtype_unless_autocast(reference: Tensor, reference_name: str, **others
 def _conv_arguments(input, weight_shape, bias, stride, padding, dilation):
     batched, unbatched = check.conv_input(input, weight_shape[1])
     check.conv_bias(bias, weight_shape[0])
-    stride, padding, dilation = check.pair(stride, "stride", 1), check.pair(padding, "padding", 0), \
-        check.pair(dilation, "dilation", 1)
+    stride, dilation = check.pair(stride, "stride", 1), check.pair(dilation, "dilation", 1)
+    if isinstance(padding, str):
+        batched, padding = _string_padding(batched, padding, weight_shape, stride, dilation)
+    else:
+        padding = check.pair(padding, "padding", 0)
     check.conv_output_fits(batched.shape, weight_shape, stride, padding, dilation)
     return batched, unbatched, stride, padding, dilation
+
+
+def _string_padding(batched: Tensor, padding: str, weight_shape, stride, dilation) -> tuple[Tensor, list[int]]:
+    """(input, padding pair) of F.conv2d's padding='valid' (none) or 'same' (the output keeps the input's size;
+    stride 1 only). As in PyTorch, an odd total padding (an even kernel) puts its extra row or column at the bottom
+    or right: added to the input here, so the kernels see a symmetric padding."""
+    if padding == "valid":
+        return batched, [0, 0]
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    if stride != [1, 1]:
+        raise ValueError(f"padding='same' is not supported for strided convolutions (as in F.conv2d); got stride "
+                         f"{tuple(stride)}")
+    totals = [d * (k - 1) for d, k in zip(dilation, weight_shape[2:])]
+    if totals[0] % 2 or totals[1] % 2:
+        batched = F.pad(batched, (0, totals[1] % 2, 0, totals[0] % 2))
+    return batched, [totals[0] // 2, totals[1] // 2]
 
 
 def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -72,7 +92,8 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | No
     """F.conv2d(input, weight * mask, bias, stride, padding, dilation, groups) with sparse kernels.
 
     input [N, C_in, H, W] (or [C_in, H, W]), weight and mask [C_out, C_in / groups, KH, KW] (mask bool or 0/1),
-    bias [C_out]. Returns [N, C_out, OH, OW]. The gradient of weight is zero wherever mask is zero. The mask is
+    bias [C_out]. Returns [N, C_out, OH, OW]. padding: an int, a pair, "valid" or "same" (stride 1), as for F.conv2d
+    (sparse_conv2d too). The gradient of weight is zero wherever mask is zero. The mask is
     compressed once and cached until it changes. Grouped and depthwise convolutions (groups > 1) run the same sparse
     kernels (ptd_sparse.pattern: the format indexes the full input-channel space). backend: None (automatic;
     PTD_BACKEND overrides), "cpu", "cuda", "triton", "reference" (the plain-PyTorch oracle) or "dense" (the dense

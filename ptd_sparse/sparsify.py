@@ -46,6 +46,12 @@ def pruned_weight_and_mask(conv: nn.Conv2d) -> tuple[Tensor, Tensor] | None:
     return None
 
 
+def _plain_batch_norm(module) -> bool:
+    """Exactly nn.BatchNorm2d: a subclass may do more in its forward (timm's BatchNormAct2d applies an activation
+    too), which folding into the convolution would drop."""
+    return type(module) is nn.BatchNorm2d
+
+
 def fold_batch_norm(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Weights and bias of conv followed by bn (running statistics): w * g / s, (b - mean) * g / s + beta."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
@@ -109,7 +115,7 @@ def _graph_patterns(model: nn.Module) -> list[tuple[str, str | None, str | None]
         users = list(node.users)
         bn_node = users[0] if len(users) == 1 else None
         bn = module_graph.module_of(model, bn_node) if bn_node is not None else None
-        if not isinstance(bn, nn.BatchNorm2d) or calls[bn_node.target] != 1 or bn.num_features != conv.out_channels:
+        if not _plain_batch_norm(bn) or calls[bn_node.target] != 1 or bn.num_features != conv.out_channels:
             found.append((node.target, None, None))
             continue
         relu_name = None
@@ -129,7 +135,7 @@ def _fold_sequential(target: nn.Module, backend: str | None, handled: set) -> No
         children = list(parent.named_children())
         for i, (child_name, child) in enumerate(children):
             following = [c for _, c in children[i + 1:i + 3]]
-            if not isinstance(child, nn.Conv2d) or not following or not isinstance(following[0], nn.BatchNorm2d):
+            if not isinstance(child, nn.Conv2d) or not following or not _plain_batch_norm(following[0]):
                 continue
             relu = len(following) > 1 and isinstance(following[1], nn.ReLU)
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name

@@ -47,6 +47,23 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$CURRENT" ] || ! "$VENV/bin/python" -c \
   "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e .
   echo "$CURRENT" > "$STAMP"
 fi
+# The optional extras (pyproject.toml), installed where they can be; their tests skip where they are absent.
+# torchvision and timm go in with --no-deps: their requirements on torch would let pip swap the pinned build for
+# another. torchvision 0.29 is built for torch 2.14 only (there is no build for the CPU torch 2.13.0 here), and timm
+# needs torchvision. PTD_SKIP_EXTRAS=1 skips them all.
+if [ "${PTD_SKIP_EXTRAS:-0}" != "1" ]; then
+  "$VENV/bin/python" -c "import onnx, onnxruntime, tensorboard" 2>/dev/null \
+    || "$VENV/bin/python" -m pip install --quiet onnx onnxruntime tensorboard \
+    || echo "setup: the export and tensorboard extras could not be installed; their tests will skip" >&2
+  case "$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')" in
+    2.14.1*)
+      "$VENV/bin/python" -c "import torchvision, timm" 2>/dev/null \
+        || { "$VENV/bin/python" -m pip install --quiet --no-deps "torchvision==0.29.1" "timm>=1.0" \
+             && "$VENV/bin/python" -m pip install --quiet pyyaml huggingface_hub; } \
+        || echo "setup: torchvision and timm could not be installed; their tests will skip" >&2 ;;
+    *) echo "setup: no torchvision build pairs with this torch; the torchvision and timm tests will skip" >&2 ;;
+  esac
+fi
 "$VENV/bin/python" -c "
 import torch, ptd_sparse, ptd_sparse._extension as e
 assert e.extension_problem() is None, e.extension_problem()

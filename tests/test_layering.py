@@ -31,7 +31,7 @@ LAYERS = [
     ("nn", ("ptd_sparse.nn", "ptd_sparse.sparsify", "ptd_sparse.route_plan", "ptd_sparse")),
     ("data", ("ptd_sparse.data", "ptd_sparse.distributed", "ptd_sparse.directory_lock")),
     ("cache", ("ptd_sparse.cache",)),
-    ("pipeline", ("ptd_sparse.pipeline",)),
+    ("pipeline", ("ptd_sparse.pipeline", "ptd_sparse.onnx_export")),
     ("cli", ("ptd_sparse.cli",)),
 ]
 RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}
@@ -40,6 +40,8 @@ RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}
 ALLOWED_LAZY = {
     ("ptd_sparse", "ptd_sparse.pipeline.design"):
         "ptd_sparse.design_student re-exports the pipeline's student-design rule without importing the pipeline",
+    ("ptd_sparse", "ptd_sparse.onnx_export"):
+        "ptd_sparse.export re-exports the ONNX export (which loads run folders) without importing the pipeline",
 }
 
 

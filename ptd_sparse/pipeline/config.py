@@ -18,7 +18,8 @@ DEFAULTS = {
     # precision: the autocast dtype of training forwards ("auto": bfloat16 on GPUs, float32 on CPUs);
     # memory_format: of models and batches ("auto": channels_last on GPUs, contiguous on CPUs).
     "run": {"seed": 0, "seeds": 3, "device": "auto", "threads": 0, "progress": True, "precision": "auto",
-            "memory_format": "auto"},
+            "memory_format": "auto",
+            "tensorboard": False},  # event files per training under <run>/tensorboard (the tensorboard extra)
     "data": {"name": "fashion_mnist", "root": "", "val_fraction": 0.1, "train_subset": 30000, "batch_size": 128,
              "crop_padding": 2, "flip": True},
     # model: a zoo name or a user's factory "package.module:function" called with kwargs (a table). checkpoint: a

@@ -16,12 +16,14 @@ blocks), networks that concatenate branches. Their students are copies of the mo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from torch import nn
 
 from ptd_sparse.pipeline import width_graph
 from ptd_sparse.pipeline.models import POOL, VGG, ResNet18
+from ptd_sparse.pipeline.rewrite_widths import rewrite_widths
 
 
 @dataclass(frozen=True)
@@ -114,20 +116,56 @@ def _round_width(width: float, multiple: int, min_width: int) -> int:
     return max(rounded, min_width)
 
 
+@dataclass
+class StudentDesign:
+    """What design_student returns: the student's widths (`plan`), the per-group report (`rows`, as markdown in
+    `report`) and the student itself (`module`, built on first use).
+
+    plan: the zoo's plan list for its VGG and ResNet18 (ptd_sparse.pipeline.models.build_model takes it), a width
+    map for any other model (ptd_sparse.pipeline.rewrite_widths applies it to a copy). module: a new model of the
+    teacher's classes with the student's widths, freshly initialised, dense (masks all true), on the teacher's
+    device; each StudentDesign builds it once. Unpacks as `plan, rows = design_student(...)`, for code that keeps
+    only the plan (the pipeline stores it in design/students.json)."""
+
+    plan: list | dict
+    rows: list[DesignRow]
+    teacher: nn.Module = field(repr=False)
+    in_channels: int = field(repr=False)
+
+    def __iter__(self):
+        return iter((self.plan, self.rows))
+
+    @property
+    def report(self) -> str:
+        return format_design(self.rows)
+
+    @cached_property
+    def module(self) -> nn.Module:
+        teacher = self.teacher
+        if isinstance(teacher, (VGG, ResNet18)):
+            # A new zoo model from the plan, as the pipeline builds it (its `plan` attribute then says the student's).
+            student = type(teacher)(self.plan, self.in_channels, teacher.classifier.out_features)
+            parameter = next(teacher.parameters(), None)
+            return student.to(parameter.device) if parameter is not None else student
+        return rewrite_widths(teacher, self.plan)
+
+
 def design_student(pruned_teacher: nn.Module, in_channels: int, multiple: int = 1,
-                   min_width: int = 1) -> tuple[list | dict, list[DesignRow]]:
-    """(student plan, per-group report) for a pruned teacher. The zoo's VGG and ResNet18 get their plan lists
-    (build them with ptd_sparse.pipeline.models.build_model); any other traceable CNN gets a width map, a dict that
-    ptd_sparse.pipeline.rewrite_widths.rewrite_widths applies to a copy of the model. Raises
-    width_graph.WidthGraphError (a ValueError) with the reason when the model's widths cannot be modelled."""
+                   min_width: int = 1) -> StudentDesign:
+    """The student of a pruned teacher: StudentDesign with .module (the student, ready to train), .plan (its widths)
+    and .rows / .report (per width group: teacher nonzeros, teacher and student widths, student weights). The zoo's
+    VGG and ResNet18 get plan lists; any other traceable CNN a width map. Raises width_graph.WidthGraphError (a
+    ValueError) with the reason when the model's widths cannot be modelled."""
     design = design_widths(pruned_teacher, in_channels, multiple, min_width)
     group_widths = [design.widths[root] for root in design.roots]
     if isinstance(pruned_teacher, VGG):
         iterator = iter(group_widths)
-        return [POOL if item == POOL else next(iterator) for item in pruned_teacher.plan], design.rows
-    if isinstance(pruned_teacher, ResNet18):
-        return group_widths, design.rows
-    return design.width_map(), design.rows
+        plan = [POOL if item == POOL else next(iterator) for item in pruned_teacher.plan]
+    elif isinstance(pruned_teacher, ResNet18):
+        plan = group_widths
+    else:
+        plan = design.width_map()
+    return StudentDesign(plan, design.rows, pruned_teacher, in_channels)
 
 
 def format_design(rows: list[DesignRow]) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from ptd_sparse.pipeline import design as design_rule
 from ptd_sparse import directory_lock, distributed
-from ptd_sparse.pipeline import prune_plan, pruning
+from ptd_sparse.pipeline import prune_plan, pruning, tensorboard
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
 from ptd_sparse.data import Augmentation, load_dataset, resolve_root
@@ -49,6 +49,8 @@ class Run:
         if config["run"]["threads"]:
             torch.set_num_threads(config["run"]["threads"])
         distributed.setup(self.device)
+        if config["run"]["tensorboard"]:
+            tensorboard.require()  # before any training, not after the first one
         self._dataset = None
         # Held until close() (or until this Run is collected, or the process ends), before config.json is read, so
         # that a second process can neither race this one's write of it nor train into the same directory.
@@ -89,7 +91,8 @@ class Run:
         return Context(self.dataset, Augmentation(data["crop_padding"], data["flip"]), self.device, seed,
                        run["progress"], self.dir / "metrics.jsonl", extra,
                        precision_for(self.device, run["precision"]),
-                       channels_last_for(self.device, run["memory_format"]), progress)
+                       channels_last_for(self.device, run["memory_format"]), progress,
+                       self.dir / tensorboard.FOLDER if run["tensorboard"] else None)
 
     def progress(self, name: str, trainings: int, section: str) -> StageProgress:
         """The progress of a stage of `trainings` trainings, each run with the schedule of `section`."""
@@ -139,6 +142,7 @@ RESUME_MAY_CHANGE = (
     # machine can finish on one with other cores; the last bits of a sum may differ with the count (docs/
     # architecture.md, "Reproducibility"), which is why a byte-identical run keeps it.
     "run.threads",
+    "run.tensorboard",  # curves written beside metrics.jsonl: a record of the training, not an input to it
 )
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ptd_sparse import distributed
 from ptd_sparse.data import Augmentation, Dataset, Split, Views, apply_views, batches, normalize, sample_views
 from ptd_sparse.functional import kd_loss
+from ptd_sparse.pipeline import tensorboard
 from ptd_sparse.pipeline.checkpoint import load_state, save_state
 from ptd_sparse.pipeline.config import SCHEDULES
 from ptd_sparse.pipeline.progress import StageProgress
@@ -161,6 +162,8 @@ class Context:
     # The progress of the stage this training belongs to (one bar or log for all its trainings); None: fit reports
     # on a StageProgress of its own.
     stage: StageProgress | None = None
+    # Where TensorBoard curves go (ptd_sparse.pipeline.tensorboard); None: not written.
+    tensorboard_dir: Path | None = None
 
 
 def precision_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
@@ -277,6 +280,7 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
     stage.skip(progress.epoch * steps)
     trained = distributed.wrap(model)
     signal = (distillation or CrossEntropy(schedule.label_smoothing)).to(ctx.device)
+    board = tensorboard.open_writer(ctx.tensorboard_dir, ctx.extra, label)
     for epoch in range(progress.epoch, schedule.epochs):
         started = time.time()
         metrics = _train_epoch(trained, optimizer, scheduler if per_step else None, signal, ctx, schedule, epoch,
@@ -290,6 +294,8 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
         record = {"label": label, "epoch": epoch + 1, **metrics, "val_acc": val_acc,
                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
         _log(ctx, record)
+        if board is not None:
+            board.write(record)
         stage.epoch(label, epoch + 1, schedule.epochs, record)
         if distributed.is_main():
             save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -303,6 +309,8 @@ def fit(model: nn.Module, ctx: Context, schedule: Schedule, state_path: Path, la
     test_acc = evaluate(model, ctx.dataset.test, ctx) if test else None
     result = {"best_val_acc": progress.best_acc, "test_acc": test_acc, "epochs": schedule.epochs}
     _log(ctx, {"label": label, "event": "finished", **result})
+    if board is not None:
+        board.finish(schedule.epochs, test_acc)
     if ctx.stage is None:
         stage.close()
     return result
