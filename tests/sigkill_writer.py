@@ -56,11 +56,14 @@ def write_cache(folder: Path, teacher_dir: Path, data_root: Path) -> None:
     build_cache(folder, teacher.eval(), dataset, cache_spec(teacher, dataset), sparse=False)
 
 
-def half_then_die(data: bytes, path) -> None:
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
-        f.flush()
-        os.fsync(f.fileno())
+def half_then_die(data: bytes, target) -> None:
+    """Write the first half of `data` to `target` (a path, or a file opened for writing), then die."""
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "wb") as f:
+            half_then_die(data, f)
+    target.write(data[: len(data) // 2])
+    target.flush()
+    os.fsync(target.fileno())
     die()
 
 
