@@ -93,6 +93,9 @@ def main() -> None:
     conv_case("tiled 8x8 channel blocks", 64, 32, 40, (8, 8), 3, 1, 1, 1, 0.2, 13)
     conv_case("tiled 7x7 relu partial block", 120, 12, 9, (7, 7), 3, 1, 1, 1, 0.3, 14, relu=True)
     conv_case("tiled 9x9 s2 d2", 64, 6, 5, (9, 9), 3, 2, 2, 2, 0.5, 15)
+    # A 2x2 map: few (batch block, tile) pairs, so the rows are split across tasks too (with two threads or more).
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    conv_case("tiled 2x2 rows split", 64, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 16)
     # The KD loss's row kernel: partial vectors (classes 37, 100), long rows (1000), T = 1 (one exponential shared).
     for classes in (1, 37, 100, 1000):
         for temperature, alpha in ((4.0, 0.9), (1.0, 0.5), (2.0, 1.0), (3.0, 0.0)):

@@ -7,9 +7,9 @@
 // weight), so each broadcast weight feeds kAccumulators FMAs whose input operands come straight from memory, and each
 // output is summed in a register over all of its row's taps and written once.
 //
-// A task is one batch block and one tile of P positions, over every output channel: its input is the tile's
-// windows over all input channels, which (at the map sizes this path takes) stays in the core's L2 cache while every
-// row reads it. V is 1 where a map has enough positions, and grows (fewer positions, more images) for 4x4 and 2x2
+// A task is one batch block and one tile of P positions, over every output channel (or a range of them where
+// there are few tiles): its input is the tile's windows over all input channels, which (at the map sizes this path
+// takes) stays in the core's L2 cache while every row reads it. V is 1 where a map has enough positions, and grows (fewer positions, more images) for 4x4 and 2x2
 // maps, so that small maps still fill the register block.
 //
 // Compiled once per instruction set, like wide_conv_f32.h: included by csrc/cpu/isa/kernels_body.h after it.
@@ -76,16 +76,22 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, const
   const int64_t positions = out_h * out_w, blocks = p.blocks(batch);
   const int64_t tiles = (positions + kP - 1) / kP;
   const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
-  at::parallel_for(0, blocks * tiles, 1, [&](int64_t begin, int64_t end) {
+  // Rows are split too where (batch block, tile) pairs alone would leave threads idle (a 2x2 map at batch 64 is a
+  // single pair): about four tasks per thread.
+  const int64_t pairs = blocks * tiles;
+  const int64_t row_parts = std::clamp<int64_t>((4 * at::get_num_threads() + pairs - 1) / pairs, 1, rows);
+  at::parallel_for(0, pairs * row_parts, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float tile[kP * kImages];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task / tiles, first = (task % tiles) * kP;
+      const int64_t pair = task / row_parts, part = task % row_parts;
+      const int64_t first_row = part * rows / row_parts, last_row = (part + 1) * rows / row_parts;
+      const int64_t nb = pair / tiles, first = (pair % tiles) * kP;
       const int64_t count = std::min<int64_t>(kP, positions - first);
       const float* block = packed + nb * p.block();
       const float* src[kP];
       // A partial last tile repeats its last position: the extra sums are computed and not written.
       for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, count - 1)];
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = first_row; r < last_row; ++r) {
         row_tile<kV, kP>(src, taps.data() + row_ptr[r], row_ptr[r + 1] - row_ptr[r], bias ? bias[r] : 0.0f, tile);
         write_tile(tile, count, kImages, nb * kImages, first, batch, rows, positions, r, relu, out);
       }
