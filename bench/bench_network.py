@@ -122,6 +122,8 @@ def onnxruntime_runner(model: nn.Module, batch: int, threads: int):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Its idle threads must not spin on the cores after a run: the forms timed after it would pay for them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x})
 

@@ -93,7 +93,10 @@ class SparseConv2d(nn.Module):
             self._cached_dense_weight()
 
     def _weight_key(self) -> tuple:
-        return content_key(self.values, self.flat_index)
+        # The contents of values (what optimizers and users change); the pattern buffers by identity and version
+        # (they change only by load_state_dict, .to() or a rebuilt module, each of which moves one of those).
+        index = self.flat_index
+        return content_key(self.values) + (index.data_ptr(), -1 if index.is_inference() else index._version)
 
     def _cached_dense_weight(self, channels_last: bool = False) -> Tensor:
         """The dense weight in NCHW or channels_last, cached on CPUs while values and pattern hold the same bytes.
