@@ -18,7 +18,7 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
   ptd_sparse.pattern). Layers SparseConv2d cannot express (asymmetric or non-zero padding) stay as they are, noted
   in the log.
 - 2x2 stride-2 max-pools become MaxPool2x2 (the same values; torch's NCHW max_pool2d on CPUs is several times
-  slower and was the largest cost of a sparse VGG after the convolutions got fast).
+  slower, a large share of a sparse VGG's time once its convolutions run sparse).
 """
 from __future__ import annotations
 

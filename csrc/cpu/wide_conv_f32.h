@@ -97,9 +97,9 @@ inline at::Tensor pack_images(const float* src, int64_t batch, int64_t in_h, int
 }
 
 // The last 1-3 vectors of a row (src and dst at their start) in one pass over the taps, even and odd taps in
-// separate accumulators. One vector per pass, as before, left a single chain of dependent FMAs (latency-bound: about
-// 4 cycles a tap against under 1 in the blocks), and that tail was a third to a half of the time of the 8x8 and
-// 16x16 maps of a batch-1 call.
+// separate accumulators: a single vector per pass would be one chain of dependent FMAs (latency-bound: about 4
+// cycles a tap against under 1 in the blocks), and the tail is a third to a half of the outputs of the 8x8 and 16x16
+// maps of a batch-1 call.
 template <int kVectors>
 inline void gather_tail(const float* src, const Tap* taps, int64_t count, float init, float* dst) {
   vec even[kVectors], odd[kVectors];
