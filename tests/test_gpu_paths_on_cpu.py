@@ -96,6 +96,9 @@ DDP_SCRIPT = textwrap.dedent('''
     with open(sys.argv[1] + f".rank{distributed.rank()}.json", "w") as report:
         json.dump({"rank": distributed.rank(), "builds": len(builds), "bn_mean": model[1].running_mean.tolist()},
                   report)
+    # Both ranks done with every collective before the group goes: destroying it while the other rank's last
+    # gradient all-reduce is in flight can abort gloo's worker thread (std::terminate, seen once in CI).
+    distributed.barrier()
     distributed.teardown()
 ''')
 
