@@ -95,7 +95,7 @@ def main() -> None:
                 routes = {}
                 for module in fast.modules():
                     if isinstance(module, ptd_sparse.nn.SparseConv2d) and module.routes:
-                        key = next(k for k in module.routes if k[0] >= batch)
+                        key = min((k for k in module.routes if k[0] >= batch), key=lambda k: k[0])
                         kind = "depthwise" if module.groups > 1 else "conv"
                         routes[f"{kind} {module.routes[key]}"] = routes.get(f"{kind} {module.routes[key]}", 0) + 1
                 rows.append(dict(model=name, pruning=pruning, sparsity=round(sparsity, 4), batch=batch,

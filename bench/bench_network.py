@@ -176,8 +176,10 @@ def main() -> None:
                 routes = {}
                 for module in fast.modules():
                     if isinstance(module, ptd_sparse.nn.SparseConv2d):
-                        route = module.routes.get(next(k for k in module.routes if k[0] >= batch), "?") \
-                            if module.routes else "?"
+                        # The bucket of this batch (the smallest measured at or above it), whichever batch was
+                        # measured first.
+                        keys = [k for k in module.routes if k[0] >= batch]
+                        route = module.routes[min(keys, key=lambda k: k[0])] if keys else "?"
                         routes[route] = routes.get(route, 0) + 1
                 row = dict(model=name, pruning=pruning, sparsity=round(sparsity, 4), batch=batch, eager_ms=eager_ms,
                            dense_forms_ms=form_ms, best_dense_ms=dense_ms, onnxruntime_ms=ort_ms,
