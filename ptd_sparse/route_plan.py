@@ -50,7 +50,7 @@ def route_plan(model: nn.Module) -> dict:
                             "channels_last": channels_last,
                             "autocast": None if autocast is None else str(autocast).removeprefix("torch."),
                             "route": route})
-        default = layer.route_policy if layer.route_policy != measured_route.MEASURE else layer._static_route()
+        default = layer.route_policy if layer.route_policy != measured_route.MEASURE else layer.static_route()
         layers[name] = {"default": default, "buckets": buckets}
     return {"format": FORMAT, "version": VERSION, "layers": layers}
 

@@ -28,6 +28,6 @@ def inference_form(teacher: nn.Module, example: Tensor) -> tuple[nn.Module, dict
     routes = {}
     for name, module in model.named_modules():
         if isinstance(module, SparseConv2d):
-            routes[name] = module._density_route(example.device, None)
+            routes[name] = module.density_route(example.device)
             logger.info("cache teacher %s (density %.3f): %s", name, module.density, routes[name])
     return model, routes

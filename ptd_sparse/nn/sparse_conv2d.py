@@ -79,7 +79,7 @@ class SparseConv2d(nn.Module):
         # plan; not saved in the state dict, as it describes one machine.
         self._routes: dict[tuple, str] = {}
         # Weights derived from values for the dense routes, on CPUs only (on GPUs the scatter costs less than
-        # checking a cache): (content key of values and flat_index, {NCHW: False / channels_last: True -> weight})
+        # checking a cache): (_weight_key(), {NCHW: False / channels_last: True -> weight})
         # and (content key, prepacked oneDNN weight). Keyed on the contents, never on version counters, which fused
         # optimizers and .data edits do not move; dropped by deepcopy and pickling (__getstate__).
         self._dense_cache: tuple[tuple, dict[bool, Tensor]] | None = None
@@ -87,10 +87,11 @@ class SparseConv2d(nn.Module):
 
     def keep_dense_copy(self) -> None:
         """Build the dense weight now (it is otherwise built by the first call that takes a dense route), so calls
-        whose route is dense start without that cost. The copy follows the values: it is rebuilt whenever their
-        contents change, however they were changed."""
-        with torch.no_grad():
-            self._cached_dense_weight()
+        whose route is dense start without that cost (on CPUs; other devices scatter it per call). The copy follows
+        the values: it is rebuilt whenever their contents change, however they were changed."""
+        if self.values.device.type == "cpu":
+            with torch.no_grad():
+                self._cached_dense_weight()
 
     def _weight_key(self) -> tuple:
         # The contents of values (what optimizers and users change); the pattern buffers by identity and version
@@ -99,12 +100,9 @@ class SparseConv2d(nn.Module):
         return content_key(self.values) + (index.data_ptr(), -1 if index.is_inference() else index._version)
 
     def _cached_dense_weight(self, channels_last: bool = False) -> Tensor:
-        """The dense weight in NCHW or channels_last, cached on CPUs while values and pattern hold the same bytes.
+        """The dense weight in NCHW or channels_last, cached (CPU only) while values and pattern hold the same bytes.
         Made outside inference mode, so a weight first built under torch.inference_mode can serve later calls that
         record autograd."""
-        if self.values.device.type != "cpu":
-            weight = self.sparse_weight.to_dense().detach()
-            return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
         key = self._weight_key()
         with torch.inference_mode(False), torch.no_grad():
             if self._dense_cache is None or self._dense_cache[0] != key:
@@ -117,10 +115,11 @@ class SparseConv2d(nn.Module):
         return weights[channels_last]
 
     def _dense_weight(self, channels_last: bool = False) -> Tensor:
-        """The dense weight for this call. With gradients wanted for values, or while tracing or compiling, it is
-        scattered from them anew inside the graph (a cached weight would carry no gradient, and a traced graph would
-        hold it as a constant); otherwise the cached copy."""
-        if (torch.is_grad_enabled() and self.values.requires_grad) or _tracing():
+        """The dense weight for this call. With gradients wanted for values, while tracing or compiling, or off the
+        CPU, it is scattered from them anew inside the graph (a cached weight would carry no gradient, a traced graph
+        would hold it as a constant, and on a GPU the scatter costs less than checking a cache); otherwise the cached
+        copy."""
+        if (torch.is_grad_enabled() and self.values.requires_grad) or _tracing() or self.values.device.type != "cpu":
             weight = self.sparse_weight.to_dense()
             return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
         return self._cached_dense_weight(channels_last)
@@ -194,12 +193,12 @@ class SparseConv2d(nn.Module):
         if _tracing():
             # One route, chosen here without timing or caches, so the traced or exported graph is the same on every
             # trace and holds no stale constant.
-            return self._run(self._static_route(), input)
+            return self._run(self.static_route(), input)
         if self._wants_grad(input):
             return self._run(self._training_route(input), input)
         return self._run(measured_route.runnable(self._inference_route(input), input), input)
 
-    def _static_route(self) -> str:
+    def static_route(self) -> str:
         """The route of a traced, compiled or exported graph: the fixed route, else the one most buckets measured
         (sparse on a tie), else the density rule. The prepacked route runs as the dense one there (its weight is
         not a graph input)."""
@@ -209,10 +208,12 @@ class SparseConv2d(nn.Module):
             routes = list(self._routes.values())
             route = max(sorted(set(routes), key=lambda r: r != measured_route.SPARSE), key=routes.count)
         else:
-            route = self._density_route(self.values.device, None)
+            route = self.density_route(self.values.device, None)
         return measured_route.DENSE if route == measured_route.DENSE_PREPACKED else route
 
-    def _density_route(self, device: torch.device, batch: int | None) -> str:
+    def density_route(self, device: torch.device, batch: int | None = None) -> str:
+        """The density rule's route on `device` (for a batch of `batch` images; None: any batch): the sparse kernel
+        at or below the backend's density crossover, the dense route above it."""
         chosen = choose_backend(SPARSE_CONV, device, None, self._density, batch)
         return measured_route.DENSE if chosen == DENSE else measured_route.SPARSE
 
@@ -221,11 +222,11 @@ class SparseConv2d(nn.Module):
         as the dense one), else the density rule for the batch."""
         if self.route_policy in measured_route.ROUTES:
             return measured_route.DENSE if self.route_policy == measured_route.DENSE_PREPACKED else self.route_policy
-        return self._density_route(input.device, input.shape[0])
+        return self.density_route(input.device, input.shape[0])
 
     def _inference_route(self, input: Tensor) -> str:
         if self.route_policy == measured_route.DENSITY:
-            return self._density_route(input.device, None)
+            return self.density_route(input.device, None)
         if self.route_policy in measured_route.ROUTES and not self._routes:
             return self.route_policy
         key = measured_route.shape_key(input)
