@@ -26,10 +26,10 @@ import torch
 
 from ptd_sparse.pipeline import design as design_rule
 from ptd_sparse import directory_lock, distributed
-from ptd_sparse.pipeline import prune_plan, pruning, tensorboard
+from ptd_sparse.pipeline import factories, prune_plan, pruning, tensorboard
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
-from ptd_sparse.data import Augmentation, load_dataset, resolve_root
+from ptd_sparse.data import Augmentation, check_model_fits, open_dataset
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
 from ptd_sparse.pipeline.progress import StageProgress
 from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, evaluate, fit,
@@ -80,9 +80,7 @@ class Run:
     @property
     def dataset(self):
         if self._dataset is None:
-            data = self.config["data"]
-            self._dataset = load_dataset(data["name"], resolve_root(data["root"]), data["val_fraction"],
-                                         self.config["run"]["seed"], data["train_subset"] or None)
+            self._dataset = open_dataset(self.config["data"], self.config["run"]["seed"])
         return self._dataset
 
     def context(self, seed: int, progress: StageProgress | None = None, **extra) -> Context:
@@ -143,6 +141,7 @@ RESUME_MAY_CHANGE = (
     # architecture.md, "Reproducibility"), which is why a byte-identical run keeps it.
     "run.threads",
     "run.tensorboard",  # curves written beside metrics.jsonl: a record of the training, not an input to it
+    "data.workers",  # processes that read a streaming data set's batches: the same batches, in the same order
 )
 
 
@@ -246,6 +245,8 @@ def train_teacher(run: Run) -> dict:
     torch.manual_seed(run.config["run"]["seed"])
     spec = run.spec("teacher")
     model = build_model(**spec)
+    if factories.is_factory(spec["name"]):  # the zoo's models are built for the data; a factory's may not be
+        check_model_fits(model, run.dataset, "teacher.model")
     if not (folder / "init" / "model.json").exists() and distributed.is_main():
         save_model(model, folder / "init", spec)  # the starting point weight rewinding returns to
     distributed.barrier()  # every rank starts from the weights rank 0 saved
@@ -515,6 +516,8 @@ def distill_students(run: Run) -> dict:
                 else:
                     spec = run.spec("student")
                 student = build_model(**spec)
+                if factories.is_factory(spec["name"]):
+                    check_model_fits(student, run.dataset, f"the {key} student's model {spec['name']}")
                 distillation = None
                 if variant != "student_ce":
                     name = "teacher" if target is None else sparsity_name(target)
