@@ -209,6 +209,10 @@ def test_image_folder_is_resized_labelled_and_trained_on(tmp_path, capsys):
     assert cli.main(command) == 0
     spec = json.loads((out / "teacher" / "model" / "model.json").read_text())
     assert (spec["in_channels"], spec["num_classes"], spec["image_size"]) == (3, 3, 16)
+    # What a deployment of the model needs to prepare its input (ONNX Runtime): data.json in the run directory.
+    record = json.loads((out / "data.json").read_text())
+    assert record["input"]["shape"] == [1, 3, 16, 16] and record["class_names"] == ["cat", "dog", "emu"]
+    assert len(record["mean"]) == len(record["std"]) == 3 and "center crop of 16x16" in record["resize"]
 
 
 @pytest.mark.parametrize("overrides,message", [

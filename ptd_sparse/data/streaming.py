@@ -124,7 +124,7 @@ class StreamSplit:
     classes: int
     what: str
     workers: int = 0
-    fingerprint: str = field(default="", repr=False)  # of the whole source (see source_fingerprint)
+    description: dict = field(default_factory=dict)  # what the source is (factory and kwargs, or folder): its identity
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -160,7 +160,7 @@ class StreamSplit:
         """The cache's identity of this split: as data.dataset_identity's for an in-memory split, with a sha256 of
         a fingerprint instead of every image: the source's fingerprint (its files, or its description), the split's
         positions in order, the normalisation and FINGERPRINT_SAMPLES samples' bytes and labels."""
-        digest = hashlib.sha256(self.fingerprint.encode())
+        digest = hashlib.sha256(source_fingerprint(self.description, self.source).encode())
         digest.update(self.indices.contiguous().numpy().tobytes())
         digest.update(json.dumps([mean.tolist(), std.tolist()]).encode())
         for position in _spread(len(self), FINGERPRINT_SAMPLES):
@@ -409,7 +409,7 @@ def load_streaming(settings: dict, seed: int) -> Dataset:
 
     def split(source, part: str) -> StreamSplit:
         return StreamSplit(source, torch.arange(len(source)), tuple(image.shape), image.dtype, classes,
-                           f"{what} {part} set", workers, source_fingerprint({**description, "part": part}, source))
+                           f"{what} {part} set", workers, {**description, "part": part})
 
     train, val = split_validation(split(train_source, "train"), settings["val_fraction"], seed)
     subset = settings.get("train_subset") or None
@@ -428,6 +428,21 @@ def open_dataset(settings: dict, seed: int) -> Dataset:
         return load_streaming(settings, seed)
     return load_dataset(settings["name"], resolve_root(settings["root"]), settings["val_fraction"], seed,
                         settings["train_subset"] or None)
+
+
+def preprocessing(dataset: Dataset, settings: dict) -> dict:
+    """What a deployed model of this run expects of an image (a run's data.json, for ONNX Runtime and other
+    consumers of `ptd export`): its input shape, the scaling and normalisation the pipeline applied, the classes."""
+    record = {"data": dataset.name, "input": {"shape": [1, *map(int, dataset.train.image_shape)], "dtype": "float32",
+                                             "layout": "NCHW"},
+              "scale": "8-bit pixels divided by 255 (float images are taken as already in [0, 1])",
+              "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std],
+              "normalise": "(x - mean) / std per channel", "classes": dataset.num_classes,
+              "class_names": dataset.class_names}
+    if settings.get("image_folder"):
+        record["resize"] = (f"shorter side to {dataset.image_size} pixels, then a center crop of "
+                            f"{dataset.image_size}x{dataset.image_size}, RGB")
+    return record
 
 
 def check_model_fits(model: torch.nn.Module, dataset: Dataset, key: str) -> None:

@@ -5,6 +5,7 @@
 A stage writes its results under its own folder and a `done.json` last; a stage whose done.json exists is skipped,
 and a training interrupted mid-way resumes from its per-epoch state. Layout of a run directory:
     config.json                      the resolved configuration
+    data.json                        what the models expect of an image: input shape, mean and std, class names
     metrics.jsonl                    one line per epoch of every training, and stage events
     teacher/model, teacher/init      the trained teacher (and its initial weights, for weight rewinding)
     prune/round_<k>/                 the teacher after round k; prune/sparsity_<s>/ the pruned teacher of target s
@@ -29,7 +30,7 @@ from ptd_sparse import directory_lock, distributed
 from ptd_sparse.pipeline import factories, prune_plan, pruning, tensorboard
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
-from ptd_sparse.data import Augmentation, check_model_fits, open_dataset
+from ptd_sparse.data import Augmentation, check_model_fits, is_streaming, open_dataset, preprocessing
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
 from ptd_sparse.pipeline.progress import StageProgress
 from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, evaluate, fit,
@@ -81,6 +82,8 @@ class Run:
     def dataset(self):
         if self._dataset is None:
             self._dataset = open_dataset(self.config["data"], self.config["run"]["seed"])
+            if distributed.is_main():  # what a deployed model expects of its input (docs/pipeline.md, "Your data")
+                write_json(self.dir / "data.json", preprocessing(self._dataset, self.config["data"]))
         return self._dataset
 
     def context(self, seed: int, progress: StageProgress | None = None, **extra) -> Context:
@@ -245,7 +248,9 @@ def train_teacher(run: Run) -> dict:
     torch.manual_seed(run.config["run"]["seed"])
     spec = run.spec("teacher")
     model = build_model(**spec)
-    if factories.is_factory(spec["name"]):  # the zoo's models are built for the data; a factory's may not be
+    # The zoo's models are built for the data's shape and classes; a factory's may not be, nor may a zoo model take
+    # a streaming source's images (non-square ones).
+    if factories.is_factory(spec["name"]) or is_streaming(run.config["data"]):
         check_model_fits(model, run.dataset, "teacher.model")
     if not (folder / "init" / "model.json").exists() and distributed.is_main():
         save_model(model, folder / "init", spec)  # the starting point weight rewinding returns to
