@@ -248,8 +248,8 @@ def train_teacher(run: Run) -> dict:
     torch.manual_seed(run.config["run"]["seed"])
     spec = run.spec("teacher")
     model = build_model(**spec)
-    # The zoo's models are built for the data's shape and classes; a factory's may not be, nor may a zoo model take
-    # a streaming source's images (non-square ones).
+    # A factory's model may not fit the data's images or classes (the zoo's are built for them): one forward checks it
+    # before any training, as it does every model on a user's data (data.factory, data.image_folder).
     if factories.is_factory(spec["name"]) or is_streaming(run.config["data"]):
         check_model_fits(model, run.dataset, "teacher.model")
     if not (folder / "init" / "model.json").exists() and distributed.is_main():
