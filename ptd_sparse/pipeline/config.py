@@ -11,6 +11,8 @@ import tomllib
 from pathlib import Path
 from typing import NamedTuple
 
+from ptd_sparse.data import DataError
+from ptd_sparse.data import check_settings as check_data_settings
 from ptd_sparse.pipeline import factories
 from ptd_sparse.pipeline.prune_plan import METHODS, pruning_levels
 
@@ -20,8 +22,13 @@ DEFAULTS = {
     "run": {"seed": 0, "seeds": 3, "device": "auto", "threads": 0, "progress": True, "precision": "auto",
             "memory_format": "auto",
             "tensorboard": False},  # event files per training under <run>/tensorboard (the tensorboard extra)
+    # factory ("package.module:function" returning (train, test) torch Datasets, called with factory_kwargs) or
+    # image_folder (a folder of train/ and test/ or val/ class subfolders, resized to image_size, 0 = the first
+    # image's shorter side): the user's data, read through a DataLoader with `workers` processes instead of the
+    # built-in data set `name`; mean, std ([] = computed) and num_classes (0 = inferred) are theirs only.
     "data": {"name": "fashion_mnist", "root": "", "val_fraction": 0.1, "train_subset": 30000, "batch_size": 128,
-             "crop_padding": 2, "flip": True},
+             "crop_padding": 2, "flip": True, "factory": "", "factory_kwargs": {}, "image_folder": "",
+             "image_size": 0, "num_classes": 0, "mean": [], "std": [], "workers": 2},
     # model: a zoo name or a user's factory "package.module:function" called with kwargs (a table). checkpoint: a
     # model folder (`ptd import`) used as the trained teacher instead of training one ("" = train).
     # schedule: "multistep" (milestones, gamma; the paper's) or "onecycle" (warm-up over the `warmup` fraction of the
@@ -77,6 +84,7 @@ RANGES = {
     "run.seed": SEED, "run.seeds": AT_LEAST_ONE, "run.threads": NON_NEGATIVE,  # threads 0: torch's default
     "data.val_fraction": FRACTION_OPEN, "data.train_subset": NON_NEGATIVE,  # train_subset 0: the whole split
     "data.batch_size": AT_LEAST_ONE, "data.crop_padding": NON_NEGATIVE,
+    "data.image_size": NON_NEGATIVE, "data.num_classes": NON_NEGATIVE, "data.workers": NON_NEGATIVE,  # 0: see above
     "teacher.epochs": AT_LEAST_ONE, "teacher.lr": POSITIVE,
     "teacher.momentum": FRACTION_OPEN,  # Nesterov momentum (training.fit) needs momentum > 0
     "teacher.weight_decay": NON_NEGATIVE, "teacher.warmup": FRACTION_BELOW_ONE, "teacher.gamma": POSITIVE,
@@ -208,6 +216,10 @@ def validate(config: dict) -> dict:
                                   f"factory's (set them with {section}.kwargs)")
         elif config[section]["kwargs"]:
             raise ConfigError(f"{section}.kwargs are for factory models (package.module:function), not {model!r}")
+    try:
+        check_data_settings(config["data"])
+    except DataError as error:
+        raise ConfigError(str(error)) from None
     c = config["cache"]
     if c["form"] not in ("full", "topk"):
         raise ConfigError(f"cache.form must be 'full' or 'topk', got {c['form']!r}")

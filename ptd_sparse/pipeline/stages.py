@@ -5,6 +5,7 @@
 A stage writes its results under its own folder and a `done.json` last; a stage whose done.json exists is skipped,
 and a training interrupted mid-way resumes from its per-epoch state. Layout of a run directory:
     config.json                      the resolved configuration
+    data.json                        what the models expect of an image: input shape, mean and std, class names
     metrics.jsonl                    one line per epoch of every training, and stage events
     teacher/model, teacher/init      the trained teacher (and its initial weights, for weight rewinding)
     prune/round_<k>/                 the teacher after round k; prune/sparsity_<s>/ the pruned teacher of target s
@@ -26,10 +27,10 @@ import torch
 
 from ptd_sparse.pipeline import design as design_rule
 from ptd_sparse import directory_lock, distributed
-from ptd_sparse.pipeline import prune_plan, pruning, tensorboard
+from ptd_sparse.pipeline import factories, prune_plan, pruning, tensorboard
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
-from ptd_sparse.data import Augmentation, load_dataset, resolve_root
+from ptd_sparse.data import Augmentation, check_model_fits, is_streaming, open_dataset, preprocessing
 from ptd_sparse.pipeline.models import build_model, count_parameters, default_plan, prunable_layers
 from ptd_sparse.pipeline.progress import StageProgress
 from ptd_sparse.pipeline.training import (Context, Distillation, Schedule, channels_last_for, evaluate, fit,
@@ -80,9 +81,9 @@ class Run:
     @property
     def dataset(self):
         if self._dataset is None:
-            data = self.config["data"]
-            self._dataset = load_dataset(data["name"], resolve_root(data["root"]), data["val_fraction"],
-                                         self.config["run"]["seed"], data["train_subset"] or None)
+            self._dataset = open_dataset(self.config["data"], self.config["run"]["seed"])
+            if distributed.is_main():  # what a deployed model expects of its input (docs/pipeline.md, "Your data")
+                write_json(self.dir / "data.json", preprocessing(self._dataset, self.config["data"]))
         return self._dataset
 
     def context(self, seed: int, progress: StageProgress | None = None, **extra) -> Context:
@@ -143,6 +144,7 @@ RESUME_MAY_CHANGE = (
     # architecture.md, "Reproducibility"), which is why a byte-identical run keeps it.
     "run.threads",
     "run.tensorboard",  # curves written beside metrics.jsonl: a record of the training, not an input to it
+    "data.workers",  # processes that read a streaming data set's batches: the same batches, in the same order
 )
 
 
@@ -246,6 +248,10 @@ def train_teacher(run: Run) -> dict:
     torch.manual_seed(run.config["run"]["seed"])
     spec = run.spec("teacher")
     model = build_model(**spec)
+    # A factory's model may not fit the data's images or classes (the zoo's are built for them): one forward checks it
+    # before any training, as it does every model on a user's data (data.factory, data.image_folder).
+    if factories.is_factory(spec["name"]) or is_streaming(run.config["data"]):
+        check_model_fits(model, run.dataset, "teacher.model")
     if not (folder / "init" / "model.json").exists() and distributed.is_main():
         save_model(model, folder / "init", spec)  # the starting point weight rewinding returns to
     distributed.barrier()  # every rank starts from the weights rank 0 saved
@@ -515,6 +521,8 @@ def distill_students(run: Run) -> dict:
                 else:
                     spec = run.spec("student")
                 student = build_model(**spec)
+                if factories.is_factory(spec["name"]):
+                    check_model_fits(student, run.dataset, f"the {key} student's model {spec['name']}")
                 distillation = None
                 if variant != "student_ce":
                     name = "teacher" if target is None else sparsity_name(target)
