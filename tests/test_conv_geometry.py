@@ -2,7 +2,8 @@
 (the dilated kernel larger than the padded input), and otherwise returns F.conv2d's output shape.
 
 C++ division rounds toward zero, so an output size computed as (H + 2P - span) / S + 1 from a negative numerator
-larger than -S came out as 1 instead of an error: a 3x3 input, 4x4 kernel and stride 2 gave a (1, 2, 1, 1) output.
+larger than -S would come out as 1 instead of an error (a 3x3 input, 4x4 kernel and stride 2 would give a (1, 2, 1, 1)
+output): the geometry check refuses such a kernel before dividing, and this table covers that case.
 The raw operators (no Python validation in front of them), the custom operator of every backend, its fake kernel
 (torch.compile) and the public functions are all checked against F.conv2d on one table.
 """
@@ -25,7 +26,7 @@ kernels = torch.ops.ptd_sparse_kernels
 
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, dilation)
 GEOMETRIES = [
-    (1, 1, 3, 3, 2, 4, 4, (2, 2), (0, 0), (1, 1)),  # the reported case: numerator -1, rounded toward zero to 0
+    (1, 1, 3, 3, 2, 4, 4, (2, 2), (0, 0), (1, 1)),  # numerator -1, which C++ division rounds toward zero to 0
     (1, 1, 3, 3, 2, 4, 4, (3, 3), (0, 0), (1, 1)),
     (1, 2, 5, 5, 3, 3, 3, (4, 4), (0, 0), (3, 3)),  # dilated span 7 > 5, stride 4
     (2, 1, 3, 3, 2, 4, 4, (1, 1), (0, 0), (1, 1)),

@@ -1,6 +1,7 @@
 """Masked sparse convolution: every backend against the float64 oracle F.conv2d(input, weight * mask), forward and
-all three gradients, over the geometry, density, batch, layout and dtype cases of the foundation issue. The cuda and
-triton cases run on CUDA tensors where a GPU exists (conftest.device_for); the oracle always runs on the CPU."""
+all three gradients, over geometries (kernel size, stride, padding, dilation, odd sizes), densities, batches, layouts
+and dtypes. The cuda and triton cases run on CUDA tensors where a GPU exists (conftest.device_for); the oracle always
+runs on the CPU."""
 from __future__ import annotations
 
 import itertools
