@@ -1,10 +1,10 @@
 """Which backend runs an operator call.
 
-Four backends compute the same functions (docs/design.md, section 3): `cpu` and `cuda` (the compiled extension),
-`triton` (kernels/), and `reference` (plain PyTorch, the oracle the others are tested against). The convolution has
-one more route, `dense`: F.conv2d on the dense weight (oneDNN on CPUs, cuDNN on GPUs), which is faster than any
-sparse kernel for dense enough weights. Every backend answers `unsupported_reasons(...)`: an empty list means it can
-run the call. The choice, in order of precedence:
+Four backends compute the same functions (docs/design.md, section 3): `cpu` and `cuda` (the C++/CUDA extension,
+ptd_sparse.native), `triton` (kernels/), and `reference` (plain PyTorch, the oracle the others are tested against).
+The convolution has one more route, `dense`: F.conv2d on the dense weight (oneDNN on CPUs, cuDNN on GPUs), which is
+faster than any sparse kernel for dense enough weights. Every backend answers `unsupported_reasons(...)`: an empty
+list means it can run the call. The choice, in order of precedence:
   1. `backend=` given to the call, else 2. the environment variable PTD_BACKEND, else 3. automatic.
 An explicit choice (1 or 2) that cannot run raises an error listing why; an explicit `dense` always takes the dense
 route for the convolution (the KD loss has no dense route: `backend="dense"` is refused there, and PTD_BACKEND=dense
@@ -33,8 +33,8 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 # The convolution's dense route: F.conv2d on the dense (masked) weight. Not a backend of the operators (it runs no
 # kernel of this package), but a name the automatic choice returns and PTD_BACKEND / backend= accept.
 DENSE = "dense"
-# The backends whose kernels live in the compiled extension (and whose autograd and autocast rules do too).
-COMPILED = ("cpu", "cuda")
+# The backends whose kernels, autograd and autocast rules live in the C++/CUDA extension (ptd_sparse.native).
+NATIVE = ("cpu", "cuda")
 SPARSE_CONV = "sparse_conv2d"
 KD_LOSS = "kd_loss"
 

@@ -12,8 +12,8 @@ from ptd_sparse import _format_checks
 from ptd_sparse import _validation as check
 from ptd_sparse._kd_contract import check_topk_teacher, reduction_code
 from ptd_sparse import ops
-from ptd_sparse.backends import COMPILED, DENSE, KD_LOSS, SPARSE_CONV, choose_backend, requested_backend
-from ptd_sparse.compiled import sparse_conv2d as compiled_conv
+from ptd_sparse.backends import NATIVE, DENSE, KD_LOSS, SPARSE_CONV, choose_backend, requested_backend
+from ptd_sparse.native import sparse_conv2d as compiled_conv
 from ptd_sparse.fingerprint import content_key
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight, dense_weight
 from ptd_sparse.topk_teacher import TopKTeacher
@@ -181,7 +181,7 @@ def _run_sparse_conv(input: Tensor, indices: tuple, weight_shape: list, values: 
         # ptd_sparse/ops/triton_sparse_conv2d.py) instead of calling an opaque operator.
         return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, *indices, weight_shape, bias, stride, padding,
                                                          dilation, relu)
-    if backend in COMPILED:
+    if backend in NATIVE:
         # The C++ operator with autograd and autocast registered in C++: no Python layer after this point.
         return compiled_conv.differentiable(input, values, *indices, weight_shape, bias, stride, padding, dilation,
                                             relu)
@@ -243,7 +243,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
     chosen = choose_backend(KD_LOSS, student_logits.device, backend)
-    if chosen in COMPILED:
+    if chosen in NATIVE:
         # The C++ operators with autograd and autocast registered in C++ (csrc/autograd/kd_loss_autograd.cpp).
         kernels = torch.ops.ptd_sparse_kernels
         if topk is not None:

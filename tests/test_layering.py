@@ -24,7 +24,7 @@ LAYERS = [
                     "ptd_sparse.conv_geometry", "ptd_sparse.debug_checks", "ptd_sparse.pattern",
                     "ptd_sparse.topk_teacher", "ptd_sparse.files")),
     ("kernels", ("ptd_sparse.kernels", "ptd_sparse._C", "ptd_sparse._extension", "ptd_sparse.fingerprint",
-                 "ptd_sparse.compiled",
+                 "ptd_sparse.native",
                  "ptd_sparse.reference", "ptd_sparse.triton_kernels", "ptd_sparse.backends")),
     ("ops", ("ptd_sparse.ops",)),
     ("functional", ("ptd_sparse.functional",)),

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ptd_sparse._kd_contract import REDUCTION_NONE, check_topk_teacher
-from ptd_sparse.compiled import kd_loss as compiled_impl
+from ptd_sparse.native import kd_loss as compiled_impl
 from ptd_sparse.ops.autocast import register_autocast
 from ptd_sparse import triton_kernels
 from ptd_sparse.reference import kd_loss as reference_impl

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ptd_sparse import _format_checks
-from ptd_sparse.compiled import sparse_conv2d as compiled_impl
+from ptd_sparse.native import sparse_conv2d as compiled_impl
 from ptd_sparse.conv_geometry import conv_output_shape
 from ptd_sparse.ops.autocast import register_autocast
 from ptd_sparse.reference import sparse_conv2d as reference_impl

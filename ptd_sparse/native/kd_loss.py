@@ -1,4 +1,4 @@
-"""Fused KD loss on the compiled kernels: one kernel computes the loss and the student gradient.
+"""Fused KD loss on the native (C++/CUDA) kernels: one kernel computes the loss and the student gradient.
 
 The public function calls the C++ operators ptd_sparse_kernels::kd_loss_differentiable / kd_loss_topk_differentiable
 for the cpu and cuda backends (autograd and autocast registered in C++, csrc/autograd/); `kd_loss` and

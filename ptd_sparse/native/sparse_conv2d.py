@@ -1,4 +1,4 @@
-"""Sparse convolution on the compiled kernels: forward, backward-data and backward-weight are separate kernels.
+"""Sparse convolution on the native (C++/CUDA) kernels: forward, backward-data and backward-weight are separate kernels.
 
 `differentiable` is what the public functions call for the cpu and cuda backends: the C++ operator
 ptd_sparse_kernels::sparse_conv2d, whose autograd and autocast rules are registered in C++ (csrc/autograd/), so an

@@ -1,4 +1,4 @@
-"""The compiled backends' differentiable operators (ptd_sparse_kernels::sparse_conv2d, kd_loss_differentiable,
+"""The native backends' differentiable operators (ptd_sparse_kernels::sparse_conv2d, kd_loss_differentiable,
 kd_loss_topk_differentiable; autograd and autocast registered in C++): gradcheck, opcheck, and agreement with the
 Python operators they stand in for on eager calls."""
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_loss_backward_scales_by_the_incoming_gradient(generator):
     torch.testing.assert_close(grad, expected)
 
 
-def test_public_functions_use_the_compiled_operators(generator):
+def test_public_functions_use_the_native_operators(generator):
     """Eager calls of the cpu backend reach the C++ operators, not the Python custom ops: the autograd node is the
     C++ function's."""
     x = torch.randn(1, 3, 6, 6, generator=generator, requires_grad=True)
