@@ -22,6 +22,15 @@ def reduction_code(reduction) -> int:
     return REDUCTIONS[reduction]
 
 
+def loss_like(student_logits: Tensor, reduction: int) -> Tensor:
+    """An empty loss of the shape and dtype every backend returns: [N] for REDUCTION_NONE, else []; float32, float64
+    for float64 students."""
+    torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
+    shape = (student_logits.shape[0],) if reduction == REDUCTION_NONE else ()
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    return student_logits.new_empty(shape, dtype=dtype)
+
+
 def bad_rows(logits: Tensor) -> Tensor:
     """Mask of the rows holding NaN or +inf or having no finite entry."""
     return torch.isnan(logits).any(1) | torch.isposinf(logits).any(1) | (logits == float("-inf")).all(1)

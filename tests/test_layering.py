@@ -25,7 +25,7 @@ LAYERS = [
                     "ptd_sparse.topk_teacher", "ptd_sparse.files")),
     ("kernels", ("ptd_sparse.kernels", "ptd_sparse._C", "ptd_sparse._extension", "ptd_sparse.fingerprint",
                  "ptd_sparse.native",
-                 "ptd_sparse.reference", "ptd_sparse.triton_kernels", "ptd_sparse.backends")),
+                 "ptd_sparse.reference", "ptd_sparse.backends")),
     ("ops", ("ptd_sparse.ops",)),
     ("functional", ("ptd_sparse.functional",)),
     ("nn", ("ptd_sparse.nn", "ptd_sparse.sparsify", "ptd_sparse.route_plan", "ptd_sparse")),

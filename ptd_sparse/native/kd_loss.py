@@ -1,8 +1,9 @@
 """Fused KD loss on the native (C++/CUDA) kernels: one kernel computes the loss and the student gradient.
 
-The public function calls the C++ operators ptd_sparse_kernels::kd_loss_differentiable / kd_loss_topk_differentiable
-for the cpu and cuda backends (autograd and autocast registered in C++, csrc/autograd/); `kd_loss` and
-`kd_loss_topk` here serve the Python operators of ptd_sparse/ops/, which route any backend by name.
+`differentiable` and `differentiable_topk` are the routes of the cpu and cuda backends (ptd_sparse/ops/kd_loss.py,
+ROUTES and TOPK_ROUTES): the C++ operators ptd_sparse_kernels::kd_loss_differentiable and
+kd_loss_topk_differentiable, whose autograd and autocast rules are registered in C++ (csrc/autograd/). The fake
+kernels below give torch.compile the shapes of those and of the kernel operators their autograd calls.
 """
 from __future__ import annotations
 
@@ -10,28 +11,22 @@ import torch
 from torch import Tensor
 
 from ptd_sparse._extension import extension_problem, kernels
-from ptd_sparse._kd_contract import REDUCTION_NONE
+from ptd_sparse._kd_contract import check_topk_teacher, loss_like
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float, alpha: float,
-            reduction: int, ignore_index: int, compute_grad: bool) -> tuple[Tensor, Tensor]:
-    return kernels().kd_loss(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index,
-                             compute_grad)
+def differentiable(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float,
+                   alpha: float, reduction: int, ignore_index: int) -> Tensor:
+    return kernels().kd_loss_differentiable(student_logits, teacher_logits, target, temperature, alpha, reduction,
+                                            ignore_index)
 
 
-def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits: Tensor, teacher_rest_mass: Tensor,
-                 target: Tensor | None, temperature: float, alpha: float, reduction: int, ignore_index: int,
-                 compute_grad: bool) -> tuple[Tensor, Tensor]:
-    return kernels().kd_loss_topk(student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target,
-                                  temperature, alpha, reduction, ignore_index, compute_grad)
-
-
-def loss_like(student_logits: Tensor, reduction: int) -> Tensor:
-    """An empty loss of the right shape and dtype: [] or [N]; float32, float64 for float64 students."""
-    torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
-    shape = (student_logits.shape[0],) if reduction == REDUCTION_NONE else ()
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    return student_logits.new_empty(shape, dtype=dtype)
+def differentiable_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits: Tensor,
+                        teacher_rest_mass: Tensor, target: Tensor | None, temperature: float, alpha: float,
+                        reduction: int, ignore_index: int) -> Tensor:
+    # The teacher's values are checked on every route (the Python operator checks them in its body).
+    check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, student_logits.shape[1])
+    return kernels().kd_loss_topk_differentiable(student_logits, teacher_indices, teacher_logits, teacher_rest_mass,
+                                                 target, temperature, alpha, reduction, ignore_index)
 
 
 def _register_fake() -> None:
