@@ -1,8 +1,10 @@
-"""The contract every backend of the KD loss shares: the reduction codes and the checks of the values it is given.
+"""The contract every backend of the KD loss shares: the reduction codes, the loss's shape and dtype, and the checks
+of the values it is given. Defined here once; every Python module takes them from here.
 
 The codes are what the operators receive (ptd_sparse/ops/, the C++ operators, the Triton kernels); csrc/kd_loss_checks.h
-holds the same numbers for the C++ side (tests/test_kd_contract.py checks that they agree). The value checks raise the
-messages every backend raises, so a user sees the same error whichever backend ran.
+holds the same numbers for the C++ side, and the C++ kernels raise the same sentences (tests/test_kd_contract.py
+checks both against this module). The value checks raise the messages every backend raises, so a user sees the same
+error whichever backend ran.
 """
 from __future__ import annotations
 
