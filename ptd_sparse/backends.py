@@ -22,6 +22,8 @@ that GPU for that layer. The KD loss keeps its fused GPU kernels: they beat the 
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 
@@ -90,11 +92,22 @@ def unsupported_reasons(backend: str, op: str, device: torch.device) -> list[str
     elif backend == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             reasons.append("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            reasons.append("triton is not installed")
+        problem = _triton_problem()
+        if problem:
+            reasons.append(problem)
     return reasons
+
+
+@functools.cache
+def _triton_problem() -> str | None:
+    """Why the Triton kernels cannot be imported here, or None. Looked up once: the installed packages do not change
+    while a process runs."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if importlib.util.find_spec("ptd_sparse.kernels") is None:
+        return ("the Triton kernels (ptd_sparse.kernels) are not installed; from a source checkout, install it with "
+                "`pip install --no-build-isolation -e .`")
+    return None
 
 
 def requested_backend(backend: str | None) -> str | None:
