@@ -31,12 +31,11 @@ import torch
 
 from ptd_sparse._extension import extension_problem, has_compiled_cuda
 
+# What runs each backend's call of an operator is that operator's route table (ROUTES in ptd_sparse/ops/).
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 # The convolution's dense route: F.conv2d on the dense (masked) weight. Not a backend of the operators (it runs no
 # kernel of this package), but a name the automatic choice returns and PTD_BACKEND / backend= accept.
 DENSE = "dense"
-# The backends whose kernels, autograd and autocast rules live in the C++/CUDA extension (ptd_sparse.native).
-NATIVE = ("cpu", "cuda")
 SPARSE_CONV = "sparse_conv2d"
 KD_LOSS = "kd_loss"
 
