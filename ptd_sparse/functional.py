@@ -233,9 +233,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
     if type(ignore_index) is not int and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
-    chosen = choose_backend(KD_LOSS, student_logits.device, backend)
+    device = student_logits.device
+    chosen = choose_backend(KD_LOSS, device, backend)
     options = (target, temperature, alpha, reduction_id, int(ignore_index))
     if topk is not None:
-        return ops.kd_loss.TOPK_ROUTES[chosen].entry(student_logits.device.type)(student_logits, *topk, *options)
-    return ops.kd_loss.ROUTES[chosen].entry(student_logits.device.type)(student_logits, teacher_logits.detach(),
-                                                                        *options)
+        return ops.kd_loss.TOPK_ROUTES[chosen].entry(device.type)(student_logits, *topk, *options)
+    return ops.kd_loss.ROUTES[chosen].entry(device.type)(student_logits, teacher_logits.detach(), *options)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ptd_sparse._extension import extension_problem, kernels
+from ptd_sparse._extension import extension_problem, kernel_operator
 from ptd_sparse._kd_contract import check_topk_teacher, loss_like
 
 
-def differentiable(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, temperature: float,
-                   alpha: float, reduction: int, ignore_index: int) -> Tensor:
-    return kernels().kd_loss_differentiable(student_logits, teacher_logits, target, temperature, alpha, reduction,
-                                            ignore_index)
+# (student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index) -> loss: the C++ operator
+# itself, bound once.
+differentiable = kernel_operator("kd_loss_differentiable")
+_differentiable_topk = kernel_operator("kd_loss_topk_differentiable")
 
 
 def differentiable_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits: Tensor,
@@ -25,8 +25,8 @@ def differentiable_topk(student_logits: Tensor, teacher_indices: Tensor, teacher
                         reduction: int, ignore_index: int) -> Tensor:
     # The teacher's values are checked on every route (the Python operator checks them in its body).
     check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, student_logits.shape[1])
-    return kernels().kd_loss_topk_differentiable(student_logits, teacher_indices, teacher_logits, teacher_rest_mass,
-                                                 target, temperature, alpha, reduction, ignore_index)
+    return _differentiable_topk(student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target,
+                                temperature, alpha, reduction, ignore_index)
 
 
 def _register_fake() -> None:

@@ -9,17 +9,14 @@ torch.compile the shapes of all four operators.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from ptd_sparse._extension import extension_problem, kernels
+from ptd_sparse._extension import extension_problem, kernel_operator
 from ptd_sparse.conv_geometry import conv_output_shape
 
 
-def differentiable(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor, t_rows: Tensor,
-                   t_perm: Tensor, weight_shape: list[int], bias: Tensor | None, stride: list[int],
-                   padding: list[int], dilation: list[int], relu: bool = False) -> Tensor:
-    return kernels().sparse_conv2d(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride,
-                                   padding, dilation, relu)
+# (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation, relu=False)
+# -> output: the C++ operator itself, bound once.
+differentiable = kernel_operator("sparse_conv2d")
 
 
 def _register_fake() -> None:
