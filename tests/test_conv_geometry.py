@@ -12,14 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, conv_call
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ptd_sparse
 from ptd_sparse import functional
 from ptd_sparse.backends import SPARSE_CONV, unsupported_reasons
 from ptd_sparse.conv_geometry import output_size
-from ptd_sparse.ops import sparse_conv2d as conv_op
 from ptd_sparse.pattern import ConvPattern
 
 kernels = torch.ops.ptd_sparse_kernels
@@ -119,7 +118,7 @@ def backends():
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_custom_operator_and_its_fake_kernel_agree_with_conv2d(geometry, backend):
+def test_each_route_and_its_fake_kernel_agree_with_conv2d(geometry, backend):
     x, weight, mask, p, stride, padding, dilation, expected = case(geometry)
     if backend == "triton":
         x, weight = x.float(), weight.float()
@@ -127,8 +126,8 @@ def test_custom_operator_and_its_fake_kernel_agree_with_conv2d(geometry, backend
     values = p.gather(weight)
 
     def call(x=x, values=values):
-        return conv_op.sparse_conv2d(x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
-                                     list(weight.shape), None, stride, padding, dilation, backend)
+        return conv_call(backend)(x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(weight.shape),
+                                  None, stride, padding, dilation)
 
     agrees(expected, call)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
