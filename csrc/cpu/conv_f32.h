@@ -143,6 +143,19 @@ inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, 
                  g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu, out.mutable_data_ptr<float>());
 }
 
+inline void conv_backward_values_tiled_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
+                                           const at::Tensor& cols, const ConvGeometry& g, at::Tensor& grad_values) {
+  const batch_inner::Geometry p = tiled_packing(g);
+  const at::Tensor packed_x =
+      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
+                                                 {g.out_channels, g.out_h, g.out_w, p.images});
+  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
+  tiled::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
+                     rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w,
+                     grad_values.mutable_data_ptr<float>());
+}
+
 inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
                              const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                              at::Tensor& out) {
@@ -168,6 +181,30 @@ inline wide::PackedGeometry grad_output_packing(const ConvGeometry& g) {
                                g.in_h, g.in_w);
 }
 
+// The data gradient on the tiled path: the tiled forward over grad_output padded by (K - 1) * dilation - pad, with
+// the transposed flipped taps, under the forward's conditions for an in_h x in_w output.
+inline batch_inner::Geometry tiled_data_gradient_packing(const ConvGeometry& g) {
+  return tiled::packing(g.out_channels, g.out_h + 2 * data_grad_pad_h(g), g.out_w + 2 * data_grad_pad_w(g),
+                        g.in_h * g.in_w);
+}
+
+inline bool use_tiled_data_gradient(const ConvGeometry& g) {
+  const batch_inner::Geometry p = tiled_data_gradient_packing(g);
+  return g.in_h * g.in_w <= kBatchInnerMaxPositions && 5 * p.blocks(g.batch) * p.images <= 6 * g.batch &&
+         batch_inner::fits_int32(p);
+}
+
+inline void conv_backward_input_tiled_f32(const at::Tensor& go, const at::Tensor& vals, const at::Tensor& cols,
+                                          const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
+                                          const ConvGeometry& g, at::Tensor& grad_input) {
+  const batch_inner::Geometry p = tiled_data_gradient_packing(g);
+  const at::Tensor packed = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w,
+                                              data_grad_pad_h(g), data_grad_pad_w(g), p);
+  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  tiled::forward(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels, g.batch,
+                 g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
+}
+
 inline bool backward_input_is_wide(const ConvGeometry& g) {
   return g.stride_h == 1 && g.stride_w == 1 && data_grad_pad_h(g) >= 0 && data_grad_pad_w(g) >= 0 &&
          wide::fits_int32(grad_output_packing(g));
@@ -177,6 +214,10 @@ inline bool conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals
                                     const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
                                     const ConvGeometry& g, at::Tensor& grad_input) {
   if (!backward_input_is_wide(g)) return false;
+  if (use_tiled_data_gradient(g)) {
+    conv_backward_input_tiled_f32(go, vals, cols, tp, tr, tperm, g, grad_input);
+    return true;
+  }
   if (g.in_h * g.in_w <= kBatchInnerMaxPositions && use_batch_inner(g)) {
     conv_backward_input_batch_inner_f32(go, vals, cols, tp, tr, tperm, g, grad_input);
     return true;
@@ -193,6 +234,10 @@ inline bool conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals
 // grad_values[e] = sum over images of <grad_output plane of e's row, the input window of e's tap>, both laid out wide.
 inline bool conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
                                      const at::Tensor& cols, const ConvGeometry& g, at::Tensor& grad_values) {
+  if (use_tiled(g)) {
+    conv_backward_values_tiled_f32(go, x, rp, cols, g, grad_values);
+    return true;
+  }
   if (use_batch_inner(g)) {
     conv_backward_values_batch_inner_f32(go, x, rp, cols, g, grad_values);
     return true;

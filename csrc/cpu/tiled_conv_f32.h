@@ -1,4 +1,6 @@
-// Register-tiled forward of the sparse convolution for batches of images on small maps ("tiled" path).
+// Register-tiled kernels of the sparse convolution for batches of images on small maps ("tiled" path): the forward
+// (which also computes the data gradient, a convolution of grad_output with the transposed flipped pattern) and the
+// weight gradient.
 //
 // Images run innermost, as in batch_inner (wide_conv_f32.h): the input is packed [batch blocks][C][Hp][Wp][images]
 // with `images` = V full-width vectors, so every tap's input vector starts at a multiple of the vector width
@@ -109,6 +111,94 @@ inline void forward(const float* packed, const batch_inner::Geometry& p, const s
     case 1: forward_v<1>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out); break;
     case 2: forward_v<2>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out); break;
     default: forward_v<4>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out);
+  }
+}
+
+// --- weight gradient -----------------------------------------------------------------------------------------
+// grad[e] = sum over images and output positions of grad_output[n, r(e), pos] * input[n, window(pos) + tap(e)].
+// Register tiling the other way round from the forward: a tile of grad_output (kP positions x kV vectors of images,
+// kGradTile vectors) is loaded into registers once per row and reused by every entry of the row, so each multiply-add
+// loads one input vector (a dot product per entry would load two). Entries go four at a time with kEntryChains
+// accumulators each, enough independent FMA chains to hide their latency; the per-entry sums stay vectors in
+// `partial` across tiles and batch blocks and are reduced to a float once per entry.
+constexpr int kGradTile = PTD_ISA_VECTOR_BYTES >= 64 ? 16 : 8;
+constexpr int kEntryChains = PTD_ISA_VECTOR_BYTES >= 64 ? 2 : 1;
+constexpr int kEntriesPerGroup = 4;
+
+// partial: kLanes floats per entry (plain floats with unaligned loads: a std::vector of vector types is not
+// guaranteed their alignment).
+template <int kV, int kP>
+inline void entries_over_tile(const float* const* src, const vec* g, const wide::Tap* taps, int64_t count,
+                              float* partial) {
+  int64_t e = 0;
+  for (; e + kEntriesPerGroup <= count; e += kEntriesPerGroup) {
+    vec a[kEntriesPerGroup][kEntryChains] = {};
+#pragma GCC unroll 16
+    for (int i = 0; i < kP * kV; ++i)
+#pragma GCC unroll 4
+      for (int k = 0; k < kEntriesPerGroup; ++k)
+        a[k][i % kEntryChains] += g[i] * load(src[i / kV] + taps[e + k].offset + (i % kV) * kLanes);
+    for (int k = 0; k < kEntriesPerGroup; ++k) {
+      vec sum = a[k][0];
+      for (int c = 1; c < kEntryChains; ++c) sum += a[k][c];
+      store(partial + (e + k) * kLanes, load(partial + (e + k) * kLanes) + sum);
+    }
+  }
+  for (; e < count; ++e) {
+    vec a{};
+#pragma GCC unroll 16
+    for (int i = 0; i < kP * kV; ++i) a += g[i] * load(src[i / kV] + taps[e].offset + (i % kV) * kLanes);
+    store(partial + e * kLanes, load(partial + e * kLanes) + a);
+  }
+}
+
+template <int kV>
+inline void grad_values_v(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
+                          const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                          int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
+  constexpr int kP = kGradTile / kV;
+  constexpr int64_t kImages = kV * kLanes;
+  const int64_t positions = out_h * out_w, blocks = p.blocks(batch);
+  const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    const int32_t first_entry = row_ptr[begin];
+    std::vector<float> partial((row_ptr[end] - first_entry) * kLanes, 0.0f);
+    for (int64_t nb = 0; nb < blocks; ++nb) {
+      const float* block = packed_input + nb * p.block();
+      for (int64_t r = begin; r < end; ++r) {
+        const float* grad_plane = packed_grad + (nb * rows + r) * positions * kImages;
+        const int64_t count = row_ptr[r + 1] - row_ptr[r];
+        if (count == 0) continue;
+        for (int64_t first = 0; first < positions; first += kP) {
+          const int64_t tile_positions = std::min<int64_t>(kP, positions - first);
+          const float* src[kP];
+          vec g[kP * kV];
+          // A partial last tile reads its last position's window again with a zero gradient: it adds nothing.
+          for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, tile_positions - 1)];
+          for (int i = 0; i < kP * kV; ++i)
+            g[i] = i / kV < tile_positions ? load(grad_plane + (first + i / kV) * kImages + (i % kV) * kLanes) : vec{};
+          entries_over_tile<kV, kP>(src, g, taps.data() + row_ptr[r], count,
+                                    partial.data() + (row_ptr[r] - first_entry) * kLanes);
+        }
+      }
+    }
+    for (int64_t e = first_entry; e < row_ptr[end]; ++e) {
+      float total = 0;
+      for (int i = 0; i < kLanes; ++i) total += partial[(e - first_entry) * kLanes + i];
+      grad[e] = total;
+    }
+  });
+}
+
+// packed_input: the input packed by batch_inner::pack with `p` from packing(); packed_grad: grad_output packed the
+// same way without padding, [blocks][rows][out_h][out_w][images]; taps: offsets into one batch block, CSR order.
+inline void grad_values(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
+                        const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                        int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
+  switch (p.images / kLanes) {
+    case 1: grad_values_v<1>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, grad); break;
+    case 2: grad_values_v<2>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, grad); break;
+    default: grad_values_v<4>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, grad);
   }
 }
 
