@@ -4,7 +4,8 @@ tests/test_cpu_dispatch.py, one process per kernel set, since the set is chosen 
 Usage: python cpu_isa_worker.py ISA. Prints the kernel set in use and "ok", or fails with an AssertionError naming
 the case. The cases reach every dispatched entry point: the wide layout (long rows for the register-blocked loop,
 short ones for its tail, strides, dilation, bias and the fused ReLU), the batch-innermost layout (small maps at batch
->= 16), the tiled forward, data gradient and weight gradient (small maps at batches that fill its image blocks), the wide and batch-innermost data-gradient and weight-gradient layouts, and the KD loss's row kernel with class counts
+>= 16), the tiled forward, data gradient and weight gradient (small maps at batches that fill its image blocks), the
+wide and batch-innermost data-gradient and weight-gradient layouts, and the KD loss's row kernel with class counts
 that leave partial vectors for 8 and 16 lanes, temperatures 1 and 4, teacher -inf entries and half-precision rows.
 """
 from __future__ import annotations
