@@ -11,7 +11,7 @@ from lock_holder_worker import kill, start_holder
 from pipeline_helpers import fake_fashion_mnist, tiny_run_overrides
 
 from ptd_sparse import cli
-from ptd_sparse.pipeline import stages
+from ptd_sparse.pipeline.run_directory import config_differences
 
 def args(command: str, out: Path, root: Path, *extra: str) -> list[str]:
     result = [command, "--out", str(out)]
@@ -50,7 +50,7 @@ def test_config_differences_name_every_key_and_skip_the_harmless_ones():
     stored = {"run": {"threads": 4, "progress": True, "seeds": 3}, "teacher": {"lr": 0.1}, "cache": {"k": 5}}
     config = {"run": {"threads": 1, "progress": False, "seeds": 2}, "teacher": {"lr": 0.1, "momentum": 0.9},
               "cache": {"k": 3}}
-    assert stages.config_differences(stored, config) == ["run.seeds: 3 there, 2 here",
+    assert config_differences(stored, config) == ["run.seeds: 3 there, 2 here",
                                                          "teacher.momentum: absent there, 0.9 here"]
 
 

@@ -1,0 +1,178 @@
+"""A run directory and what every stage of it shares: the configuration, the data set, the device, the training
+contexts and schedules, the done.json markers.
+
+Building a Run only records its directory and configuration. Run.open() (or `with Run(...) as run`) starts it: the
+device and thread count, the process group under torchrun, the lock on the directory, and config.json (checked against
+the one a run before this one wrote, then written); close() lets the directory go. Layout: ptd_sparse.pipeline.stages.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import torch
+
+from ptd_sparse import directory_lock, distributed
+from ptd_sparse.data import Augmentation, load_dataset, resolve_root
+from ptd_sparse.files import write_json
+from ptd_sparse.pipeline import tensorboard
+from ptd_sparse.pipeline.checkpoint import read_json
+from ptd_sparse.pipeline.config import Config
+from ptd_sparse.pipeline.models import default_plan
+from ptd_sparse.pipeline.progress import StageProgress
+from ptd_sparse.pipeline.training import Context, Schedule, channels_last_for, precision_for, steps_per_epoch
+
+
+class Run:
+    """A run directory, held by this process group while the Run is open (directory_lock), and everything the stages
+    share (configuration, data, device)."""
+
+    def __init__(self, directory: Path, config: Config):
+        self.dir = Path(directory)
+        self.config = config
+        self._device: torch.device | None = None
+        self._dataset = None
+        self._release = None
+
+    def open(self) -> "Run":
+        """Start the run: its device, the thread count, the process group (torchrun), the directory's lock, then
+        config.json, refused if the directory holds a run of another configuration. Returns the Run."""
+        if self._release is not None:
+            return self
+        settings = self.config.run
+        self._device = distributed.local_device(settings.device)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        distributed.setup(self._device)
+        if settings.tensorboard:
+            tensorboard.require()  # before any training, not after the first one
+        # Held until close() (or until this Run is collected, or the process ends), before config.json is read, so
+        # that a second process can neither race this one's write of it nor train into the same directory.
+        lock = directory_lock.acquire(self.dir, "ptd run directory")
+        self._release = weakref.finalize(self, lock.release)
+        try:
+            stored = self.dir / "config.json"
+            config = self.config.to_dict()
+            if stored.exists() and (differences := config_differences(read_json(stored), config)):
+                raise ValueError(f"{self.dir} holds a run with another configuration ({'; '.join(differences)}); "
+                                 "resume it with the same configuration or choose a new --out directory")
+            if distributed.is_main():
+                write_json(stored, config)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Let other processes use the run directory (also done when this Run is collected or the process ends)."""
+        if self._release is not None:
+            self._release()
+
+    def __enter__(self) -> "Run":
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            raise RuntimeError(f"the run in {self.dir} is not open: call open() first")
+        return self._device
+
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            data = self.config.data
+            self._dataset = load_dataset(data.name, resolve_root(data.root), data.val_fraction,
+                                         self.config.run.seed, data.train_subset or None)
+        return self._dataset
+
+    def context(self, seed: int, progress: StageProgress | None = None, **extra) -> Context:
+        """The training context of one training of a stage; progress: the stage's bar or log."""
+        data, run = self.config.data, self.config.run
+        return Context(self.dataset, Augmentation(data.crop_padding, data.flip), self.device, seed,
+                       run.progress, self.dir / "metrics.jsonl", extra,
+                       precision_for(self.device, run.precision),
+                       channels_last_for(self.device, run.memory_format), progress,
+                       self.dir / tensorboard.FOLDER if run.tensorboard else None)
+
+    def progress(self, name: str, trainings: int, section: str) -> StageProgress:
+        """The progress of a stage of `trainings` trainings, each run with the schedule of `section`."""
+        steps = steps_per_epoch(len(self.dataset.train), self.config.data.batch_size, distributed.world_size())
+        return StageProgress(name, trainings * self.config.section(section).epochs * steps, self.config.run.progress)
+
+    def skip(self, progress: StageProgress, section: str) -> None:
+        """Count one training of `section` that was finished before this process on `progress`."""
+        steps = steps_per_epoch(len(self.dataset.train), self.config.data.batch_size, distributed.world_size())
+        progress.skip(self.config.section(section).epochs * steps)
+
+    def spec(self, section: str, plan=None) -> dict:
+        """The model spec (checkpoint.save_model) of the model of `section` ("teacher" or "student"), with `plan`
+        instead of the configured one if given."""
+        s = self.config.section(section)
+        plan = plan if plan is not None else (list(s.plan) or default_plan(s.model))
+        spec = {"name": s.model, "plan": plan, "in_channels": self.dataset.in_channels,
+                "num_classes": self.dataset.num_classes, "image_size": self.dataset.image_size}
+        if s.kwargs:  # factories only: zoo specs (and fingerprints) stay as they were
+            spec["kwargs"] = dict(s.kwargs)
+        return spec
+
+    def schedule(self, section: str) -> Schedule:
+        """The schedule of the training section `section` ("teacher", "prune" or "distill"); the sections without a
+        momentum or label_smoothing key train with Schedule's (SGD's 0.9, none)."""
+        s = self.config.section(section)
+        return Schedule(s.epochs, s.lr, s.weight_decay, tuple(s.milestones), s.gamma,
+                        momentum=getattr(s, "momentum", Schedule.momentum), batch_size=self.config.data.batch_size,
+                        kind=s.schedule, warmup=s.warmup, label_smoothing=getattr(s, "label_smoothing", 0.0))
+
+    def done(self, folder: Path) -> dict | None:
+        marker = Path(folder) / "done.json"
+        return read_json(marker) if marker.exists() else None
+
+    def finish(self, folder: Path, result: dict) -> dict:
+        if distributed.is_main():
+            write_json(Path(folder) / "done.json", result)
+        distributed.barrier()
+        return result
+
+
+# Keys a resume may change, because they change how a run is shown or how fast it goes, not what it computes.
+RESUME_MAY_CHANGE = (
+    "run.progress",  # progress bars or log lines (--quiet): output on the terminal only
+    # The CPU threads that share each operation: the same operations on the same data, so a run interrupted on one
+    # machine can finish on one with other cores; the last bits of a sum may differ with the count (docs/
+    # architecture.md, "Reproducibility"), which is why a byte-identical run keeps it.
+    "run.threads",
+    "run.tensorboard",  # curves written beside metrics.jsonl: a record of the training, not an input to it
+)
+
+
+def _results_config(config: dict) -> dict:
+    """The part of a configuration that the whole run directory is held to: all of it but RESUME_MAY_CHANGE and the
+    cache section. The cache section is left out so that a run trained and pruned without a cache can be distilled
+    with one (`ptd cache`, `ptd distill --cache`); what it changes in a student's results is held per student instead
+    (teacher_sources)."""
+    held = {section: dict(values) for section, values in config.items() if section != "cache"}
+    for dotted in RESUME_MAY_CHANGE:
+        section, key = dotted.split(".")
+        held.get(section, {}).pop(key, None)
+    return held
+
+
+def config_differences(stored: dict, config: dict) -> list[str]:
+    """'section.key: <stored> there, <config> here' for every results-changing key on which a run directory's
+    config.json (stored) and this configuration (Config.to_dict()) differ."""
+    old, new = _results_config(stored), _results_config(config)
+    differences = []
+    for section in sorted(set(old) | set(new)):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if (key in before) != (key in after) or before.get(key) != after.get(key):
+                differences.append(f"{section}.{key}: {_shown(before, key)} there, {_shown(after, key)} here")
+    return differences
+
+
+def _shown(values: dict, key: str) -> str:
+    return json.dumps(values[key]) if key in values else "absent"
