@@ -128,14 +128,25 @@ def extension():
     return CppExtension("ptd_sparse._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
+# The top-level folder kernels/ (the Triton kernels, plain Python) is the subpackage ptd_sparse.kernels: in a wheel
+# (build_py copies it there) and in an editable install (setuptools' editable finder maps the name to the folder), so
+# the package imports it with a plain `import ptd_sparse.kernels` either way. A source checkout is used through
+# `pip install -e .` (docs/install.md).
+PACKAGE_DIR = {"ptd_sparse.kernels": "kernels"}
+
+
+def packages() -> list[str]:
+    return find_packages(where=ROOT, include=["ptd_sparse", "ptd_sparse.*"]) + list(PACKAGE_DIR)
+
+
 # Guarded so that tests can import this file and inspect extension() without building (setuptools runs it as
 # __main__, `python setup.py` too).
 if __name__ == "__main__":
     setup(
         version=wheel_version(want_cuda()),
         install_requires=[torch_requirement(), "numpy", "safetensors", "tqdm", "matplotlib"],
-        packages=find_packages(include=["ptd_sparse", "ptd_sparse.*"]) + ["ptd_sparse.kernels"],
-        package_dir={"ptd_sparse.kernels": "kernels"},
+        packages=packages(),
+        package_dir=PACKAGE_DIR,
         ext_modules=[extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )

@@ -1,8 +1,9 @@
 """Resident weight bytes of a sparsified network, beside the dense model's: after sparsify, and after inference calls
 at each batch size (which may build the dense copies of the layers whose route is dense).
 
-Counted: every parameter and buffer (each storage once), plus what SparseConv2d derives for its dense routes (dense
-copies per layout, the prepacked oneDNN weight, counted at its element count x 4 bytes).
+Counted: every parameter and buffer (each storage once), plus what SparseConv2d derives: the dense copies per layout
+and the prepacked oneDNN weight of its dense routes (the latter counted at its element count x 4 bytes), and the
+transposed index view of calls that want gradients (none here: inference only).
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_memory.py [--prunings global0.9 global0.95]
 """
@@ -26,6 +27,8 @@ def resident_bytes(model: nn.Module) -> int:
         if isinstance(module, SparseConv2d):
             if module._dense_cache is not None:
                 tensors += list(module._dense_cache[1].values())
+            if module._index_views is not None:
+                tensors += list(module._index_views[1])
             if module._prepacked is not None:
                 total += module._prepacked[1].numel() * 4  # an opaque oneDNN tensor: no storage to look at
     for tensor in tensors:

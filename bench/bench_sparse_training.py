@@ -14,7 +14,7 @@ machine hits all alike; the figure is the median over rounds of each round's med
              (vectorised over the batch or over the output columns) per case.
 Every case is first checked against dense autograd (output, input gradient, weight gradient); a mismatch stops the run,
 so the times compare correct computations. Ratios: dense / ptd (> 1: ptd is faster than dense) and SparseProp / ptd
-(> 1: ptd is faster than SparseProp; the issue's target is >= 1.2). Table to stdout, JSON to bench/results/.
+(> 1: ptd is faster than SparseProp; the target is >= 1.2). Table to stdout, JSON to bench/results/.
 
 Pin threads on shared virtual machines, or two threads may share a core and every figure is off:
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_sparse_training.py --batches 16 64 \\
@@ -52,7 +52,7 @@ LAYERS = (
     ("512@7x7", 512, 7, "ResNet18 (ImageNet)"),
 )
 TOLERANCE = 1e-3  # largest difference from dense autograd, relative to the tensor's largest magnitude (float32)
-TARGET = 1.2  # the target: SparseProp time / ptd time
+TARGET = 1.2  # the target for SparseProp time / ptd time
 
 
 @dataclass(frozen=True)

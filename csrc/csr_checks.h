@@ -96,6 +96,8 @@ inline void check_transposed(const at::Tensor& col_idx, const at::Tensor& t_ptr,
   check_index_tensor(col_idx, "col_idx");
   check_index_tensor(t_rows, "t_rows");
   check_index_tensor(t_perm, "t_perm");
+  TORCH_CHECK_VALUE(t_ptr.numel() != 0, "the input gradient needs the pattern's transposed view: t_ptr must have "
+                    "C_in + 1 = ", g.in_channels + 1, " entries, got none (an inference-only call passes an empty view)");
   const int64_t nnz = col_idx.numel();
   TORCH_CHECK_VALUE(t_rows.numel() == nnz && t_perm.numel() == nnz, "t_rows and t_perm must have one entry per "
                     "nonzero (col_idx has ", nnz, "), got ", t_rows.numel(), " and ", t_perm.numel());

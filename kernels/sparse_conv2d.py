@@ -310,6 +310,10 @@ def backward(grad_output: Tensor, input: Tensor, values: Tensor, row_ptr: Tensor
     grad_output = grad_output.contiguous()
     grad_input = grad_values = grad_bias = None
     if output_mask[0]:
+        if t_ptr.numel() != weight_shape[1] + 1:
+            raise ValueError(f"the input gradient needs the pattern's transposed view: t_ptr must have C_in + 1 = "
+                             f"{weight_shape[1] + 1} entries, got {t_ptr.numel()} (an inference-only call passes "
+                             f"an empty view)")
         grad_input = _backward_data(grad_output, input, values, col_idx, t_ptr, t_rows, t_perm, geometry, conv_args)
     if output_mask[1]:
         grad_values = _backward_weight(grad_output, input, values, row_ptr, col_idx, geometry, conv_args)

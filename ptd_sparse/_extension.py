@@ -84,3 +84,15 @@ def kernels():
     """The kernel-level operators (torch.ops.ptd_sparse_kernels); raises the extension's problem if it has one."""
     _require()
     return torch.ops.ptd_sparse_kernels
+
+
+def kernel_operator(name: str):
+    """torch.ops.ptd_sparse_kernels.<name> (its one overload), looked up once, so that a call pays the dispatcher
+    alone; without a usable extension, a function that raises the extension's problem when called."""
+    if _PROBLEM is None:
+        return getattr(torch.ops.ptd_sparse_kernels, name).default
+
+    def unavailable(*args, **kwargs):
+        _require()
+
+    return unavailable

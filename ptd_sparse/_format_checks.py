@@ -85,12 +85,55 @@ def check_pattern(shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, flat_index,
                   groups: int = 1) -> tuple[int, int, int, int]:
     """Every invariant of ConvPattern (see its field comments); returns the shape as a tuple of ints."""
     c_out, c_in, kh, kw = check_shape(shape)
-    groups = check_groups(groups, c_out, c_in)
     device = check_index_tensor(row_ptr, "row_ptr", c_out + 1, None).device
     nnz = check_index_tensor(col_idx, "col_idx", None, device).numel()
     check_index_tensor(t_ptr, "t_ptr", c_in + 1, device)
     for name, tensor in (("t_rows", t_rows), ("t_perm", t_perm), ("flat_index", flat_index)):
         check_index_tensor(tensor, name, nnz, device)
+    rows, cols, expected_flat = _check_csr_entries(shape, row_ptr, col_idx, groups)
+    e = _first(flat_index != expected_flat)
+    if e is not None:
+        raise ValueError(f"flat_index[{e}] = {int(flat_index[e])} but the CSR entry {e} (row {int(rows[e])}, column "
+                         f"{int(cols[e])}) is at {int(expected_flat[e])}; flat_index must match row_ptr and col_idx")
+    check_pointers(t_ptr, "t_ptr", nnz)
+    perm = t_perm.long()
+    j = _first((perm < 0) | (perm >= nnz))
+    if j is not None:
+        raise ValueError(f"t_perm[{j}] = {int(perm[j])} is out of range; CSR positions lie in [0, nnz = {nnz})")
+    counts = torch.bincount(perm, minlength=nnz)
+    e = _first(counts != 1)
+    if e is not None:
+        raise ValueError(f"t_perm holds CSR position {e} {int(counts[e])} times; t_perm must be a permutation of "
+                         f"0 .. nnz - 1")
+    j = _first(t_rows.long() != rows[perm])
+    if j is not None:
+        raise ValueError(f"t_rows[{j}] = {int(t_rows[j])} but CSR entry t_perm[{j}] = {int(perm[j])} is in row "
+                         f"{int(rows[perm[j]])}; t_rows must match the transposed entries")
+    channels = _owners(t_ptr, nnz)
+    j = _first(cols[perm] // (kh * kw) != channels)
+    if j is not None:
+        raise ValueError(f"t_perm[{j}] = {int(perm[j])} points at col_idx[{int(perm[j])}] = {int(cols[perm[j]])} of "
+                         f"input channel {int(cols[perm[j]]) // (kh * kw)}, but entry {j} of t_ptr belongs to input "
+                         f"channel {int(channels[j])}")
+    return c_out, c_in, kh, kw
+
+
+def check_csr(shape, row_ptr, col_idx, groups: int = 1) -> tuple[int, int, int, int]:
+    """The invariants of the CSR part of ConvPattern (row_ptr, col_idx; what SparseConv2d keeps); returns the shape as
+    a tuple of ints."""
+    c_out = check_shape(shape)[0]
+    device = check_index_tensor(row_ptr, "row_ptr", c_out + 1, None).device
+    check_index_tensor(col_idx, "col_idx", None, device)
+    _check_csr_entries(shape, row_ptr, col_idx, groups)
+    return check_shape(shape)
+
+
+def _check_csr_entries(shape, row_ptr: Tensor, col_idx: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """row_ptr and col_idx (dtypes and lengths already checked) against each other and the shape; returns each
+    entry's row, column and position in the flattened grouped weight."""
+    c_out, c_in, kh, kw = check_shape(shape)
+    groups = check_groups(groups, c_out, c_in)
+    nnz = col_idx.numel()
     columns = c_in * kh * kw
     if nnz > c_out * columns:
         raise ValueError(f"col_idx has {nnz} entries but a {shape} weight has only {c_out * columns}")
@@ -117,32 +160,7 @@ def check_pattern(shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, flat_index,
                              f"the input channels of row {int(rows[e])}'s group {int(group_of_row[e])} "
                              f"(groups={groups}, {c_in // groups} channels each)")
         expected_flat = rows * group_columns + cols - group_of_row * group_columns
-    e = _first(flat_index != expected_flat)
-    if e is not None:
-        raise ValueError(f"flat_index[{e}] = {int(flat_index[e])} but the CSR entry {e} (row {int(rows[e])}, column "
-                         f"{int(cols[e])}) is at {int(expected_flat[e])}; flat_index must match row_ptr and col_idx")
-
-    check_pointers(t_ptr, "t_ptr", nnz)
-    perm = t_perm.long()
-    j = _first((perm < 0) | (perm >= nnz))
-    if j is not None:
-        raise ValueError(f"t_perm[{j}] = {int(perm[j])} is out of range; CSR positions lie in [0, nnz = {nnz})")
-    counts = torch.bincount(perm, minlength=nnz)
-    e = _first(counts != 1)
-    if e is not None:
-        raise ValueError(f"t_perm holds CSR position {e} {int(counts[e])} times; t_perm must be a permutation of "
-                         f"0 .. nnz - 1")
-    j = _first(t_rows.long() != rows[perm])
-    if j is not None:
-        raise ValueError(f"t_rows[{j}] = {int(t_rows[j])} but CSR entry t_perm[{j}] = {int(perm[j])} is in row "
-                         f"{int(rows[perm[j]])}; t_rows must match the transposed entries")
-    channels = _owners(t_ptr, nnz)
-    j = _first(cols[perm] // (kh * kw) != channels)
-    if j is not None:
-        raise ValueError(f"t_perm[{j}] = {int(perm[j])} points at col_idx[{int(perm[j])}] = {int(cols[perm[j]])} of "
-                         f"input channel {int(cols[perm[j]]) // (kh * kw)}, but entry {j} of t_ptr belongs to input "
-                         f"channel {int(channels[j])}")
-    return c_out, c_in, kh, kw
+    return rows, cols, expected_flat
 
 
 def check_sizes(weight_shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, values) -> None:
@@ -151,12 +169,20 @@ def check_sizes(weight_shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, values) -
     c_out, c_in, _, _ = check_shape(list(weight_shape))
     device = check_index_tensor(row_ptr, "row_ptr", c_out + 1, None).device
     nnz = check_index_tensor(col_idx, "col_idx", None, device).numel()
-    check_index_tensor(t_ptr, "t_ptr", c_in + 1, device)
-    check_index_tensor(t_rows, "t_rows", nnz, device)
-    check_index_tensor(t_perm, "t_perm", nnz, device)
+    if not is_absent_transposed_view(t_ptr, t_rows, t_perm):
+        check_index_tensor(t_ptr, "t_ptr", c_in + 1, device)
+        check_index_tensor(t_rows, "t_rows", nnz, device)
+        check_index_tensor(t_perm, "t_perm", nnz, device)
     if not isinstance(values, Tensor) or values.dim() != 1 or values.numel() != nnz:
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise ValueError(f"values must be 1-D with nnz = {nnz} entries, got {shape}")
+
+
+def is_absent_transposed_view(t_ptr, t_rows, t_perm) -> bool:
+    """Whether (t_ptr, t_rows, t_perm) are the empty int32 tensors a call passes when no input gradient will be
+    computed: only the data-gradient kernels read the transposed view, and an inference model does not hold it
+    (SparseConv2d). The data-gradient kernels refuse such a view."""
+    return all(isinstance(t, Tensor) and t.dtype == torch.int32 and t.numel() == 0 for t in (t_ptr, t_rows, t_perm))
 
 
 def check_values(values, nnz: int, device: torch.device, name: str = "values") -> Tensor:

@@ -1,8 +1,10 @@
-"""The contract every backend of the KD loss shares: the reduction codes and the checks of the values it is given.
+"""The contract every backend of the KD loss shares: the reduction codes, the loss's shape and dtype, and the checks
+of the values it is given. Defined here once; every Python module takes them from here.
 
 The codes are what the operators receive (ptd_sparse/ops/, the C++ operators, the Triton kernels); csrc/kd_loss_checks.h
-holds the same numbers for the C++ side (tests/test_kd_contract.py checks that they agree). The value checks raise the
-messages every backend raises, so a user sees the same error whichever backend ran.
+holds the same numbers for the C++ side, and the C++ kernels raise the same sentences (tests/test_kd_contract.py
+checks both against this module). The value checks raise the messages every backend raises, so a user sees the same
+error whichever backend ran.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ def reduction_code(reduction) -> int:
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
     return REDUCTIONS[reduction]
+
+
+def loss_like(student_logits: Tensor, reduction: int) -> Tensor:
+    """An empty loss of the shape and dtype every backend returns: [N] for REDUCTION_NONE, else []; float32, float64
+    for float64 students."""
+    torch._check(student_logits.dim() == 2, lambda: "student_logits must be 2-D")
+    shape = (student_logits.shape[0],) if reduction == REDUCTION_NONE else ()
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    return student_logits.new_empty(shape, dtype=dtype)
 
 
 def bad_rows(logits: Tensor) -> Tensor:

@@ -1,10 +1,10 @@
 """Which backend runs an operator call.
 
-Four backends compute the same functions (docs/design.md, section 3): `cpu` and `cuda` (the compiled extension),
-`triton` (kernels/), and `reference` (plain PyTorch, the oracle the others are tested against). The convolution has
-one more route, `dense`: F.conv2d on the dense weight (oneDNN on CPUs, cuDNN on GPUs), which is faster than any
-sparse kernel for dense enough weights. Every backend answers `unsupported_reasons(...)`: an empty list means it can
-run the call. The choice, in order of precedence:
+Four backends compute the same functions (docs/design.md, section 3): `cpu` and `cuda` (the C++/CUDA extension,
+ptd_sparse.native), `triton` (kernels/), and `reference` (plain PyTorch, the oracle the others are tested against).
+The convolution has one more route, `dense`: F.conv2d on the dense weight (oneDNN on CPUs, cuDNN on GPUs), which is
+faster than any sparse kernel for dense enough weights. Every backend answers `unsupported_reasons(...)`: an empty
+list means it can run the call. The choice, in order of precedence:
   1. `backend=` given to the call, else 2. the environment variable PTD_BACKEND, else 3. automatic.
 An explicit choice (1 or 2) that cannot run raises an error listing why; an explicit `dense` always takes the dense
 route for the convolution (the KD loss has no dense route: `backend="dense"` is refused there, and PTD_BACKEND=dense
@@ -22,6 +22,8 @@ that GPU for that layer. The KD loss keeps its fused GPU kernels: they beat the 
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 
@@ -29,12 +31,11 @@ import torch
 
 from ptd_sparse._extension import extension_problem, has_compiled_cuda
 
+# What runs each backend's call of an operator is that operator's route table (ROUTES in ptd_sparse/ops/).
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 # The convolution's dense route: F.conv2d on the dense (masked) weight. Not a backend of the operators (it runs no
 # kernel of this package), but a name the automatic choice returns and PTD_BACKEND / backend= accept.
 DENSE = "dense"
-# The backends whose kernels live in the compiled extension (and whose autograd and autocast rules do too).
-COMPILED = ("cpu", "cuda")
 SPARSE_CONV = "sparse_conv2d"
 KD_LOSS = "kd_loss"
 
@@ -90,11 +91,22 @@ def unsupported_reasons(backend: str, op: str, device: torch.device) -> list[str
     elif backend == "triton":
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             reasons.append("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            reasons.append("triton is not installed")
+        problem = _triton_problem()
+        if problem:
+            reasons.append(problem)
     return reasons
+
+
+@functools.cache
+def _triton_problem() -> str | None:
+    """Why the Triton kernels cannot be imported here, or None. Looked up once: the installed packages do not change
+    while a process runs."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if importlib.util.find_spec("ptd_sparse.kernels") is None:
+        return ("the Triton kernels (ptd_sparse.kernels) are not installed; from a source checkout, install it with "
+                "`pip install --no-build-isolation -e .`")
+    return None
 
 
 def requested_backend(backend: str | None) -> str | None:

@@ -1,4 +1,5 @@
-"""The public functions: argument checks, the backend choice, then the registered operators (ptd_sparse/ops/)."""
+"""The public functions: argument checks, the backend choice (ptd_sparse.backends), then the operator's route table
+(ROUTES in ptd_sparse/ops/<operator>.py), which says what runs the call on the chosen backend."""
 from __future__ import annotations
 
 import weakref
@@ -10,10 +11,9 @@ from torch import Tensor
 
 from ptd_sparse import _format_checks
 from ptd_sparse import _validation as check
-from ptd_sparse._kd_contract import check_topk_teacher, reduction_code
+from ptd_sparse._kd_contract import reduction_code
 from ptd_sparse import ops
-from ptd_sparse.backends import COMPILED, DENSE, KD_LOSS, SPARSE_CONV, choose_backend, requested_backend
-from ptd_sparse.compiled import sparse_conv2d as compiled_conv
+from ptd_sparse.backends import DENSE, KD_LOSS, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.fingerprint import content_key
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight, dense_weight
 from ptd_sparse.topk_teacher import TopKTeacher
@@ -171,22 +171,13 @@ def sparse_conv2d_indexed(input: Tensor, values: Tensor, indices: tuple, weight_
 def _run_sparse_conv(input: Tensor, indices: tuple, weight_shape: list, values: Tensor, bias, stride, padding,
                      dilation, backend: str, relu: bool = False, groups: int = 1) -> Tensor:
     if backend == DENSE:
-        # The dense route: the nonzeros scattered into the dense (grouped) weight (differentiable, so values get
-        # their gradient), then PyTorch's own convolution.
+        # The dense route, no operator's backend: the nonzeros scattered into the dense (grouped) weight
+        # (differentiable, so values get their gradient), then PyTorch's own convolution.
         weight = dense_weight(values, indices[0], indices[1], weight_shape, groups)
         out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
         return F.relu(out) if relu else out
-    if backend == "triton" and input.is_cuda and torch.compiler.is_compiling():
-        # torch.compile traces through the triton_op version into the Triton kernels (registered with the operators,
-        # ptd_sparse/ops/triton_sparse_conv2d.py) instead of calling an opaque operator.
-        return torch.ops.ptd_sparse.triton_sparse_conv2d(input, values, *indices, weight_shape, bias, stride, padding,
-                                                         dilation, relu)
-    if backend in COMPILED:
-        # The C++ operator with autograd and autocast registered in C++: no Python layer after this point.
-        return compiled_conv.differentiable(input, values, *indices, weight_shape, bias, stride, padding, dilation,
-                                            relu)
-    return ops.sparse_conv2d.sparse_conv2d(input, values, *indices, weight_shape, bias, stride, padding, dilation,
-                                           backend, relu)
+    run = ops.sparse_conv2d.ROUTES[backend].entry(input.device.type)
+    return run(input, values, *indices, weight_shape, bias, stride, padding, dilation, relu)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target: Tensor | None = None, *,
@@ -242,20 +233,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, target
     if type(ignore_index) is not int and (isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 
-    chosen = choose_backend(KD_LOSS, student_logits.device, backend)
-    if chosen in COMPILED:
-        # The C++ operators with autograd and autocast registered in C++ (csrc/autograd/kd_loss_autograd.cpp).
-        kernels = torch.ops.ptd_sparse_kernels
-        if topk is not None:
-            check_topk_teacher(*topk, student_logits.shape[1])
-            return kernels.kd_loss_topk_differentiable(student_logits, *topk, target, temperature, alpha,
-                                                       reduction_id, int(ignore_index))
-        return kernels.kd_loss_differentiable(student_logits, teacher_logits.detach(), target, temperature, alpha,
-                                              reduction_id, int(ignore_index))
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    options = (target, temperature, alpha, reduction_id, int(ignore_index), compute_grad, chosen)
+    device = student_logits.device
+    chosen = choose_backend(KD_LOSS, device, backend)
+    options = (target, temperature, alpha, reduction_id, int(ignore_index))
     if topk is not None:
-        loss, _ = ops.kd_loss.kd_loss_topk(student_logits, *topk, *options)
-    else:
-        loss, _ = ops.kd_loss.kd_loss(student_logits, teacher_logits.detach(), *options)
-    return loss
+        return ops.kd_loss.TOPK_ROUTES[chosen].entry(device.type)(student_logits, *topk, *options)
+    return ops.kd_loss.ROUTES[chosen].entry(device.type)(student_logits, teacher_logits.detach(), *options)

@@ -58,6 +58,20 @@ def flat_positions(row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int], gr
     return rows * group_columns + col_idx.long() - group_of_row * group_columns
 
 
+def transposed_view(row_ptr: Tensor, col_idx: Tensor, shape) -> tuple[Tensor, Tensor, Tensor]:
+    """(t_ptr, t_rows, t_perm), the CSC-by-input-channel view of a CSR pattern of the full `shape` [C_out, C_in, KH,
+    KW] that the data-gradient kernels read (see ConvPattern's fields). Every intermediate has a size known from the
+    shapes alone (no bincount), so a traced or compiled graph can derive the view in-graph."""
+    c_out, c_in, kh, kw = (int(s) for s in shape)
+    nnz = col_idx.numel()
+    rows = torch.repeat_interleave(torch.arange(c_out, device=col_idx.device), (row_ptr[1:] - row_ptr[:-1]).long(),
+                                   output_size=nnz)
+    in_channels = torch.div(col_idx.long(), kh * kw, rounding_mode="floor")
+    order = torch.argsort(in_channels, stable=True)
+    t_ptr = torch.searchsorted(in_channels[order], torch.arange(c_in + 1, device=col_idx.device))
+    return t_ptr.to(torch.int32), rows[order].to(torch.int32), order.to(torch.int32)
+
+
 def dense_weight(values: Tensor, row_ptr: Tensor, col_idx: Tensor, weight_shape: list[int],
                  groups: int = 1) -> Tensor:
     """The dense grouped weight [C_out, C_in / groups, KH, KW] holding `values` at the CSR positions (weight_shape is
@@ -120,18 +134,17 @@ class ConvPattern:
         rows = torch.div(flat_index, taps, rounding_mode="floor")
         # Columns over the full input-channel space: the row's group block, then the position inside the group.
         cols = flat_index - rows * taps + torch.div(rows, c_out // groups, rounding_mode="floor") * taps
-        in_channels = torch.div(cols, kh * kw, rounding_mode="floor")
-        order = torch.argsort(in_channels, stable=True)
-        return cls._trusted(
-            (c_out, c_in, kh, kw),
-            _counts_to_pointers(torch.bincount(rows, minlength=c_out)),  # row_ptr
-            cols.to(torch.int32),  # col_idx
-            _counts_to_pointers(torch.bincount(in_channels, minlength=c_in)),  # t_ptr
-            rows[order].to(torch.int32),  # t_rows
-            order.to(torch.int32),  # t_perm
-            flat_index,
-            groups=groups,
-        )
+        row_ptr = _counts_to_pointers(torch.bincount(rows, minlength=c_out))
+        col_idx = cols.to(torch.int32)
+        return cls._trusted((c_out, c_in, kh, kw), row_ptr, col_idx,
+                            *transposed_view(row_ptr, col_idx, (c_out, c_in, kh, kw)), flat_index, groups=groups)
+
+    @classmethod
+    def _from_trusted_csr(cls, shape, row_ptr: Tensor, col_idx: Tensor, groups: int = 1) -> "ConvPattern":
+        """The full pattern of a CSR structure the package holds checked (SparseConv2d keeps only row_ptr and
+        col_idx): the transposed view and flat positions derived from them."""
+        return cls._trusted(shape, row_ptr, col_idx, *transposed_view(row_ptr, col_idx, shape),
+                            flat_positions(row_ptr, col_idx, list(shape), groups), groups=groups)
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:

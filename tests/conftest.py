@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from ptd_sparse.backends import unsupported_reasons
+from ptd_sparse.ops import kd_loss as kd_loss_ops
+from ptd_sparse.ops import sparse_conv2d as conv_ops
 
 # Every backend that can run on this machine's CPU tensors. `reference` is the oracle the others are compared with;
 # it is tested itself against plain F.conv2d / the eager loss composition in float64.
@@ -21,6 +23,64 @@ def runnable_backends(op: str, device: str = "cpu") -> list:
         marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def conv_call(backend: str):
+    """What the public functions call for a sparse convolution on `backend` (ptd_sparse/ops/sparse_conv2d.py, ROUTES):
+    (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
+    relu=False) -> output, differentiable."""
+    return conv_ops.ROUTES[backend].call
+
+
+def runs_python_operator(backend: str) -> bool:
+    """Whether `backend` runs on the Python operators (ptd_sparse::*), which take its name as their `backend`
+    argument; the others run the extension's operators (ptd_sparse_kernels::*)."""
+    return conv_ops.ROUTES[backend].kernels is not None
+
+
+def loss_kernels(backend: str):
+    """(kd_loss, kd_loss_topk) of `backend` below autograd, each returning (loss, grad_student) for the arguments
+    (student, teacher..., target, temperature, alpha, reduction, ignore_index, compute_grad): the extension's kernel
+    operators for the native backends, the Python operators with the backend's name for the others."""
+    if not runs_python_operator(backend):
+        return torch.ops.ptd_sparse_kernels.kd_loss, torch.ops.ptd_sparse_kernels.kd_loss_topk
+    return (lambda *args: kd_loss_ops.kd_loss(*args, backend)), (lambda *args: kd_loss_ops.kd_loss_topk(*args, backend))
+
+
+def opcheck_conv_route(backend, x, values, p, bias, stride, padding, dilation, relu=False):
+    """opcheck of the operators a backend's route runs: ptd_sparse::sparse_conv2d and its backward with the backend's
+    name, or the extension's ptd_sparse_kernels::sparse_conv2d and the backward kernels its C++ autograd calls."""
+    common = (x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape), bias, stride, padding,
+              dilation)
+    out = conv_call(backend)(*common).detach()
+    grad_out = on_device(backend, torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(0)))
+    if runs_python_operator(backend):
+        torch.library.opcheck(conv_ops.sparse_conv2d, common + (backend, relu))
+        backward_args = (grad_out, x.detach(), values.detach(), p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
+                         list(p.shape), stride, padding, dilation, [True, True, bias is not None], backend)
+        torch.library.opcheck(conv_ops.sparse_conv2d_backward, backward_args)
+        return
+    kernels = torch.ops.ptd_sparse_kernels
+    torch.library.opcheck(kernels.sparse_conv2d.default, common + (relu,))
+    torch.library.opcheck(kernels.conv_backward_input.default, (grad_out, values.detach(), p.col_idx, p.t_ptr,
+                                                                p.t_rows, p.t_perm, list(p.shape), list(x.shape),
+                                                                stride, padding, dilation))
+    torch.library.opcheck(kernels.conv_backward_values.default, (grad_out, x.detach(), p.row_ptr, p.col_idx,
+                                                                 list(p.shape), stride, padding, dilation))
+
+
+def opcheck_loss_route(routes, backend, student, teacher, target, temperature, alpha, reduction):
+    """opcheck of the operator a backend's route runs (ROUTES or TOPK_ROUTES of ptd_sparse/ops/kd_loss.py), and for
+    the extension's operators of the kernel operator their C++ autograd calls."""
+    route = routes[backend]
+    namespace, name = route.operator.split("::")
+    common = (student, *teacher, target, temperature, alpha, reduction, -100)
+    if runs_python_operator(backend):
+        torch.library.opcheck(getattr(getattr(torch.ops, namespace), name).default, common + (True, backend))
+        return
+    torch.library.opcheck(getattr(getattr(torch.ops, namespace), name).default, common)
+    kernel = loss_kernels(backend)[0 if len(teacher) == 1 else 1]
+    torch.library.opcheck(kernel.default, (student.detach(),) + common[1:] + (True,))
 
 
 HAS_GPU = torch.cuda.is_available()

@@ -19,7 +19,7 @@ BF16 = dict(atol=5e-2, rtol=5e-2)  # bfloat16 keeps 8 bits: two roundings of a s
 
 
 def masked_network(backend, generator):
-    """The issue's example: two masked convolutions around BatchNorm and ReLU."""
+    """A small network: two masked convolutions around BatchNorm and ReLU."""
     torch.manual_seed(int(torch.randint(0, 2**30, (1,), generator=generator)))
     model = nn.Sequential(MaskedConv2d(3, 16, 3, padding=1, backend=backend), nn.BatchNorm2d(16), nn.ReLU(),
                           MaskedConv2d(16, 16, 3, padding=1, backend=backend))

@@ -2,7 +2,8 @@
 (the dilated kernel larger than the padded input), and otherwise returns F.conv2d's output shape.
 
 C++ division rounds toward zero, so an output size computed as (H + 2P - span) / S + 1 from a negative numerator
-larger than -S came out as 1 instead of an error: a 3x3 input, 4x4 kernel and stride 2 gave a (1, 2, 1, 1) output.
+larger than -S would come out as 1 instead of an error (a 3x3 input, 4x4 kernel and stride 2 would give a (1, 2, 1, 1)
+output): the geometry check refuses such a kernel before dividing, and this table covers that case.
 The raw operators (no Python validation in front of them), the custom operator of every backend, its fake kernel
 (torch.compile) and the public functions are all checked against F.conv2d on one table.
 """
@@ -11,21 +12,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, conv_call
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ptd_sparse
 from ptd_sparse import functional
 from ptd_sparse.backends import SPARSE_CONV, unsupported_reasons
 from ptd_sparse.conv_geometry import output_size
-from ptd_sparse.ops import sparse_conv2d as conv_op
 from ptd_sparse.pattern import ConvPattern
 
 kernels = torch.ops.ptd_sparse_kernels
 
 # (N, C_in, H, W, C_out, KH, KW, stride, padding, dilation)
 GEOMETRIES = [
-    (1, 1, 3, 3, 2, 4, 4, (2, 2), (0, 0), (1, 1)),  # the reported case: numerator -1, rounded toward zero to 0
+    (1, 1, 3, 3, 2, 4, 4, (2, 2), (0, 0), (1, 1)),  # numerator -1, which C++ division rounds toward zero to 0
     (1, 1, 3, 3, 2, 4, 4, (3, 3), (0, 0), (1, 1)),
     (1, 2, 5, 5, 3, 3, 3, (4, 4), (0, 0), (3, 3)),  # dilated span 7 > 5, stride 4
     (2, 1, 3, 3, 2, 4, 4, (1, 1), (0, 0), (1, 1)),
@@ -118,7 +118,7 @@ def backends():
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_custom_operator_and_its_fake_kernel_agree_with_conv2d(geometry, backend):
+def test_each_route_and_its_fake_kernel_agree_with_conv2d(geometry, backend):
     x, weight, mask, p, stride, padding, dilation, expected = case(geometry)
     if backend == "triton":
         x, weight = x.float(), weight.float()
@@ -126,8 +126,8 @@ def test_custom_operator_and_its_fake_kernel_agree_with_conv2d(geometry, backend
     values = p.gather(weight)
 
     def call(x=x, values=values):
-        return conv_op.sparse_conv2d(x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
-                                     list(weight.shape), None, stride, padding, dilation, backend)
+        return conv_call(backend)(x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(weight.shape),
+                                  None, stride, padding, dilation)
 
     agrees(expected, call)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

@@ -1,4 +1,4 @@
-"""Portable builds with runtime CPU dispatch (issue 14, item 4): the extension is compiled for a baseline CPU unless
+"""Portable builds with runtime CPU dispatch: the extension is compiled for a baseline CPU unless
 PTD_NATIVE=1 asks otherwise, its float32 kernels come in baseline / AVX2 / AVX-512 copies chosen at run time, it
 reports which one runs here, every copy this CPU runs computes the same function, and no wide instruction leaks
 outside the copy that owns it."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from ptd_sparse import backends
 from ptd_sparse.nn import SparseConv2d
-from ptd_sparse.pattern import ConvPattern
+from ptd_sparse.nn import sparse_conv2d as sparse_conv2d_module
 
 
 @pytest.fixture
@@ -54,8 +54,8 @@ def test_inference_builds_the_dense_weight_once_and_again_only_after_a_change(la
     # The measured route of this shape is the dense one (whatever this machine's timings would say).
     monkeypatch.setattr(measured_route, "fastest", lambda routes, x: (measured_route.DENSE, {}))
     builds = []
-    scatter = ConvPattern.scatter
-    monkeypatch.setattr(ConvPattern, "scatter", lambda self, values: builds.append(1) or scatter(self, values))
+    scatter = sparse_conv2d_module.dense_weight
+    monkeypatch.setattr(sparse_conv2d_module, "dense_weight", lambda *args: builds.append(1) or scatter(*args))
     x = torch.randn(1, 4, 6, 6, generator=generator)
     with torch.no_grad():
         first = layer(x)

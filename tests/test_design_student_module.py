@@ -54,7 +54,7 @@ def check_student(teacher: nn.Module, in_channels: int, size: int, classes: int)
     out.sum().backward()  # ready to train
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert "| group |" in design.report and len(design.report.splitlines()) == len(design.rows) + 2
-    plan, rows = design  # the plan and rows unpack as before
+    plan, rows = design  # a StudentDesign also unpacks as the (plan, rows) pair
     assert plan is design.plan and rows is design.rows
     for key, value in teacher.state_dict().items():  # the teacher is not touched
         torch.testing.assert_close(value, teacher_state[key])

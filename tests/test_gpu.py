@@ -14,13 +14,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, random_mask
+from conftest import assert_close, conv_call, opcheck_conv_route, opcheck_loss_route, random_mask
 
 import ptd_sparse
 from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, choose_backend, unsupported_reasons
-from ptd_sparse.ops.kd_loss import kd_loss as kd_loss_op
-from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
-from ptd_sparse.ops.sparse_conv2d import sparse_conv2d as sparse_conv2d_op
+from ptd_sparse.ops import kd_loss as kd_loss_ops
 
 HAS_GPU = torch.cuda.is_available()
 DTYPE_IDS = lambda d: str(d).split(".")[-1]  # noqa: E731
@@ -213,16 +211,15 @@ def test_conv_gradcheck_and_opcheck(backend, generator):
         p = sparse.pattern
 
         def conv(x, values, bias):
-            return sparse_conv2d_op(x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape),
-                                    bias, [2, 1], [1, 1], [1, 2], backend)
+            return conv_call(backend)(x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape),
+                                      bias, [2, 1], [1, 1], [1, 2])
 
         assert torch.autograd.gradcheck(conv, (x, values, bias))
     x = torch.randn(3, 5, 9, 9, device="cuda", requires_grad=True)
     sparse = ptd_sparse.SparseConvWeight.from_dense(torch.randn(6, 5, 3, 3, device="cuda"),
                                                     random_mask((6, 5, 3, 3), 0.4, generator).cuda())
     p = sparse.pattern
-    torch.library.opcheck(sparse_conv2d_op, (x, sparse.values.requires_grad_(), p.row_ptr, p.col_idx, p.t_ptr,
-                                             p.t_rows, p.t_perm, list(p.shape), None, [1, 1], [1, 1], [1, 1], backend))
+    opcheck_conv_route(backend, x, sparse.values.requires_grad_(), p, None, [1, 1], [1, 1], [1, 1])
 
 
 def test_automatic_choice_on_cuda_takes_the_gpu_loss_kernel_and_cudnn_for_convolutions():
@@ -323,17 +320,17 @@ def test_loss_gradcheck_and_opcheck(backend, generator):
     s32 = torch.randn(8, 6, device="cuda", requires_grad=True)
     t32 = torch.randn(8, 6, device="cuda")
     target = torch.randint(0, 6, (8,), device="cuda")
-    torch.library.opcheck(kd_loss_op, (s32, t32, target, 2.0, 0.5, 2, -100, True, backend))
+    opcheck_loss_route(kd_loss_ops.ROUTES, backend, s32, (t32,), target, 2.0, 0.5, 2)
     topk = ptd_sparse.topk_teacher(t32, 3, 2.0)
-    torch.library.opcheck(kd_loss_topk_op, (s32, *topk, target, 2.0, 0.5, 2, -100, True, backend))
+    opcheck_loss_route(kd_loss_ops.TOPK_ROUTES, backend, s32, tuple(topk), target, 2.0, 0.5, 2)
     if backend == "cuda":
         s = torch.randn(7, 9, dtype=torch.float64, device="cuda", requires_grad=True)
         t = torch.randn(7, 9, dtype=torch.float64, device="cuda")
         y = torch.randint(0, 9, (7,), device="cuda")
-        assert torch.autograd.gradcheck(lambda s: kd_loss_op(s, t, y, 3.0, 0.6, 2, -100, True, backend)[0], (s,))
+        assert torch.autograd.gradcheck(lambda s: kd_loss_ops.ROUTES[backend].call(s, t, y, 3.0, 0.6, 2, -100), (s,))
         topk64 = ptd_sparse.topk_teacher(t, 4, 3.0)
         assert torch.autograd.gradcheck(
-            lambda s: kd_loss_topk_op(s, *topk64, y, 3.0, 0.6, 1, -100, True, backend)[0], (s,))
+            lambda s: kd_loss_ops.TOPK_ROUTES[backend].call(s, *topk64, y, 3.0, 0.6, 1, -100), (s,))
 
 
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)

@@ -7,15 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, device_backends, device_for, gradcheck_options, moved_to, on_device, random_mask
+from conftest import (assert_close, conv_call, device_backends, device_for, gradcheck_options, moved_to, on_device,
+                      opcheck_conv_route, random_mask)
 from torch import nn
 
 import ptd_sparse
 from ptd_sparse import functional
 from ptd_sparse.backends import SPARSE_CONV
 from ptd_sparse.nn import MaskedConv2d, SparseConv2d, measured_route
-from ptd_sparse.ops.sparse_conv2d import sparse_conv2d as sparse_conv2d_op
-from ptd_sparse.ops.sparse_conv2d import sparse_conv2d_backward as sparse_conv2d_backward_op
 from ptd_sparse.pattern import ConvPattern
 
 BACKENDS = device_backends(SPARSE_CONV)
@@ -92,8 +91,8 @@ def test_gradcheck_float64_grouped(backend, generator):
     bias.requires_grad_()
 
     def conv(x, values, bias):
-        return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
-                                pattern.t_perm, list(pattern.shape), bias, [2, 1], [1, 1], [1, 2], backend)
+        return conv_call(backend)(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
+                                  pattern.t_perm, list(pattern.shape), bias, [2, 1], [1, 1], [1, 2])
 
     assert torch.autograd.gradcheck(conv, (x, values, bias), **gradcheck_options(backend))
 
@@ -104,13 +103,7 @@ def test_opcheck_grouped(backend, generator):
         weight, p = grouped_pattern(generator, groups, c_in, c_out, 0.5, torch.float32, device_for(backend))
         x = on_device(backend, torch.randn(batch, c_in, 7, 6, generator=generator)).requires_grad_()
         values = p.gather(weight).requires_grad_()
-        args = (x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape), None, [1, 1], [1, 1],
-                [1, 1], backend)
-        torch.library.opcheck(sparse_conv2d_op, args)
-        grad_out = on_device(backend, torch.randn(sparse_conv2d_op(*args).shape, generator=generator))
-        backward_args = (grad_out, x.detach(), values.detach(), p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
-                         list(p.shape), [1, 1], [1, 1], [1, 1], [True, True, False], backend)
-        torch.library.opcheck(sparse_conv2d_backward_op, backward_args)
+        opcheck_conv_route(backend, x, values, p, None, [1, 1], [1, 1], [1, 1])
 
 
 def test_grouped_pattern_indexes_the_full_input_space(generator):

@@ -1,5 +1,5 @@
-"""The KD loss's shared contract (ptd_sparse/_kd_contract.py): its reduction codes are the ones the C++ side uses, and
-no other module defines them again."""
+"""The KD loss's shared contract (ptd_sparse/_kd_contract.py): its reduction codes are the ones the C++ side uses, the
+C++ and CUDA kernels refuse bad input with its sentences, and no other module defines the codes again."""
 from __future__ import annotations
 
 import ast
@@ -14,6 +14,7 @@ from ptd_sparse._extension import extension_problem, kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "csrc" / "kd_loss_checks.h"
+CUDA_SOURCE = ROOT / "csrc" / "cuda" / "kd_loss_cuda.cu"
 
 
 def header_reductions(text: str) -> dict[str, int]:
@@ -53,6 +54,30 @@ def test_the_compiled_operator_reduces_as_each_code_says(generator):
     torch.testing.assert_close(loss(contract.REDUCTIONS["batchmean"]), rows.sum() / 4)
     with pytest.raises(ValueError, match="reduction code must be 0, 1 or 2"):
         loss(max(contract.REDUCTIONS.values()) + 1)
+
+
+def joined_literals(text: str) -> str:
+    """C++ source with adjacent string literals on consecutive lines joined, as the compiler joins them."""
+    return re.sub(r'"\s*\n\s*"', "", text)
+
+
+def test_the_cuda_kernels_print_the_contract_sentences():
+    """The device-side asserts are format strings, read here from the source (no GPU needed)."""
+    source = joined_literals(CUDA_SOURCE.read_text())
+    assert contract.bad_logits_message("%s", "%lld") in source
+    assert contract.bad_target_message("%lld", "%lld", "%lld", "%lld") in source
+
+
+@pytest.mark.skipif(extension_problem() is not None, reason=str(extension_problem()))
+def test_the_cpu_kernels_raise_the_contract_sentences(generator):
+    student, teacher = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    teacher[1, 2] = float("nan")
+    with pytest.raises(ValueError) as refused:
+        kernels().kd_loss(student, teacher, None, 2.0, 0.5, 2, -100, False)
+    assert contract.bad_logits_message("teacher_logits", 1) in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        kernels().kd_loss(student, student, torch.tensor([0, 7, 1]), 2.0, 0.5, 2, -100, False)
+    assert contract.bad_target_message(7, 1, 4, -100) in str(refused.value)
 
 
 def reduction_definitions(path: Path) -> list[str]:

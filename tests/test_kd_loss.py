@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, device_backends, gradcheck_options, moved_to, on_device
+from conftest import (assert_close, device_backends, gradcheck_options, loss_kernels, moved_to, on_device,
+                      opcheck_loss_route, runs_python_operator)
 
 import ptd_sparse
 from ptd_sparse.backends import KD_LOSS
+from ptd_sparse.ops import kd_loss as kd_loss_ops
 from ptd_sparse.ops.kd_loss import kd_loss as kd_loss_op
 from ptd_sparse.ops.kd_loss import kd_loss_backward as kd_loss_backward_op
 
@@ -180,7 +182,7 @@ def test_gradcheck_float64(backend, reduction, generator):
     s.requires_grad_()
 
     def loss(s):
-        return kd_loss_op(s, t, target, 3.0, 0.6, reduction, -100, True, backend)[0]
+        return kd_loss_ops.ROUTES[backend].call(s, t, target, 3.0, 0.6, reduction, -100)
 
     assert torch.autograd.gradcheck(loss, (s,), **gradcheck_options(backend))
 
@@ -191,9 +193,10 @@ def test_opcheck(backend, generator):
         target = torch.randint(0, 6, (rows,), generator=generator) if with_target else None
         s, t, target = on_device(backend, logits(rows, 6, generator), logits(rows, 6, generator), target)
         s.requires_grad_()
-        torch.library.opcheck(kd_loss_op, (s, t, target, 2.0, 0.5, reduction, -100, True, backend))
-        loss, grad = kd_loss_op(s.detach(), t, target, 2.0, 0.5, reduction, -100, True, backend)
-        torch.library.opcheck(kd_loss_backward_op, (torch.full_like(loss, 0.5), grad, reduction))
+        opcheck_loss_route(kd_loss_ops.ROUTES, backend, s, (t,), target, 2.0, 0.5, reduction)
+        if runs_python_operator(backend):
+            loss, grad = kd_loss_op(s.detach(), t, target, 2.0, 0.5, reduction, -100, True, backend)
+            torch.library.opcheck(kd_loss_backward_op, (torch.full_like(loss, 0.5), grad, reduction))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -392,8 +395,6 @@ def test_topk_non_contiguous_and_minus_inf(backend, generator):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_gradcheck_and_opcheck(backend, generator):
-    from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
-
     target = torch.randint(0, 9, (7,), generator=generator)
     target[2] = -100
     s, teacher, target = on_device(backend, logits(7, 9, generator, dtype=torch.float64),
@@ -402,13 +403,13 @@ def test_topk_gradcheck_and_opcheck(backend, generator):
     s.requires_grad_()
     for reduction in (0, 1, 2):
         assert torch.autograd.gradcheck(
-            lambda s: kd_loss_topk_op(s, *teacher, target, 3.0, 0.6, reduction, -100, True, backend)[0], (s,),
+            lambda s: kd_loss_ops.TOPK_ROUTES[backend].call(s, *teacher, target, 3.0, 0.6, reduction, -100), (s,),
             **gradcheck_options(backend))
     for rows, reduction in ((8, 2), (0, 0)):
         s32, topk = on_device(backend, logits(rows, 6, generator),
                               ptd_sparse.topk_teacher(logits(rows, 6, generator), 2, 2.0))
         s32.requires_grad_()
-        torch.library.opcheck(kd_loss_topk_op, (s32, *topk, None, 2.0, 0.5, reduction, -100, True, backend))
+        opcheck_loss_route(kd_loss_ops.TOPK_ROUTES, backend, s32, tuple(topk), None, 2.0, 0.5, reduction)
 
 
 def test_topk_teacher_helper_rest_mass_is_exact(generator):
@@ -496,7 +497,6 @@ def confident_rows(dtype):
 def test_topk_label_gradient_near_probability_one_is_rounded_once(backend, dtype, listed):
     """Against the float64 oracle (ptd_sparse.reference on float64 copies of the same inputs), every entry within
     one rounding of the dtype: a second rounding of the label's entry loses its gradient (0 instead of -1e-5)."""
-    from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
     from ptd_sparse.reference import kd_loss as reference_kd
 
     s, target = confident_rows(dtype)
@@ -507,7 +507,7 @@ def test_topk_label_gradient_near_probability_one_is_rounded_once(backend, dtype
         p = torch.softmax(s.double(), dim=1)
         teacher = ptd_sparse.TopKTeacher(others.int(), s.float().gather(1, others), p[:, 3].float())
     want_loss, want_grad = reference_kd.kd_loss_topk(s.double(), *teacher, target, 1.0, 0.5, 2, -100, True)
-    loss, grad = kd_loss_topk_op(*on_device(backend, s, *teacher, target), 1.0, 0.5, 2, -100, True, backend)
+    loss, grad = loss_kernels(backend)[1](*on_device(backend, s, *teacher, target), 1.0, 0.5, 2, -100, True)
     assert grad.dtype == dtype
     label_grad = want_grad[:, 3]
     assert bool((label_grad < -1e-6).all()), "the case must have a label gradient the dtype can hold"
@@ -521,16 +521,16 @@ def test_topk_label_gradient_near_probability_one_is_rounded_once(backend, dtype
 def test_float64_gradients_are_exact(backend, reduction, generator):
     """float64 students get float64 gradients to float64 precision: the batchmean scale 1/3 (three rows count) must
     not pass through float32 (a relative error of 3e-8)."""
-    from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
     from ptd_sparse.reference import kd_loss as reference_kd
 
     s, t = logits(5, 7, generator, dtype=torch.float64), logits(5, 7, generator, dtype=torch.float64)
     target = torch.tensor([1, -100, 4, -100, 6])
     teacher = ptd_sparse.topk_teacher(t, 3, 2.0)
-    cases = ((kd_loss_op, reference_kd.kd_loss, (t,)), (kd_loss_topk_op, reference_kd.kd_loss_topk, tuple(teacher)))
+    dense_kernel, topk_kernel = loss_kernels(backend)
+    cases = ((dense_kernel, reference_kd.kd_loss, (t,)), (topk_kernel, reference_kd.kd_loss_topk, tuple(teacher)))
     for op, reference, teacher_args in cases:
         want_loss, want_grad = reference(s, *teacher_args, target, 2.0, 0.7, reduction, -100, True)
-        loss, grad = op(*on_device(backend, s, *teacher_args, target), 2.0, 0.7, reduction, -100, True, backend)
+        loss, grad = op(*on_device(backend, s, *teacher_args, target), 2.0, 0.7, reduction, -100, True)
         assert grad.dtype == torch.float64 and loss.dtype == torch.float64
         torch.testing.assert_close(grad.cpu(), want_grad, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(loss.cpu(), want_loss, rtol=1e-12, atol=1e-15)

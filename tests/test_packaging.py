@@ -110,6 +110,29 @@ def test_wheel_metadata_pins_the_torch_release_and_names_its_build():
     assert {"version", "dependencies"} <= set(project["dynamic"]) and "dependencies" not in project
 
 
+def test_the_triton_kernels_folder_installs_as_ptd_sparse_kernels():
+    """setup.py maps the top-level kernels/ folder to the subpackage ptd_sparse.kernels, for wheels and editable
+    installs alike, and lists every Python package of ptd_sparse/."""
+    setup = setup_py()
+    assert setup.PACKAGE_DIR == {"ptd_sparse.kernels": "kernels"}
+    assert (ROOT / "kernels" / "__init__.py").is_file()
+    packages = setup.packages()
+    assert "ptd_sparse.kernels" in packages and len(packages) == len(set(packages))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ptd_sparse").rglob("__init__.py")}
+    assert folders <= set(packages)
+
+
+def test_ptd_sparse_kernels_resolves_to_a_kernels_folder_beside_setup_py():
+    """In this environment (an editable install, scripts/setup.sh) the name ptd_sparse.kernels finds the top-level
+    kernels/ folder of a source checkout, the way the package imports it: no loader of its own."""
+    spec = importlib.util.find_spec("ptd_sparse.kernels")
+    if spec is None:
+        pytest.skip("ptd_sparse is not installed here (pip install --no-build-isolation -e .)")
+    origin = Path(spec.origin)
+    assert origin.name == "__init__.py" and origin.parent.name == "kernels"
+    assert (origin.parent.parent / "setup.py").is_file() or origin.parent.parent.name == "ptd_sparse"
+
+
 def test_release_builds_carry_no_debug_information(monkeypatch):
     flags = load_setup(monkeypatch).extra_compile_args["cxx"]
     assert flags[-1] == "-g0"  # after Python's CFLAGS, which hold -g

@@ -41,7 +41,7 @@ def test_targets_the_plan_cannot_honour_are_refused_when_the_config_is_read(targ
 
 
 def test_prune_stage_writes_every_colliding_target(tmp_path):
-    """Before the plan was exact, 0.36 was overwritten by 0.40 in round 2 and never written; design then failed."""
+    """Targets 0.36 and 0.40, both closest to round 2, each get a round and a model folder, and design finds both."""
     root = fake_fashion_mnist(tmp_path / "data", train=200, test=40)
     out = tmp_path / "run"
     args = []

@@ -1,6 +1,7 @@
 """Masked sparse convolution: every backend against the float64 oracle F.conv2d(input, weight * mask), forward and
-all three gradients, over the geometry, density, batch, layout and dtype cases of the foundation issue. The cuda and
-triton cases run on CUDA tensors where a GPU exists (conftest.device_for); the oracle always runs on the CPU."""
+all three gradients, over geometries (kernel size, stride, padding, dilation, odd sizes), densities, batches, layouts
+and dtypes. The cuda and triton cases run on CUDA tensors where a GPU exists (conftest.device_for); the oracle always
+runs on the CPU."""
 from __future__ import annotations
 
 import itertools
@@ -8,12 +9,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, device_backends, device_for, gradcheck_options, moved_to, on_device, random_mask
+from conftest import (assert_close, conv_call, device_backends, device_for, gradcheck_options, moved_to, on_device,
+                      opcheck_conv_route, random_mask)
 
 import ptd_sparse
 from ptd_sparse.backends import SPARSE_CONV
-from ptd_sparse.ops.sparse_conv2d import sparse_conv2d as sparse_conv2d_op
-from ptd_sparse.ops.sparse_conv2d import sparse_conv2d_backward as sparse_conv2d_backward_op
 from ptd_sparse.pattern import ConvPattern
 
 BACKENDS = device_backends(SPARSE_CONV)
@@ -178,9 +178,9 @@ def test_gradcheck_float64(backend, stride, padding, dilation, generator):
     bias.requires_grad_()
 
     def conv(x, values, bias):
-        return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
-                                pattern.t_perm, list(pattern.shape), bias, [stride] * 2, [padding] * 2,
-                                [dilation] * 2, backend)
+        return conv_call(backend)(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
+                                  pattern.t_perm, list(pattern.shape), bias, [stride] * 2, [padding] * 2,
+                                  [dilation] * 2)
 
     assert torch.autograd.gradcheck(conv, (x, values, bias), **gradcheck_options(backend))
 
@@ -198,13 +198,7 @@ def op_samples(generator, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend, generator):
     for x, values, p, bias in op_samples(generator, device_for(backend)):
-        args = (x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, list(p.shape), bias, [2, 1], [1, 1],
-                [1, 2], backend)
-        torch.library.opcheck(sparse_conv2d_op, args)
-        grad_out = on_device(backend, torch.randn(sparse_conv2d_op(*args).shape, generator=generator))
-        backward_args = (grad_out, x.detach(), values.detach(), p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
-                         list(p.shape), [2, 1], [1, 1], [1, 2], [True, True, bias is not None], backend)
-        torch.library.opcheck(sparse_conv2d_backward_op, backward_args)
+        opcheck_conv_route(backend, x, values, p, bias, [2, 1], [1, 1], [1, 2])
 
 
 def test_dense_route_agrees_with_the_op_reference(generator):
@@ -269,11 +263,9 @@ def test_fused_relu_forward_and_backward(backend, dtype, batch, size, generator)
         pattern = sparse.pattern
 
         def conv(x, values):
-            return sparse_conv2d_op(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
-                                    pattern.t_perm, list(pattern.shape), None, [1, 1], [1, 1], [1, 1], backend, True)
+            return conv_call(backend)(x, values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows,
+                                      pattern.t_perm, list(pattern.shape), None, [1, 1], [1, 1], [1, 1], True)
 
         assert torch.autograd.gradcheck(conv, (x.detach()[:1].requires_grad_(), sparse.values),
                                          **gradcheck_options(backend))
-        torch.library.opcheck(sparse_conv2d_op, (x, sparse.values, pattern.row_ptr, pattern.col_idx, pattern.t_ptr,
-                                                 pattern.t_rows, pattern.t_perm, list(pattern.shape), bias, [1, 1],
-                                                 [1, 1], [1, 1], backend, True))
+        opcheck_conv_route(backend, x, sparse.values, pattern, bias, [1, 1], [1, 1], [1, 1], relu=True)

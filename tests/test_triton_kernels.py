@@ -5,6 +5,7 @@ block of listed classes. On the CPU they run under TRITON_INTERPRET=1 (small sha
 same comparisons at full size on a CUDA device and are skipped elsewhere."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -18,10 +19,9 @@ import ptd_sparse
 from ptd_sparse.backends import KD_LOSS, SPARSE_CONV, unsupported_reasons
 from ptd_sparse.ops.kd_loss import kd_loss as kd_loss_op
 from ptd_sparse.ops.kd_loss import kd_loss_topk as kd_loss_topk_op
-from ptd_sparse.ops.triton_sparse_conv2d import triton_sparse_conv2d
+from ptd_sparse.ops.sparse_conv2d import triton_sparse_conv2d
 from ptd_sparse.pattern import ConvPattern
 from ptd_sparse.reference import kd_loss as reference_kd
-from ptd_sparse.triton_kernels import kernel_module
 
 CPU_REASONS = unsupported_reasons("triton", SPARSE_CONV, torch.device("cpu"))
 needs_triton_on_cpu = pytest.mark.skipif(bool(CPU_REASONS), reason="; ".join(CPU_REASONS))
@@ -29,6 +29,11 @@ HAS_CUDA = torch.cuda.is_available()
 GPU_REASONS = (unsupported_reasons("triton", SPARSE_CONV, torch.device("cuda")) if HAS_CUDA
                else ["no CUDA device"])
 needs_triton_on_gpu = pytest.mark.skipif(bool(GPU_REASONS), reason="; ".join(GPU_REASONS))
+
+
+def kernel_module(name: str):
+    """ptd_sparse.kernels.<name>: the Triton kernels, imported (they need triton) only by the tests that run them."""
+    return importlib.import_module(f"ptd_sparse.kernels.{name}")
 
 
 def conv_oracle(x, weight, mask, bias, stride, padding, dilation, grad_out):

@@ -6,7 +6,7 @@
 // scales that saved gradient by the incoming one (and returns it as it is for the usual scalar 1 of loss.backward()).
 // Under torch.autocast the loss computes in fp32, like F.cross_entropy: a float16/bfloat16 student is cast to float32
 // (the teacher is read in its own dtype by the kernels, which accumulate in fp32 anyway).
-// The fake implementations for torch.compile are registered in Python (ptd_sparse/compiled/kd_loss.py).
+// The fake implementations for torch.compile are registered in Python (ptd_sparse/native/kd_loss.py).
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 #include <torch/extension.h>

@@ -7,7 +7,7 @@
 //   Autograd                    a torch::autograd::Function whose forward calls conv_forward and whose backward calls
 //                               conv_backward_input / conv_backward_values, only for the gradients that are needed;
 //   CPU / CUDA                  the forward kernel itself (conv_forward, by device).
-// The fake (meta) implementation for torch.compile is registered in Python (ptd_sparse/compiled/sparse_conv2d.py).
+// The fake (meta) implementation for torch.compile is registered in Python (ptd_sparse/native/sparse_conv2d.py).
 #include <ATen/autocast_mode.h>
 #include <torch/autograd.h>
 #include <torch/extension.h>

@@ -22,7 +22,8 @@ from ptd_sparse.cache.inference import inference_form
 from ptd_sparse.cache.replay import TeacherCache
 from ptd_sparse.cache.store import CacheError, CacheSpec, StoreWriter, read_manifest
 from ptd_sparse.cache.topk import topk_teacher
-from ptd_sparse.data import Augmentation, Dataset, Views, apply_views, dataset_identity, normalize, sample_views
+from ptd_sparse.data import (Augmentation, Dataset, Split, Views, apply_views, dataset_identity, normalize,
+                             sample_views, take_images)
 from ptd_sparse.files import write_json
 
 logger = logging.getLogger("ptd_sparse.cache")
@@ -119,7 +120,8 @@ def build_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, spec: 
     distributed.barrier()
     split = getattr(dataset, spec.dataset["split"])
     if sparse and writer.pending(distributed.rank(), distributed.world_size()):
-        example = normalize(split.images[:min(batch_size, TUNING_BATCH)].to(device), dataset)
+        example = normalize(take_images(split, torch.arange(min(batch_size, TUNING_BATCH, len(split)))).to(device),
+                            dataset)
         model, routes = inference_form(teacher.to(device), example)
         if distributed.is_main():
             write_json(folder / ROUTES_FILE, routes)  # a record of the routes taken, for the run's readers
@@ -134,10 +136,14 @@ def build_cache(folder: str | Path, teacher: nn.Module, dataset: Dataset, spec: 
         rows = (stop - start) * spec.views  # row r is view r % K of sample start + r // K
         logits = torch.empty(rows, spec.classes)
         flat = table[start:stop].reshape(rows, 3)
+        # The images of sample positions: indexed in memory, or (a streaming split) read in position order through
+        # its DataLoader, a batch of samples at a time; the rows and their batches are the same either way.
+        images_of = split.images.__getitem__ if isinstance(split, Split) else \
+            split.reader(start, stop, max(1, batch_size // spec.views))
         for first in range(0, rows, batch_size):
             last = min(first + batch_size, rows)
             samples = torch.arange(first, last) // spec.views + start
-            images = apply_views(split.images[samples].to(device), views_of(flat[first:last]), spec.crop_padding)
+            images = apply_views(images_of(samples).to(device), views_of(flat[first:last]), spec.crop_padding)
             logits[first:last] = model(normalize(images, dataset)).float().cpu()
         writer.write(chunk, _records(spec, logits.reshape(stop - start, spec.views, spec.classes),
                                      table[start:stop]))

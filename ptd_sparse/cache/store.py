@@ -235,9 +235,10 @@ class StoreWriter:
         self._files = None
 
     def create(self) -> None:
-        """Make the store's files with their disk space reserved (or, resuming, reserve what an earlier version or
-        an interrupted creation left unreserved). A full disk raises CacheSpaceError before any record is written;
-        layout.json is written only once every file has its space, so a failed creation starts over."""
+        """Make the store's files with their disk space reserved (or, resuming, reserve what existing files lack:
+        files written without reservations, or an interrupted creation's). A full disk raises CacheSpaceError before
+        any record is written; layout.json is written only once every file has its space, so a failed creation starts
+        over."""
         layout_path = self.folder / "layout.json"
         if (self.folder / "manifest.json").exists():
             return  # complete; finish() and the reader check that it is the right one

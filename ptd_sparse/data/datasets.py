@@ -1,4 +1,5 @@
 """Data sets held in memory as uint8 image tensors, a seeded validation split, their identity, and batches.
+(A user's own data sets, data.factory and data.image_folder, are read sample by sample instead: streaming.py.)
 
 Fashion-MNIST (default; the four idx .gz files, as Debian's dataset-fashion-mnist installs them), CIFAR-10/100 (the
 python pickle batches, read with an unpickler that admits only plain containers and numpy arrays) and Tiny-ImageNet
@@ -32,6 +33,10 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
     def subset(self, index: Tensor) -> "Split":
         return Split(self.images[index], self.labels[index])
 
@@ -39,20 +44,21 @@ class Split:
 @dataclass
 class Dataset:
     name: str
-    train: Split
+    train: Split  # or a streaming.StreamSplit (data.factory, data.image_folder): the same len, subset and batches
     val: Split
     test: Split
     num_classes: int
     mean: Tensor  # [C] of the training images in [0, 1]
     std: Tensor
+    class_names: list[str] | None = None  # where the source names its classes (an image folder's subfolders)
 
     @property
     def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.image_shape[0])
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[2])
+        return int(self.train.image_shape[1])
 
 
 class MissingDataError(FileNotFoundError):
@@ -176,6 +182,8 @@ def dataset_identity(dataset: Dataset, split: str = "train") -> dict:
     """Name, split, sample count, image shape, classes and a sha256 of the split's images and labels in order
     (a reordered, resampled or relabelled split is another data set for the cache)."""
     part = getattr(dataset, split)
+    if not isinstance(part, Split):  # a streaming split: a fingerprint instead of every image (streaming.py)
+        return part.identity(dataset.name, split, dataset.num_classes, dataset.mean, dataset.std)
     digest = hashlib.sha256(part.images.contiguous().numpy().tobytes())
     digest.update(part.labels.contiguous().numpy().tobytes())
     return {"name": dataset.name, "split": split, "samples": len(part), "shape": list(part.images.shape[1:]),
@@ -184,7 +192,9 @@ def dataset_identity(dataset: Dataset, split: str = "train") -> dict:
 
 def batches(split: Split, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
             world_size: int = 1):
-    """Yield (index, images, labels) batches; with world_size > 1 each rank takes its own equal share."""
+    """Yield (index, images, labels) batches; with world_size > 1 each rank takes its own equal share. `index` holds
+    the samples' positions in the split (what the teacher-logit cache is indexed by). A streaming split reads the same
+    batches, in the same order, through its DataLoader."""
     if shuffle:
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     else:
@@ -192,9 +202,18 @@ def batches(split: Split, batch_size: int, shuffle: bool, seed: int = 0, epoch: 
     if world_size > 1:
         per_rank = len(order) // world_size
         order = order[rank * per_rank:(rank + 1) * per_rank]
+    if not isinstance(split, Split):
+        yield from split.stream(order, batch_size)
+        return
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         yield index, split.images[index], split.labels[index]
+
+
+def take_images(split: Split, index: Tensor) -> Tensor:
+    """The images of positions `index` of an in-memory or a streaming split (a few: a streaming split reads them in
+    this process)."""
+    return split.images[index] if isinstance(split, Split) else split.read(index)[0]
 
 
 def resolve_root(root: str | None) -> str | None:

@@ -51,7 +51,9 @@ def apply_views(images: Tensor, views: Views, padding: int) -> Tensor:
 
 
 def normalize(images: Tensor, dataset: Dataset) -> Tensor:
-    """uint8 [B, C, H, W] -> float32 standardized with the training set's statistics."""
+    """uint8 [B, C, H, W] (0-255), or float in [0, 1] (a streaming source's), -> float32 standardized with the
+    training set's statistics."""
     mean = dataset.mean.to(images.device)[None, :, None, None]
     std = dataset.std.to(images.device)[None, :, None, None]
-    return (images.float() / 255 - mean) / std
+    scaled = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return (scaled - mean) / std

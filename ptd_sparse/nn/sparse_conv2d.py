@@ -11,11 +11,14 @@ from ptd_sparse import _format_checks
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import DENSE, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.fingerprint import content_key
-from ptd_sparse.functional import pattern_indices, sparse_conv2d_indexed
+from ptd_sparse.functional import sparse_conv2d_indexed
 from ptd_sparse.nn import measured_route
-from ptd_sparse.pattern import ConvPattern, SparseConvWeight
+from ptd_sparse.pattern import ConvPattern, SparseConvWeight, dense_weight, transposed_view
 
 _logger = logging.getLogger("ptd_sparse")
+
+# The parts of ConvPattern that SparseConv2d derives instead of holding (see its docstring).
+DERIVED_INDEX_NAMES = ("t_ptr", "t_rows", "t_perm", "flat_index")
 
 
 def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
@@ -55,17 +58,23 @@ class SparseConv2d(nn.Module):
     the density crossover for their batch size. backend="dense" (or PTD_BACKEND=dense) always takes the dense route.
     A grouped or depthwise sparse_weight (groups > 1) runs the same sparse kernels (ptd_sparse.pattern), and its
     dense routes run F.conv2d with groups. Weights derived for the dense routes are keyed on the contents of values
-    and pattern (ptd_sparse.fingerprint), so no way of changing values leaves a stale copy in use."""
+    and pattern (ptd_sparse.fingerprint), so no way of changing values leaves a stale copy in use.
+
+    Held: values, row_ptr and col_idx (8 bytes per nonzero in float32), what the forward kernels read. The transposed
+    view that the input gradient needs (ptd_sparse.pattern.transposed_view, 8 more bytes per nonzero) is derived on the
+    first call that wants gradients and kept until the module is put in eval mode; calls that want none pass an empty
+    view. The flat positions of the nonzeros in the dense weight are derived only while a dense weight is built."""
 
     route_policy: str = measured_route.MEASURE  # what a module unpickled from an older save lacks
+    _index_views: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
                  dilation=1, backend: str | None = None, relu: bool = False, route: str | None = None):
         super().__init__()
         self.weight_shape = sparse_weight.shape  # full [C_out, C_in, KH, KW], what the kernels see
         self.groups = sparse_weight.groups
-        for name in ConvPattern.index_names():
-            self.register_buffer(name, getattr(sparse_weight.pattern, name))
+        self.register_buffer("row_ptr", sparse_weight.pattern.row_ptr)
+        self.register_buffer("col_idx", sparse_weight.pattern.col_idx)
         self.values = nn.Parameter(sparse_weight.values.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.stride, self.padding, self.dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), \
@@ -84,6 +93,8 @@ class SparseConv2d(nn.Module):
         # optimizers and .data edits do not move; dropped by deepcopy and pickling (__getstate__).
         self._dense_cache: tuple[tuple, dict[bool, Tensor]] | None = None
         self._prepacked: tuple[tuple, Tensor] | None = None
+        # (_pattern_key(), (t_ptr, t_rows, t_perm)) while calls that want gradients run (see the class docstring).
+        self._index_views = None
 
     def keep_dense_copy(self) -> None:
         """Build the dense weight now (it is otherwise built by the first call that takes a dense route), so calls
@@ -93,11 +104,47 @@ class SparseConv2d(nn.Module):
             with torch.no_grad():
                 self._cached_dense_weight()
 
+    def _pattern_key(self) -> tuple:
+        # The pattern buffers by identity and version: they change only by load_state_dict, .to() or a rebuilt
+        # module, each of which moves one of those.
+        return tuple(item for index in (self.row_ptr, self.col_idx)
+                     for item in (index.data_ptr(), -1 if index.is_inference() else index._version))
+
     def _weight_key(self) -> tuple:
-        # The contents of values (what optimizers and users change); the pattern buffers by identity and version
-        # (they change only by load_state_dict, .to() or a rebuilt module, each of which moves one of those).
-        index = self.flat_index
-        return content_key(self.values) + (index.data_ptr(), -1 if index.is_inference() else index._version)
+        # The contents of values (what optimizers and users change, in place or not) and the pattern.
+        return content_key(self.values) + self._pattern_key()
+
+    def _transposed_view(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(t_ptr, t_rows, t_perm) for the input gradient, derived once per pattern and kept until eval(). While
+        tracing or compiling it is derived in the graph (a traced graph can neither key a cache on buffer addresses
+        nor write module state)."""
+        if _tracing():
+            return transposed_view(self.row_ptr, self.col_idx, self.weight_shape)
+        key = self._pattern_key()
+        if self._index_views is not None and self._index_views[0] == key:
+            return self._index_views[1]
+        with torch.inference_mode(False), torch.no_grad():
+            view = transposed_view(self.row_ptr, self.col_idx, self.weight_shape)
+        self._index_views = (key, view)
+        return view
+
+    def _indices(self, wants_grad: bool) -> tuple[Tensor, ...]:
+        """The index tensors of a sparse kernel call: row_ptr, col_idx and the transposed view, which is empty when
+        no gradient is wanted (only the input gradient reads it)."""
+        if wants_grad:
+            return (self.row_ptr, self.col_idx, *self._transposed_view())
+        absent = self.row_ptr.new_empty(0)
+        return self.row_ptr, self.col_idx, absent, absent, absent
+
+    def _scatter_dense(self) -> Tensor:
+        """The dense (grouped) weight holding values at the pattern's positions (differentiable in values)."""
+        return dense_weight(self.values, self.row_ptr, self.col_idx, list(self.weight_shape), self.groups)
+
+    def train(self, mode: bool = True) -> "SparseConv2d":
+        # Eval mode marks an inference model: the transposed view is dropped, so it holds only what its routes read.
+        if not mode:
+            self._index_views = None
+        return super().train(mode)
 
     def _cached_dense_weight(self, channels_last: bool = False) -> Tensor:
         """The dense weight in NCHW or channels_last, cached (CPU only) while values and pattern hold the same bytes.
@@ -109,7 +156,7 @@ class SparseConv2d(nn.Module):
                 self._dense_cache = (key, {})
             weights = self._dense_cache[1]
             if channels_last not in weights:
-                dense = weights[False] if False in weights else self.sparse_weight.to_dense()
+                dense = weights[False] if False in weights else self._scatter_dense()
                 weights[channels_last] = dense.contiguous(memory_format=torch.channels_last) if channels_last \
                     else dense
         return weights[channels_last]
@@ -120,7 +167,7 @@ class SparseConv2d(nn.Module):
         would hold it as a constant, and on a GPU the scatter costs less than checking a cache); otherwise the cached
         copy."""
         if (torch.is_grad_enabled() and self.values.requires_grad) or _tracing() or self.values.device.type != "cpu":
-            weight = self.sparse_weight.to_dense()
+            weight = self._scatter_dense()
             return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
         return self._cached_dense_weight(channels_last)
 
@@ -130,6 +177,7 @@ class SparseConv2d(nn.Module):
         state = self.__dict__.copy()
         state["_dense_cache"] = None
         state["_prepacked"] = None
+        state["_index_views"] = None
         return state
 
     @classmethod
@@ -146,9 +194,9 @@ class SparseConv2d(nn.Module):
 
     @property
     def sparse_weight(self) -> SparseConvWeight:
-        # The buffers were validated when the module was built or its state loaded; forward reads this every call.
-        pattern = ConvPattern._trusted(self.weight_shape, *(getattr(self, name) for name in ConvPattern.index_names()),
-                                       groups=self.groups)
+        """The weight as a SparseConvWeight (its full pattern derived from row_ptr and col_idx, which were validated
+        when the module was built or its state loaded)."""
+        pattern = ConvPattern._from_trusted_csr(self.weight_shape, self.row_ptr, self.col_idx, self.groups)
         return SparseConvWeight._trusted(pattern, self.values)
 
     @property
@@ -164,16 +212,25 @@ class SparseConv2d(nn.Module):
         # Checked before anything is copied: a corrupt pattern must neither reach the kernels nor half-overwrite
         # this module's buffers. Missing entries (strict=False) are taken from the module, so the combination that
         # would result is what is checked.
-        state_dict.pop(prefix + "dense_weight", None)  # derived data, saved as a buffer by earlier versions
+        # Derived data that earlier versions saved as buffers: checked against the rest when present (a file that
+        # holds them inconsistent is corrupt), then dropped.
+        derived = {name: state_dict.pop(prefix + name) for name in ("dense_weight",) + DERIVED_INDEX_NAMES
+                   if prefix + name in state_dict}
+        derived.pop("dense_weight", None)
         incoming = {name: state_dict.get(prefix + name, getattr(self, name))
-                    for name in ConvPattern.index_names() + ("values",)}
+                    for name in ("row_ptr", "col_idx", "values")}
         try:
-            for name, tensor in incoming.items():
+            if derived and set(derived) != set(DERIVED_INDEX_NAMES):
+                raise ValueError(f"the state holds {sorted(derived)} but not the rest of {DERIVED_INDEX_NAMES}")
+            for name, tensor in {**incoming, **derived}.items():
                 if not isinstance(tensor, Tensor):
                     raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-            cpu = {name: tensor.detach().cpu() for name, tensor in incoming.items()}
-            _format_checks.check_pattern(self.weight_shape, *(cpu[name] for name in ConvPattern.index_names()),
-                                         self.groups)
+            cpu = {name: tensor.detach().cpu() for name, tensor in {**incoming, **derived}.items()}
+            if derived:
+                _format_checks.check_pattern(self.weight_shape, *(cpu[name] for name in ConvPattern.index_names()),
+                                             self.groups)
+            else:
+                _format_checks.check_csr(self.weight_shape, cpu["row_ptr"], cpu["col_idx"], self.groups)
             _format_checks.check_values(cpu["values"], cpu["col_idx"].numel(), torch.device("cpu"))
             bias = state_dict.get(prefix + "bias")
             if isinstance(bias, Tensor) and bias.is_floating_point():
@@ -258,9 +315,10 @@ class SparseConv2d(nn.Module):
             # one (no crossover applies; with density=None the automatic choice gives the sparse backend).
             backend = self.backend if self.backend is not None else \
                 choose_backend(SPARSE_CONV, input.device, None, None)
-            out = sparse_conv2d_indexed(input, self.values, pattern_indices(self), self.weight_shape, self._density,
-                                        self.bias, self.stride, self.padding, self.dilation, backend=backend,
-                                        relu=self.relu, groups=self.groups)
+            indices = self._indices(self._wants_grad(input))
+            out = sparse_conv2d_indexed(input, self.values, indices, self.weight_shape, self._density, self.bias,
+                                        self.stride, self.padding, self.dilation, backend=backend, relu=self.relu,
+                                        groups=self.groups)
             return out.contiguous(memory_format=caller_format) if out.dim() == 4 else out
         if route == measured_route.DENSE_PREPACKED:
             out = torch.ops.mkldnn._convolution_pointwise(
@@ -283,7 +341,7 @@ class SparseConv2d(nn.Module):
         key = self._weight_key()
         if self._prepacked is None or self._prepacked[0] != key:
             with torch.inference_mode(False):
-                weight = self.sparse_weight.to_dense().detach().to_mkldnn()
+                weight = self._scatter_dense().detach().to_mkldnn()
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight, self.padding, self.stride, self.dilation,
                                                                    self.groups, list(input.shape))
             self._prepacked = (key, packed)

@@ -1,4 +1,4 @@
-"""Autocast rules of the Python operators (the compiled backends' operators carry theirs in C++, csrc/autograd/).
+"""Autocast rules of the Python operators (the native backends' operators carry theirs in C++, csrc/autograd/).
 
 Registered on the AutocastCPU and AutocastCUDA dispatch keys, so torch.compile sees them as it sees F.conv2d's: the
 convolution runs in the current autocast dtype, the KD loss in float32. As autocast does for its own operators,

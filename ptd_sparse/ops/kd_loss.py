@@ -1,9 +1,20 @@
-"""ptd_sparse::kd_loss, ptd_sparse::kd_loss_topk (the teacher given as its top-k classes) and
-ptd_sparse::kd_loss_backward, shared by both.
+"""The fused KD loss: its Python operators, their one autograd rule, and its route tables (ROUTES for a dense
+teacher, TOPK_ROUTES for a top-k one, at the end).
+
+Schemas, and which backend each one serves:
+- ptd_sparse_kernels::kd_loss_differentiable and kd_loss_topk_differentiable (C++, csrc/autograd/kd_loss_autograd.cpp):
+  the `cpu` and `cuda` backends, autograd and autocast registered in C++, so an eager call crosses no Python layer
+  after the public function.
+- ptd_sparse::kd_loss, ptd_sparse::kd_loss_topk (the teacher given as its top-k classes) and
+  ptd_sparse::kd_loss_backward, shared by both (torch.library.custom_op, here): the backends whose kernels are Python,
+  `reference` and `triton`, chosen by the `backend` argument through the route tables. They stay opaque under
+  torch.compile: the loss's error contract needs flags read on the host.
 
 kd_loss returns (loss, grad_student): the fused kernels compute the gradient of the reduced loss with respect to the
-student logits in the same pass as the loss, so the backward operator only scales that saved gradient by the
-incoming gradient of the loss.
+student logits in the same pass as the loss, so the backward only scales that saved gradient by the incoming gradient
+of the loss. That rule is written once per language: `_backward` below for the Python schemas, its C++ twin for the
+extension's (a Python rule there would put a Python autograd node on every eager call of the default backends);
+tests/test_native_ops.py checks that the two give the same gradients.
 """
 from __future__ import annotations
 
@@ -12,23 +23,33 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ptd_sparse._kd_contract import REDUCTION_NONE, check_topk_teacher
-from ptd_sparse.compiled import kd_loss as compiled_impl
+from ptd_sparse._kd_contract import REDUCTION_NONE, check_topk_teacher, loss_like
+from ptd_sparse.native import kd_loss as native
 from ptd_sparse.ops.autocast import register_autocast
-from ptd_sparse import triton_kernels
-from ptd_sparse.reference import kd_loss as reference_impl
-
-# Backend name -> function of the common signature, for a dense and for a top-k teacher.
-IMPLEMENTATIONS = {"reference": reference_impl.kd_loss, "cpu": compiled_impl.kd_loss, "cuda": compiled_impl.kd_loss,
-                   "triton": triton_kernels.kd_loss}
-TOPK_IMPLEMENTATIONS = {"reference": reference_impl.kd_loss_topk, "cpu": compiled_impl.kd_loss_topk,
-                        "cuda": compiled_impl.kd_loss_topk, "triton": triton_kernels.kd_loss_topk}
+from ptd_sparse.ops.route import Route
+from ptd_sparse.reference import kd_loss as reference_kernels
 
 
-def _implementation(table: dict, backend: str, op: str):
-    if backend not in table:
-        raise ValueError(f"{op}: backend {backend!r} has no implementation; available: {sorted(table)}")
-    return table[backend]
+def _triton_kernels():
+    """The Triton kernels (kernels/kd_loss.py, installed as ptd_sparse.kernels), imported by the first call: they
+    import triton, which importing ptd_sparse must not need."""
+    from ptd_sparse.kernels import kd_loss as kernels
+    return kernels
+
+
+def _reference_kernels():
+    return reference_kernels
+
+
+def _kernels(routes: dict, backend: str, op: str):
+    """The kernel module (kd_loss and kd_loss_topk of the common signature, see ptd_sparse.reference.kd_loss) of a
+    backend that runs on the Python operator `op`, from its route table."""
+    route = routes.get(backend)
+    if route is None or route.kernels is None:
+        python_backends = sorted(name for name, r in routes.items() if r.kernels is not None)
+        raise ValueError(f"ptd_sparse::{op}: backend {backend!r} has no Python kernels; this operator runs "
+                         f"{python_backends} (the others run the ptd_sparse_kernels operators)")
+    return route.kernels()
 
 
 @torch.library.custom_op("ptd_sparse::kd_loss", mutates_args=())
@@ -38,12 +59,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     """student_logits, teacher_logits [N, C]; target [N] or None; reduction 0 none / 1 sum / 2 batchmean.
     Returns (loss: [] or [N], float32 (float64 for float64 students); grad_student: [N, C] in the student's dtype,
     or empty when compute_grad is False)."""
-    return _implementation(IMPLEMENTATIONS, backend, "kd_loss")(student_logits, teacher_logits, target, temperature,
-                                                                alpha, reduction, ignore_index, compute_grad)
+    return _kernels(ROUTES, backend, "kd_loss").kd_loss(student_logits, teacher_logits, target, temperature, alpha,
+                                                        reduction, ignore_index, compute_grad)
 
 
 def _loss_and_grad_like(student_logits: Tensor, reduction: int, compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    loss = compiled_impl.loss_like(student_logits, reduction)
+    loss = loss_like(student_logits, reduction)
     grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
     return loss, grad
 
@@ -61,9 +82,9 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
     """kd_loss with the teacher given as its top-k classes: teacher_indices [N, k] (int32/int64, distinct per row),
     teacher_logits [N, k], teacher_rest_mass [N] float32 (the teacher's probability outside the k classes at this
     temperature, spread evenly over the other C - k classes). Same outputs as kd_loss."""
-    # The teacher's values are checked here once for every backend: O(N k) work, small next to the N x C student.
+    # The teacher's values are checked once per call on every route: O(N k) work, small next to the N x C student.
     check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, student_logits.shape[1])
-    return _implementation(TOPK_IMPLEMENTATIONS, backend, "kd_loss_topk")(
+    return _kernels(TOPK_ROUTES, backend, "kd_loss_topk").kd_loss_topk(
         student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target, temperature, alpha, reduction,
         ignore_index, compute_grad)
 
@@ -118,3 +139,41 @@ kd_loss_topk.register_autograd(_backward, setup_context=_setup_context)
 # Under torch.autocast the loss computes in float32, like F.cross_entropy.
 register_autocast("ptd_sparse::kd_loss", torch.float32)
 register_autocast("ptd_sparse::kd_loss_topk", torch.float32)
+
+
+def _python_operators(backend: str):
+    """(dense, top-k) calls of ptd_sparse::kd_loss and kd_loss_topk on `backend`, with the arguments of a route's
+    call: the loss alone, its gradient computed in the same pass when autograd will ask for it."""
+
+    def call(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index):
+        compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+        return kd_loss(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index,
+                       compute_grad, backend)[0]
+
+    def call_topk(student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target, temperature, alpha,
+                  reduction, ignore_index):
+        compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+        return kd_loss_topk(student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target, temperature,
+                            alpha, reduction, ignore_index, compute_grad, backend)[0]
+
+    return call, call_topk
+
+
+_triton_call, _triton_call_topk = _python_operators("triton")
+_reference_call, _reference_call_topk = _python_operators("reference")
+# Backend -> route of a dense teacher. Every call takes (student_logits, teacher_logits, target, temperature, alpha,
+# reduction code, ignore_index) and returns the loss; the teacher needs no gradient (the public function detaches it).
+ROUTES: dict[str, Route] = {
+    "cpu": Route("ptd_sparse_kernels::kd_loss_differentiable", native.differentiable),
+    "cuda": Route("ptd_sparse_kernels::kd_loss_differentiable", native.differentiable),
+    "triton": Route("ptd_sparse::kd_loss", _triton_call, kernels=_triton_kernels),
+    "reference": Route("ptd_sparse::kd_loss", _reference_call, kernels=_reference_kernels),
+}
+# Backend -> route of a top-k teacher: the same with the teacher as (indices, logits, rest_mass). Every route checks
+# the teacher's values (ptd_sparse._kd_contract.check_topk_teacher) before its kernel runs.
+TOPK_ROUTES: dict[str, Route] = {
+    "cpu": Route("ptd_sparse_kernels::kd_loss_topk_differentiable", native.differentiable_topk),
+    "cuda": Route("ptd_sparse_kernels::kd_loss_topk_differentiable", native.differentiable_topk),
+    "triton": Route("ptd_sparse::kd_loss_topk", _triton_call_topk, kernels=_triton_kernels),
+    "reference": Route("ptd_sparse::kd_loss_topk", _reference_call_topk, kernels=_reference_kernels),
+}

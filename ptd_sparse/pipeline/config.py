@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, NamedTuple
 
+from ptd_sparse.data import is_streaming
 from ptd_sparse.pipeline import factories
 from ptd_sparse.pipeline.prune_methods import PRUNE_METHODS
 from ptd_sparse.pipeline.training import SCHEDULES
@@ -181,6 +182,45 @@ class DataConfig(Section):
     batch_size: int = setting(128, AT_LEAST_ONE)
     crop_padding: int = setting(2, NON_NEGATIVE)
     flip: bool = setting(True)
+    # The user's data instead of the built-in data set `name` (ptd_sparse.data.streaming), read through a DataLoader
+    # with `workers` processes (0: in the training process): factory, "package.module:function" returning (train,
+    # test) torch Datasets, called with factory_kwargs; or image_folder, a folder of train/ and test/ (or val/) class
+    # subfolders, resized to image_size (0: the first image's shorter side). mean and std (both or neither; () =
+    # computed from the training split) and num_classes (0 = inferred) are for these sources only.
+    factory: str = setting("")
+    factory_kwargs: dict = setting({})
+    image_folder: str = setting("")
+    image_size: int = setting(0, NON_NEGATIVE)
+    num_classes: int = setting(0, NON_NEGATIVE)
+    mean: list = setting([])
+    std: list = setting([])
+    workers: int = setting(2, NON_NEGATIVE)
+
+    def check(self) -> None:
+        if self.factory and self.image_folder:
+            raise ConfigError("data.factory and data.image_folder name two data sources; set one of them")
+        if self.factory and ":" not in self.factory:
+            raise ConfigError(f"data.factory must be package.module:function, got {self.factory!r}")
+        if self.factory_kwargs and not self.factory:
+            raise ConfigError("data.factory_kwargs are the keyword arguments of data.factory, which is not set")
+        for key in ("mean", "std", "image_size", "num_classes"):
+            if getattr(self, key) and not is_streaming(self):
+                raise ConfigError(f"data.{key} is for data.factory and data.image_folder; the built-in data set "
+                                  f"{self.name} has its own")
+        if self.image_size and self.factory:
+            raise ConfigError("data.image_size resizes data.image_folder's images; a factory's data sets give images "
+                              "of their own size (resize them in its transform)")
+        if bool(self.mean) != bool(self.std):
+            raise ConfigError("data.mean and data.std go together: set both (the statistics of your images in [0, 1]) "
+                              "or neither (computed from the training split)")
+        numbers = [v for v in (*self.mean, *self.std) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) != len(self.mean) + len(self.std) or not all(math.isfinite(v) for v in numbers):
+            raise ConfigError(f"data.mean and data.std must be finite numbers, got {list(self.mean)} and "
+                              f"{list(self.std)}")
+        if any(v <= 0 for v in self.std):
+            raise ConfigError(f"data.std must be positive numbers, got {list(self.std)}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
 
 @section("teacher")

@@ -3,7 +3,8 @@ contexts and schedules, the done.json markers.
 
 Building a Run only records its directory and configuration. Run.open() (or `with Run(...) as run`) starts it: the
 device and thread count, the process group under torchrun, the lock on the directory, and config.json (checked against
-the one a run before this one wrote, then written); close() lets the directory go. Layout: ptd_sparse.pipeline.stages.
+the one a run before this one wrote, then written); close() lets the directory go. The data set is opened when a
+stage first asks for it (and data.json written then). Layout: ptd_sparse.pipeline.stages.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ptd_sparse import directory_lock, distributed
-from ptd_sparse.data import Augmentation, load_dataset, resolve_root
+from ptd_sparse.data import Augmentation, open_dataset, preprocessing
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline import tensorboard
 from ptd_sparse.pipeline.checkpoint import read_json
@@ -83,10 +84,12 @@ class Run:
 
     @property
     def dataset(self):
+        """The data set of [data]: a built-in one in memory, or the user's (data.factory, data.image_folder) streamed;
+        opening it writes data.json, what a deployed model expects of its input (docs/pipeline.md, "Your data")."""
         if self._dataset is None:
-            data = self.config.data
-            self._dataset = load_dataset(data.name, resolve_root(data.root), data.val_fraction,
-                                         self.config.run.seed, data.train_subset or None)
+            self._dataset = open_dataset(self.config.data, self.config.run.seed)
+            if distributed.is_main():
+                write_json(self.dir / "data.json", preprocessing(self._dataset, self.config.data))
         return self._dataset
 
     def context(self, seed: int, progress: StageProgress | None = None, **extra) -> Context:
@@ -146,6 +149,7 @@ RESUME_MAY_CHANGE = (
     # architecture.md, "Reproducibility"), which is why a byte-identical run keeps it.
     "run.threads",
     "run.tensorboard",  # curves written beside metrics.jsonl: a record of the training, not an input to it
+    "data.workers",  # processes that read a streaming data set's batches: the same batches, in the same order
 )
 
 

@@ -7,6 +7,7 @@ and a training interrupted mid-way resumes from its per-epoch state. The cache s
 distillation are in caching.py, the teachers students learn from and their records in teacher_sources.py, the report
 in report.py. Layout of a run directory:
     config.json                      the resolved configuration
+    data.json                        what the models expect of an image: input shape, mean and std, class names
     metrics.jsonl                    one line per epoch of every training, and stage events
     teacher/model, teacher/init      the trained teacher (and its initial weights, for weight rewinding)
     prune/round_<k>/                 the teacher after round k; prune/sparsity_<s>/ the pruned teacher of target s
@@ -25,8 +26,9 @@ from pathlib import Path
 import torch
 
 from ptd_sparse import distributed
+from ptd_sparse.data import check_model_fits, is_streaming
 from ptd_sparse.files import write_json
-from ptd_sparse.pipeline import caching, prune_plan, pruning
+from ptd_sparse.pipeline import caching, factories, prune_plan, pruning
 from ptd_sparse.pipeline import design as design_rule
 from ptd_sparse.pipeline.checkpoint import load_model, read_json, save_model
 from ptd_sparse.pipeline.models import build_model, count_parameters
@@ -76,6 +78,10 @@ def train_teacher(run: Run) -> dict:
     torch.manual_seed(run.config.run.seed)
     spec = run.spec("teacher")
     model = build_model(**spec)
+    # A factory's model may not fit the data's images or classes (the zoo's are built for them): one forward checks it
+    # before any training, as it does every model on a user's data (data.factory, data.image_folder).
+    if factories.is_factory(spec["name"]) or is_streaming(run.config.data):
+        check_model_fits(model, run.dataset, "teacher.model")
     if not (folder / "init" / "model.json").exists() and distributed.is_main():
         save_model(model, folder / "init", spec)  # the starting point weight rewinding returns to
     distributed.barrier()  # every rank starts from the weights rank 0 saved
@@ -195,6 +201,8 @@ def distill_students(run: Run) -> dict:
                 torch.manual_seed(seed)
                 spec = _student_spec(run, variant, target, designs)
                 student = build_model(**spec)
+                if factories.is_factory(spec["name"]):
+                    check_model_fits(student, run.dataset, f"the {key} student's model {spec['name']}")
                 distillation = None
                 if name is not None:
                     if name not in teachers:

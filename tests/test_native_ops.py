@@ -1,4 +1,4 @@
-"""The compiled backends' differentiable operators (ptd_sparse_kernels::sparse_conv2d, kd_loss_differentiable,
+"""The native backends' differentiable operators (ptd_sparse_kernels::sparse_conv2d, kd_loss_differentiable,
 kd_loss_topk_differentiable; autograd and autocast registered in C++): gradcheck, opcheck, and agreement with the
 Python operators they stand in for on eager calls."""
 from __future__ import annotations
@@ -43,9 +43,11 @@ def test_conv_gradcheck_and_opcheck(relu, bias, generator):
 
 
 def test_conv_matches_the_python_operator_and_computes_only_needed_gradients(generator):
+    """The C++ autograd rule of ptd_sparse_kernels::sparse_conv2d and the Python one of ptd_sparse::sparse_conv2d
+    (ptd_sparse.ops.sparse_conv2d.autograd_rule, here on the reference kernels) give the same gradients."""
     args, sparse = conv_case(generator, dtype=torch.float32, batch=3, relu=True)
     out = torch.ops.ptd_sparse_kernels.sparse_conv2d(*args)
-    expected = torch.ops.ptd_sparse.sparse_conv2d(*args[:-1], "cpu", True)
+    expected = torch.ops.ptd_sparse.sparse_conv2d(*args[:-1], "reference", True)
     torch.testing.assert_close(out, expected)
     x, values, bias = args[0], args[1], args[8]
     got = torch.autograd.grad(out.sum(), (x, values, bias))
@@ -84,6 +86,8 @@ def test_loss_gradcheck_and_opcheck(reduction, generator):
 
 
 def test_loss_backward_scales_by_the_incoming_gradient(generator):
+    """The C++ autograd rule of the native loss operators and the Python one of ptd_sparse::kd_loss (on the
+    reference backend) give the same gradients for an incoming gradient other than 1."""
     student = torch.randn(5, 4, generator=generator, requires_grad=True)
     teacher = torch.randn(5, 4, generator=generator)
     loss = ptd_sparse.kd_loss(student, teacher, None, temperature=3.0, alpha=0.5, backend="cpu")
@@ -99,7 +103,7 @@ def test_loss_backward_scales_by_the_incoming_gradient(generator):
     torch.testing.assert_close(grad, expected)
 
 
-def test_public_functions_use_the_compiled_operators(generator):
+def test_public_functions_use_the_native_operators(generator):
     """Eager calls of the cpu backend reach the C++ operators, not the Python custom ops: the autograd node is the
     C++ function's."""
     x = torch.randn(1, 3, 6, 6, generator=generator, requires_grad=True)

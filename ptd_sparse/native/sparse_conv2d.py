@@ -1,0 +1,46 @@
+"""Sparse convolution on the native (C++/CUDA) kernels: forward, backward-data and backward-weight are separate
+kernel operators (ptd_sparse_kernels::conv_forward, conv_backward_input, conv_backward_values).
+
+`differentiable` is the route of the cpu and cuda backends (ptd_sparse/ops/sparse_conv2d.py, ROUTES): the C++
+operator ptd_sparse_kernels::sparse_conv2d, whose autograd and autocast rules are registered in C++
+(csrc/autograd/), so an eager call crosses no Python layer after the public function. The fake kernels below give
+torch.compile the shapes of all four operators.
+"""
+from __future__ import annotations
+
+import torch
+
+from ptd_sparse._extension import extension_problem, kernel_operator
+from ptd_sparse.conv_geometry import conv_output_shape
+
+
+# (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation, relu=False)
+# -> output: the C++ operator itself, bound once.
+differentiable = kernel_operator("sparse_conv2d")
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile and FakeTensor. The differentiable operator's C++ autograd runs above FakeTensor's
+    dispatch key and calls the kernels, so they need fake implementations too."""
+
+    @torch.library.register_fake("ptd_sparse_kernels::sparse_conv2d")
+    def _fake(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
+              relu=False):
+        return input.new_empty(conv_output_shape(input, weight_shape, stride, padding, dilation))
+
+    @torch.library.register_fake("ptd_sparse_kernels::conv_forward")
+    def _fake_forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu=False):
+        return input.new_empty(conv_output_shape(input, weight_shape, stride, padding, dilation))
+
+    @torch.library.register_fake("ptd_sparse_kernels::conv_backward_input")
+    def _fake_backward_input(grad_output, values, col_idx, t_ptr, t_rows, t_perm, weight_shape, input_shape, stride,
+                             padding, dilation):
+        return grad_output.new_empty(input_shape)
+
+    @torch.library.register_fake("ptd_sparse_kernels::conv_backward_values")
+    def _fake_backward_values(grad_output, input, row_ptr, col_idx, weight_shape, stride, padding, dilation):
+        return grad_output.new_empty(col_idx.shape)
+
+
+if extension_problem() is None:
+    _register_fake()

@@ -1,0 +1,152 @@
+"""What a SparseConv2d holds: values, row_ptr and col_idx for inference; the transposed view the input gradient
+reads only while calls want gradients (derived on the first, dropped by eval()); the flat positions never."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import device_backends, on_device, random_mask
+from torch import nn
+from torch.nn.utils import prune
+
+import ptd_sparse
+from ptd_sparse import _format_checks
+from ptd_sparse.functional import sparse_conv2d_indexed
+from ptd_sparse.nn import SparseConv2d
+from ptd_sparse.nn.sparse_conv2d import DERIVED_INDEX_NAMES
+from ptd_sparse.pattern import ConvPattern, transposed_view
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `module` itself, plus the index views it derived."""
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    if module._index_views is not None:
+        tensors += list(module._index_views[1])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def two_layer_model(generator) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2))
+    for conv in (model[0], model[2]):
+        prune.custom_from_mask(conv, "weight", random_mask(conv.weight.shape, 0.2, generator))
+    return model
+
+
+@pytest.mark.parametrize("route", ["sparse", "measure", "density"])
+def test_an_inference_model_holds_eight_bytes_per_nonzero(generator, route):
+    model = two_layer_model(generator)
+    sparse = ptd_sparse.sparsify(model, routes=route)
+    layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
+    assert layers
+    with torch.no_grad():
+        for batch in (1, 5, 16):
+            x = torch.randn(batch, 3, 12, 12, generator=generator)
+            torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
+    for layer in layers:
+        assert {name for name, _ in layer.named_buffers(recurse=False)} == {"row_ptr", "col_idx"}
+        assert layer._index_views is None
+        c_out = layer.weight_shape[0]
+        assert held_bytes(layer) == 8 * layer.nnz + 4 * (c_out + 1) + 4 * c_out  # values, col_idx; row_ptr; bias
+        assert not any(f"{name}" in layer.state_dict() for name in DERIVED_INDEX_NAMES)
+
+
+def test_a_call_that_wants_gradients_derives_the_view_and_eval_drops_it(generator):
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.3, generator), backend="cpu")
+    layer.eval()
+    x = torch.randn(3, 5, 6, 6, generator=generator, requires_grad=True)
+    with torch.no_grad():
+        layer(x)
+    assert layer._index_views is None
+    out = layer(x)
+    assert layer._index_views is not None
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    dense = layer.sparse_weight.to_dense().detach().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    F.conv2d(x_ref, dense, layer.bias.detach(), 1, 1).backward(grad_out)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.values.grad, dense.grad.reshape(-1)[layer.sparse_weight.pattern.flat_index],
+                               atol=1e-5, rtol=1e-5)
+    view = layer._index_views[1]
+    layer(x).sum().backward()  # the same pattern: the view is reused, not derived again
+    assert layer._index_views[1] is view
+    layer.train()
+    assert layer._index_views is not None
+    layer.eval()
+    assert layer._index_views is None
+
+
+def test_a_loaded_pattern_gets_a_new_view(generator):
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.3, generator), backend="cpu")
+    other = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.3, generator), backend="cpu")
+    x = torch.randn(2, 4, 5, 5, generator=generator, requires_grad=True)
+    layer(x).sum().backward()
+    assert not torch.equal(layer.col_idx, other.col_idx)
+    layer.load_state_dict(other.state_dict())
+    x.grad = None
+    layer(x).sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    F.conv2d(expected, other.sparse_weight.to_dense().detach(), other.bias.detach(), 1, 1).sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_derived_view_is_the_pattern_built_from_the_mask(generator, groups):
+    mask = random_mask((8, 6 // groups, 3, 2), 0.35, generator)
+    pattern = ConvPattern.from_mask(mask, groups)
+    for got, want in zip(transposed_view(pattern.row_ptr, pattern.col_idx, pattern.shape),
+                         (pattern.t_ptr, pattern.t_rows, pattern.t_perm), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    full = ConvPattern._from_trusted_csr(pattern.shape, pattern.row_ptr, pattern.col_idx, groups)
+    _format_checks.check_pattern(full.shape, *(getattr(full, n) for n in ConvPattern.index_names()), groups)
+    assert torch.equal(full.flat_index, pattern.flat_index)
+
+
+def test_state_dicts_that_hold_the_derived_indices_load_checked(generator):
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    mask = random_mask(conv.weight.shape, 0.4, generator)
+    layer = SparseConv2d.from_conv(conv, mask)
+    pattern = ConvPattern.from_mask(mask)
+    with_derived = dict(layer.state_dict(), **{name: getattr(pattern, name) for name in DERIVED_INDEX_NAMES})
+    fresh = SparseConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1), random_mask(conv.weight.shape, 0.4, generator))
+    fresh.load_state_dict(with_derived)
+    assert set(fresh.state_dict()) == set(layer.state_dict())
+    x = torch.randn(2, 4, 5, 5, generator=generator)
+    torch.testing.assert_close(fresh(x), layer(x))
+    corrupt = dict(with_derived, t_perm=with_derived["t_perm"].clone())
+    corrupt["t_perm"][1] = corrupt["t_perm"][0]
+    with pytest.raises(ValueError, match=r"SparseConv2d .*t_perm holds CSR position"):
+        fresh.load_state_dict(corrupt)
+    partial = dict(with_derived)
+    del partial["t_rows"]
+    with pytest.raises(ValueError, match=r"holds \['flat_index', 't_perm', 't_ptr'\] but not the rest"):
+        fresh.load_state_dict(partial)
+
+
+@pytest.mark.parametrize("backend", device_backends("sparse_conv2d"))
+def test_every_backend_runs_a_call_without_the_view(backend, generator):
+    conv = nn.Conv2d(3, 5, 3, padding=1, stride=2)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.3, generator), backend=backend)
+    layer = layer.to(on_device(backend, torch.empty(0)).device)
+    x = on_device(backend, torch.randn(2, 3, 7, 6, generator=generator))
+    with torch.no_grad():
+        out = layer(x)
+    assert layer._index_views is None
+    expected = F.conv2d(x, layer.sparse_weight.to_dense(), layer.bias, 2, 1)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", device_backends("sparse_conv2d"))
+def test_the_input_gradient_refuses_an_empty_view(backend, generator):
+    if backend == "reference":
+        pytest.skip("the reference differentiates F.conv2d and reads no transposed view")
+    pattern = ConvPattern.from_mask(random_mask((4, 3, 3, 3), 0.4, generator))
+    x, values = on_device(backend, torch.randn(1, 3, 5, 5, generator=generator), torch.randn(pattern.nnz))
+    pattern = pattern.to(x.device)
+    absent = pattern.row_ptr.new_empty(0)
+    out = sparse_conv2d_indexed(x.requires_grad_(), values, (pattern.row_ptr, pattern.col_idx, absent, absent, absent),
+                                pattern.shape, pattern.density, padding=1, backend=backend)
+    with pytest.raises((ValueError, RuntimeError), match="transposed view"):
+        out.sum().backward()
