@@ -19,7 +19,7 @@ from ptd_sparse.data import Augmentation, open_dataset, preprocessing
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline import tensorboard
 from ptd_sparse.pipeline.checkpoint import read_json
-from ptd_sparse.pipeline.config import Config
+from ptd_sparse.pipeline.config import DEFAULTS, Config
 from ptd_sparse.pipeline.models import default_plan
 from ptd_sparse.pipeline.progress import StageProgress
 from ptd_sparse.pipeline.training import Context, Schedule, channels_last_for, precision_for, steps_per_epoch
@@ -167,15 +167,31 @@ def _results_config(config: dict) -> dict:
 
 def config_differences(stored: dict, config: dict) -> list[str]:
     """'section.key: <stored> there, <config> here' for every results-changing key on which a run directory's
-    config.json (stored) and this configuration (Config.to_dict()) differ."""
+    config.json (stored) and this configuration (Config.to_dict()) differ. A key that config.json lacks (one added
+    since that run was started) held what it then had: its default, as Config.from_dict reads a missing key."""
+    stored, defaulted = _with_defaults(stored, config)
     old, new = _results_config(stored), _results_config(config)
     differences = []
     for section in sorted(set(old) | set(new)):
         before, after = old.get(section, {}), new.get(section, {})
         for key in sorted(set(before) | set(after)):
             if (key in before) != (key in after) or before.get(key) != after.get(key):
-                differences.append(f"{section}.{key}: {_shown(before, key)} there, {_shown(after, key)} here")
+                shown = _shown(before, key) + (" (absent: the default)" if f"{section}.{key}" in defaulted else "")
+                differences.append(f"{section}.{key}: {shown} there, {_shown(after, key)} here")
     return differences
+
+
+def _with_defaults(stored: dict, config: dict) -> tuple[dict, set[str]]:
+    """`stored` with each key of `config` that it lacks set to the key's default (DEFAULTS), and those keys
+    ("section.key"). Keys the configuration does not know stay as they are (and differ: absent here)."""
+    filled = {section: dict(values) for section, values in stored.items()}
+    defaulted = set()
+    for section, values in config.items():
+        for key in values:
+            if key in DEFAULTS.get(section, {}) and key not in filled.get(section, {}):
+                filled.setdefault(section, {})[key] = json.loads(json.dumps(DEFAULTS[section][key]))
+                defaulted.add(f"{section}.{key}")
+    return filled, defaulted
 
 
 def _shown(values: dict, key: str) -> str:
