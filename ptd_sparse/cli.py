@@ -168,13 +168,14 @@ def _run(args: argparse.Namespace) -> int:
         args.seeds = 1  # the sweep's own default; --seeds N repeats every setting N times
     config = load_config(args.config, overrides)
     from ptd_sparse import distributed
-    from ptd_sparse.pipeline import stages
+    from ptd_sparse.pipeline import caching, stages
     from ptd_sparse.pipeline.report import write_report
+    from ptd_sparse.pipeline.run_directory import Run
 
     main_rank = True
-    run = None
+    run = Run(Path(args.out), config)
     try:
-        run = stages.Run(Path(args.out), config)
+        run.open()
         main_rank = distributed.is_main()  # read before teardown, after which every process looks like rank 0
         if args.command == "sweep":
             from ptd_sparse.pipeline.sweep import sweep_distillation
@@ -185,13 +186,12 @@ def _run(args: argparse.Namespace) -> int:
                 print(result["table"])
             return 0
         action = {"train": stages.train_teacher, "prune": stages.prune_teacher, "design": stages.design_students,
-                  "cache": stages.cache_teacher,
+                  "cache": caching.cache_teacher,
                   "distill": stages.distill_students, "report": write_report, "run": stages.run_all}[args.command]
         with _log_beside_progress_bars():
             result = action(run)
     finally:
-        if run is not None:
-            run.close()
+        run.close()
         distributed.teardown()
     if main_rank:
         if args.command in ("run", "report"):

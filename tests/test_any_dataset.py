@@ -19,8 +19,8 @@ from ptd_sparse import cli
 from ptd_sparse.cache import CacheError, TeacherCache, build_cache, make_spec
 from ptd_sparse.data import (Augmentation, DataError, Dataset, Split, StreamSplit, batches, dataset_identity,
                              open_dataset)
-from ptd_sparse.pipeline import stages
-from ptd_sparse.pipeline.config import ConfigError, load_config
+from ptd_sparse.pipeline import caching, stages
+from ptd_sparse.pipeline.config import ConfigError, DataConfig, load_config
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.training import Context, Distillation, Schedule, fit
 
@@ -30,9 +30,9 @@ TINY_PLAN = ["data.batch_size=64", "teacher.epochs=1", "prune.targets=[0.36]", "
              "run.seeds=1", "run.progress=false", "data.train_subset=0"]
 
 
-def settings(*overrides: str) -> dict:
+def settings(*overrides: str) -> DataConfig:
     return load_config(None, [f"data.factory={FACTORY!r}".replace("'", '"'), "data.workers=0",
-                              "data.train_subset=0", *overrides])["data"]
+                              "data.train_subset=0", *overrides]).data
 
 
 def args(command: str, out: Path, *overrides: str) -> list[str]:
@@ -152,7 +152,7 @@ def test_a_cache_of_other_data_is_refused(streamed, tmp_path):
     other = open_dataset(settings("data.factory_kwargs={train = 280}"), seed=0)
     stored = make_spec("t" * 64, streamed, Augmentation(2, True))
     expected = make_spec("t" * 64, other, Augmentation(2, True))
-    differences = stages._cache_differences(stored, expected, load_config())
+    differences = caching.cache_differences(stored, expected, load_config())
     assert len(differences) == 1 and "the data set" in differences[0]
     assert f"{FACTORY} train (270 samples" in differences[0] and f"{FACTORY} train (252 samples" in differences[0]
     cache = build_cache(tmp_path / "c", small_model().eval(), streamed, make_spec("t", streamed, Augmentation(),
@@ -190,7 +190,7 @@ def test_image_folder_is_resized_labelled_and_trained_on(tmp_path, capsys):
     pytest.importorskip("torchvision")
     root = write_image_folder(tmp_path / "images")
     data = load_config(None, [f'data.image_folder="{root}"', "data.image_size=16", "data.val_fraction=0.2",
-                              "data.workers=0", "data.train_subset=0"])["data"]
+                              "data.workers=0", "data.train_subset=0"]).data
     dataset = open_dataset(data, seed=0)
     assert dataset.class_names == ["cat", "dog", "emu"] and dataset.num_classes == 3
     assert dataset.train.shape == (3, 16, 16) and dataset.train.dtype == torch.uint8
@@ -252,10 +252,10 @@ def test_missing_folders_and_mismatched_models_are_refused(tmp_path, monkeypatch
     pytest.importorskip("torchvision")
     monkeypatch.syspath_prepend(str(TESTS))
     with pytest.raises(DataError, match="is not a folder"):
-        open_dataset(load_config(None, [f'data.image_folder="{tmp_path / "none"}"'])["data"], 0)
+        open_dataset(load_config(None, [f'data.image_folder="{tmp_path / "none"}"']).data, 0)
     (tmp_path / "flat" / "train" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match=r"must hold train/ and test/ \(or val/\)"):
-        open_dataset(load_config(None, [f'data.image_folder="{tmp_path / "flat"}"'])["data"], 0)
+        open_dataset(load_config(None, [f'data.image_folder="{tmp_path / "flat"}"']).data, 0)
     # A factory model built for 5 classes on 10-class data: one line naming the key, before any training.
     assert cli.main(args("train", tmp_path / "run", "teacher.model='any_dataset_factory:tiny_cnn'",
                          "teacher.kwargs={num_classes = 5}")) == 2

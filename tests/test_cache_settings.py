@@ -10,7 +10,8 @@ from pipeline_helpers import fake_fashion_mnist, short_distill_args as args, tin
 
 from ptd_sparse import cli
 from ptd_sparse.cache import CacheError
-from ptd_sparse.pipeline import stages
+from ptd_sparse.pipeline import caching
+from ptd_sparse.pipeline.run_directory import Run
 from ptd_sparse.pipeline.config import load_config
 
 
@@ -88,12 +89,12 @@ def test_views_zero_names_its_rule_and_another_teacher_is_named(run_with_caches,
     from ptd_sparse.cache.store import read_manifest
 
     stored = read_manifest(out / "cache" / "teacher")[0]
-    run = stages.Run(tmp_path / "other", load_config(None, tiny_run_overrides(root) + [
+    run = Run(tmp_path / "other", load_config(None, tiny_run_overrides(root) + [
         "teacher.epochs=1", "teacher.milestones=[]", "distill.epochs=3", 'distill.variants=["kd_unpruned"]',
         "cache.enabled=true"]))
-    expected = stages._cache_spec(run, stored.teacher)
-    assert stages._cache_differences(stored, expected, run.config) == [
+    expected = caching.cache_spec(run, stored.teacher)
+    assert caching.cache_differences(stored, expected, run.config) == [
         "cache.views is 2 in the cache but 3 in the configuration (cache.views = 0: one view per distillation epoch)"]
-    other_teacher = stages._cache_spec(run, "f" * 64)
-    assert stages._cache_differences(stored, other_teacher, run.config)[0].startswith(
+    other_teacher = caching.cache_spec(run, "f" * 64)
+    assert caching.cache_differences(stored, other_teacher, run.config)[0].startswith(
         f"the teacher: the cache was made from the teacher with fingerprint {stored.teacher[:12]}")

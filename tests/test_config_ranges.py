@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from ptd_sparse.pipeline import config, stages
+from ptd_sparse.pipeline import config
+from ptd_sparse.pipeline.run_directory import Run
 
 NUMERIC_KEYS = [f"{section}.{key}" for section, values in config.DEFAULTS.items()
                 for key, default in values.items()
@@ -63,7 +64,8 @@ def test_every_numeric_key_is_range_checked(key):
         with pytest.raises(config.ConfigError, match=f"^{re.escape(key)} must be (an integer|a finite number) "):
             config.load_config(None, [f"{key}={toml(value)}"])
     for value in admitted_values(key):
-        assert config.load_config(None, [f"{key}={toml(value)}"])[key.split(".")[0]][key.split(".")[1]] == value
+        section, name = key.split(".")
+        assert getattr(config.load_config(None, [f"{key}={toml(value)}"]).section(section), name) == value
 
 
 @pytest.mark.parametrize("override,message", [
@@ -90,6 +92,6 @@ def test_ranges_hold_for_a_toml_file_too(tmp_path):
 
 
 def test_teacher_momentum_reaches_the_optimizer(tmp_path):
-    with stages.Run(tmp_path / "run", config.load_config(None, ["teacher.momentum=0.5"])) as run:
+    with Run(tmp_path / "run", config.load_config(None, ["teacher.momentum=0.5"])) as run:
         assert run.schedule("teacher").momentum == 0.5
         assert run.schedule("distill").momentum == 0.9  # distillation and pruning keep SGD's 0.9

@@ -17,8 +17,8 @@ from ptd_sparse.pipeline import checkpoint, config, design, importing, models, p
 
 def test_defaults_and_overrides():
     cfg = config.load_config(None, ["prune.targets=[0.59, 0.36]", "distill.alpha=0.5", "data.name=cifar10"])
-    assert cfg["prune"]["targets"] == [0.36, 0.59]
-    assert cfg["distill"]["alpha"] == 0.5 and cfg["data"]["name"] == "cifar10"
+    assert cfg.prune.targets == (0.36, 0.59)
+    assert cfg.distill.alpha == 0.5 and cfg.data.name == "cifar10"
 
 
 @pytest.mark.parametrize("override,match", [

@@ -240,8 +240,8 @@ def test_curve_preset_at_toy_size(tmp_path):
     """configs/curve.toml as it is, shrunk only in data and epochs: every target is pruned, designed and distilled
     with every seed, and the report draws the accuracy-against-sparsity figure."""
     preset = config_module.load_config(ROOT / "configs" / "curve.toml")
-    targets = preset["prune"]["targets"]
-    assert len(targets) >= 3 and preset["run"]["seeds"] >= 3
+    targets = list(preset.prune.targets)
+    assert len(targets) >= 3 and preset.run.seeds >= 3
     root = fake_fashion_mnist(tmp_path / "data", train=300, test=50)
     out = tmp_path / "run"
     toy = [f"data.root={json.dumps(str(root))}", "data.train_subset=0", "data.batch_size=100", "teacher.epochs=1",

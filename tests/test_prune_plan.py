@@ -28,7 +28,7 @@ def test_colliding_targets_each_get_a_round(targets):
 
 
 def test_oneshot_prunes_straight_to_each_target():
-    assert pruning_levels([0.36, 0.40], method="oneshot") == [0.36, 0.40]
+    assert pruning_levels([0.36, 0.40], one_shot=True) == [0.36, 0.40]
 
 
 @pytest.mark.parametrize("targets,match", [

@@ -9,15 +9,16 @@ from pipeline_helpers import fake_fashion_mnist, short_distill_args as args
 from ptd_sparse import cli
 from ptd_sparse.pipeline import stages
 from ptd_sparse.pipeline.config import load_config
+from ptd_sparse.pipeline.teacher_sources import TEACHER_SOURCE_FILE, teacher_source
 
 
 def test_teacher_source_holds_what_changes_a_students_results():
-    live = stages.teacher_source(load_config(None, ["cache.form=topk", "cache.k=3"]))
+    live = teacher_source(load_config(None, ["cache.form=topk", "cache.k=3"]))
     assert live == {"teacher": "live"}  # cache settings matter only when the cache is used
-    full = stages.teacher_source(load_config(None, ["cache.enabled=true"]))
-    moved = stages.teacher_source(load_config(None, ["cache.enabled=true", 'cache.dir="/elsewhere"', "cache.chunk=7"]))
+    full = teacher_source(load_config(None, ["cache.enabled=true"]))
+    moved = teacher_source(load_config(None, ["cache.enabled=true", 'cache.dir="/elsewhere"', "cache.chunk=7"]))
     assert full == moved
-    topk = stages.teacher_source(load_config(None, ["cache.enabled=true", "cache.form=topk", "cache.k=3"]))
+    topk = teacher_source(load_config(None, ["cache.enabled=true", "cache.form=topk", "cache.k=3"]))
     assert topk != full and topk["k"] == 3
 
 
@@ -44,5 +45,5 @@ def test_half_trained_student_refuses_another_cache_configuration(tmp_path, monk
     assert not (student / "done.json").exists()
 
     assert cli.main(args("distill", out, root)) == 0  # the same source resumes
-    assert json.loads((student / stages.TEACHER_SOURCE_FILE).read_text()) == {"teacher": "live"}
+    assert json.loads((student / TEACHER_SOURCE_FILE).read_text()) == {"teacher": "live"}
     assert json.loads((student / "done.json").read_text())["epochs"] == 2

@@ -14,6 +14,10 @@ torchvision's ToTensor gives). The pipeline augments (data.crop_padding, data.fl
 ((x - mean) / std with data.mean / data.std, or statistics computed from the training split) batches itself, as for
 the built-in data sets; the source's own transforms must therefore be deterministic (a random transform would give the
 teacher-logit cache and the student different images), and that is checked by reading one sample twice.
+
+`settings` below is a configuration's [data] section, ptd_sparse.pipeline.config.DataConfig: its keys are attributes
+(settings.factory, settings.workers, ...), typed and checked against each other when the section is built (this
+package sits below the pipeline and does not import it).
 """
 from __future__ import annotations
 
@@ -338,8 +342,8 @@ def _statistics(train: StreamSplit, seed: int) -> tuple[Tensor, Tensor]:
     return mean.float(), variance.clamp_min(0).sqrt().float().clamp_min(1e-6)
 
 
-def _normalisation(settings: dict, channels: int, train: StreamSplit, seed: int) -> tuple[Tensor, Tensor]:
-    mean, std = settings.get("mean") or [], settings.get("std") or []
+def _normalisation(settings, channels: int, train: StreamSplit, seed: int) -> tuple[Tensor, Tensor]:
+    mean, std = settings.mean, settings.std
     if not mean and not std:
         return _statistics(train, seed)
     for key, values in (("data.mean", mean), ("data.std", std)):
@@ -351,49 +355,22 @@ def _normalisation(settings: dict, channels: int, train: StreamSplit, seed: int)
     return mean_t, std_t
 
 
-def check_settings(settings: dict) -> None:
-    """The data.* keys of the streaming sources, checked before anything runs (raises DataError)."""
-    if settings["factory"] and settings["image_folder"]:
-        raise DataError("data.factory and data.image_folder name two data sources; set one of them")
-    if settings["factory"] and ":" not in settings["factory"]:
-        raise DataError(f"data.factory must be package.module:function, got {settings['factory']!r}")
-    streaming = bool(settings["factory"] or settings["image_folder"])
-    if settings["factory_kwargs"] and not settings["factory"]:
-        raise DataError("data.factory_kwargs are the keyword arguments of data.factory, which is not set")
-    for key in ("mean", "std", "image_size", "num_classes"):
-        if settings[key] and not streaming:
-            raise DataError(f"data.{key} is for data.factory and data.image_folder; the built-in data set "
-                            f"{settings['name']} has its own")
-    if settings["image_size"] and settings["factory"]:
-        raise DataError("data.image_size resizes data.image_folder's images; a factory's data sets give images of "
-                        "their own size (resize them in its transform)")
-    if bool(settings["mean"]) != bool(settings["std"]):
-        raise DataError("data.mean and data.std go together: set both (the statistics of your images in [0, 1]) or "
-                        "neither (computed from the training split)")
-    for value in settings["std"]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise DataError(f"data.std must be positive numbers, got {settings['std']}")
-    for value in settings["mean"]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"data.mean must be numbers, got {settings['mean']}")
+def is_streaming(settings) -> bool:
+    """Whether the [data] section names the user's data (data.factory or data.image_folder)."""
+    return bool(settings.factory or settings.image_folder)
 
 
-def is_streaming(settings: dict) -> bool:
-    return bool(settings.get("factory") or settings.get("image_folder"))
-
-
-def load_streaming(settings: dict, seed: int) -> Dataset:
+def load_streaming(settings, seed: int) -> Dataset:
     """The Dataset of data.factory or data.image_folder: StreamSplits for train, val and test, the validation split
     and the training subset chosen as load_dataset chooses them for the built-in data sets."""
-    check_settings(settings)
-    if settings["factory"]:
-        name, kwargs = settings["factory"], dict(settings.get("factory_kwargs") or {})
+    if settings.factory:
+        name, kwargs = settings.factory, dict(settings.factory_kwargs)
         train_source, test_source = call_factory(name, kwargs)
         description = {"factory": name, "kwargs": kwargs}
         what = f"data.factory {name}"
     else:
-        folder = str(Path(settings["image_folder"]).expanduser().resolve())
-        train_source, test_source, size = image_folder(folder, settings["image_size"])
+        folder = str(Path(settings.image_folder).expanduser().resolve())
+        train_source, test_source, size = image_folder(folder, settings.image_size)
         name, description, what = f"image_folder:{folder}", {"image_folder": folder, "image_size": size}, \
             f"data.image_folder {folder}"
     image, _ = _first_sample(train_source, f"{what} train set")
@@ -401,18 +378,18 @@ def load_streaming(settings: dict, seed: int) -> Dataset:
     if tuple(test_image.shape) != tuple(image.shape) or test_image.dtype != image.dtype:
         raise DataError(f"{what}: the test set's images are {test_image.dtype} {list(test_image.shape)}, the "
                         f"training set's {image.dtype} {list(image.shape)}")
-    classes = _num_classes(train_source, test_source, settings.get("num_classes") or 0, what)
+    classes = _num_classes(train_source, test_source, settings.num_classes, what)
     names = getattr(train_source, "classes", None)
     if isinstance(names, (list, tuple)) and names and len(names) != classes:
         raise DataError(f"data.num_classes is {classes} but {what}'s training set names {len(names)} classes")
-    workers = settings.get("workers", 0)
+    workers = settings.workers
 
     def split(source, part: str) -> StreamSplit:
         return StreamSplit(source, torch.arange(len(source)), tuple(image.shape), image.dtype, classes,
                            f"{what} {part} set", workers, {**description, "part": part})
 
-    train, val = split_validation(split(train_source, "train"), settings["val_fraction"], seed)
-    subset = settings.get("train_subset") or None
+    train, val = split_validation(split(train_source, "train"), settings.val_fraction, seed)
+    subset = settings.train_subset or None
     if subset is not None:
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:subset]
         train = train.subset(keep)
@@ -421,16 +398,16 @@ def load_streaming(settings: dict, seed: int) -> Dataset:
                    [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None)
 
 
-def open_dataset(settings: dict, seed: int) -> Dataset:
+def open_dataset(settings, seed: int) -> Dataset:
     """The data set of a configuration's [data] section: data.factory or data.image_folder streamed (load_streaming),
     else the built-in data.name loaded into memory (load_dataset, unchanged)."""
     if is_streaming(settings):
         return load_streaming(settings, seed)
-    return load_dataset(settings["name"], resolve_root(settings["root"]), settings["val_fraction"], seed,
-                        settings["train_subset"] or None)
+    return load_dataset(settings.name, resolve_root(settings.root), settings.val_fraction, seed,
+                        settings.train_subset or None)
 
 
-def preprocessing(dataset: Dataset, settings: dict) -> dict:
+def preprocessing(dataset: Dataset, settings) -> dict:
     """What a deployed model of this run expects of an image (a run's data.json, for ONNX Runtime and other
     consumers of `ptd export`): its input shape, the scaling and normalisation the pipeline applied, the classes."""
     record = {"data": dataset.name, "input": {"shape": [1, *map(int, dataset.train.image_shape)], "dtype": "float32",
@@ -439,7 +416,7 @@ def preprocessing(dataset: Dataset, settings: dict) -> dict:
               "mean": [float(v) for v in dataset.mean], "std": [float(v) for v in dataset.std],
               "normalise": "(x - mean) / std per channel", "classes": dataset.num_classes,
               "class_names": dataset.class_names}
-    if settings.get("image_folder"):
+    if settings.image_folder:
         record["resize"] = (f"shorter side to {dataset.image_size} pixels, then a center crop of "
                             f"{dataset.image_size}x{dataset.image_size}, RGB")
     return record

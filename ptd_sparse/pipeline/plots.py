@@ -7,9 +7,7 @@ import math
 from pathlib import Path
 
 from ptd_sparse.pipeline.checkpoint import read_json
-
-COLORS = {"student_ce": "tab:gray", "kd_unpruned": "tab:blue", "kd_pruned": "tab:orange",
-          "designed_kd_pruned": "tab:green"}
+from ptd_sparse.pipeline.variants import VARIANTS
 
 
 def draw_plots(run_dir: Path, folder: Path, summary: list[dict], targets: list[float], teacher_acc: float,
@@ -36,7 +34,7 @@ def _by_variant(plt, folder: Path, summary: list[dict], teacher_acc: float) -> N
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(summary) + 2), 4.5))
     means = [s["test_acc_mean"] for s in summary]
     stds = [s["test_acc_std"] for s in summary]
-    ax.bar(range(len(summary)), means, yerr=stds, capsize=5, color=[COLORS[s["variant"]] for s in summary],
+    ax.bar(range(len(summary)), means, yerr=stds, capsize=5, color=[VARIANTS[s["variant"]].color for s in summary],
            error_kw={"elinewidth": 1.5})
     for i, s in enumerate(summary):  # every seed's value, so the spread is visible, not only its summary
         ax.scatter([i] * len(s["test_acc"]), s["test_acc"], color="black", s=10, zorder=3)
@@ -73,22 +71,22 @@ def _layer_density(plt, folder: Path, rows: list[dict], target: float) -> None:
 
 def _accuracy_vs_sparsity(plt, folder: Path, summary: list[dict], teacher_acc: float, pruned_acc: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant in ("kd_pruned", "designed_kd_pruned"):
-        rows = sorted((s for s in summary if s["variant"] == variant), key=lambda s: s["teacher_sparsity"])
+    for variant in (v for v in VARIANTS.values() if v.per_target):  # a curve over the pruning targets
+        rows = sorted((s for s in summary if s["variant"] == variant.name), key=lambda s: s["teacher_sparsity"])
         if rows:
             ax.errorbar([s["teacher_sparsity"] for s in rows], [s["test_acc_mean"] for s in rows],
-                        yerr=[s["test_acc_std"] for s in rows], marker="o", capsize=4, color=COLORS[variant],
+                        yerr=[s["test_acc_std"] for s in rows], marker="o", capsize=4, color=variant.color,
                         label=rows[0]["description"])
     points = sorted((float(t), 100 * a) for t, a in pruned_acc.items() if not math.isnan(a))
     if points:
         ax.plot(*zip(*points), marker="s", linestyle=":", color="black", label="pruned teacher")
     ax.axhline(teacher_acc, color="black", linestyle="--", linewidth=1, label="unpruned teacher")
-    for variant in ("student_ce", "kd_unpruned"):  # the references that do not depend on the teacher's sparsity
-        row = next((s for s in summary if s["variant"] == variant), None)
+    for variant in (v for v in VARIANTS.values() if not v.per_target):  # references independent of the sparsity
+        row = next((s for s in summary if s["variant"] == variant.name), None)
         if row is not None:
             ax.axhspan(row["test_acc_mean"] - row["test_acc_std"], row["test_acc_mean"] + row["test_acc_std"],
-                       color=COLORS[variant], alpha=0.2)
-            ax.axhline(row["test_acc_mean"], color=COLORS[variant], linewidth=1, label=row["description"])
+                       color=variant.color, alpha=0.2)
+            ax.axhline(row["test_acc_mean"], color=variant.color, linewidth=1, label=row["description"])
     ax.set_xlabel("teacher sparsity (fraction of weights pruned)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Student accuracy against teacher sparsity (mean ± std over seeds)")

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import math
 
-METHODS = ("lr_rewind", "weight_rewind", "finetune", "oneshot")
-
-
 def rounds_for(target: float, rate: float = 0.2) -> int:
     """The n whose 1 - (1 - rate)^n is closest to target (0.79 -> 7, 0.59 -> 4, 0.36 -> 2 at rate 0.2)."""
     if not 0 <= target < 1:
@@ -35,22 +32,21 @@ def target_name(target: float) -> str:
     return f"sparsity_{target:.2f}"
 
 
-def pruning_levels(targets: list[float], rate: float = 0.2, method: str = "lr_rewind") -> list[float]:
-    """The sparsity after each round, ascending; every target is one of them. oneshot prunes straight to each."""
+def pruning_levels(targets: list[float], rate: float = 0.2, one_shot: bool = False) -> list[float]:
+    """The sparsity after each round, ascending; every target is one of them. one_shot: straight to each target (the
+    oneshot method, ptd_sparse.pipeline.prune_methods)."""
     if not targets:
         raise ValueError("pruning needs at least one target sparsity")
     for target in targets:
         if not 0 < target < 1:
             raise ValueError(f"every target sparsity must lie in (0, 1), got {target}")
-    if method not in METHODS:
-        raise ValueError(f"pruning method must be one of {METHODS}, got {method!r}")
     names: dict[str, float] = {}
     for target in sorted(set(targets)):
         other = names.setdefault(target_name(target), target)
         if other != target:
             raise ValueError(f"targets {other} and {target} would both be written as {target_name(target)}; "
                              "targets must differ in their first two decimals")
-    if method == "oneshot":
+    if one_shot:
         return sorted(set(targets))
     claimed = {rounds_for(target, rate) for target in targets}
     geometric = [sparsity_after(k, rate) for k in range(1, rounds_for(max(targets), rate) + 1)]

@@ -8,14 +8,9 @@ from pathlib import Path
 
 from ptd_sparse.files import write_json
 from ptd_sparse.pipeline.checkpoint import read_json
+from ptd_sparse.pipeline.config import Config
 from ptd_sparse.pipeline.plots import draw_plots
-
-DESCRIPTIONS = {
-    "student_ce": "student, no KD",
-    "kd_unpruned": "student, KD from the unpruned teacher",
-    "kd_pruned": "student, KD from the pruned teacher",
-    "designed_kd_pruned": "sparsity-designed student, KD from the pruned teacher",
-}
+from ptd_sparse.pipeline.variants import VARIANTS
 
 
 def _collect(run_dir: Path) -> list[dict]:
@@ -31,14 +26,14 @@ def _summarize(results: list[dict], teacher: dict, prune: dict) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["variant"], r["target"]), []).append(r)
-    order = list(DESCRIPTIONS)
+    order = list(VARIANTS)
     summary = []
     for (variant, target), items in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] or 0)):
         items = sorted(items, key=lambda r: r.get("seed", 0))
         accuracies = [100 * r["test_acc"] for r in items]
         summary.append({
-            "variant": variant, "description": DESCRIPTIONS[variant], "teacher_sparsity": target or 0.0,
-            "teacher_test_acc": 100 * (teacher["test_acc"] if target is None or variant == "kd_unpruned"
+            "variant": variant, "description": VARIANTS[variant].label, "teacher_sparsity": target or 0.0,
+            "teacher_test_acc": 100 * (teacher["test_acc"] if target is None or not VARIANTS[variant].per_target
                                        else prune[f"{target:.2f}"]),
             "parameters": items[0]["parameters"], "seeds": len(items),
             "seed_values": [r.get("seed") for r in items], "test_acc": accuracies,
@@ -66,7 +61,7 @@ def check_claims(summary: list[dict]) -> list[dict]:
     Each entry: claim, target, difference (points), tolerance (the larger std), holds (None where a variant is
     missing or a variant has fewer than 2 seeds: one seed has no spread to judge a difference by)."""
     claims = []
-    targets = sorted({s["teacher_sparsity"] for s in summary if s["variant"] in ("kd_pruned", "designed_kd_pruned")})
+    targets = sorted({s["teacher_sparsity"] for s in summary if VARIANTS[s["variant"]].per_target})
     comparisons = [("a", "kd_pruned", "student_ce", "beats the student trained alone by more than the larger std",
                     lambda diff, tol: diff > tol),
                    ("b", "kd_pruned", "kd_unpruned", "at least as good as KD from the unpruned teacher, within one std",
@@ -77,7 +72,7 @@ def check_claims(summary: list[dict]) -> list[dict]:
     for target in targets:
         for name, variant, baseline, text, decide in comparisons:
             row = _row(summary, variant, target)
-            base = _row(summary, baseline, target if baseline == "kd_pruned" else None)
+            base = _row(summary, baseline, target if VARIANTS[baseline].per_target else None)
             if row is None or base is None:
                 continue
             diff = row["test_acc_mean"] - base["test_acc_mean"]
@@ -115,24 +110,24 @@ def _pruned_accuracies(run_dir: Path, targets: list[float]) -> dict:
     return {f"{t:.2f}": by_sparsity.get(f"{t:.2f}", float("nan")) for t in targets}
 
 
-def _settings_line(config: dict) -> str:
-    d, t = config["distill"], config["teacher"]
-    return (f"Teacher: {t['epochs']} epochs ({t['schedule']}); pruning: {config['prune']['method']}, "
-            f"{config['prune']['epochs']} epoch(s) per round; students: {d['epochs']} epochs ({d['schedule']}), "
-            f"KD alpha {d['alpha']:g}, temperature {d['temperature']:g}; training images: "
-            f"{config['data']['train_subset'] or 'all'}; seeds per student: {config['run']['seeds']}.")
+def _settings_line(config: Config) -> str:
+    d, t, p = config.distill, config.teacher, config.prune
+    return (f"Teacher: {t.epochs} epochs ({t.schedule}); pruning: {p.method}, "
+            f"{p.epochs} epoch(s) per round; students: {d.epochs} epochs ({d.schedule}), "
+            f"KD alpha {d.alpha:g}, temperature {d.temperature:g}; training images: "
+            f"{config.data.train_subset or 'all'}; seeds per student: {config.run.seeds}.")
 
 
 def write_report(run) -> dict:
     run_dir, config = run.dir, run.config
     teacher = read_json(run_dir / "teacher" / "done.json")
-    targets = config["prune"]["targets"]
+    targets = list(config.prune.targets)
     prune = _pruned_accuracies(run_dir, targets)
     summary = _summarize(_collect(run_dir), teacher, prune)
     claims = check_claims(summary)
     folder = run_dir / "report"
     pruned = ", ".join(f"{float(t):.2f}: {100 * acc:.2f}%" for t, acc in prune.items() if not math.isnan(acc))
-    lines = [f"# Prune, then distill: {config['data']['name']}, teacher {config['teacher']['model']} "
+    lines = [f"# Prune, then distill: {config.data.name}, teacher {config.teacher.model} "
              f"({teacher['parameters']} parameters, test accuracy {100 * teacher['test_acc']:.2f}%)", "",
              f"Pruned teacher test accuracy by sparsity: {pruned}.", _settings_line(config),
              "Student test accuracy: mean ± sample standard deviation over seeds, then each seed's value.", "",

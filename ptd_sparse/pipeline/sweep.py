@@ -17,8 +17,11 @@ import torch
 
 from ptd_sparse import distributed
 from ptd_sparse.files import write_json
+from ptd_sparse.pipeline import caching, stages
 from ptd_sparse.pipeline.checkpoint import load_model
 from ptd_sparse.pipeline.models import build_model
+from ptd_sparse.pipeline.run_directory import Run
+from ptd_sparse.pipeline.training import Distillation, fit
 
 logger = logging.getLogger("ptd_sparse.pipeline")
 
@@ -27,13 +30,10 @@ def _setting_name(temperature: float, alpha: float) -> str:
     return f"T_{temperature:g}_alpha_{alpha:g}"
 
 
-def sweep_distillation(run, temperatures: list[float], alphas: list[float], seeds: int = 1,
+def sweep_distillation(run: Run, temperatures: list[float], alphas: list[float], seeds: int = 1,
                        teachers: tuple[str, ...] = ("pruned", "unpruned")) -> dict:
     """Distil the fixed student for every (temperature, alpha) and teacher; returns {"rows": [...], "table": str},
     rows ranked best first by mean validation accuracy (%)."""
-    from ptd_sparse.pipeline import stages
-    from ptd_sparse.pipeline.training import Distillation, fit
-
     if not temperatures or any(t <= 0 for t in temperatures):
         raise ValueError(f"temperatures must be a non-empty list of values > 0, got {temperatures}")
     if not alphas or any(not 0 <= a <= 1 for a in alphas):
@@ -44,7 +44,7 @@ def sweep_distillation(run, temperatures: list[float], alphas: list[float], seed
     if unknown or not teachers:
         raise ValueError(f"teachers must be chosen from ('pruned', 'unpruned'), got {teachers}")
     stages.train_teacher(run)
-    target = max(run.config["prune"]["targets"])
+    target = max(run.config.prune.targets)
     folders = {}
     if "pruned" in teachers:
         stages.prune_teacher(run)
@@ -58,12 +58,12 @@ def sweep_distillation(run, temperatures: list[float], alphas: list[float], seed
     for name, model_folder in folders.items():
         teacher, model_spec = load_model(model_folder)
         cache = None
-        if run.config["cache"]["enabled"]:  # a full-logit cache serves every temperature
-            stages.cache_teacher(run)
-            cache = stages.open_cache(run, name, teacher, model_spec)
+        if run.config.cache.enabled:  # a full-logit cache serves every temperature
+            caching.cache_teacher(run)
+            cache = caching.open_cache(run, name, teacher, model_spec)
         for temperature, alpha in grid:
             for index in range(seeds):
-                seed = run.config["run"]["seed"] + index
+                seed = run.config.run.seed + index
                 folder = run.dir / "sweep" / name / _setting_name(temperature, alpha) / f"seed_{seed}"
                 if (done := run.done(folder)) is None:
                     torch.manual_seed(seed)

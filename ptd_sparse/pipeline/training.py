@@ -26,12 +26,14 @@ from ptd_sparse.data import Augmentation, Dataset, Split, Views, apply_views, ba
 from ptd_sparse.functional import kd_loss
 from ptd_sparse.pipeline import tensorboard
 from ptd_sparse.pipeline.checkpoint import load_state, save_state
-from ptd_sparse.pipeline.config import SCHEDULES
 from ptd_sparse.pipeline.progress import StageProgress
 from ptd_sparse.topk_teacher import TopKTeacher
 
 
 PROGRESS_EVERY = 20  # steps between progress-bar updates (each reads the running sums back from the device)
+
+
+SCHEDULES = ("multistep", "onecycle")  # the kinds of Schedule
 
 
 @dataclass(frozen=True)
