@@ -6,6 +6,10 @@ and the prepacked oneDNN weight of its dense routes (the latter counted at its e
 transposed index view of calls that want gradients (none here: inference only).
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_memory.py [--prunings global0.9 global0.95]
+        [--routes measure sparse]
+
+--routes: the sparsify route policies to compare ("measure", the default one, picks the fastest route per layer and
+shape bucket and keeps one dense form for each layer that runs dense; "sparse" keeps only the nonzeros).
 """
 from __future__ import annotations
 
@@ -44,23 +48,25 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vgg19"])
     parser.add_argument("--prunings", nargs="+", default=["global0.9", "global0.95"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--routes", nargs="+", default=["measure", "sparse"])
     args = parser.parse_args()
     print(f"CPU: {cpu_vector_extensions()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'model':8} {'pruning':11} {'dense MB':>9} {'sparsified MB':>13} "
+    print(f"{'model':8} {'pruning':11} {'routes':8} {'dense MB':>9} {'sparsified MB':>13} "
           + " ".join(f"{'after b' + str(b):>10}" for b in args.batches) + "  (share of dense)")
     for name in args.models:
         for pruning in args.prunings:
             pruned = pruned_model(name, pruning)
             dense = resident_bytes(eager_dense(pruned))
-            model = ptd_sparse.sparsify(pruned)
-            after = [resident_bytes(model)]
-            with torch.no_grad():
-                for batch in args.batches:
-                    model(torch.randn(batch, 3, 32, 32))
-                    after.append(resident_bytes(model))
-            shares = " ".join(f"{b / 1e6:6.1f} {100 * b / dense:3.0f}%" for b in after[1:])
-            print(f"{name:8} {pruning:11} {dense / 1e6:9.1f} {after[0] / 1e6:8.1f} {100 * after[0] / dense:3.0f}% "
-                  f"{shares}")
+            for routes in args.routes:
+                model = ptd_sparse.sparsify(pruned, routes=routes)
+                after = [resident_bytes(model)]
+                with torch.no_grad():
+                    for batch in args.batches:
+                        model(torch.randn(batch, 3, 32, 32))
+                        after.append(resident_bytes(model))
+                shares = " ".join(f"{b / 1e6:6.1f} {100 * b / dense:3.0f}%" for b in after[1:])
+                print(f"{name:8} {pruning:11} {routes:8} {dense / 1e6:9.1f} {after[0] / 1e6:8.1f} "
+                      f"{100 * after[0] / dense:3.0f}% {shares}")
 
 
 if __name__ == "__main__":

@@ -150,3 +150,29 @@ def test_the_input_gradient_refuses_an_empty_view(backend, generator):
                                 pattern.shape, pattern.density, padding=1, backend=backend)
     with pytest.raises((ValueError, RuntimeError), match="transposed view"):
         out.sum().backward()
+
+
+def test_a_layer_that_runs_dense_holds_one_dense_form(generator, monkeypatch):
+    from ptd_sparse.nn import measured_route
+
+    # Timings that would pick a different dense form for each new bucket: the first takes the NCHW copy, later ones
+    # are offered only that form and the sparse kernel.
+    offered = []
+
+    def fastest(routes, x):
+        offered.append(tuple(routes))
+        preference = (measured_route.DENSE,) if len(offered) == 1 else \
+            (measured_route.DENSE_CHANNELS_LAST, measured_route.DENSE_PREPACKED, measured_route.DENSE)
+        return next(route for route in preference if route in routes), {}
+
+    monkeypatch.setattr(measured_route, "fastest", fastest)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.7, generator)).eval()
+    with torch.no_grad():
+        for batch, size in ((1, 6), (8, 6), (2, 12)):
+            x = torch.randn(batch, 8, size, size, generator=generator)
+            torch.testing.assert_close(layer(x), F.conv2d(x, layer.sparse_weight.to_dense(), layer.bias, 1, 1),
+                                       atol=1e-4, rtol=1e-4)
+    assert set(layer.routes.values()) == {measured_route.DENSE}
+    assert all(set(routes) == {measured_route.SPARSE, measured_route.DENSE} for routes in offered[1:])
+    assert layer._prepacked is None and list(layer._dense_cache[1]) == [False]

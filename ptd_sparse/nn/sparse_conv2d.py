@@ -349,7 +349,13 @@ class SparseConv2d(nn.Module):
 
     @torch.no_grad()
     def _measure(self, key: tuple, input: Tensor) -> str:
-        routes = {name: (lambda x, name=name: self._run(name, x)) for name in measured_route.routes_for(input)}
+        # A layer holds at most one dense form: once a bucket has chosen one, later buckets choose between it and the
+        # sparse kernel (a second dense form would double the layer's memory for a difference of a few percent).
+        offered = measured_route.routes_for(input)
+        held = {route for route in self._routes.values() if route != measured_route.SPARSE} & set(offered)
+        if held:
+            offered = tuple(route for route in offered if route == measured_route.SPARSE or route in held)
+        routes = {name: (lambda x, name=name: self._run(name, x)) for name in offered}
         best, seconds = measured_route.fastest(routes, input)
         self._routes[key] = best
         self._drop_unused_weights()
