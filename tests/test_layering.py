@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # of the operators and modules, so it sits with nn.
 LAYERS = [
     ("foundation", ("ptd_sparse._validation", "ptd_sparse._format_checks", "ptd_sparse._kd_contract",
+                    "ptd_sparse.named_callable",
                     "ptd_sparse.conv_geometry", "ptd_sparse.debug_checks", "ptd_sparse.pattern",
                     "ptd_sparse.topk_teacher", "ptd_sparse.files")),
     ("kernels", ("ptd_sparse.kernels", "ptd_sparse._C", "ptd_sparse._extension", "ptd_sparse.fingerprint",

@@ -22,11 +22,9 @@ package sits below the pipeline and does not import it).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ptd_sparse.data.datasets import Dataset, load_dataset, resolve_root, split_validation
+from ptd_sparse.named_callable import NamedCallableError, resolve_named_callable
 
 logger = logging.getLogger("ptd_sparse.data")
 
@@ -205,26 +204,11 @@ def _spread(count: int, samples: int) -> list[int]:
 # -- sources --------------------------------------------------------------------------------------------------------
 
 def resolve_factory(name: str):
-    """The function `package.module:function` names; as `python -m` does, the working directory counts as a place
-    to find the user's package."""
-    module_name, _, function = name.partition(":")
-    if not module_name or not function.isidentifier():
-        raise DataError(f"data.factory must be package.module:function, got {name!r}")
+    """The function `package.module:function` names (ptd_sparse.named_callable)."""
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if os.getcwd() in sys.path or error.name not in (module_name, module_name.split(".")[0]):
-            raise DataError(f"data.factory {name}: cannot import {module_name}: {error}") from error
-        sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as again:
-            raise DataError(f"data.factory {name}: cannot import {module_name} (searched sys.path and the working "
-                            f"directory): {again}") from again
-    factory = getattr(module, function, None)
-    if not callable(factory):
-        raise DataError(f"data.factory {name}: {module_name} has no callable {function}")
-    return factory
+        return resolve_named_callable(name)
+    except NamedCallableError as error:
+        raise DataError(f"data.factory {error}" if error.malformed else f"data.factory {name}: {error}") from error
 
 
 def call_factory(name: str, kwargs: dict) -> tuple[object, object]:

@@ -12,15 +12,11 @@ code (docs/design.md: checkpoints never run code from a file).
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 from torch import nn
 
+from ptd_sparse.named_callable import SEPARATOR, NamedCallableError, resolve_named_callable
 from ptd_sparse.nn import MaskedConv2d, MaskedLinear
 
-SEPARATOR = ":"
 _trusted: set[str] = set()
 
 
@@ -40,25 +36,10 @@ def trust(name: str) -> None:
 
 
 def _resolve(name: str):
-    module_name, _, function = name.partition(SEPARATOR)
-    if not module_name or not function.isidentifier():
-        raise FactoryError(f"a factory is named package.module:function, got {name!r}")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        # As `python -m` does, the working directory counts as a place to find the user's package.
-        if os.getcwd() in sys.path or error.name not in (module_name, module_name.split(".")[0]):
-            raise FactoryError(f"cannot import {module_name} for factory {name}: {error}") from error
-        sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as again:
-            raise FactoryError(f"cannot import {module_name} for factory {name} (searched sys.path and the working "
-                               f"directory): {again}") from again
-    factory = getattr(module, function, None)
-    if not callable(factory):
-        raise FactoryError(f"{module_name} has no callable {function} (factory {name})")
-    return factory
+        return resolve_named_callable(name)
+    except NamedCallableError as error:
+        raise FactoryError(f"factory {name}: {error}") from error
 
 
 def call_factory(name: str, kwargs: dict | None = None) -> nn.Module:
