@@ -258,23 +258,8 @@ inline bool conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, 
         std::memcpy(dst + oh * p.cols, go_ptr + (plane * g.out_h + oh) * g.out_w, g.out_w * sizeof(float));
     }
   });
-  const int64_t nnz = grad_values.numel();
-  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), nnz, g, p);  // offsets only
-  const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
-  const float* packed_ptr = packed.const_data_ptr<float>();
-  float* gv_ptr = grad_values.mutable_data_ptr<float>();
-  // Each task owns a range of output channels (so its entries); images run outermost inside it, so one packed
-  // image stays in cache while every entry of the range reads it.
-  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    std::fill(gv_ptr + rp_ptr[begin], gv_ptr + rp_ptr[end], 0.0f);
-    for (int64_t n = 0; n < g.batch; ++n) {
-      const float* image = packed_ptr + n * p.image();
-      for (int64_t co = begin; co < end; ++co) {
-        const float* grad_plane = wide_ptr + (n * g.out_channels + co) * length;
-        for (int32_t e = rp_ptr[co]; e < rp_ptr[co + 1]; ++e)
-          gv_ptr[e] += wide::dot(grad_plane, image + taps[e].offset, length);
-      }
-    }
-  });
+  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
+  tiled::wide_grad_values(packed.const_data_ptr<float>(), p, wide_ptr, taps, rp.const_data_ptr<int32_t>(),
+                          g.out_channels, g.batch, grad_values.mutable_data_ptr<float>());
   return true;
 }

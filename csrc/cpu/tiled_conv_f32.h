@@ -11,8 +11,8 @@
 //
 // A task is one batch block and one tile of P positions, over every output channel (or a range of them where
 // there are few tiles): its input is the tile's windows over all input channels, which (at the map sizes this path
-// takes) stays in the core's L2 cache while every row reads it. V is 1 where a map has enough positions, and grows (fewer positions, more images) for 4x4 and 2x2
-// maps, so that small maps still fill the register block.
+// takes) stays in the core's L2 cache while every row reads it. V is 1 where a map has enough positions, and grows
+// (fewer positions, more images) for 4x4 and 2x2 maps, so that small maps still fill the register block.
 //
 // Compiled once per instruction set, like wide_conv_f32.h: included by csrc/cpu/isa/kernels_body.h after it.
 #ifndef PTD_ISA_VECTOR_BYTES
@@ -152,6 +152,24 @@ inline void entries_over_tile(const float* const* src, const vec* g, const wide:
   }
 }
 
+// Output positions [first, positions) of one row: tiles of kP positions x kV vectors of images (grad_output loaded
+// into registers, then every entry of the row run over it), the remainder in tiles of kP / 2, kP / 4, ... positions,
+// so no tile computes more than it keeps. windows[q]: offset of position q's input window in `block`; grad_plane:
+// the row's grad_output [positions][kV * kLanes images].
+template <int kV, int kP>
+inline void position_tiles(const float* block, const int64_t* windows, const float* grad_plane, int64_t first,
+                           int64_t positions, const wide::Tap* taps, int64_t count, float* partial) {
+  constexpr int64_t kImages = kV * kLanes;
+  for (; first + kP <= positions; first += kP) {
+    const float* src[kP];
+    vec g[kP * kV];
+    for (int q = 0; q < kP; ++q) src[q] = block + windows[first + q];
+    for (int i = 0; i < kP * kV; ++i) g[i] = load(grad_plane + (first + i / kV) * kImages + (i % kV) * kLanes);
+    entries_over_tile<kV, kP>(src, g, taps, count, partial);
+  }
+  if constexpr (kP > 1) position_tiles<kV, kP / 2>(block, windows, grad_plane, first, positions, taps, count, partial);
+}
+
 template <int kV>
 inline void grad_values_v(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
                           const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
@@ -169,17 +187,8 @@ inline void grad_values_v(const float* packed_input, const batch_inner::Geometry
         const float* grad_plane = packed_grad + (nb * rows + r) * positions * kImages;
         const int64_t count = row_ptr[r + 1] - row_ptr[r];
         if (count == 0) continue;
-        for (int64_t first = 0; first < positions; first += kP) {
-          const int64_t tile_positions = std::min<int64_t>(kP, positions - first);
-          const float* src[kP];
-          vec g[kP * kV];
-          // A partial last tile reads its last position's window again with a zero gradient: it adds nothing.
-          for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, tile_positions - 1)];
-          for (int i = 0; i < kP * kV; ++i)
-            g[i] = i / kV < tile_positions ? load(grad_plane + (first + i / kV) * kImages + (i % kV) * kLanes) : vec{};
-          entries_over_tile<kV, kP>(src, g, taps.data() + row_ptr[r], count,
-                                    partial.data() + (row_ptr[r] - first_entry) * kLanes);
-        }
+        position_tiles<kV, kP>(block, windows.data(), grad_plane, 0, positions, taps.data() + row_ptr[r], count,
+                               partial.data() + (row_ptr[r] - first_entry) * kLanes);
       }
     }
     for (int64_t e = first_entry; e < row_ptr[end]; ++e) {
@@ -195,11 +204,48 @@ inline void grad_values_v(const float* packed_input, const batch_inner::Geometry
 inline void grad_values(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
                         const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                         int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
+  const auto run = [&](auto images_per_lane) {
+    grad_values_v<decltype(images_per_lane)::value>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h,
+                                                    out_w, stride_h, stride_w, grad);
+  };
   switch (p.images / kLanes) {
-    case 1: grad_values_v<1>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, grad); break;
-    case 2: grad_values_v<2>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, grad); break;
-    default: grad_values_v<4>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, grad);
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    default: run(std::integral_constant<int, 4>{});
   }
+}
+
+// The weight gradient in the wide layout (wide_conv_f32.h; larger maps), register-tiled the same way: a chunk of
+// kGradTile vectors of one image's wide grad_output plane is held in registers and every entry of the row runs over
+// it, where a dot product per entry would load the gradient again for each one. packed: the images packed by
+// wide::pack_images with `p`; grad_wide: grad_output [batch][rows][wide length], zero in the discarded columns;
+// taps: offsets into one packed image, CSR order. grad[e] receives the sum over images and output positions.
+inline void wide_grad_values(const float* packed, const wide::PackedGeometry& p, const float* grad_wide,
+                             const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                             float* grad) {
+  const int64_t length = p.wide_length(), vectors = length / kLanes;
+  // The wide plane as positions of one vector each (kV = 1), consecutive in the image and in grad_output.
+  std::vector<int64_t> windows(vectors);
+  for (int64_t v = 0; v < vectors; ++v) windows[v] = v * kLanes;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    const int32_t first_entry = row_ptr[begin];
+    std::vector<float> partial((row_ptr[end] - first_entry) * kLanes, 0.0f);
+    for (int64_t n = 0; n < batch; ++n) {
+      const float* image = packed + n * p.image();
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t count = row_ptr[r + 1] - row_ptr[r];
+        if (count == 0) continue;
+        float* row_partial = partial.data() + (row_ptr[r] - first_entry) * kLanes;
+        position_tiles<1, kGradTile>(image, windows.data(), grad_wide + (n * rows + r) * length, 0, vectors,
+                                     taps.data() + row_ptr[r], count, row_partial);
+      }
+    }
+    for (int64_t e = first_entry; e < row_ptr[end]; ++e) {
+      float total = 0;
+      for (int i = 0; i < kLanes; ++i) total += partial[(e - first_entry) * kLanes + i];
+      grad[e] = total;
+    }
+  });
 }
 
 }  // namespace tiled

@@ -148,23 +148,6 @@ inline void gather_row(const float* src, const Tap* taps, int64_t count, float i
   }
 }
 
-// sum over q in [0, length) of a[q] * b[q]; length is a multiple of kLanes.
-inline float dot(const float* a, const float* b, int64_t length) {
-  vec s0{}, s1{}, s2{}, s3{};
-  int64_t q = 0;
-  for (; q + kBlock <= length; q += kBlock) {
-    s0 += load(a + q) * load(b + q);
-    s1 += load(a + q + kLanes) * load(b + q + kLanes);
-    s2 += load(a + q + 2 * kLanes) * load(b + q + 2 * kLanes);
-    s3 += load(a + q + 3 * kLanes) * load(b + q + 3 * kLanes);
-  }
-  for (; q < length; q += kLanes) s0 += load(a + q) * load(b + q);
-  const vec s = (s0 + s1) + (s2 + s3);
-  float total = 0;
-  for (int i = 0; i < kLanes; ++i) total += s[i];
-  return total;
-}
-
 // out[n, r] (valid OH x OW of the wide result) for every image n and sparse row r: each task computes one plane.
 // row_ptr [rows + 1] indexes taps; bias may be null; relu clamps the result at 0.
 inline void sparse_rows(const float* packed, const PackedGeometry& p, const std::vector<Tap>& taps,
