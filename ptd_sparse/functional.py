@@ -147,7 +147,8 @@ def sparse_conv2d(input: Tensor, sparse_weight: SparseConvWeight, bias: Tensor |
 
 
 def pattern_indices(pattern) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(row_ptr, col_idx, t_ptr, t_rows, t_perm) of a ConvPattern, or of a module holding them as buffers."""
+    """(row_ptr, col_idx, t_ptr, t_rows, t_perm) of a ConvPattern (SparseConv2d builds its own: it holds no transposed
+    view while no gradient is wanted)."""
     return pattern.row_ptr, pattern.col_idx, pattern.t_ptr, pattern.t_rows, pattern.t_perm
 
 
