@@ -170,24 +170,25 @@ inline void position_tiles(const float* block, const int64_t* windows, const flo
   if constexpr (kP > 1) position_tiles<kV, kP / 2>(block, windows, grad_plane, first, positions, taps, count, partial);
 }
 
+// The weight gradient over `blocks` packed blocks of `block_size` floats (batch blocks of kV * kLanes images, or single
+// wide images with kV = 1): windows[q] is output position q's input window in a block; packed_grad holds
+// [blocks][rows][positions][kV * kLanes]. Each task owns a range of rows (so its entries); blocks run outermost inside
+// it, so one block stays in cache while every entry of the range reads it.
 template <int kV>
-inline void grad_values_v(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
-                          const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
-                          int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
+inline void grad_values_blocks(const float* packed, int64_t block_size, int64_t blocks, const float* packed_grad,
+                               const std::vector<int64_t>& windows, const std::vector<wide::Tap>& taps,
+                               const int32_t* row_ptr, int64_t rows, float* grad) {
   constexpr int kP = kGradTile / kV;
-  constexpr int64_t kImages = kV * kLanes;
-  const int64_t positions = out_h * out_w, blocks = p.blocks(batch);
-  const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
+  const int64_t positions = static_cast<int64_t>(windows.size()), plane = positions * kV * kLanes;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     const int32_t first_entry = row_ptr[begin];
     std::vector<float> partial((row_ptr[end] - first_entry) * kLanes, 0.0f);
     for (int64_t nb = 0; nb < blocks; ++nb) {
-      const float* block = packed_input + nb * p.block();
       for (int64_t r = begin; r < end; ++r) {
-        const float* grad_plane = packed_grad + (nb * rows + r) * positions * kImages;
         const int64_t count = row_ptr[r + 1] - row_ptr[r];
         if (count == 0) continue;
-        position_tiles<kV, kP>(block, windows.data(), grad_plane, 0, positions, taps.data() + row_ptr[r], count,
+        position_tiles<kV, kP>(packed + nb * block_size, windows.data(), packed_grad + (nb * rows + r) * plane, 0,
+                               positions, taps.data() + row_ptr[r], count,
                                partial.data() + (row_ptr[r] - first_entry) * kLanes);
       }
     }
@@ -204,9 +205,10 @@ inline void grad_values_v(const float* packed_input, const batch_inner::Geometry
 inline void grad_values(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
                         const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                         int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
+  const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
   const auto run = [&](auto images_per_lane) {
-    grad_values_v<decltype(images_per_lane)::value>(packed_input, p, packed_grad, taps, row_ptr, rows, batch, out_h,
-                                                    out_w, stride_h, stride_w, grad);
+    grad_values_blocks<decltype(images_per_lane)::value>(packed_input, p.block(), p.blocks(batch), packed_grad, windows,
+                                                         taps, row_ptr, rows, grad);
   };
   switch (p.images / kLanes) {
     case 1: run(std::integral_constant<int, 1>{}); break;
@@ -223,29 +225,11 @@ inline void grad_values(const float* packed_input, const batch_inner::Geometry& 
 inline void wide_grad_values(const float* packed, const wide::PackedGeometry& p, const float* grad_wide,
                              const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                              float* grad) {
-  const int64_t length = p.wide_length(), vectors = length / kLanes;
+  const int64_t vectors = p.wide_length() / kLanes;
   // The wide plane as positions of one vector each (kV = 1), consecutive in the image and in grad_output.
   std::vector<int64_t> windows(vectors);
   for (int64_t v = 0; v < vectors; ++v) windows[v] = v * kLanes;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    const int32_t first_entry = row_ptr[begin];
-    std::vector<float> partial((row_ptr[end] - first_entry) * kLanes, 0.0f);
-    for (int64_t n = 0; n < batch; ++n) {
-      const float* image = packed + n * p.image();
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t count = row_ptr[r + 1] - row_ptr[r];
-        if (count == 0) continue;
-        float* row_partial = partial.data() + (row_ptr[r] - first_entry) * kLanes;
-        position_tiles<1, kGradTile>(image, windows.data(), grad_wide + (n * rows + r) * length, 0, vectors,
-                                     taps.data() + row_ptr[r], count, row_partial);
-      }
-    }
-    for (int64_t e = first_entry; e < row_ptr[end]; ++e) {
-      float total = 0;
-      for (int i = 0; i < kLanes; ++i) total += partial[(e - first_entry) * kLanes + i];
-      grad[e] = total;
-    }
-  });
+  grad_values_blocks<1>(packed, p.image(), batch, grad_wide, windows, taps, row_ptr, rows, grad);
 }
 
 }  // namespace tiled

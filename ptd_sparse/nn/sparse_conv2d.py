@@ -212,11 +212,11 @@ class SparseConv2d(nn.Module):
         # Checked before anything is copied: a corrupt pattern must neither reach the kernels nor half-overwrite
         # this module's buffers. Missing entries (strict=False) are taken from the module, so the combination that
         # would result is what is checked.
-        # Derived data that earlier versions saved as buffers: checked against the rest when present (a file that
-        # holds them inconsistent is corrupt), then dropped.
-        derived = {name: state_dict.pop(prefix + name) for name in ("dense_weight",) + DERIVED_INDEX_NAMES
-                   if prefix + name in state_dict}
-        derived.pop("dense_weight", None)
+        # Derived data that state dicts of other versions hold as buffers: the dense weight is dropped; the derived
+        # indices are checked against the rest when present (a file that holds them inconsistent is corrupt), then
+        # dropped.
+        state_dict.pop(prefix + "dense_weight", None)
+        derived = {name: state_dict.pop(prefix + name) for name in DERIVED_INDEX_NAMES if prefix + name in state_dict}
         incoming = {name: state_dict.get(prefix + name, getattr(self, name))
                     for name in ("row_ptr", "col_idx", "values")}
         try:
