@@ -26,7 +26,7 @@ from torch import Tensor
 from ptd_sparse._kd_contract import REDUCTION_NONE, check_topk_teacher, loss_like
 from ptd_sparse.native import kd_loss as native
 from ptd_sparse.ops.autocast import register_autocast
-from ptd_sparse.ops.route import Route
+from ptd_sparse.ops.route import Route, python_kernels
 from ptd_sparse.reference import kd_loss as reference_kernels
 
 
@@ -41,17 +41,6 @@ def _reference_kernels():
     return reference_kernels
 
 
-def _kernels(routes: dict, backend: str, op: str):
-    """The kernel module (kd_loss and kd_loss_topk of the common signature, see ptd_sparse.reference.kd_loss) of a
-    backend that runs on the Python operator `op`, from its route table."""
-    route = routes.get(backend)
-    if route is None or route.kernels is None:
-        python_backends = sorted(name for name, r in routes.items() if r.kernels is not None)
-        raise ValueError(f"ptd_sparse::{op}: backend {backend!r} has no Python kernels; this operator runs "
-                         f"{python_backends} (the others run the ptd_sparse_kernels operators)")
-    return route.kernels()
-
-
 @torch.library.custom_op("ptd_sparse::kd_loss", mutates_args=())
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor], temperature: float,
             alpha: float, reduction: int, ignore_index: int, compute_grad: bool,
@@ -59,8 +48,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Optional[Ten
     """student_logits, teacher_logits [N, C]; target [N] or None; reduction 0 none / 1 sum / 2 batchmean.
     Returns (loss: [] or [N], float32 (float64 for float64 students); grad_student: [N, C] in the student's dtype,
     or empty when compute_grad is False)."""
-    return _kernels(ROUTES, backend, "kd_loss").kd_loss(student_logits, teacher_logits, target, temperature, alpha,
-                                                        reduction, ignore_index, compute_grad)
+    kernels = python_kernels(ROUTES, backend, "kd_loss")
+    return kernels.kd_loss(student_logits, teacher_logits, target, temperature, alpha, reduction, ignore_index,
+                           compute_grad)
 
 
 def _loss_and_grad_like(student_logits: Tensor, reduction: int, compute_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -84,7 +74,7 @@ def kd_loss_topk(student_logits: Tensor, teacher_indices: Tensor, teacher_logits
     temperature, spread evenly over the other C - k classes). Same outputs as kd_loss."""
     # The teacher's values are checked once per call on every route: O(N k) work, small next to the N x C student.
     check_topk_teacher(teacher_indices, teacher_logits, teacher_rest_mass, student_logits.shape[1])
-    return _kernels(TOPK_ROUTES, backend, "kd_loss_topk").kd_loss_topk(
+    return python_kernels(TOPK_ROUTES, backend, "kd_loss_topk").kd_loss_topk(
         student_logits, teacher_indices, teacher_logits, teacher_rest_mass, target, temperature, alpha, reduction,
         ignore_index, compute_grad)
 

@@ -36,3 +36,14 @@ class Route:
         if self.traced is not None and device_type in self.traced_on and torch.compiler.is_compiling():
             return self.traced.call
         return self.call
+
+
+def python_kernels(routes: dict, backend: str, op: str) -> Any:
+    """The kernel module of `backend` for the Python operator ptd_sparse::`op`, from its route table `routes`;
+    a backend without Python kernels (one that runs the extension's operators) is refused naming those that have."""
+    route = routes.get(backend)
+    if route is None or route.kernels is None:
+        python_backends = sorted(name for name, r in routes.items() if r.kernels is not None)
+        raise ValueError(f"ptd_sparse::{op}: backend {backend!r} has no Python kernels; this operator runs "
+                         f"{python_backends} (the others run the ptd_sparse_kernels operators)")
+    return route.kernels()

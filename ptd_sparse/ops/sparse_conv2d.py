@@ -31,7 +31,7 @@ from ptd_sparse import _format_checks
 from ptd_sparse.conv_geometry import conv_output_shape
 from ptd_sparse.native import sparse_conv2d as native
 from ptd_sparse.ops.autocast import register_autocast
-from ptd_sparse.ops.route import Route
+from ptd_sparse.ops.route import Route, python_kernels
 from ptd_sparse.reference import sparse_conv2d as reference_kernels
 
 
@@ -46,17 +46,6 @@ def _reference_kernels():
     return reference_kernels
 
 
-def _kernels(backend: str):
-    """The kernel module (forward and backward of the common signature, see ptd_sparse.reference.sparse_conv2d) of
-    a backend that runs on the Python operators."""
-    route = ROUTES.get(backend)
-    if route is None or route.kernels is None:
-        python_backends = sorted(name for name, r in ROUTES.items() if r.kernels is not None)
-        raise ValueError(f"ptd_sparse::sparse_conv2d: backend {backend!r} has no Python kernels; this operator runs "
-                         f"{python_backends} (the others run ptd_sparse_kernels::sparse_conv2d)")
-    return route.kernels()
-
-
 @torch.library.custom_op("ptd_sparse::sparse_conv2d", mutates_args=())
 def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, t_ptr: Tensor, t_rows: Tensor,
                   t_perm: Tensor, weight_shape: List[int], bias: Optional[Tensor], stride: List[int],
@@ -64,8 +53,8 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     """input [N, C_in, H, W], values [nnz], CSR and transposed pattern (see ConvPattern) -> [N, C_out, OH, OW].
     relu=True applies max(0, .) in the kernel's epilogue (its gradient is masked by the saved output)."""
     _format_checks.check_sizes(weight_shape, row_ptr, col_idx, t_ptr, t_rows, t_perm, values)
-    return _kernels(backend).forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation,
-                                     relu)
+    kernels = python_kernels(ROUTES, backend, "sparse_conv2d")
+    return kernels.forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu)
 
 
 @sparse_conv2d.register_fake
@@ -81,8 +70,9 @@ def sparse_conv2d_backward(grad_output: Tensor, input: Tensor, values: Tensor, r
                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_input [N, C_in, H, W], grad_values [nnz], grad_bias [C_out]); an output not asked for by output_mask
     comes back empty."""
-    grads = _kernels(backend).backward(grad_output.contiguous(), input, values, row_ptr, col_idx, t_ptr, t_rows,
-                                       t_perm, weight_shape, stride, padding, dilation, output_mask)
+    kernels = python_kernels(ROUTES, backend, "sparse_conv2d_backward")
+    grads = kernels.backward(grad_output.contiguous(), input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm,
+                             weight_shape, stride, padding, dilation, output_mask)
     return tuple(g if g is not None else grad_output.new_empty(0) for g in grads)
 
 
