@@ -11,7 +11,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -45,6 +47,9 @@ inline void check_pointers(const at::Tensor& pointers, const char* name, int64_t
                     " nonzeros (col_idx entries); the last pointer must equal nnz");
 }
 
+// Entries per task of the column check's parallel pass.
+constexpr int64_t kCheckGrain = 65536;
+
 // row_ptr [C_out + 1] and col_idx [nnz] of a weight of geometry g: column = (c_in * KH + kh) * KW + kw.
 inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const ConvGeometry& g) {
   check_index_tensor(col_idx, "col_idx");
@@ -55,18 +60,27 @@ inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, cons
   const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
   const int32_t* ci_ptr = ci.const_data_ptr<int32_t>();
-  // These checks run on every call, so a tight branch-free pass over the nnz entries decides (a few instructions
-  // per entry; with a check and its message per entry they cost as much as a batch-1 convolution), and the detailed
-  // pass below runs only to name the first bad entry.
+  // These checks run on every call, so they must cost little next to a batch-1 convolution, which does a few
+  // multiply-adds per nonzero: one vectorisable pass counts the entries not above their predecessor, over the whole
+  // array. Such descents may lie only where a row starts; if every other entry ascends, each row's first entry >= 0
+  // and last < columns put the whole row in range, so the rest is O(C_out). The detailed pass below runs only to
+  // name the first bad entry.
+  std::atomic<int64_t> descents{0};
+  at::parallel_for(1, std::max<int64_t>(nnz, 1), kCheckGrain, [&](int64_t begin, int64_t end) {
+    // 32-bit lanes: twice the entries per vector of a 64-bit count; nnz fits int32 (row_ptr[C_out] == nnz).
+    int32_t count = 0;
+    for (int64_t e = begin; e < end; ++e) count += ci_ptr[e] <= ci_ptr[e - 1];
+    descents += count;
+  });
+  int64_t row_start_descents = 0;
   bool bad = false;
   for (int64_t row = 0; row < g.out_channels; ++row) {
-    int32_t previous = -1;
-    for (int64_t e = rp_ptr[row]; e < rp_ptr[row + 1]; ++e) {
-      const int32_t column = ci_ptr[e];
-      bad |= (column <= previous) | (column >= columns);  // column > previous >= -1 covers column >= 0
-      previous = column;
-    }
+    const int64_t first = rp_ptr[row], end = rp_ptr[row + 1];
+    if (first == end) continue;  // rows that are empty start nowhere
+    bad |= (ci_ptr[first] < 0) | (ci_ptr[end - 1] >= columns);
+    if (first > 0) row_start_descents += ci_ptr[first] <= ci_ptr[first - 1];
   }
+  bad |= descents.load() != row_start_descents;
   for (int64_t row = 0; bad && row < g.out_channels; ++row) {
     for (int64_t e = rp_ptr[row]; e < rp_ptr[row + 1]; ++e) {
       TORCH_CHECK_VALUE(ci_ptr[e] >= 0 && ci_ptr[e] < columns, "col_idx[", e, "] = ", ci_ptr[e],

@@ -176,3 +176,32 @@ def test_cpu_kernel_entry_points_check_the_pattern(pattern):
                                 list(SHAPE), list(x.shape), *geometry)
     with pytest.raises(ValueError, match=r"weight_shape must be 4 positive sizes"):
         ops.conv_forward(x, values, pattern.row_ptr, pattern.col_idx, [4, 3, 0, 3], None, *geometry)
+
+
+def test_cpu_kernel_column_check_allows_descents_only_where_a_row_starts():
+    # The kernel's check counts descents over the whole col_idx array and allows them at row starts only: rows that
+    # are empty, rows of one entry and descents across a row boundary are valid; a repeat or a descent inside a row,
+    # also right after an empty row, and a column past the end are not.
+    shape = [4, 1, 3, 3]
+    x = torch.randn(1, 1, 5, 5)
+    dense = torch.zeros(shape)
+
+    def run(row_ptr, col_idx):
+        row_ptr, col_idx = torch.tensor(row_ptr, dtype=torch.int32), torch.tensor(col_idx, dtype=torch.int32)
+        values = torch.arange(1.0, len(col_idx) + 1)
+        return torch.ops.ptd_sparse_kernels.conv_forward(x, values, row_ptr, col_idx, shape, None, [1, 1], [1, 1],
+                                                         [1, 1])
+
+    out = run([0, 2, 2, 3, 5], [4, 8, 0, 3, 7])  # row 1 empty; 8 -> 0 and 0 -> 3 cross row starts
+    dense.view(4, 9)[0, [4, 8]] = torch.tensor([1.0, 2.0])
+    dense.view(4, 9)[2, 0] = 3.0
+    dense.view(4, 9)[3, [3, 7]] = torch.tensor([4.0, 5.0])
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, dense, padding=1))
+    with pytest.raises(ValueError, match=r"col_idx\[4\] = 3 is not greater than col_idx\[3\] = 7 in row 3"):
+        run([0, 2, 2, 3, 5], [4, 8, 0, 7, 3])
+    with pytest.raises(ValueError, match=r"col_idx\[3\] = 2 is not greater than col_idx\[2\] = 2 in row 2"):
+        run([0, 2, 2, 4, 5], [4, 8, 2, 2, 7])  # a repeat in the row after an empty one
+    with pytest.raises(ValueError, match=r"col_idx\[4\] = 9 is out of range"):
+        run([0, 2, 2, 3, 5], [4, 8, 0, 3, 9])
+    with pytest.raises(ValueError, match=r"col_idx\[0\] = -1 is out of range"):
+        run([0, 2, 2, 3, 5], [-1, 8, 0, 3, 7])

@@ -26,13 +26,19 @@ std::vector<int32_t> column_offsets(const ConvGeometry& g, const Packing& p, boo
   return table;
 }
 
+// Entries per task of the tap builders below: a batch-1 call of a 512-channel layer at density 0.1 has 236k taps,
+// and building them on one core took as long as the convolution on two.
+constexpr int64_t kTapGrain = 32768;
+
 // The CSR taps as (offset into one packed image, value); values may be null when only the offsets are needed.
 template <typename Packing>
-std::vector<wide::Tap> csr_taps(const float* values, const int32_t* col_idx, int64_t nnz, const ConvGeometry& g,
-                                const Packing& p) {
+wide::Taps csr_taps(const float* values, const int32_t* col_idx, int64_t nnz, const ConvGeometry& g,
+                    const Packing& p) {
   const std::vector<int32_t> offsets = column_offsets(g, p, false, false);
-  std::vector<wide::Tap> taps(nnz);
-  for (int64_t e = 0; e < nnz; ++e) taps[e] = {offsets[col_idx[e]], values ? values[e] : 0.0f};
+  wide::Taps taps(nnz);
+  at::parallel_for(0, nnz, kTapGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) taps[e] = {offsets[col_idx[e]], values ? values[e] : 0.0f};
+  });
   return taps;
 }
 
@@ -41,19 +47,21 @@ std::vector<wide::Tap> csr_taps(const float* values, const int32_t* col_idx, int
 // the output channels (t_rows). Packed offsets are linear in the channel, so a tap is the flipped (kh, kw) term from
 // the table plus the output channel's stride.
 template <typename Packing>
-std::vector<wide::Tap> transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tr,
-                                               const at::Tensor& tperm, const ConvGeometry& g, const Packing& p) {
+wide::Taps transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tr,
+                                   const at::Tensor& tperm, const ConvGeometry& g, const Packing& p) {
   const float* v_ptr = vals.const_data_ptr<float>();
   const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
   const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
   const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
   const std::vector<int32_t> spatial = column_offsets(g, p, true, true);
   const int64_t channel_stride = p.tap_offset(1, 0, 0);
-  std::vector<wide::Tap> taps(vals.numel());
-  for (int64_t j = 0; j < vals.numel(); ++j) {
-    const int32_t e = perm_ptr[j];
-    taps[j] = {static_cast<int32_t>(tr_ptr[j] * channel_stride + spatial[col_ptr[e]]), v_ptr[e]};
-  }
+  wide::Taps taps(vals.numel());
+  at::parallel_for(0, vals.numel(), kTapGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int32_t e = perm_ptr[j];
+      taps[j] = {static_cast<int32_t>(tr_ptr[j] * channel_stride + spatial[col_ptr[e]]), v_ptr[e]};
+    }
+  });
   return taps;
 }
 

@@ -70,7 +70,7 @@ inline void write_tile(const float* tile, int64_t tile_positions, int64_t images
 }
 
 template <int kV>
-inline void forward_v(const float* packed, const batch_inner::Geometry& p, const std::vector<wide::Tap>& taps,
+inline void forward_v(const float* packed, const batch_inner::Geometry& p, const wide::Taps& taps,
                       const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                       int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
   constexpr int kP = kAccumulators / kV;
@@ -104,7 +104,7 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, const
 // out[n, r, oh, ow] = relu?(bias[r] + sum over the taps of row r of value * input window), every image n.
 // packed: the input packed by batch_inner::pack with `p` from packing(); taps in CSR order with offsets into one
 // batch block (row r's are taps[row_ptr[r] .. row_ptr[r + 1])).
-inline void forward(const float* packed, const batch_inner::Geometry& p, const std::vector<wide::Tap>& taps,
+inline void forward(const float* packed, const batch_inner::Geometry& p, const wide::Taps& taps,
                     const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                     int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
   switch (p.images / kLanes) {
@@ -176,7 +176,7 @@ inline void position_tiles(const float* block, const int64_t* windows, const flo
 // it, so one block stays in cache while every entry of the range reads it.
 template <int kV>
 inline void grad_values_blocks(const float* packed, int64_t block_size, int64_t blocks, const float* packed_grad,
-                               const std::vector<int64_t>& windows, const std::vector<wide::Tap>& taps,
+                               const std::vector<int64_t>& windows, const wide::Taps& taps,
                                const int32_t* row_ptr, int64_t rows, float* grad) {
   constexpr int kP = kGradTile / kV;
   const int64_t positions = static_cast<int64_t>(windows.size()), plane = positions * kV * kLanes;
@@ -203,7 +203,7 @@ inline void grad_values_blocks(const float* packed, int64_t block_size, int64_t 
 // packed_input: the input packed by batch_inner::pack with `p` from packing(); packed_grad: grad_output packed the
 // same way without padding, [blocks][rows][out_h][out_w][images]; taps: offsets into one batch block, CSR order.
 inline void grad_values(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
-                        const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                        const wide::Taps& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                         int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
   const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
   const auto run = [&](auto images_per_lane) {
@@ -223,7 +223,7 @@ inline void grad_values(const float* packed_input, const batch_inner::Geometry& 
 // wide::pack_images with `p`; grad_wide: grad_output [batch][rows][wide length], zero in the discarded columns;
 // taps: offsets into one packed image, CSR order. grad[e] receives the sum over images and output positions.
 inline void wide_grad_values(const float* packed, const wide::PackedGeometry& p, const float* grad_wide,
-                             const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                             const wide::Taps& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                              float* grad) {
   const int64_t vectors = p.wide_length() / kLanes;
   // The wide plane as positions of one vector each (kV = 1), consecutive in the image and in grad_output.

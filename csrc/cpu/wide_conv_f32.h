@@ -43,6 +43,24 @@ struct Tap {
   float value;
 };
 
+// A vector whose elements start uninitialised: csr_taps writes every tap, and the zeroing that std::vector<Tap>(n)
+// does first would be one more pass over the nonzeros on every call.
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  template <typename U, typename... Args>
+  void construct(U* at, Args&&... args) {
+    if constexpr (sizeof...(Args) == 0)
+      ::new (static_cast<void*>(at)) U;
+    else
+      ::new (static_cast<void*>(at)) U(std::forward<Args>(args)...);
+  }
+};
+using Taps = std::vector<Tap, UninitializedAllocator<Tap>>;
+
 // Shape of one packed image: C planes per phase, each Hq x Wq, and the wide output length.
 struct PackedGeometry {
   int64_t channels, phase_h, phase_w, rows, cols;  // cols = Wq, the wide row stride
@@ -150,7 +168,7 @@ inline void gather_row(const float* src, const Tap* taps, int64_t count, float i
 
 // out[n, r] (valid OH x OW of the wide result) for every image n and sparse row r: each task computes one plane.
 // row_ptr [rows + 1] indexes taps; bias may be null; relu clamps the result at 0.
-inline void sparse_rows(const float* packed, const PackedGeometry& p, const std::vector<Tap>& taps,
+inline void sparse_rows(const float* packed, const PackedGeometry& p, const Taps& taps,
                         const int32_t* row_ptr, int64_t rows, int64_t batch, const float* bias, bool relu,
                         float* out) {
   const int64_t length = p.wide_length(), out_plane = p.out_h * p.out_w;
@@ -290,7 +308,7 @@ inline void row_block(const float* block, const int64_t* windows, int64_t positi
 }
 
 // out[n, r, oh, ow] = bias[r] + sum over taps of row r of value * input window, for every image n.
-inline void sparse_rows(const float* packed, const Geometry& p, const std::vector<wide::Tap>& taps,
+inline void sparse_rows(const float* packed, const Geometry& p, const wide::Taps& taps,
                         const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                         int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
   const int64_t blocks = p.blocks(batch), positions = out_h * out_w, images = p.images;
@@ -343,7 +361,7 @@ inline float entry_dot(const float* block, const float* grad_plane, const int64_
 // [blocks][rows][out_h][out_w][images]. Each task owns a range of rows (so its entries); batch blocks run outermost
 // inside it so one input block stays in cache.
 inline void grad_values(const float* packed_input, const Geometry& p, const float* packed_grad,
-                        const std::vector<wide::Tap>& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                        const wide::Taps& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                         int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
   const int64_t blocks = p.blocks(batch), positions = out_h * out_w;
   const std::vector<int64_t> offsets = windows(p, out_h, out_w, stride_h, stride_w);
