@@ -97,6 +97,11 @@ def main() -> None:
     # A 2x2 map: few (batch block, tile) pairs, so the rows are split across tasks too (with two threads or more).
     torch.set_num_threads(max(2, torch.get_num_threads()))
     conv_case("tiled 2x2 rows split", 64, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 16)
+    # Under 256 outputs per tap (batch x output positions) the forward and the weight gradient read the taps from the
+    # CSR arrays instead of a list (conv_f32.h, with_csr_taps): the cases above all list them except the wide short
+    # rows, the strided wide case and the 1x1; these two take the tiled and the batch-innermost layouts that way.
+    conv_case("tiled 2x2 csr taps", 60, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 17)
+    conv_case("batch-inner 2x2 csr taps", 17, 8, 8, (2, 2), 3, 1, 1, 1, 0.4, 18)
     # The KD loss's row kernel: partial vectors (classes 37, 100), long rows (1000), T = 1 (one exponential shared).
     for classes in (1, 37, 100, 1000):
         for temperature, alpha in ((4.0, 0.9), (1.0, 0.5), (2.0, 1.0), (3.0, 0.0)):

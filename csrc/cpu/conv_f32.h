@@ -26,20 +26,32 @@ std::vector<int32_t> column_offsets(const ConvGeometry& g, const Packing& p, boo
   return table;
 }
 
-// Entries per task of the tap builders below: a batch-1 call of a 512-channel layer at density 0.1 has 236k taps,
-// and building them on one core took as long as the convolution on two.
+// Entries per task of the tap-list builders: a 512-channel layer at density 0.1 has 236k taps.
 constexpr int64_t kTapGrain = 32768;
 
-// The CSR taps as (offset into one packed image, value); values may be null when only the offsets are needed.
-template <typename Packing>
-wide::Taps csr_taps(const float* values, const int32_t* col_idx, int64_t nnz, const ConvGeometry& g,
-                    const Packing& p) {
-  const std::vector<int32_t> offsets = column_offsets(g, p, false, false);
-  wide::Taps taps(nnz);
-  at::parallel_for(0, nnz, kTapGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) taps[e] = {offsets[col_idx[e]], values ? values[e] : 0.0f};
+// Runs kernel(taps) with the forward's or the weight gradient's taps (values null where only the offsets are read).
+// Where each tap serves few outputs (batch 1 on small maps: a 512-channel 2x2 layer applies its 236k taps to 4 outputs
+// each), the kernel reads the CSR arrays directly, each column's offset looked up in a table of C_in * KH * KW
+// entries, and nothing per nonzero is built. Elsewhere a list of (offset, value) taps is built first, in parallel: the
+// kernels pass over a row's taps once per block of outputs, and one lookup per pass costs more (3-7% at batch 64,
+// measured) than the list, whose build is then a small part of the call.
+constexpr int64_t kListedTapsMinOutputs = 256;
+
+template <typename Packing, typename Kernel>
+void with_csr_taps(const at::Tensor* values, const at::Tensor& col_idx, const ConvGeometry& g, const Packing& p,
+                   Kernel kernel) {
+  const std::vector<int32_t> table = column_offsets(g, p, false, false);
+  const wide::CsrTaps csr{col_idx.const_data_ptr<int32_t>(), values ? values->const_data_ptr<float>() : nullptr,
+                          table.data()};
+  if (g.batch * g.out_h * g.out_w < kListedTapsMinOutputs) {
+    kernel(csr);
+    return;
+  }
+  wide::TapList listed(col_idx.numel());
+  at::parallel_for(0, col_idx.numel(), kTapGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) listed[e] = {csr.offset(e), csr.values ? csr.value(e) : 0.0f};
   });
-  return taps;
+  kernel(wide::ListedTaps{listed.data()});
 }
 
 // The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
@@ -47,15 +59,15 @@ wide::Taps csr_taps(const float* values, const int32_t* col_idx, int64_t nnz, co
 // the output channels (t_rows). Packed offsets are linear in the channel, so a tap is the flipped (kh, kw) term from
 // the table plus the output channel's stride.
 template <typename Packing>
-wide::Taps transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tr,
-                                   const at::Tensor& tperm, const ConvGeometry& g, const Packing& p) {
+wide::TapList transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& cols, const at::Tensor& tr,
+                                      const at::Tensor& tperm, const ConvGeometry& g, const Packing& p) {
   const float* v_ptr = vals.const_data_ptr<float>();
   const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
   const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();
   const int32_t* perm_ptr = tperm.const_data_ptr<int32_t>();
   const std::vector<int32_t> spatial = column_offsets(g, p, true, true);
   const int64_t channel_stride = p.tap_offset(1, 0, 0);
-  wide::Taps taps(vals.numel());
+  wide::TapList taps(vals.numel());
   at::parallel_for(0, vals.numel(), kTapGrain, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int32_t e = perm_ptr[j];
@@ -93,10 +105,11 @@ inline void conv_forward_batch_inner_f32(const at::Tensor& x, const at::Tensor& 
   const batch_inner::Geometry p = batch_inner_packing(g);
   const at::Tensor packed =
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
-  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
-  batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels,
-                           g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu,
-                           out.mutable_data_ptr<float>());
+  with_csr_taps(&vals, cols, g, p, [&](auto taps) {
+    batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels,
+                             g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu,
+                             out.mutable_data_ptr<float>());
+  });
 }
 
 // Data gradient, batch-innermost: the flipped transposed kernel over grad_output padded by (K - 1) * dilation - pad.
@@ -107,7 +120,8 @@ inline void conv_backward_input_batch_inner_f32(const at::Tensor& go, const at::
   const batch_inner::Geometry p{g.out_channels, g.out_h + 2 * pad_h, g.out_w + 2 * pad_w,
                                 batch_inner::images_per_block(g.batch)};
   const at::Tensor packed = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, pad_h, pad_w, p);
-  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  const wide::TapList listed = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  const wide::ListedTaps taps{listed.data()};
   batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels,
                            g.batch, g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
 }
@@ -120,10 +134,11 @@ inline void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at:
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
                                                  {g.out_channels, g.out_h, g.out_w, p.images});
-  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
-  batch_inner::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
-                           rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h,
-                           g.stride_w, grad_values.mutable_data_ptr<float>());
+  with_csr_taps(nullptr, cols, g, p, [&](auto taps) {  // offsets only
+    batch_inner::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
+                             rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h,
+                             g.stride_w, grad_values.mutable_data_ptr<float>());
+  });
 }
 
 // The tiled path (tiled_conv_f32.h) on small maps, where its batch blocks waste at most a sixth of their images on
@@ -146,9 +161,10 @@ inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, 
   const batch_inner::Geometry p = tiled_packing(g);
   const at::Tensor packed =
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
-  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
-  tiled::forward(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
-                 g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu, out.mutable_data_ptr<float>());
+  with_csr_taps(&vals, cols, g, p, [&](auto taps) {
+    tiled::forward(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
+                   g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu, out.mutable_data_ptr<float>());
+  });
 }
 
 inline void conv_backward_values_tiled_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
@@ -158,10 +174,11 @@ inline void conv_backward_values_tiled_f32(const at::Tensor& go, const at::Tenso
       batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
                                                  {g.out_channels, g.out_h, g.out_w, p.images});
-  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
-  tiled::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
-                     rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w,
-                     grad_values.mutable_data_ptr<float>());
+  with_csr_taps(nullptr, cols, g, p, [&](auto taps) {  // offsets only
+    tiled::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
+                       rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w,
+                       grad_values.mutable_data_ptr<float>());
+  });
 }
 
 inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
@@ -178,9 +195,10 @@ inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const 
     return true;
   }
   const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
-  const auto taps = csr_taps(vals.const_data_ptr<float>(), cols.const_data_ptr<int32_t>(), vals.numel(), g, p);
-  wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
-                    bias, relu, out.mutable_data_ptr<float>());
+  with_csr_taps(&vals, cols, g, p, [&](auto taps) {
+    wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
+                      bias, relu, out.mutable_data_ptr<float>());
+  });
   return true;
 }
 
@@ -208,7 +226,8 @@ inline void conv_backward_input_tiled_f32(const at::Tensor& go, const at::Tensor
   const batch_inner::Geometry p = tiled_data_gradient_packing(g);
   const at::Tensor packed = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w,
                                               data_grad_pad_h(g), data_grad_pad_w(g), p);
-  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  const wide::TapList listed = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  const wide::ListedTaps taps{listed.data()};
   tiled::forward(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels, g.batch,
                  g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
 }
@@ -233,7 +252,8 @@ inline bool conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals
   const wide::PackedGeometry p = grad_output_packing(g);
   const at::Tensor packed = wide::pack_images(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w,
                                               data_grad_pad_h(g), data_grad_pad_w(g), p);
-  const auto taps = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  const wide::TapList listed = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
+  const wide::ListedTaps taps{listed.data()};
   wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels, g.batch,
                     nullptr, false, grad_input.mutable_data_ptr<float>());
   return true;
@@ -266,8 +286,9 @@ inline bool conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, 
         std::memcpy(dst + oh * p.cols, go_ptr + (plane * g.out_h + oh) * g.out_w, g.out_w * sizeof(float));
     }
   });
-  const auto taps = csr_taps(nullptr, cols.const_data_ptr<int32_t>(), grad_values.numel(), g, p);  // offsets only
-  tiled::wide_grad_values(packed.const_data_ptr<float>(), p, wide_ptr, taps, rp.const_data_ptr<int32_t>(),
-                          g.out_channels, g.batch, grad_values.mutable_data_ptr<float>());
+  with_csr_taps(nullptr, cols, g, p, [&](auto taps) {  // offsets only
+    tiled::wide_grad_values(packed.const_data_ptr<float>(), p, wide_ptr, taps, rp.const_data_ptr<int32_t>(),
+                            g.out_channels, g.batch, grad_values.mutable_data_ptr<float>());
+  });
   return true;
 }

@@ -43,13 +43,13 @@ inline batch_inner::Geometry packing(int64_t channels, int64_t padded_h, int64_t
 
 // One row over one tile: kP positions x kV vectors of images, summed over the row's taps from `init`. src[p] is the
 // packed input of position p's window (before the tap's offset); the result goes to tile [kP][kV * kLanes].
-template <int kV, int kP>
-inline void row_tile(const float* const* src, const wide::Tap* taps, int64_t count, float init, float* tile) {
+template <int kV, int kP, typename Taps>
+inline void row_tile(const float* const* src, Taps taps, int64_t count, float init, float* tile) {
   vec a[kP * kV];
   for (int i = 0; i < kP * kV; ++i) a[i] = broadcast(init);
   for (int64_t t = 0; t < count; ++t) {
-    const vec v = broadcast(taps[t].value);
-    const int32_t offset = taps[t].offset;
+    const vec v = broadcast(taps.value(t));
+    const int32_t offset = taps.offset(t);
 #pragma GCC unroll 16
     for (int i = 0; i < kP * kV; ++i) a[i] += v * load(src[i / kV] + offset + (i % kV) * kLanes);
   }
@@ -69,8 +69,8 @@ inline void write_tile(const float* tile, int64_t tile_positions, int64_t images
   }
 }
 
-template <int kV>
-inline void forward_v(const float* packed, const batch_inner::Geometry& p, const wide::Taps& taps,
+template <int kV, typename Taps>
+inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps taps,
                       const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                       int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
   constexpr int kP = kAccumulators / kV;
@@ -94,7 +94,7 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, const
       // A partial last tile repeats its last position: the extra sums are computed and not written.
       for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, count - 1)];
       for (int64_t r = first_row; r < last_row; ++r) {
-        row_tile<kV, kP>(src, taps.data() + row_ptr[r], row_ptr[r + 1] - row_ptr[r], bias ? bias[r] : 0.0f, tile);
+        row_tile<kV, kP>(src, taps.at(row_ptr[r]), row_ptr[r + 1] - row_ptr[r], bias ? bias[r] : 0.0f, tile);
         write_tile(tile, count, kImages, nb * kImages, first, batch, rows, positions, r, relu, out);
       }
     }
@@ -104,7 +104,8 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, const
 // out[n, r, oh, ow] = relu?(bias[r] + sum over the taps of row r of value * input window), every image n.
 // packed: the input packed by batch_inner::pack with `p` from packing(); taps in CSR order with offsets into one
 // batch block (row r's are taps[row_ptr[r] .. row_ptr[r + 1])).
-inline void forward(const float* packed, const batch_inner::Geometry& p, const wide::Taps& taps,
+template <typename Taps>
+inline void forward(const float* packed, const batch_inner::Geometry& p, Taps taps,
                     const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                     int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
   switch (p.images / kLanes) {
@@ -127,8 +128,8 @@ constexpr int kEntriesPerGroup = 4;
 
 // partial: kLanes floats per entry (plain floats with unaligned loads: a std::vector of vector types is not
 // guaranteed their alignment).
-template <int kV, int kP>
-inline void entries_over_tile(const float* const* src, const vec* g, const wide::Tap* taps, int64_t count,
+template <int kV, int kP, typename Taps>
+inline void entries_over_tile(const float* const* src, const vec* g, Taps taps, int64_t count,
                               float* partial) {
   int64_t e = 0;
   for (; e + kEntriesPerGroup <= count; e += kEntriesPerGroup) {
@@ -137,7 +138,7 @@ inline void entries_over_tile(const float* const* src, const vec* g, const wide:
     for (int i = 0; i < kP * kV; ++i)
 #pragma GCC unroll 4
       for (int k = 0; k < kEntriesPerGroup; ++k)
-        a[k][i % kEntryChains] += g[i] * load(src[i / kV] + taps[e + k].offset + (i % kV) * kLanes);
+        a[k][i % kEntryChains] += g[i] * load(src[i / kV] + taps.offset(e + k) + (i % kV) * kLanes);
     for (int k = 0; k < kEntriesPerGroup; ++k) {
       vec sum = a[k][0];
       for (int c = 1; c < kEntryChains; ++c) sum += a[k][c];
@@ -147,7 +148,7 @@ inline void entries_over_tile(const float* const* src, const vec* g, const wide:
   for (; e < count; ++e) {
     vec a{};
 #pragma GCC unroll 16
-    for (int i = 0; i < kP * kV; ++i) a += g[i] * load(src[i / kV] + taps[e].offset + (i % kV) * kLanes);
+    for (int i = 0; i < kP * kV; ++i) a += g[i] * load(src[i / kV] + taps.offset(e) + (i % kV) * kLanes);
     store(partial + e * kLanes, load(partial + e * kLanes) + a);
   }
 }
@@ -156,9 +157,9 @@ inline void entries_over_tile(const float* const* src, const vec* g, const wide:
 // into registers, then every entry of the row run over it), the remainder in tiles of kP / 2, kP / 4, ... positions,
 // so no tile computes more than it keeps. windows[q]: offset of position q's input window in `block`; grad_plane:
 // the row's grad_output [positions][kV * kLanes images].
-template <int kV, int kP>
+template <int kV, int kP, typename Taps>
 inline void position_tiles(const float* block, const int64_t* windows, const float* grad_plane, int64_t first,
-                           int64_t positions, const wide::Tap* taps, int64_t count, float* partial) {
+                           int64_t positions, Taps taps, int64_t count, float* partial) {
   constexpr int64_t kImages = kV * kLanes;
   for (; first + kP <= positions; first += kP) {
     const float* src[kP];
@@ -174,9 +175,9 @@ inline void position_tiles(const float* block, const int64_t* windows, const flo
 // wide images with kV = 1): windows[q] is output position q's input window in a block; packed_grad holds
 // [blocks][rows][positions][kV * kLanes]. Each task owns a range of rows (so its entries); blocks run outermost inside
 // it, so one block stays in cache while every entry of the range reads it.
-template <int kV>
+template <int kV, typename Taps>
 inline void grad_values_blocks(const float* packed, int64_t block_size, int64_t blocks, const float* packed_grad,
-                               const std::vector<int64_t>& windows, const wide::Taps& taps,
+                               const std::vector<int64_t>& windows, Taps taps,
                                const int32_t* row_ptr, int64_t rows, float* grad) {
   constexpr int kP = kGradTile / kV;
   const int64_t positions = static_cast<int64_t>(windows.size()), plane = positions * kV * kLanes;
@@ -188,7 +189,7 @@ inline void grad_values_blocks(const float* packed, int64_t block_size, int64_t 
         const int64_t count = row_ptr[r + 1] - row_ptr[r];
         if (count == 0) continue;
         position_tiles<kV, kP>(packed + nb * block_size, windows.data(), packed_grad + (nb * rows + r) * plane, 0,
-                               positions, taps.data() + row_ptr[r], count,
+                               positions, taps.at(row_ptr[r]), count,
                                partial.data() + (row_ptr[r] - first_entry) * kLanes);
       }
     }
@@ -202,8 +203,9 @@ inline void grad_values_blocks(const float* packed, int64_t block_size, int64_t 
 
 // packed_input: the input packed by batch_inner::pack with `p` from packing(); packed_grad: grad_output packed the
 // same way without padding, [blocks][rows][out_h][out_w][images]; taps: offsets into one batch block, CSR order.
+template <typename Taps>
 inline void grad_values(const float* packed_input, const batch_inner::Geometry& p, const float* packed_grad,
-                        const wide::Taps& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                        Taps taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                         int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
   const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
   const auto run = [&](auto images_per_lane) {
@@ -222,8 +224,9 @@ inline void grad_values(const float* packed_input, const batch_inner::Geometry& 
 // it, where a dot product per entry would load the gradient again for each one. packed: the images packed by
 // wide::pack_images with `p`; grad_wide: grad_output [batch][rows][wide length], zero in the discarded columns;
 // taps: offsets into one packed image, CSR order. grad[e] receives the sum over images and output positions.
+template <typename Taps>
 inline void wide_grad_values(const float* packed, const wide::PackedGeometry& p, const float* grad_wide,
-                             const wide::Taps& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                             Taps taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                              float* grad) {
   const int64_t vectors = p.wide_length() / kLanes;
   // The wide plane as positions of one vector each (kV = 1), consecutive in the image and in grad_output.

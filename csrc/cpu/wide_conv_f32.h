@@ -43,8 +43,8 @@ struct Tap {
   float value;
 };
 
-// A vector whose elements start uninitialised: csr_taps writes every tap, and the zeroing that std::vector<Tap>(n)
-// does first would be one more pass over the nonzeros on every call.
+// A vector whose elements start uninitialised: the tap-list builders write every tap, and the zeroing that
+// std::vector<Tap>(n) does first would be one more pass over the nonzeros.
 template <typename T>
 struct UninitializedAllocator : std::allocator<T> {
   template <typename U>
@@ -59,7 +59,28 @@ struct UninitializedAllocator : std::allocator<T> {
       ::new (static_cast<void*>(at)) U(std::forward<Args>(args)...);
   }
 };
-using Taps = std::vector<Tap, UninitializedAllocator<Tap>>;
+using TapList = std::vector<Tap, UninitializedAllocator<Tap>>;
+
+// Where the kernels below read a row's taps (their template parameter Taps; `at(first)` is the row starting at entry
+// `first`): the CSR arrays themselves, each column's packed offset looked up in a table of C_in * KH * KW entries
+// (CsrTaps), or a list of (offset, value) pairs built per call (ListedTaps). conv_f32.h's with_csr_taps chooses for
+// the forward and the weight gradient; the data gradient's transposed, flipped taps are a permutation of the CSR's,
+// always listed.
+struct CsrTaps {
+  const int32_t* columns;  // col_idx
+  const float* values;     // null where only the offsets are read (the weight gradient)
+  const int32_t* table;    // packed offset of every column
+  int32_t offset(int64_t t) const { return table[columns[t]]; }
+  float value(int64_t t) const { return values[t]; }
+  CsrTaps at(int64_t first) const { return {columns + first, values ? values + first : nullptr, table}; }
+};
+
+struct ListedTaps {
+  const Tap* taps;
+  int32_t offset(int64_t t) const { return taps[t].offset; }
+  float value(int64_t t) const { return taps[t].value; }
+  ListedTaps at(int64_t first) const { return {taps + first}; }
+};
 
 // Shape of one packed image: C planes per phase, each Hq x Wq, and the wide output length.
 struct PackedGeometry {
@@ -118,8 +139,8 @@ inline at::Tensor pack_images(const float* src, int64_t batch, int64_t in_h, int
 // separate accumulators: a single vector per pass would be one chain of dependent FMAs (latency-bound: about 4
 // cycles a tap against under 1 in the blocks), and the tail is a third to a half of the outputs of the 8x8 and 16x16
 // maps of a batch-1 call.
-template <int kVectors>
-inline void gather_tail(const float* src, const Tap* taps, int64_t count, float init, float* dst) {
+template <int kVectors, typename Taps>
+inline void gather_tail(const float* src, Taps taps, int64_t count, float init, float* dst) {
   vec even[kVectors], odd[kVectors];
   for (int k = 0; k < kVectors; ++k) {
     even[k] = broadcast(init);
@@ -127,27 +148,28 @@ inline void gather_tail(const float* src, const Tap* taps, int64_t count, float 
   }
   int64_t t = 0;
   for (; t + 2 <= count; t += 2) {
-    const float* s0 = src + taps[t].offset;
-    const float* s1 = src + taps[t + 1].offset;
-    const vec v0 = broadcast(taps[t].value), v1 = broadcast(taps[t + 1].value);
+    const float* s0 = src + taps.offset(t);
+    const float* s1 = src + taps.offset(t + 1);
+    const vec v0 = broadcast(taps.value(t)), v1 = broadcast(taps.value(t + 1));
     for (int k = 0; k < kVectors; ++k) {
       even[k] += v0 * load(s0 + k * kLanes);
       odd[k] += v1 * load(s1 + k * kLanes);
     }
   }
   if (t < count)
-    for (int k = 0; k < kVectors; ++k) even[k] += broadcast(taps[t].value) * load(src + taps[t].offset + k * kLanes);
+    for (int k = 0; k < kVectors; ++k) even[k] += broadcast(taps.value(t)) * load(src + taps.offset(t) + k * kLanes);
   for (int k = 0; k < kVectors; ++k) store(dst + k * kLanes, even[k] + odd[k]);
 }
 
 // dst[q] = init + sum over taps of value * src[offset + q], q in [0, length); length is a multiple of kLanes.
-inline void gather_row(const float* src, const Tap* taps, int64_t count, float init, float* dst, int64_t length) {
+template <typename Taps>
+inline void gather_row(const float* src, Taps taps, int64_t count, float init, float* dst, int64_t length) {
   int64_t q = 0;
   for (; q + kBlock <= length; q += kBlock) {
     vec a0 = broadcast(init), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t t = 0; t < count; ++t) {
-      const float* s = src + taps[t].offset + q;
-      const vec v = broadcast(taps[t].value);
+      const float* s = src + taps.offset(t) + q;
+      const vec v = broadcast(taps.value(t));
       a0 += v * load(s);
       a1 += v * load(s + kLanes);
       a2 += v * load(s + 2 * kLanes);
@@ -168,7 +190,8 @@ inline void gather_row(const float* src, const Tap* taps, int64_t count, float i
 
 // out[n, r] (valid OH x OW of the wide result) for every image n and sparse row r: each task computes one plane.
 // row_ptr [rows + 1] indexes taps; bias may be null; relu clamps the result at 0.
-inline void sparse_rows(const float* packed, const PackedGeometry& p, const Taps& taps,
+template <typename Taps>
+inline void sparse_rows(const float* packed, const PackedGeometry& p, Taps taps,
                         const int32_t* row_ptr, int64_t rows, int64_t batch, const float* bias, bool relu,
                         float* out) {
   const int64_t length = p.wide_length(), out_plane = p.out_h * p.out_w;
@@ -177,7 +200,7 @@ inline void sparse_rows(const float* packed, const PackedGeometry& p, const Taps
     std::vector<float> wide(length);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / rows, r = task % rows;
-      gather_row(packed + n * p.image(), taps.data() + row_ptr[r], row_ptr[r + 1] - row_ptr[r],
+      gather_row(packed + n * p.image(), taps.at(row_ptr[r]), row_ptr[r + 1] - row_ptr[r],
                  bias ? bias[r] : 0.0f, wide.data(), length);
       float* dst = out + task * out_plane;
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
@@ -272,8 +295,8 @@ inline std::vector<int64_t> windows(const Geometry& p, int64_t out_h, int64_t ou
 
 // One sparse row over one batch block with kVectors vectors of images per position: the four accumulators hold
 // 4 / kVectors positions. tile [positions][images] receives the result.
-template <int kVectors>
-inline void row_block(const float* block, const int64_t* windows, int64_t positions, const wide::Tap* taps,
+template <int kVectors, typename Taps>
+inline void row_block(const float* block, const int64_t* windows, int64_t positions, Taps taps,
                       int64_t count, float init, bool relu, float* tile) {
   constexpr int kPositions = 4 / kVectors;
   constexpr int64_t kImages = kVectors * kLanes;
@@ -288,8 +311,8 @@ inline void row_block(const float* block, const int64_t* windows, int64_t positi
     vec a[4];
     for (int k = 0; k < 4; ++k) a[k] = broadcast(init);
     for (int64_t t = 0; t < count; ++t) {
-      const vec v = broadcast(taps[t].value);
-      const int32_t offset = taps[t].offset;
+      const vec v = broadcast(taps.value(t));
+      const int32_t offset = taps.offset(t);
 #pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) a[k] += v * load(at[k / kVectors] + offset + (k % kVectors) * kLanes);
     }
@@ -300,15 +323,16 @@ inline void row_block(const float* block, const int64_t* windows, int64_t positi
     vec a[kVectors];
     for (int k = 0; k < kVectors; ++k) a[k] = broadcast(init);
     for (int64_t t = 0; t < count; ++t) {
-      const vec v = broadcast(taps[t].value);
-      for (int k = 0; k < kVectors; ++k) a[k] += v * load(at + taps[t].offset + k * kLanes);
+      const vec v = broadcast(taps.value(t));
+      for (int k = 0; k < kVectors; ++k) a[k] += v * load(at + taps.offset(t) + k * kLanes);
     }
     for (int k = 0; k < kVectors; ++k) store(tile + q * kImages + k * kLanes, finish(a[k]));
   }
 }
 
 // out[n, r, oh, ow] = bias[r] + sum over taps of row r of value * input window, for every image n.
-inline void sparse_rows(const float* packed, const Geometry& p, const wide::Taps& taps,
+template <typename Taps>
+inline void sparse_rows(const float* packed, const Geometry& p, Taps taps,
                         const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                         int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
   const int64_t blocks = p.blocks(batch), positions = out_h * out_w, images = p.images;
@@ -318,7 +342,7 @@ inline void sparse_rows(const float* packed, const Geometry& p, const wide::Taps
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task / rows, r = task % rows;
       const float* block = packed + nb * p.block();
-      const wide::Tap* row_taps = taps.data() + row_ptr[r];
+      const Taps row_taps = taps.at(row_ptr[r]);
       const int64_t count = row_ptr[r + 1] - row_ptr[r];
       const float init = bias ? bias[r] : 0.0f;
       if (images == kNarrowImages)
@@ -360,8 +384,9 @@ inline float entry_dot(const float* block, const float* grad_plane, const int64_
 // packed_grad is grad_output packed by pack() with no padding and the same images per block:
 // [blocks][rows][out_h][out_w][images]. Each task owns a range of rows (so its entries); batch blocks run outermost
 // inside it so one input block stays in cache.
+template <typename Taps>
 inline void grad_values(const float* packed_input, const Geometry& p, const float* packed_grad,
-                        const wide::Taps& taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
+                        Taps taps, const int32_t* row_ptr, int64_t rows, int64_t batch,
                         int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, float* grad) {
   const int64_t blocks = p.blocks(batch), positions = out_h * out_w;
   const std::vector<int64_t> offsets = windows(p, out_h, out_w, stride_h, stride_w);
@@ -372,7 +397,7 @@ inline void grad_values(const float* packed_input, const Geometry& p, const floa
       for (int64_t r = begin; r < end; ++r) {
         const float* grad_plane = packed_grad + (nb * rows + r) * positions * p.images;
         for (int32_t e = row_ptr[r]; e < row_ptr[r + 1]; ++e) {
-          const float* tap_block = block + taps[e].offset;
+          const float* tap_block = block + taps.offset(e);
           grad[e] += p.images == kNarrowImages ? entry_dot<2>(tap_block, grad_plane, offsets.data(), positions)
                                                : entry_dot<4>(tap_block, grad_plane, offsets.data(), positions);
         }
