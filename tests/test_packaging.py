@@ -161,8 +161,8 @@ def test_the_elf_reader_reads_section_names():
     assert ".text" in names and ".dynsym" in names
 
 
-# PTD_TEST_WHEEL=1 builds a wheel (the extension from scratch: 5 to 15 minutes on 2 cores, more than CI's share);
-# PTD_TEST_WHEEL=<path of a .whl> tests that wheel instead.
+# PTD_TEST_WHEEL=1 builds a wheel (the CPU extension from scratch: about 2.5 minutes on 2 quiet cores; .ci/run sets
+# it); PTD_TEST_WHEEL=<path of a .whl> tests that wheel instead.
 WHEEL_TEST = os.environ.get("PTD_TEST_WHEEL", "0")
 needs_wheel = pytest.mark.skipif(WHEEL_TEST == "0", reason="builds a release wheel: set PTD_TEST_WHEEL=1 (or a "
                                  "wheel's path)")
