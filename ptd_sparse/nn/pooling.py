@@ -1,20 +1,42 @@
 """MaxPool2x2: the 2x2, stride-2 max-pool of the inference form, without max_pool2d's slow NCHW CPU kernel."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
+from ptd_sparse import _extension
+from ptd_sparse.nn.sparse_conv2d import _tracing
+
+FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _fused_kernel():
+    return _extension.kernel_operator("max_pool2x2")
+
+
+def _runs_fused(input: Tensor) -> bool:
+    return (input.device.type == "cpu" and input.dtype in FUSED_DTYPES and input.is_contiguous() and
+            not (input.requires_grad and torch.is_grad_enabled()) and _extension.extension_problem() is None and
+            not _tracing())
+
 
 class MaxPool2x2(nn.Module):
-    """Exactly nn.MaxPool2d(2) (kernel 2, stride 2, no padding, floor mode) on [..., H, W], computed as the
-    elementwise maximum of the four strided quarter views. torch 2.13's max_pool2d on contiguous NCHW CPU tensors
-    is 5-10x slower than this (it dominated the sparse inference time of the VGG teachers, docs/cache.md). NaN
-    propagates as in max_pool2d. For inference: on ties the gradient would be split instead of routed to one input."""
+    """Exactly nn.MaxPool2d(2) (kernel 2, stride 2, no padding, floor mode) on [..., H, W]. On contiguous CPU
+    tensors without autograd it runs the extension's one-pass kernel (csrc/cpu/max_pool2x2_cpu.cpp); elsewhere (other
+    devices and layouts, gradients, traced or compiled graphs) the elementwise maximum of the four strided quarter
+    views. torch's max_pool2d on contiguous NCHW CPU tensors is several times slower than either (it dominated the
+    sparse inference time of the VGG teachers, docs/cache.md). NaN propagates as in max_pool2d. For inference: on
+    ties the gradient would be split instead of routed to one input."""
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 3 or input.shape[-2] < 2 or input.shape[-1] < 2:
             raise ValueError(f"a 2x2 max-pool needs an input [..., H, W] with H, W >= 2, got shape "
                              f"{tuple(input.shape)}")
+        if _runs_fused(input):
+            return _fused_kernel()(input)
         height, width = input.shape[-2] // 2 * 2, input.shape[-1] // 2 * 2
         x = input[..., :height, :width]
         return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
