@@ -126,14 +126,21 @@ inline void conv_backward_input_batch_inner_f32(const at::Tensor& go, const at::
                            g.batch, g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
 }
 
+// The weight gradient's operands in an images-innermost packing `p` (batch-innermost or tiled): the input padded as
+// the forward packs it, grad_output unpadded with the same images per block.
+inline std::pair<at::Tensor, at::Tensor> pack_weight_gradient_operands(const at::Tensor& go, const at::Tensor& x,
+                                                                       const ConvGeometry& g,
+                                                                       const batch_inner::Geometry& p) {
+  return {batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p),
+          batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
+                            {g.out_channels, g.out_h, g.out_w, p.images})};
+}
+
 inline void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
                                                  const at::Tensor& cols, const ConvGeometry& g,
                                                  at::Tensor& grad_values) {
   const batch_inner::Geometry p = batch_inner_packing(g);
-  const at::Tensor packed_x =
-      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
-  const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
-                                                 {g.out_channels, g.out_h, g.out_w, p.images});
+  const auto [packed_x, packed_go] = pack_weight_gradient_operands(go, x, g, p);
   with_csr_taps(nullptr, cols, g, p, [&](auto taps) {  // offsets only
     batch_inner::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
                              rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h,
@@ -170,10 +177,7 @@ inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, 
 inline void conv_backward_values_tiled_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
                                            const at::Tensor& cols, const ConvGeometry& g, at::Tensor& grad_values) {
   const batch_inner::Geometry p = tiled_packing(g);
-  const at::Tensor packed_x =
-      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
-  const at::Tensor packed_go = batch_inner::pack(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w, 0, 0,
-                                                 {g.out_channels, g.out_h, g.out_w, p.images});
+  const auto [packed_x, packed_go] = pack_weight_gradient_operands(go, x, g, p);
   with_csr_taps(nullptr, cols, g, p, [&](auto taps) {  // offsets only
     tiled::grad_values(packed_x.const_data_ptr<float>(), p, packed_go.const_data_ptr<float>(), taps,
                        rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w,
