@@ -21,6 +21,17 @@ struct ConvGeometry {
   int64_t out_plane() const { return out_h * out_w; }
 };
 
+// Whether a convolution's input is laid out channels_last: NHWC-contiguous and not also NCHW-contiguous (as 1x1 maps
+// and single channels are). Its forward output is then channels_last too, as F.conv2d's is, on every backend (the
+// fake kernels decide the same way: ptd_sparse/conv_geometry.py, output_memory_format).
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  return is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 // Half-open range [begin, end) of output coordinates o with 0 <= o * stride + offset < in_size, clipped to
 // [0, out_size). offset = tap * dilation - padding.
 struct OutputRange {

@@ -24,3 +24,15 @@ def conv_output_shape(input, weight_shape, stride, padding, dilation) -> tuple:
     out_h = output_size(input.shape[2], weight_shape[2], stride[0], padding[0], dilation[0])
     out_w = output_size(input.shape[3], weight_shape[3], stride[1], padding[1], dilation[1])
     return (input.shape[0], weight_shape[0], out_h, out_w)
+
+
+def is_channels_last(input) -> bool:
+    """Whether a 4-d `input` is laid out channels_last: NHWC-contiguous and not also NCHW-contiguous (as 1x1 maps
+    and single channels are)."""
+    return input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+
+
+def output_memory_format(input) -> torch.memory_format:
+    """The layout of a sparse convolution's forward output: the input's (channels_last in, channels_last out, as
+    F.conv2d), decided as csrc/conv_geometry.h decides it for the native kernels."""
+    return torch.channels_last if is_channels_last(input) else torch.contiguous_format

@@ -2,11 +2,12 @@
 tests/test_cpu_dispatch.py, one process per kernel set, since the set is chosen once per process (PTD_CPU_ISA).
 
 Usage: python cpu_isa_worker.py ISA. Prints the kernel set in use and "ok", or fails with an AssertionError naming
-the case. The cases reach every dispatched entry point: the wide layout (long rows for the register-blocked loop,
-short ones for its tail, strides, dilation, bias and the fused ReLU), the batch-innermost layout (small maps at batch
->= 16), the tiled forward, data gradient and weight gradient (small maps at batches that fill its image blocks), the
-wide and batch-innermost data-gradient and weight-gradient layouts, and the KD loss's row kernel with class counts
-that leave partial vectors for 8 and 16 lanes, temperatures 1 and 4, teacher -inf entries and half-precision rows.
+the case. The cases reach every dispatched entry point (the forward on NCHW and on channels_last inputs): the wide
+layout (long rows for the register-blocked loop, short ones for its tail, strides, dilation, bias and the fused ReLU),
+the batch-innermost layout (small maps at batch >= 16), the tiled forward, data gradient and weight gradient (small
+maps at batches that fill its image blocks), the wide and batch-innermost data-gradient and weight-gradient layouts,
+and the KD loss's row kernel with class counts that leave partial vectors for 8 and 16 lanes, temperatures 1 and 4,
+teacher -inf entries and half-precision rows.
 """
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation,
         want = want.clamp_min(0)
     got = ops.conv_forward(x, values, p.row_ptr, p.col_idx, shape, bias, st, pad, dil, relu)
     close(got, want, f"{name} forward")
+    # channels_last in, channels_last out: the packers and output writers of every layout read and write NHWC.
+    got_nhwc = ops.conv_forward(x.contiguous(memory_format=torch.channels_last), values, p.row_ptr, p.col_idx, shape,
+                                bias, st, pad, dil, relu)
+    assert got_nhwc.is_contiguous(memory_format=torch.channels_last), f"{name}: the NHWC forward's output layout"
+    close(got_nhwc, want, f"{name} forward NHWC")
 
     grad_out = torch.randn(want.shape, generator=g)
     want_x, want_w = torch.autograd.grad(want, (x64, dense), grad_out.double())

@@ -55,10 +55,10 @@ needs_extension = pytest.mark.skipif(_extension.extension_problem() is not None,
 
 
 @needs_extension
-def test_contiguous_cpu_inputs_take_the_one_pass_kernel():
+def test_contiguous_and_channels_last_cpu_inputs_take_the_one_pass_kernel():
     x = torch.randn(2, 3, 6, 6)
     assert pooling._runs_fused(x)
-    assert not pooling._runs_fused(x.contiguous(memory_format=torch.channels_last))
+    assert pooling._runs_fused(x.contiguous(memory_format=torch.channels_last))
     assert not pooling._runs_fused(x[..., ::2])
     assert not pooling._runs_fused(x.clone().requires_grad_())
     with torch.no_grad():
@@ -89,6 +89,22 @@ def test_the_kernel_names_its_input_when_refusing_it():
 @needs_extension
 def test_opcheck_of_the_kernel():
     torch.library.opcheck(torch.ops.ptd_sparse_kernels.max_pool2x2.default, (torch.randn(2, 3, 7, 6),))
+    channels_last = torch.randn(2, 3, 7, 6).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ptd_sparse_kernels.max_pool2x2.default, (channels_last,))
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 19, 9, 8), (1, 64, 4, 4), (0, 5, 4, 4), (2, 5, 3, 2)])
+def test_the_kernel_pools_channels_last_in_channels_last(dtype, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.numel():
+        x[0, 0, 0, 0] = float("nan")  # propagates, as in max_pool2d
+    out = torch.ops.ptd_sparse_kernels.max_pool2x2(x)
+    # An empty tensor counts as NCHW-contiguous (ptd_sparse.conv_geometry.is_channels_last), as does its output.
+    assert out.is_contiguous(memory_format=torch.channels_last if x.numel() else torch.contiguous_format)
+    torch.testing.assert_close(out, F.max_pool2d(x.contiguous(), 2), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided", "grad"])

@@ -201,6 +201,31 @@ def test_opcheck(backend, generator):
         opcheck_conv_route(backend, x, values, p, bias, [2, 1], [1, 1], [1, 2])
 
 
+NATIVE_CPU = pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch,size", [(1, 11), (20, 4), (64, 2), (0, 5)])
+def test_channels_last_in_channels_last_out(dtype, batch, size, generator):
+    """The native forward keeps a channels_last input's layout (as F.conv2d does): float32 through the NHWC packers
+    and writers of the wide (batch 1), batch-innermost (20) and tiled (64) layouts, other dtypes through the NCHW
+    loops and a copy; an empty batch too. 20 input and 19 output channels leave partial channel blocks."""
+    weight = torch.randn(19, 20, 3, 3, generator=generator)
+    mask = random_mask(weight.shape, 0.3, generator)
+    x = torch.randn(batch, 20, size, size, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
+    p = ConvPattern.from_mask(mask)
+    values, bias = p.gather(weight).to(dtype), torch.randn(19, generator=generator).to(dtype)
+    out = torch.ops.ptd_sparse_kernels.sparse_conv2d(x, values, p.row_ptr, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
+                                                    list(p.shape), bias, [1, 1], [1, 1], [1, 1], True)
+    want = F.conv2d(x.contiguous().double(), (weight * mask).double(), bias.double(), padding=1).relu()
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), want, atol=tolerance, rtol=tolerance)
+    if batch:
+        opcheck_conv_route("cpu", x, values, p, bias, [1, 1], [1, 1], [1, 1], relu=True)
+
+
 def test_dense_route_agrees_with_the_op_reference(generator):
     """masked_conv2d(backend='dense') takes the dense masked path; the op's reference must agree with it."""
     weight = torch.randn(5, 3, 3, 3, generator=generator)

@@ -80,6 +80,15 @@ wide::TapList transposed_flipped_taps(const at::Tensor& vals, const at::Tensor& 
 inline int64_t data_grad_pad_h(const ConvGeometry& g) { return (g.kernel_h - 1) * g.dil_h - g.pad_h; }
 inline int64_t data_grad_pad_w(const ConvGeometry& g) { return (g.kernel_w - 1) * g.dil_w - g.pad_w; }
 
+// The layout of a forward's input or output: the operator (sparse_conv2d_cpu.cpp) passes tensors contiguous in NCHW
+// or, where it was given channels_last, in NHWC (a tensor contiguous in both, a 1x1 map, has the same strides either
+// way).
+inline wide::Layout activation_layout(const at::Tensor& t) {
+  return wide::Layout::of(!t.is_contiguous(), t.size(1), t.size(2) * t.size(3));
+}
+
+inline wide::Layout nchw_layout(int64_t channels, int64_t h, int64_t w) { return wide::Layout::nchw(channels, h * w); }
+
 inline wide::PackedGeometry input_packing(const ConvGeometry& g) {
   return wide::packed_geometry(g.in_channels, g.in_h, g.in_w, g.pad_h, g.pad_w, g.stride_h, g.stride_w, g.out_h,
                                g.out_w);
@@ -103,11 +112,11 @@ inline void conv_forward_batch_inner_f32(const at::Tensor& x, const at::Tensor& 
                                          const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                                          at::Tensor& out) {
   const batch_inner::Geometry p = batch_inner_packing(g);
-  const at::Tensor packed =
-      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const at::Tensor packed = batch_inner::pack(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
+                                              g.in_w, g.pad_h, g.pad_w, p);
   with_csr_taps(&vals, cols, g, p, [&](auto taps) {
     batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels,
-                             g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu,
+                             g.batch, g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu, activation_layout(out),
                              out.mutable_data_ptr<float>());
   });
 }
@@ -123,7 +132,8 @@ inline void conv_backward_input_batch_inner_f32(const at::Tensor& go, const at::
   const wide::TapList listed = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
   const wide::ListedTaps taps{listed.data()};
   batch_inner::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels,
-                           g.batch, g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
+                           g.batch, g.in_h, g.in_w, 1, 1, nullptr, false, nchw_layout(g.in_channels, g.in_h, g.in_w),
+                           grad_input.mutable_data_ptr<float>());
 }
 
 // The weight gradient's operands in an images-innermost packing `p` (batch-innermost or tiled): the input padded as
@@ -166,11 +176,12 @@ inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, 
                                    const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                                    at::Tensor& out) {
   const batch_inner::Geometry p = tiled_packing(g);
-  const at::Tensor packed =
-      batch_inner::pack(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const at::Tensor packed = batch_inner::pack(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
+                                              g.in_w, g.pad_h, g.pad_w, p);
   with_csr_taps(&vals, cols, g, p, [&](auto taps) {
     tiled::forward(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
-                   g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu, out.mutable_data_ptr<float>());
+                   g.out_h, g.out_w, g.stride_h, g.stride_w, bias, relu, activation_layout(out),
+                   out.mutable_data_ptr<float>());
   });
 }
 
@@ -198,10 +209,11 @@ inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const 
     conv_forward_batch_inner_f32(x, vals, rp, cols, bias, relu, g, out);
     return true;
   }
-  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
+                                             g.in_w, g.pad_h, g.pad_w, p);
   with_csr_taps(&vals, cols, g, p, [&](auto taps) {
     wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
-                      bias, relu, out.mutable_data_ptr<float>());
+                      bias, relu, activation_layout(out), out.mutable_data_ptr<float>());
   });
   return true;
 }
@@ -233,7 +245,8 @@ inline void conv_backward_input_tiled_f32(const at::Tensor& go, const at::Tensor
   const wide::TapList listed = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
   const wide::ListedTaps taps{listed.data()};
   tiled::forward(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels, g.batch,
-                 g.in_h, g.in_w, 1, 1, nullptr, false, grad_input.mutable_data_ptr<float>());
+                 g.in_h, g.in_w, 1, 1, nullptr, false, nchw_layout(g.in_channels, g.in_h, g.in_w),
+                 grad_input.mutable_data_ptr<float>());
 }
 
 inline bool backward_input_is_wide(const ConvGeometry& g) {
@@ -254,12 +267,12 @@ inline bool conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals
     return true;
   }
   const wide::PackedGeometry p = grad_output_packing(g);
-  const at::Tensor packed = wide::pack_images(go.const_data_ptr<float>(), g.batch, g.out_h, g.out_w,
-                                              data_grad_pad_h(g), data_grad_pad_w(g), p);
+  const at::Tensor packed = wide::pack_images(go.const_data_ptr<float>(), nchw_layout(g.out_channels, g.out_h, g.out_w),
+                                              g.batch, g.out_h, g.out_w, data_grad_pad_h(g), data_grad_pad_w(g), p);
   const wide::TapList listed = transposed_flipped_taps(vals, cols, tr, tperm, g, p);
   const wide::ListedTaps taps{listed.data()};
   wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, tp.const_data_ptr<int32_t>(), g.in_channels, g.batch,
-                    nullptr, false, grad_input.mutable_data_ptr<float>());
+                    nullptr, false, nchw_layout(g.in_channels, g.in_h, g.in_w), grad_input.mutable_data_ptr<float>());
   return true;
 }
 
@@ -276,7 +289,8 @@ inline bool conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, 
   }
   const wide::PackedGeometry p = input_packing(g);
   if (!wide::fits_int32(p)) return false;
-  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
+  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), nchw_layout(g.in_channels, g.in_h, g.in_w),
+                                             g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const int64_t length = p.wide_length();
   // grad_output in the wide layout, zero in the discarded columns so they add nothing.
   at::Tensor go_wide = at::empty({g.batch * g.out_channels, length}, go.options());

@@ -95,16 +95,20 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
                       "bias must have C_out = ", g.out_channels, " entries of dtype ", input.scalar_type());
     bias_c = bias->contiguous();
   }
-  const at::Tensor x = input.contiguous();
   const at::Tensor vals = values.contiguous();
   const at::Tensor rp = row_ptr.contiguous();
   const at::Tensor ci = col_idx.contiguous();
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  // The output takes the input's layout (channels_last in, channels_last out); the float32 kernels read and write
+  // NHWC directly, the generic loops below run NCHW and the result is copied.
+  const at::MemoryFormat format = output_memory_format(input);
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   if (out.numel() == 0) return out;
   const bool f32 = input.scalar_type() == at::kFloat;
   const float* bias_f32 = f32 && bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr;
-  if (f32 && cpu_isa::f32_kernels().conv_forward(x, vals, rp, ci, bias_f32, relu, g, out))
+  if (f32 && cpu_isa::f32_kernels().conv_forward(input.contiguous(format), vals, rp, ci, bias_f32, relu, g, out))
     return out;
+  const at::Tensor x = input.contiguous();
+  at::Tensor nchw_out = format == at::MemoryFormat::Contiguous ? out : at::empty(out.sizes(), input.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -113,7 +117,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
     const scalar_t* b_ptr = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
     const int32_t* ci_ptr = ci.const_data_ptr<int32_t>();
-    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    scalar_t* out_ptr = nchw_out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.batch * g.out_channels, plane_grain(g.out_plane()), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(g.out_plane());
       for (int64_t task = begin; task < end; ++task) {
@@ -131,6 +135,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
       }
     });
   });
+  if (!nchw_out.is_same(out)) out.copy_(nchw_out);
   return out;
 }
 

@@ -56,23 +56,29 @@ inline void row_tile(const float* const* src, Taps taps, int64_t count, float in
   for (int i = 0; i < kP * kV; ++i) store(tile + i * kLanes, a[i]);
 }
 
-// The tile of one row [positions][images] into out [batch][rows][positions] (NCHW), clamped by relu.
-inline void write_tile(const float* tile, int64_t tile_positions, int64_t images, int64_t first_image,
-                       int64_t first_position, int64_t batch, int64_t rows, int64_t positions, int64_t row, bool relu,
-                       float* out) {
+// The tiles of `block_rows` consecutive rows from `row` (each [positions][images], `tile_size` floats apart) into out
+// (laid out as `out_layout`), clamped by relu. NCHW takes one row at a time; in NHWC a block of rows is a run of
+// channels of each output, written together: row by row, the images' power-of-two strides would map every store of a
+// tile to a few L1 sets, which then evict each other's lines before the next row fills them.
+inline void write_tiles(const float* tiles, int64_t tile_size, int64_t block_rows, int64_t tile_positions,
+                        int64_t images, int64_t first_image, int64_t first_position, int64_t batch,
+                        const wide::Layout& out_layout, int64_t row, bool relu, float* out) {
+  const int64_t step = out_layout.position;
   for (int64_t i = 0; i < images && first_image + i < batch; ++i) {
-    float* dst = out + ((first_image + i) * rows + row) * positions + first_position;
-    for (int64_t p = 0; p < tile_positions; ++p) {
-      const float value = tile[p * images + i];
-      dst[p] = relu ? std::max(value, 0.0f) : value;
-    }
+    float* dst = out + out_layout.plane(first_image + i, row) + first_position * step;
+    for (int64_t p = 0; p < tile_positions; ++p)
+      for (int64_t k = 0; k < block_rows; ++k) {
+        const float value = tiles[k * tile_size + p * images + i];
+        dst[p * step + k * out_layout.channel] = relu ? std::max(value, 0.0f) : value;
+      }
   }
 }
 
 template <int kV, typename Taps>
 inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps taps,
                       const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
-                      int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
+                      int64_t stride_h, int64_t stride_w, const float* bias, bool relu,
+                      const wide::Layout& out_layout, float* out) {
   constexpr int kP = kAccumulators / kV;
   constexpr int64_t kImages = kV * kLanes;
   const int64_t positions = out_h * out_w, blocks = p.blocks(batch);
@@ -82,8 +88,9 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps 
   // single pair): about four tasks per thread.
   const int64_t pairs = blocks * tiles;
   const int64_t row_parts = std::clamp<int64_t>((4 * at::get_num_threads() + pairs - 1) / pairs, 1, rows);
+  const int64_t rows_per_write = out_layout.position == 1 ? 1 : wide::kChannelBlock;
   at::parallel_for(0, pairs * row_parts, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float tile[kP * kImages];
+    alignas(64) float staged[wide::kChannelBlock * kP * kImages];  // the tiles of up to a block of rows
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / row_parts, part = task % row_parts;
       const int64_t first_row = part * rows / row_parts, last_row = (part + 1) * rows / row_parts;
@@ -93,25 +100,39 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps 
       const float* src[kP];
       // A partial last tile repeats its last position: the extra sums are computed and not written.
       for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, count - 1)];
-      for (int64_t r = first_row; r < last_row; ++r) {
-        row_tile<kV, kP>(src, taps.at(row_ptr[r]), row_ptr[r + 1] - row_ptr[r], bias ? bias[r] : 0.0f, tile);
-        write_tile(tile, count, kImages, nb * kImages, first, batch, rows, positions, r, relu, out);
+      for (int64_t r = first_row; r < last_row; r += rows_per_write) {
+        const int64_t block_rows = std::min(rows_per_write, last_row - r);
+        for (int64_t k = 0; k < block_rows; ++k)
+          row_tile<kV, kP>(src, taps.at(row_ptr[r + k]), row_ptr[r + k + 1] - row_ptr[r + k],
+                           bias ? bias[r + k] : 0.0f, staged + k * kP * kImages);
+        write_tiles(staged, kP * kImages, block_rows, count, kImages, nb * kImages, first, batch, out_layout, r, relu,
+                    out);
       }
     }
   });
 }
 
-// out[n, r, oh, ow] = relu?(bias[r] + sum over the taps of row r of value * input window), every image n.
+// out[n, r, oh, ow] = relu?(bias[r] + sum over the taps of row r of value * input window), every image n, out laid
+// out as `out_layout`.
 // packed: the input packed by batch_inner::pack with `p` from packing(); taps in CSR order with offsets into one
 // batch block (row r's are taps[row_ptr[r] .. row_ptr[r + 1])).
 template <typename Taps>
 inline void forward(const float* packed, const batch_inner::Geometry& p, Taps taps,
                     const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
-                    int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
+                    int64_t stride_h, int64_t stride_w, const float* bias, bool relu, const wide::Layout& out_layout,
+                    float* out) {
   switch (p.images / kLanes) {
-    case 1: forward_v<1>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out); break;
-    case 2: forward_v<2>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out); break;
-    default: forward_v<4>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out);
+    case 1:
+      forward_v<1>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
+                   out);
+      break;
+    case 2:
+      forward_v<2>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
+                   out);
+      break;
+    default:
+      forward_v<4>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
+                   out);
   }
 }
 

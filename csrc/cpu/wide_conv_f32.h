@@ -108,18 +108,65 @@ inline PackedGeometry packed_geometry(int64_t channels, int64_t in_h, int64_t in
 
 inline bool fits_int32(const PackedGeometry& p) { return p.image() + p.slack() < (int64_t{1} << 31); }
 
-// Packs images [N, C, H, W] (contiguous) into [N, packed image] plus slack; zero outside the image.
-inline at::Tensor pack_images(const float* src, int64_t batch, int64_t in_h, int64_t in_w, int64_t pad_h,
-                              int64_t pad_w, const PackedGeometry& p) {
+// Where element (n, c, position) of an activation [N, C, H, W] lies, position = h * W + w, in floats: NCHW
+// (contiguous) or NHWC (channels_last). The forward reads its input and writes its output in either, so a network
+// kept in channels_last (where oneDNN's dense convolutions run fastest) converts nothing at its sparse layers. The
+// gradients run NCHW.
+struct Layout {
+  int64_t image, channel, position;
+  static Layout nchw(int64_t channels, int64_t positions) { return {channels * positions, positions, 1}; }
+  static Layout nhwc(int64_t channels, int64_t positions) { return {channels * positions, 1, channels}; }
+  static Layout of(bool channels_last, int64_t channels, int64_t positions) {
+    return channels_last ? nhwc(channels, positions) : nchw(channels, positions);
+  }
+  int64_t plane(int64_t n, int64_t c) const { return n * image + c * channel; }
+};
+
+// Channels per task of the NHWC packers: one cache line of an input position, copied to as many packed planes.
+constexpr int64_t kChannelBlock = 16;
+
+// pack_images from NHWC: a task is an image and a block of channels, so each input position is read as one cache
+// line and its channels written to their planes (one write stream per channel of the block).
+inline void pack_images_nhwc(const float* src, const Layout& src_layout, int64_t batch, int64_t in_h, int64_t in_w,
+                             int64_t pad_h, int64_t pad_w, const PackedGeometry& p, float* base) {
+  const int64_t channel_size = p.phase_h * p.phase_w * p.plane();
+  const int64_t channel_blocks = (p.channels + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / channel_blocks, first = (task % channel_blocks) * kChannelBlock;
+      const int64_t count = std::min(kChannelBlock, p.channels - first);
+      float* block_dst = base + (n * p.channels + first) * channel_size;
+      std::fill(block_dst, block_dst + count * channel_size, 0.0f);
+      for (int64_t h = 0; h < in_h; ++h) {
+        const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
+        for (int64_t w = 0; w < in_w; ++w) {
+          const int64_t pw = (w + pad_w) % p.phase_w, col = (w + pad_w) / p.phase_w;
+          const float* from = src + src_layout.plane(n, first) + (h * in_w + w) * src_layout.position;
+          float* to = block_dst + (ph * p.phase_w + pw) * p.plane() + row * p.cols + col;
+          for (int64_t c = 0; c < count; ++c) to[c * channel_size] = from[c];
+        }
+      }
+    }
+  });
+}
+
+// Packs images [N, C, H, W] laid out as `src_layout` into [N, packed image] plus slack; zero outside the image.
+inline at::Tensor pack_images(const float* src, const Layout& src_layout, int64_t batch, int64_t in_h, int64_t in_w,
+                              int64_t pad_h, int64_t pad_w, const PackedGeometry& p) {
   at::Tensor packed = at::empty({batch * p.image() + p.slack()}, at::TensorOptions().dtype(at::kFloat));
   float* base = packed.mutable_data_ptr<float>();
   std::fill(base + batch * p.image(), base + batch * p.image() + p.slack(), 0.0f);
   const int64_t channel_size = p.phase_h * p.phase_w * p.plane();
+  const int64_t step = src_layout.position;
+  if (step != 1) {
+    pack_images_nhwc(src, src_layout, batch, in_h, in_w, pad_h, pad_w, p, base);
+    return packed;
+  }
   at::parallel_for(0, batch * p.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       float* channel_dst = base + task * channel_size;  // images are stored back to back, channels within
       std::fill(channel_dst, channel_dst + channel_size, 0.0f);
-      const float* plane_src = src + task * in_h * in_w;
+      const float* plane_src = src + src_layout.plane(task / p.channels, task % p.channels);
       for (int64_t h = 0; h < in_h; ++h) {
         const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
         const float* row_src = plane_src + h * in_w;
@@ -188,25 +235,35 @@ inline void gather_row(const float* src, Taps taps, int64_t count, float init, f
   }
 }
 
-// out[n, r] (valid OH x OW of the wide result) for every image n and sparse row r: each task computes one plane.
-// row_ptr [rows + 1] indexes taps; bias may be null; relu clamps the result at 0.
+// out[n, r] (valid OH x OW of the wide result, laid out as `out_layout`) for every image n and sparse row r: each task
+// computes one plane (NCHW) or a block of kChannelBlock planes (NHWC, so that each output position is written as
+// one run of channels). row_ptr [rows + 1] indexes taps; bias may be null; relu clamps the result at 0.
 template <typename Taps>
 inline void sparse_rows(const float* packed, const PackedGeometry& p, Taps taps,
                         const int32_t* row_ptr, int64_t rows, int64_t batch, const float* bias, bool relu,
-                        float* out) {
-  const int64_t length = p.wide_length(), out_plane = p.out_h * p.out_w;
-  at::parallel_for(0, batch * rows, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, length)),
+                        const Layout& out_layout, float* out) {
+  const int64_t length = p.wide_length(), step = out_layout.position;
+  const int64_t block = step == 1 ? 1 : kChannelBlock, row_blocks = (rows + block - 1) / block;
+  const auto finish = [relu](float value) { return relu ? std::max(value, 0.0f) : value; };
+  at::parallel_for(0, batch * row_blocks, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, block * length)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<float> wide(length);
+    std::vector<float> wide(block * length);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / rows, r = task % rows;
-      gather_row(packed + n * p.image(), taps.at(row_ptr[r]), row_ptr[r + 1] - row_ptr[r],
-                 bias ? bias[r] : 0.0f, wide.data(), length);
-      float* dst = out + task * out_plane;
+      const int64_t n = task / row_blocks, first = (task % row_blocks) * block;
+      const int64_t count = std::min(block, rows - first);
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t r = first + k;
+        gather_row(packed + n * p.image(), taps.at(row_ptr[r]), row_ptr[r + 1] - row_ptr[r],
+                   bias ? bias[r] : 0.0f, wide.data() + k * length, length);
+      }
+      float* dst = out + out_layout.plane(n, first);
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
         const float* src_row = wide.data() + oh * p.cols;
-        float* dst_row = dst + oh * p.out_w;
-        if (relu) {
+        float* dst_row = dst + oh * p.out_w * step;
+        if (step != 1) {
+          for (int64_t ow = 0; ow < p.out_w; ++ow)
+            for (int64_t k = 0; k < count; ++k) dst_row[ow * step + k] = finish(src_row[k * length + ow]);
+        } else if (relu) {
           for (int64_t ow = 0; ow < p.out_w; ++ow) dst_row[ow] = std::max(src_row[ow], 0.0f);
         } else {
           std::memcpy(dst_row, src_row, p.out_w * sizeof(float));
@@ -260,19 +317,42 @@ struct Geometry {
 
 inline bool fits_int32(const Geometry& p) { return p.block() < (int64_t{1} << 31); }
 
-inline at::Tensor pack(const float* src, int64_t batch, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
-                       const Geometry& p) {
-  const int64_t blocks = p.blocks(batch), images = p.images;
+// Packs images [N, C, H, W] laid out as `src_layout` into [batch blocks][C][Hp][Wp][images] (see above).
+inline at::Tensor pack(const float* src, const wide::Layout& src_layout, int64_t batch, int64_t in_h, int64_t in_w,
+                       int64_t pad_h, int64_t pad_w, const Geometry& p) {
+  const int64_t blocks = p.blocks(batch), images = p.images, step = src_layout.position;
   at::Tensor packed = at::empty({blocks * p.block()}, at::TensorOptions().dtype(at::kFloat));
   float* base = packed.mutable_data_ptr<float>();
   const int64_t plane = p.padded_h * p.padded_w * images;
+  if (step != 1) {  // NHWC: as wide::pack_images_nhwc, a block of channels per task, each position one cache line
+    const int64_t channel_blocks = (p.channels + wide::kChannelBlock - 1) / wide::kChannelBlock;
+    at::parallel_for(0, blocks * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nb = task / channel_blocks, first = (task % channel_blocks) * wide::kChannelBlock;
+        const int64_t count = std::min(wide::kChannelBlock, p.channels - first);
+        float* block_dst = base + (nb * p.channels + first) * plane;
+        std::fill(block_dst, block_dst + count * plane, 0.0f);
+        // Images innermost: the block's planes take each position's images as one contiguous run.
+        const int64_t present = std::min(images, batch - nb * images);
+        for (int64_t h = 0; h < in_h; ++h)
+          for (int64_t w = 0; w < in_w; ++w) {
+            float* to = block_dst + ((h + pad_h) * p.padded_w + w + pad_w) * images;
+            for (int64_t i = 0; i < present; ++i) {
+              const float* from = src + src_layout.plane(nb * images + i, first) + (h * in_w + w) * step;
+              for (int64_t c = 0; c < count; ++c) to[c * plane + i] = from[c];
+            }
+          }
+      }
+    });
+    return packed;
+  }
   at::parallel_for(0, blocks * p.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task / p.channels, c = task % p.channels;
       float* dst = base + task * plane;
       std::fill(dst, dst + plane, 0.0f);
       for (int64_t i = 0; i < images && nb * images + i < batch; ++i) {
-        const float* image_plane = src + ((nb * images + i) * p.channels + c) * in_h * in_w;
+        const float* image_plane = src + src_layout.plane(nb * images + i, c);  // NCHW
         for (int64_t h = 0; h < in_h; ++h)
           for (int64_t w = 0; w < in_w; ++w)
             dst[((h + pad_h) * p.padded_w + w + pad_w) * images + i] = image_plane[h * in_w + w];
@@ -280,6 +360,12 @@ inline at::Tensor pack(const float* src, int64_t batch, int64_t in_h, int64_t in
     }
   });
   return packed;
+}
+
+// NCHW images (grad_output and the weight gradient's operands).
+inline at::Tensor pack(const float* src, int64_t batch, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w,
+                       const Geometry& p) {
+  return pack(src, wide::Layout::nchw(p.channels, in_h * in_w), batch, in_h, in_w, pad_h, pad_w, p);
 }
 
 // Offset in a batch block of every output position's input window (at most kBatchInnerMaxPositions of them),
@@ -330,11 +416,13 @@ inline void row_block(const float* block, const int64_t* windows, int64_t positi
   }
 }
 
-// out[n, r, oh, ow] = bias[r] + sum over taps of row r of value * input window, for every image n.
+// out[n, r, oh, ow] = bias[r] + sum over taps of row r of value * input window, for every image n (out laid out as
+// `out_layout`).
 template <typename Taps>
 inline void sparse_rows(const float* packed, const Geometry& p, Taps taps,
                         const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
-                        int64_t stride_h, int64_t stride_w, const float* bias, bool relu, float* out) {
+                        int64_t stride_h, int64_t stride_w, const float* bias, bool relu,
+                        const wide::Layout& out_layout, float* out) {
   const int64_t blocks = p.blocks(batch), positions = out_h * out_w, images = p.images;
   const std::vector<int64_t> offsets = windows(p, out_h, out_w, stride_h, stride_w);
   at::parallel_for(0, blocks * rows, 1, [&](int64_t begin, int64_t end) {
@@ -350,8 +438,8 @@ inline void sparse_rows(const float* packed, const Geometry& p, Taps taps,
       else
         row_block<4>(block, offsets.data(), positions, row_taps, count, init, relu, tile.data());
       for (int64_t i = 0; i < images && nb * images + i < batch; ++i) {
-        float* plane = out + ((nb * images + i) * rows + r) * positions;
-        for (int64_t q = 0; q < positions; ++q) plane[q] = tile[q * images + i];
+        float* plane = out + out_layout.plane(nb * images + i, r);
+        for (int64_t q = 0; q < positions; ++q) plane[q * out_layout.position] = tile[q * images + i];
       }
     }
   });

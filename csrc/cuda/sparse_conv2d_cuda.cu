@@ -245,7 +245,7 @@ at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& values, 
   const at::Tensor rp = row_ptr.contiguous(), cols = col_idx.contiguous();
   const at::Tensor b = bias_tensor.defined() ? bias_tensor.contiguous() : at::Tensor();
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return out.contiguous(output_memory_format(input));
   const DeviceGeometry dg = to_device(g, {x.numel(), out.numel()});
   const dim3 grid(cuda::blocks_for(g.batch * g.out_plane(), kThreads * kPixelsPerThread),
                   static_cast<unsigned int>(g.out_channels));
@@ -256,7 +256,8 @@ at::Tensor conv_forward_cuda(const at::Tensor& input, const at::Tensor& values, 
         out.mutable_data_ptr<scalar_t>(), dg, relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  // The kernel runs NCHW; the result takes the input's layout (csrc/conv_geometry.h, output_memory_format).
+  return out.contiguous(output_memory_format(input));
 }
 
 at::Tensor conv_backward_input_cuda(const at::Tensor& grad_output, const at::Tensor& values,

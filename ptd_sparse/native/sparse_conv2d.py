@@ -11,12 +11,18 @@ from __future__ import annotations
 import torch
 
 from ptd_sparse._extension import extension_problem, kernel_operator
-from ptd_sparse.conv_geometry import conv_output_shape
+from ptd_sparse.conv_geometry import conv_output_shape, output_memory_format
 
 
 # (input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation, relu=False)
 # -> output: the C++ operator itself, bound once.
 differentiable = kernel_operator("sparse_conv2d")
+
+
+def _forward_output(input, weight_shape, stride, padding, dilation):
+    """The forward's output, empty: its shape, and the input's layout (channels_last in, channels_last out)."""
+    shape = conv_output_shape(input, weight_shape, stride, padding, dilation)
+    return input.new_empty(shape).contiguous(memory_format=output_memory_format(input))
 
 
 def _register_fake() -> None:
@@ -26,11 +32,11 @@ def _register_fake() -> None:
     @torch.library.register_fake("ptd_sparse_kernels::sparse_conv2d")
     def _fake(input, values, row_ptr, col_idx, t_ptr, t_rows, t_perm, weight_shape, bias, stride, padding, dilation,
               relu=False):
-        return input.new_empty(conv_output_shape(input, weight_shape, stride, padding, dilation))
+        return _forward_output(input, weight_shape, stride, padding, dilation)
 
     @torch.library.register_fake("ptd_sparse_kernels::conv_forward")
     def _fake_forward(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu=False):
-        return input.new_empty(conv_output_shape(input, weight_shape, stride, padding, dilation))
+        return _forward_output(input, weight_shape, stride, padding, dilation)
 
     @torch.library.register_fake("ptd_sparse_kernels::conv_backward_input")
     def _fake_backward_input(grad_output, values, col_idx, t_ptr, t_rows, t_perm, weight_shape, input_shape, stride,

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ptd_sparse import _extension
+from ptd_sparse.conv_geometry import is_channels_last
 from ptd_sparse.nn.sparse_conv2d import _tracing
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -18,14 +19,16 @@ def _fused_kernel():
 
 
 def _runs_fused(input: Tensor) -> bool:
-    return (input.device.type == "cpu" and input.dtype in FUSED_DTYPES and input.is_contiguous() and
+    return (input.device.type == "cpu" and input.dtype in FUSED_DTYPES and
+            (input.is_contiguous() or is_channels_last(input)) and
             not (input.requires_grad and torch.is_grad_enabled()) and _extension.extension_problem() is None and
             not _tracing())
 
 
 class MaxPool2x2(nn.Module):
-    """Exactly nn.MaxPool2d(2) (kernel 2, stride 2, no padding, floor mode) on [..., H, W]. On contiguous CPU
-    tensors without autograd it runs the extension's one-pass kernel (csrc/cpu/max_pool2x2_cpu.cpp); elsewhere (other
+    """Exactly nn.MaxPool2d(2) (kernel 2, stride 2, no padding, floor mode) on [..., H, W]. On contiguous or
+    channels_last CPU tensors without autograd it runs the extension's one-pass kernel (csrc/cpu/max_pool2x2_cpu.cpp;
+    channels_last stays channels_last); elsewhere (other
     devices and layouts, gradients, traced or compiled graphs) the elementwise maximum of the four strided quarter
     views. torch's max_pool2d on contiguous NCHW CPU tensors is several times slower than either (it dominated the
     sparse inference time of the VGG teachers, docs/cache.md). NaN propagates as in max_pool2d. For inference: on

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ptd_sparse import _format_checks
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import DENSE, SPARSE_CONV, choose_backend, requested_backend
+from ptd_sparse.conv_geometry import output_memory_format
 from ptd_sparse.fingerprint import content_key
 from ptd_sparse.functional import sparse_conv2d_indexed
 from ptd_sparse.nn import measured_route
@@ -37,12 +38,6 @@ def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
 def _tracing() -> bool:
     """Whether this call is being traced (torch.jit.trace) or compiled/exported (torch.compile, torch.export)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
-
-
-def is_channels_last(input: Tensor) -> bool:
-    """Whether a 4-d `input` is laid out channels_last (and not also plain contiguous, as 1x1 maps or one channel
-    are)."""
-    return input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
 
 
 class SparseConv2d(nn.Module):
@@ -309,7 +304,7 @@ class SparseConv2d(nn.Module):
         # conversion inside the route and so inside its measured time. A route that handed back its own layout would
         # make the next layers, activations and residual additions pay for the change, uncounted: a torchvision-style
         # ResNet18 whose layers each picked their fastest route lost more in layout copies than the routes gained.
-        caller_format = torch.channels_last if is_channels_last(input) else torch.contiguous_format
+        caller_format = output_memory_format(input)
         if route == measured_route.SPARSE:
             # The sparse kernel of the device's preferred backend, whatever the density: this route is the sparse
             # one (no crossover applies; with density=None the automatic choice gives the sparse backend).
