@@ -19,6 +19,8 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
   in the log.
 - 2x2 stride-2 max-pools become MaxPool2x2 (the same values; torch's NCHW max_pool2d on CPUs is several times
   slower, a large share of a sparse VGG's time once its convolutions run sparse).
+- With memory_format=torch.channels_last the model converts its 4-D inputs to channels_last once and every layer
+  keeps that layout (ptd_sparse.nn.activation_layout): the dense routes then convert nothing.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ptd_sparse.nn import module_graph
+from ptd_sparse.nn.activation_layout import keep_channels_last, wants_channels_last
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
 from ptd_sparse.nn.pooling import MaxPool2x2
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
@@ -166,7 +169,7 @@ def _fold_traced(target: nn.Module, patterns: list, backend: str | None, handled
 
 @torch.no_grad()
 def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None,
-             fold_bn: bool = True, fast_pooling: bool = True, routes=None) -> nn.Module:
+             fold_bn: bool = True, fast_pooling: bool = True, routes=None, memory_format=None) -> nn.Module:
     """Return `model` (a copy unless inplace) in inference form, in eval mode: pruned convolutions stored sparse
     (or dense where measured faster), BatchNorm folded and ReLU fused where they follow a pruned convolution (found
     in the fx trace, see the module docstring), 2x2 max-pools as MaxPool2x2 (fast_pooling).
@@ -175,9 +178,15 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
     timed on the first call of each shape bucket (bounded). "density": the deterministic density rule, for results
     that must not depend on timings. A route name ("sparse", "dense", "dense_channels_last", "dense_prepacked"):
     that route everywhere. A plan saved by ptd_sparse.save_route_plan (its path or the dict): the saved routes, no
-    measurement."""
+    measurement.
+
+    memory_format: None keeps the caller's layout; torch.channels_last converts the model's 4-D inputs to
+    channels_last on entry and keeps every activation so (faster where layers run dense on oneDNN: docs/benchmarks.md,
+    "Whole network"; 4-D outputs come back channels_last; a forward that calls `.view` on 4-D activations needs
+    reshape instead)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    channels_last = wants_channels_last(memory_format)
     target = (model if inplace else _copy(model)).eval()
     handled = set()
     if fold_bn:
@@ -198,4 +207,4 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
             if MaxPool2x2.replaces(module):
                 _replace(target, name, MaxPool2x2())
     apply_routes(target, routes)
-    return target
+    return keep_channels_last(target) if channels_last else target

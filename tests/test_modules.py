@@ -13,7 +13,9 @@ from torch import nn
 import ptd_sparse
 from ptd_sparse import functional
 from ptd_sparse.backends import DENSE_CROSSOVER, SPARSE_CONV
-from ptd_sparse.nn import MaskedConv2d, SparseConv2d, measured_route
+from ptd_sparse.conv_geometry import is_channels_last
+from ptd_sparse.nn import MaskedConv2d, SparseConv2d, activation_layout, measured_route
+from ptd_sparse.nn.pooling import MaxPool2x2
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 
 BACKENDS = device_backends(SPARSE_CONV)  # cuda and triton on CUDA tensors where a GPU exists
@@ -262,6 +264,39 @@ def test_sparsify_torch_prune_model(generator):
     x = torch.randn(2, 3, 12, 12, generator=generator)
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("routes", ["measure", "sparse", "dense", "dense_prepacked"])
+def test_sparsify_channels_last_keeps_every_activation_nhwc(generator, routes):
+    """memory_format=torch.channels_last: the model converts its input once, and every layer (sparse kernel, dense
+    routes, the one-pass max-pool, a grouped layer) reads and writes NHWC, with the model's output."""
+    model = nn.Sequential(MaskedConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          MaskedConv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                          MaskedConv2d(8, 16, 3, stride=2, padding=1)).eval()
+    randomize_batch_norm(model, generator)
+    for module in model:
+        if isinstance(module, MaskedConv2d):
+            module.set_mask(random_mask(module.weight.shape, 0.3, generator))
+    sparse = ptd_sparse.sparsify(model, routes=routes, memory_format=torch.channels_last)
+    seen = []
+    for module in sparse:
+        if isinstance(module, (SparseConv2d, MaxPool2x2)):
+            module.register_forward_hook(lambda m, args, out: seen.append((type(m).__name__, args[0], out)))
+    x = torch.randn(3, 3, 12, 12, generator=generator)  # NCHW in
+    with torch.no_grad():
+        out = sparse(x)
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+    assert [name for name, _, _ in seen] == ["SparseConv2d", "MaxPool2x2", "SparseConv2d", "SparseConv2d"]
+    for name, given, produced in seen:
+        assert is_channels_last(given) and is_channels_last(produced), name
+    assert is_channels_last(out)
+    activation_layout.keep_channels_last(sparse)  # a second call adds no second hook
+    assert len(sparse._forward_pre_hooks) == 1
+
+
+def test_sparsify_refuses_an_unknown_memory_format():
+    with pytest.raises(ValueError, match="memory_format must be None, torch.contiguous_format or torch.channels_last"):
+        ptd_sparse.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3)), memory_format=torch.channels_last_3d)
 
 
 def test_sparsify_rejects_non_modules():

@@ -155,8 +155,9 @@ def test_torch_jit_trace_of_sparsify_output(generator, routes):
         torch.testing.assert_close(traced(x), reference_output(model, x), atol=1e-5, rtol=1e-5)
 
 
-def test_torch_export_of_sparsify_output_runs_in_a_new_process(generator, tmp_path):
-    model = ptd_sparse.sparsify(pruned_net(generator, density=0.1))
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last])
+def test_torch_export_of_sparsify_output_runs_in_a_new_process(generator, tmp_path, memory_format):
+    model = ptd_sparse.sparsify(pruned_net(generator, density=0.1), memory_format=memory_format)
     x = torch.randn(2, 3, 8, 8, generator=generator)
     with torch.no_grad():
         expected = model(x)
@@ -174,8 +175,9 @@ def test_torch_export_of_sparsify_output_runs_in_a_new_process(generator, tmp_pa
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-def test_torch_compile_fullgraph_of_sparsify_output(generator):
-    model = ptd_sparse.sparsify(pruned_net(generator, density=0.1), routes="sparse")
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last])
+def test_torch_compile_fullgraph_of_sparsify_output(generator, memory_format):
+    model = ptd_sparse.sparsify(pruned_net(generator, density=0.1), routes="sparse", memory_format=memory_format)
     x = torch.randn(2, 3, 8, 8, generator=generator)
     with torch.no_grad():
         expected = model(x)
