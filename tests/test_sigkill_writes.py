@@ -89,3 +89,19 @@ def test_training_state_killed_mid_write_keeps_the_previous_one(tmp_path):
     checkpoint.save_state(path, {"epoch": 2, "weights": torch.full((1000,), 2.0)})
     assert checkpoint.load_state(path)["epoch"] == 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_model_files_are_safetensors_written_only_through_the_atomic_temporary(tmp_path, monkeypatch):
+    """save_model writes the bytes safetensors' save_file would, without calling it: save_file renames a temporary of
+    its own (".tmpXXXXXX") into place, which a SIGKILL mid-write left behind where no cleanup looks."""
+    import safetensors.torch
+
+    model = model_of(0)
+    expected = tmp_path / "expected.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()
+                                 if not k.endswith(checkpoint.MASK_SUFFIX)}, expected)
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *args, **kwargs: pytest.fail("save_file was called"))
+    checkpoint.save_model(model, tmp_path / "model", ARCHITECTURE)
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == expected.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["masks.safetensors", "model.json",
+                                                                      "weights.safetensors"]

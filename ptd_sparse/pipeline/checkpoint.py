@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ptd_sparse.files import atomic_write, write_json
@@ -35,6 +36,13 @@ def read_json(path: Path):
         raise CheckpointError(f"{path} is not valid JSON (corrupt or truncated): {error}") from error
 
 
+def write_safetensors(tensors: dict, path: str) -> None:
+    """The bytes safetensors' save_file writes, serialised in memory and written to `path` (atomic_write's temporary):
+    save_file renames a temporary of its own into place, which a SIGKILL mid-write leaves behind under a name no
+    cleanup knows."""
+    Path(path).write_bytes(safetensors_bytes(tensors))
+
+
 def save_model(model: nn.Module, folder: Path, spec: dict) -> None:
     """Save `model` built from `spec` (name, plan, in_channels, num_classes, image_size; kwargs for a factory) into
     `folder`."""
@@ -42,8 +50,8 @@ def save_model(model: nn.Module, folder: Path, spec: dict) -> None:
     masks = {k: v for k, v in state.items() if k.endswith(MASK_SUFFIX)}
     weights = {k: v for k, v in state.items() if not k.endswith(MASK_SUFFIX)}
     folder = Path(folder)
-    atomic_write(folder / "weights.safetensors", lambda tmp: save_file(weights, tmp))
-    atomic_write(folder / "masks.safetensors", lambda tmp: save_file(masks, tmp))
+    atomic_write(folder / "weights.safetensors", lambda tmp: write_safetensors(weights, tmp))
+    atomic_write(folder / "masks.safetensors", lambda tmp: write_safetensors(masks, tmp))
     write_json(folder / "model.json", spec)
 
 
