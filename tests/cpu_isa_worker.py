@@ -5,7 +5,8 @@ Usage: python cpu_isa_worker.py ISA. Prints the kernel set in use and "ok", or f
 the case. The cases reach every dispatched entry point (the forward on NCHW and on channels_last inputs): the wide
 layout (long rows for the register-blocked loop, short ones for its tail, strides, dilation, bias and the fused ReLU),
 the batch-innermost layout (small maps at batch >= 16), the tiled forward, data gradient and weight gradient (small
-maps at batches that fill its image blocks), the wide and batch-innermost data-gradient and weight-gradient layouts,
+maps at batches that fill its image blocks; tiles of whole rows and of any positions, with and without chunks of
+input channels), the wide and batch-innermost data-gradient and weight-gradient layouts,
 and the KD loss's row kernel with class counts that leave partial vectors for 8 and 16 lanes, temperatures 1 and 4,
 teacher -inf entries and half-precision rows.
 """
@@ -29,11 +30,14 @@ def close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 2e-5) -
                                msg=lambda m: f"{extension.cpu_kernel_isa()}: {what}: {m}")
 
 
-def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation, density, seed, relu=False):
+def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation, density, seed, relu=False,
+              half_rows_skip_half_channels=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, c_in, *size, generator=g)
     weight = torch.randn(c_out, c_in, kernel, kernel, generator=g)
     mask = torch.rand(weight.shape, generator=g) < density
+    if half_rows_skip_half_channels:  # rows with no taps in whole chunks of input channels
+        mask[::2, : c_in // 2] = False
     bias = torch.randn(c_out, generator=g)
     p = ConvPattern.from_mask(mask)
     values = p.gather(weight).contiguous()
@@ -100,6 +104,12 @@ def main() -> None:
     conv_case("tiled 8x8 channel blocks", 64, 32, 40, (8, 8), 3, 1, 1, 1, 0.2, 13)
     conv_case("tiled 7x7 relu partial block", 120, 12, 9, (7, 7), 3, 1, 1, 1, 0.3, 14, relu=True)
     conv_case("tiled 9x9 s2 d2", 64, 6, 5, (9, 9), 3, 2, 2, 2, 0.5, 15)
+    # Chunks of input channels (tiled_conv_f32.h, channels_per_chunk): taken where a task's rows read each channel's
+    # window at least 80 times (nnz / (tasks per tile x C_in); here 150-1150 with two threads for the forward and
+    # the data gradient), so these layers are split into 3-7 chunks; the second has rows with empty chunks.
+    conv_case("tiled 8x8 channel chunks", 16, 64, 256, (8, 8), 3, 1, 1, 1, 0.5, 19)
+    conv_case("tiled 8x8 empty chunks", 16, 64, 384, (8, 8), 3, 1, 1, 1, 0.12, 20, half_rows_skip_half_channels=True)
+    conv_case("tiled 4x4 channel chunks relu", 32, 96, 128, (4, 4), 3, 1, 1, 1, 0.5, 21, relu=True)
     # A 2x2 map: few (batch block, tile) pairs, so the rows are split across tasks too (with two threads or more).
     torch.set_num_threads(max(2, torch.get_num_threads()))
     conv_case("tiled 2x2 rows split", 64, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 16)

@@ -41,20 +41,60 @@ inline batch_inner::Geometry packing(int64_t channels, int64_t padded_h, int64_t
   return {channels, padded_h, padded_w, vectors_for(positions) * kLanes};
 }
 
-// One row over one tile: kP positions x kV vectors of images, summed over the row's taps from `init`. src[p] is the
-// packed input of position p's window (before the tap's offset); the result goes to tile [kP][kV * kLanes].
-template <int kV, int kP, typename Taps>
-inline void row_tile(const float* const* src, Taps taps, int64_t count, float init, float* tile) {
-  vec a[kP * kV];
-  for (int i = 0; i < kP * kV; ++i) a[i] = broadcast(init);
-  for (int64_t t = 0; t < count; ++t) {
-    const vec v = broadcast(taps.value(t));
-    const int32_t offset = taps.offset(t);
-#pragma GCC unroll 16
-    for (int i = 0; i < kP * kV; ++i) a[i] += v * load(src[i / kV] + offset + (i % kV) * kLanes);
+// How a task's tile of output positions finds its input (the forward's policy parameter Tiles):
+//  - PositionTiles: kP consecutive positions anywhere in the map, one input pointer per position. The general case
+//    (any stride, any map width); a partial last tile repeats its last position, computed and not written.
+//  - RowTiles: kR whole output rows of kC = out_w positions (stride_w 1). Position (r, c)'s window is row r's first
+//    window plus c * images floats, so the kernel addresses every input vector from kR row pointers with constant
+//    displacements. With a pointer per position, 16 of them outnumbered the general registers and GCC reloaded the
+//    spilled ones from the stack on every tap (7 loads per 16 FMAs at 8x8 on AVX-512).
+// Each provides kP (positions per tile), sources(block, first, count, src) (the pointers a tile needs) and
+// run(src, taps, count, init, accumulate, tile): taps of one row over the tile, into tile [kP][kV * kLanes], starting
+// from `init` or (accumulate) from what the tile holds.
+template <int kV>
+struct PositionTiles {
+  static constexpr int kP = kAccumulators / kV;
+  const int64_t* windows;
+  void sources(const float* block, int64_t first, int64_t count, const float** src) const {
+    for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, count - 1)];
   }
-  for (int i = 0; i < kP * kV; ++i) store(tile + i * kLanes, a[i]);
-}
+  template <typename Taps>
+  static void run(const float* const* src, Taps taps, int64_t count, float init, bool accumulate, float* tile) {
+    vec a[kP * kV];
+    for (int i = 0; i < kP * kV; ++i) a[i] = accumulate ? load(tile + i * kLanes) : broadcast(init);
+    for (int64_t t = 0; t < count; ++t) {
+      const vec v = broadcast(taps.value(t));
+      const int32_t offset = taps.offset(t);
+#pragma GCC unroll 16
+      for (int i = 0; i < kP * kV; ++i) a[i] += v * load(src[i / kV] + offset + (i % kV) * kLanes);
+    }
+    for (int i = 0; i < kP * kV; ++i) store(tile + i * kLanes, a[i]);
+  }
+};
+
+template <int kV, int kR, int kC>
+struct RowTiles {
+  static constexpr int kP = kR * kC;
+  const int64_t* windows;
+  // Tiles are whole: the caller takes RowTiles only where kR divides the map's rows.
+  void sources(const float* block, int64_t first, int64_t, const float** src) const {
+    for (int r = 0; r < kR; ++r) src[r] = block + windows[first + r * kC];
+  }
+  template <typename Taps>
+  static void run(const float* const* src, Taps taps, int64_t count, float init, bool accumulate, float* tile) {
+    constexpr int kRowVectors = kC * kV;
+    vec a[kR * kRowVectors];
+    for (int i = 0; i < kR * kRowVectors; ++i) a[i] = accumulate ? load(tile + i * kLanes) : broadcast(init);
+    for (int64_t t = 0; t < count; ++t) {
+      const vec v = broadcast(taps.value(t));
+      const int64_t offset = taps.offset(t);
+#pragma GCC unroll 16
+      for (int i = 0; i < kR * kRowVectors; ++i)
+        a[i] += v * load(src[i / kRowVectors] + offset + (i % kRowVectors) * kLanes);
+    }
+    for (int i = 0; i < kR * kRowVectors; ++i) store(tile + i * kLanes, a[i]);
+  }
+};
 
 // The tiles of `block_rows` consecutive rows from `row` (each [positions][images], `tile_size` floats apart) into out
 // (laid out as `out_layout`), clamped by relu. NCHW takes one row at a time; in NHWC a block of rows is a run of
@@ -74,64 +114,182 @@ inline void write_tiles(const float* tiles, int64_t tile_size, int64_t block_row
   }
 }
 
-template <int kV, typename Taps>
-inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps taps,
-                      const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
-                      int64_t stride_h, int64_t stride_w, const float* bias, bool relu,
-                      const wide::Layout& out_layout, float* out) {
-  constexpr int kP = kAccumulators / kV;
-  constexpr int64_t kImages = kV * kLanes;
-  const int64_t positions = out_h * out_w, blocks = p.blocks(batch);
+// Each row's taps split at input-channel boundaries into `count` chunks of consecutive taps: chunk k of row r is
+// taps [ptr[r * (count + 1) + k], ptr[r * (count + 1) + k + 1]). See forward_tiles.
+struct ChannelChunks {
+  int64_t count;
+  std::vector<int32_t> ptr;
+  int32_t begin(int64_t row, int64_t chunk) const { return ptr[row * (count + 1) + chunk]; }
+};
+
+// The chunks of `channels_per_chunk` input channels; channel_of(e): the input channel of tap e. Each boundary is a
+// binary search within the row, from the previous boundary on: taps ascend by channel within a row (the CSR order,
+// and the transposed view's); were they not, the boundaries would still split each row into consecutive ranges that
+// cover it once, so only the cache reuse, never the sum, depends on the order. One chunk is the rows themselves.
+template <typename ChannelOf>
+inline ChannelChunks channel_chunks(const int32_t* row_ptr, int64_t rows, int64_t channels, int64_t channels_per_chunk,
+                                    ChannelOf channel_of) {
+  const int64_t count = (channels + channels_per_chunk - 1) / channels_per_chunk;
+  ChannelChunks chunks{count, std::vector<int32_t>(rows * (count + 1))};
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int32_t* ptr = chunks.ptr.data() + r * (count + 1);
+      ptr[0] = row_ptr[r];
+      for (int64_t k = 1; k < count; ++k) {
+        int32_t low = ptr[k - 1], high = row_ptr[r + 1];  // the first tap at or past channel k * channels_per_chunk
+        while (low < high) {
+          const int32_t mid = low + (high - low) / 2;
+          if (channel_of(mid) < k * channels_per_chunk) low = mid + 1; else high = mid;
+        }
+        ptr[k] = low;
+      }
+      ptr[count] = row_ptr[r + 1];
+    }
+  });
+  return chunks;
+}
+
+// Tasks per (batch block, tile) pair: rows are split too where the pairs alone would leave threads idle (a 2x2 map at
+// batch 64 is a single pair): about four tasks per thread.
+inline int64_t row_parts(int64_t pairs, int64_t rows) {
+  return std::clamp<int64_t>((4 * at::get_num_threads() + pairs - 1) / pairs, 1, rows);
+}
+
+// Input channels per chunk (see forward_tiles) for a map: about as many as keep a chunk's windows of one tile in L1
+// while every row of a task reads them (a channel's window is read by about density * KH * KW taps of each row; row
+// by row over all channels, at density 0.32 most of those loads missed L1), yet at least kMinChunkTaps taps per row
+// and chunk on average, since each row's accumulators are stored and reloaded once per chunk; at most kMaxChunkBytes
+// of windows, so a chunk still fits L2. No chunks (all channels at once) where a task's rows read each channel's
+// window fewer than kMinChunkReuse times in all: there the reloads cost more than the misses they save (512@2x2 at
+// density 0.045 and 0.1, batch 64, whose single tile is split into tasks of 64 rows, ran 6-12% slower chunked).
+// Chosen by measurement on 256@8x8, 512@4x4 and 512@2x2 at densities 0.32 to 0.045, batch 64 (AVX-512, 32 KiB L1):
+// 16 and 32 KiB of windows, 16 to 32 taps, ran within a few percent of each other and 1.15-1.3x faster than no
+// chunks where they are taken (docs/benchmarks.md, "Roofline").
+constexpr int64_t kChunkBytes = 32 << 10, kMaxChunkBytes = 256 << 10, kMinChunkTaps = 16, kMinChunkReuse = 80;
+
+inline int64_t channels_per_chunk(const batch_inner::Geometry& p, int64_t batch, int64_t out_h, int64_t out_w,
+                                  int64_t stride_h, int64_t kernel_extent_h, int64_t rows, int64_t nnz) {
+  const int64_t positions_per_tile = kAccumulators / vectors_for(out_h * out_w);
+  const int64_t pairs = p.blocks(batch) * ((out_h * out_w + positions_per_tile - 1) / positions_per_tile);
+  const int64_t reuse = nnz / std::max<int64_t>(1, row_parts(pairs, rows) * p.channels);
+  if (reuse < kMinChunkReuse) return p.channels;
+  const int64_t tile_rows = std::min(out_h, (positions_per_tile + out_w - 1) / out_w + 1);
+  const int64_t window_rows = std::min(p.padded_h, (tile_rows - 1) * stride_h + kernel_extent_h);
+  const int64_t bytes = std::max<int64_t>(1, window_rows * p.padded_w * p.images * int64_t{sizeof(float)});
+  const double taps_per_row_channel = static_cast<double>(nnz) / std::max<int64_t>(1, rows * p.channels);
+  const int64_t for_taps = static_cast<int64_t>(std::ceil(kMinChunkTaps / std::max(taps_per_row_channel, 1e-3)));
+  const int64_t chunk = std::min(std::max(kChunkBytes / bytes, for_taps), std::max<int64_t>(1, kMaxChunkBytes / bytes));
+  return std::clamp<int64_t>(chunk, 1, p.channels);
+}
+
+// A task is one batch block, one tile of positions and a range of rows. Chunk by chunk of input channels, every row
+// of the range adds its taps of the chunk to its accumulators (kept in `partial`, [rows of the range][tile]), so a
+// chunk's input windows are loaded into L1 once and then read by every row; the finished tiles are written out
+// (with bias and relu) a block of rows at a time.
+template <int kV, typename Tiles, typename Taps>
+inline void forward_tiles(const float* packed, const batch_inner::Geometry& p, const Tiles& tiling, Taps taps,
+                          const ChannelChunks& chunks, int64_t rows, int64_t batch,
+                          int64_t positions, const float* bias, bool relu, const wide::Layout& out_layout,
+                          float* out) {
+  constexpr int kP = Tiles::kP;
+  constexpr int64_t kImages = kV * kLanes, kTile = kP * kImages;
+  const int64_t blocks = p.blocks(batch);
   const int64_t tiles = (positions + kP - 1) / kP;
-  const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
-  // Rows are split too where (batch block, tile) pairs alone would leave threads idle (a 2x2 map at batch 64 is a
-  // single pair): about four tasks per thread.
-  const int64_t pairs = blocks * tiles;
-  const int64_t row_parts = std::clamp<int64_t>((4 * at::get_num_threads() + pairs - 1) / pairs, 1, rows);
+  const int64_t pairs = blocks * tiles, parts = row_parts(pairs, rows);
   const int64_t rows_per_write = out_layout.position == 1 ? 1 : wide::kChannelBlock;
-  at::parallel_for(0, pairs * row_parts, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float staged[wide::kChannelBlock * kP * kImages];  // the tiles of up to a block of rows
+  at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float, wide::UninitializedAllocator<float>> partial((rows / parts + 1) * kTile + kLanes);
+    // A vector's own alignment is 16 bytes: the tiles start at the next cache line.
+    float* tiles_at = partial.data() + (-reinterpret_cast<uintptr_t>(partial.data()) / sizeof(float)) % kLanes;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t pair = task / row_parts, part = task % row_parts;
-      const int64_t first_row = part * rows / row_parts, last_row = (part + 1) * rows / row_parts;
+      const int64_t pair = task / parts, part = task % parts;
+      const int64_t first_row = part * rows / parts, last_row = (part + 1) * rows / parts;
       const int64_t nb = pair / tiles, first = (pair % tiles) * kP;
       const int64_t count = std::min<int64_t>(kP, positions - first);
-      const float* block = packed + nb * p.block();
       const float* src[kP];
-      // A partial last tile repeats its last position: the extra sums are computed and not written.
-      for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, count - 1)];
-      for (int64_t r = first_row; r < last_row; r += rows_per_write) {
-        const int64_t block_rows = std::min(rows_per_write, last_row - r);
-        for (int64_t k = 0; k < block_rows; ++k)
-          row_tile<kV, kP>(src, taps.at(row_ptr[r + k]), row_ptr[r + k + 1] - row_ptr[r + k],
-                           bias ? bias[r + k] : 0.0f, staged + k * kP * kImages);
-        write_tiles(staged, kP * kImages, block_rows, count, kImages, nb * kImages, first, batch, out_layout, r, relu,
-                    out);
+      tiling.sources(packed + nb * p.block(), first, count, src);
+      // Without chunks, a block of rows at a time, written while its tiles are still in L1.
+      const int64_t group = chunks.count == 1 ? rows_per_write : last_row - first_row;
+      for (int64_t g = first_row; g < last_row; g += group) {
+        const int64_t g_end = std::min(g + group, last_row);
+        for (int64_t k = 0; k < chunks.count; ++k)
+          for (int64_t r = g; r < g_end; ++r) {
+            const int32_t from = chunks.begin(r, k), to = chunks.begin(r, k + 1);
+            if (k == 0 || to > from)
+              Tiles::run(src, taps.at(from), to - from, bias ? bias[r] : 0.0f, k > 0, tiles_at + (r - g) * kTile);
+          }
+        for (int64_t r = g; r < g_end; r += rows_per_write)
+          write_tiles(tiles_at + (r - g) * kTile, kTile, std::min(rows_per_write, g_end - r), count, kImages,
+                      nb * kImages, first, batch, out_layout, r, relu, out);
       }
     }
   });
 }
 
+// Row tiles where the map allows them: stride_w 1, a map width kC that leaves room for at least one whole row in the
+// register block, and kR (as many rows as fit, at most 4 pointers, a power of two) dividing the map's rows.
+// Returns false where it does not apply.
+template <int kV, int kC, typename Taps>
+inline bool forward_row_tiles(const float* packed, const batch_inner::Geometry& p, const std::vector<int64_t>& windows,
+                              Taps taps, const ChannelChunks& chunks, int64_t rows, int64_t batch, int64_t out_h,
+                              const float* bias, bool relu, const wide::Layout& out_layout, float* out) {
+  if constexpr (kC * kV > kAccumulators) {
+    return false;
+  } else {
+    constexpr int kFit = std::min(4, kAccumulators / (kC * kV));
+    constexpr int kR = kFit >= 4 ? 4 : kFit >= 2 ? 2 : 1;
+    if (out_h % kR != 0) return false;
+    forward_tiles<kV>(packed, p, RowTiles<kV, kR, kC>{windows.data()}, taps, chunks, rows, batch, out_h * kC,
+                      bias, relu, out_layout, out);
+    return true;
+  }
+}
+
+template <int kV, typename Taps>
+inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps taps,
+                      const ChannelChunks& chunks, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
+                      int64_t stride_h, int64_t stride_w, const float* bias, bool relu,
+                      const wide::Layout& out_layout, float* out) {
+  const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
+  if (stride_w == 1) {
+    const auto rows_of = [&](auto width) {
+      return forward_row_tiles<kV, decltype(width)::value>(packed, p, windows, taps, chunks, rows, batch, out_h,
+                                                           bias, relu, out_layout, out);
+    };
+    bool done = false;
+    switch (out_w) {
+      case 2: done = rows_of(std::integral_constant<int, 2>{}); break;
+      case 4: done = rows_of(std::integral_constant<int, 4>{}); break;
+      case 8: done = rows_of(std::integral_constant<int, 8>{}); break;
+      case 16: done = rows_of(std::integral_constant<int, 16>{}); break;
+      default: break;
+    }
+    if (done) return;
+  }
+  forward_tiles<kV>(packed, p, PositionTiles<kV>{windows.data()}, taps, chunks, rows, batch, out_h * out_w,
+                    bias, relu, out_layout, out);
+}
+
 // out[n, r, oh, ow] = relu?(bias[r] + sum over the taps of row r of value * input window), every image n, out laid
 // out as `out_layout`.
 // packed: the input packed by batch_inner::pack with `p` from packing(); taps in CSR order with offsets into one
-// batch block (row r's are taps[row_ptr[r] .. row_ptr[r + 1])).
+// batch block, each row's split into chunks of input channels by channel_chunks().
 template <typename Taps>
 inline void forward(const float* packed, const batch_inner::Geometry& p, Taps taps,
-                    const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
+                    const ChannelChunks& chunks, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                     int64_t stride_h, int64_t stride_w, const float* bias, bool relu, const wide::Layout& out_layout,
                     float* out) {
   switch (p.images / kLanes) {
     case 1:
-      forward_v<1>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
+      forward_v<1>(packed, p, taps, chunks, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
                    out);
       break;
     case 2:
-      forward_v<2>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
+      forward_v<2>(packed, p, taps, chunks, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
                    out);
       break;
     default:
-      forward_v<4>(packed, p, taps, row_ptr, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
+      forward_v<4>(packed, p, taps, chunks, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
                    out);
   }
 }

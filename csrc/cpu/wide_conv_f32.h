@@ -35,7 +35,13 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-inline vec broadcast(float x) { return vec{} + x; }
+// Every lane x, as one broadcast instruction. x - 0 is x for every x, so GCC drops the subtraction; `vec{} + x` is not
+// (-0.0f + 0.0f is +0.0f), and GCC added 0.0f before every broadcast, an add on each tap's dependency chain.
+template <typename V>
+inline V broadcast_as(float x) {
+  return x - V{};
+}
+inline vec broadcast(float x) { return broadcast_as<vec>(x); }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct Tap {
@@ -298,7 +304,7 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-inline vec broadcast(float x) { return vec{} + x; }
+inline vec broadcast(float x) { return wide::broadcast_as<vec>(x); }
 
 // Images per batch block for a batch: the narrow block where it pads the batch less, else the wide one.
 inline int64_t images_per_block(int64_t batch) {
