@@ -110,6 +110,12 @@ def main() -> None:
     conv_case("tiled 8x8 channel chunks", 16, 64, 256, (8, 8), 3, 1, 1, 1, 0.5, 19)
     conv_case("tiled 8x8 empty chunks", 16, 64, 384, (8, 8), 3, 1, 1, 1, 0.12, 20, half_rows_skip_half_channels=True)
     conv_case("tiled 4x4 channel chunks relu", 32, 96, 128, (4, 4), 3, 1, 1, 1, 0.5, 21, relu=True)
+    # Larger maps take the tiled forward and data gradient where rows hold >= 96 taps (conv_f32.h, tiled_map_suits):
+    # row tiles of a whole 14-wide row (or 7-wide segments with 8-lane vectors), 16-wide segments of 32-wide rows,
+    # and tiles of any positions on an 11x13 map.
+    conv_case("tiled 14x14 long rows", 16, 20, 20, (14, 14), 3, 1, 1, 1, 0.6, 22)
+    conv_case("tiled 32x32 long rows relu", 16, 24, 20, (32, 32), 3, 1, 1, 1, 0.6, 23, relu=True)
+    conv_case("tiled 11x13 long rows", 16, 20, 20, (11, 13), 3, 1, 1, 1, 0.6, 24)
     # A 2x2 map: few (batch block, tile) pairs, so the rows are split across tasks too (with two threads or more).
     torch.set_num_threads(max(2, torch.get_num_threads()))
     conv_case("tiled 2x2 rows split", 64, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 16)

@@ -158,18 +158,35 @@ inline void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at:
   });
 }
 
-// The tiled path (tiled_conv_f32.h) on small maps, where its batch blocks waste at most a sixth of their images on
-// padding. Larger maps stay wide: at 16x16 and 32x32, batch 64, the tiled path measured level with the wide one or
-// slower (its tile's input windows over every channel outgrow L2), at 8x8 to 2x2 1.1-1.6x faster
+// The tiled path (tiled_conv_f32.h) where its batch blocks waste at most a sixth of their images on padding: on
+// small maps (8x8 to 2x2: 1.1-1.6x faster than the wide layout, batch 64), and, for the forward and the data
+// gradient, on maps up to 64x64 whose rows hold at least kTiledMinTapsPerRow taps. There, with its row tiles and
+// chunks of input channels, it measured 1.2-1.75x faster than the wide layout (128@16x16 and 128@28x28 at density
+// 0.1, 64@32x32 at 0.32 and 0.66, 256@14x14 at 0.1); with shorter rows it was level or slower (64@32x32 and 64@56x56
+// at 0.1, 58 taps per row: 0.9-1.0x), its per-row tile writes no longer small beside the row's work
 // (docs/benchmarks.md, "Roofline").
+constexpr int64_t kTiledMaxPositions = 64 * 64, kTiledMinTapsPerRow = 96;
+
+inline bool tiled_batch_fits(const batch_inner::Geometry& p, const ConvGeometry& g) {
+  return 5 * p.blocks(g.batch) * p.images <= 6 * g.batch && batch_inner::fits_int32(p);
+}
+
+inline bool tiled_map_suits(int64_t positions, int64_t nnz, int64_t rows) {
+  return positions <= kBatchInnerMaxPositions ||
+         (positions <= kTiledMaxPositions && nnz >= kTiledMinTapsPerRow * rows);
+}
+
 inline batch_inner::Geometry tiled_packing(const ConvGeometry& g) {
   return tiled::packing(g.in_channels, g.in_h + 2 * g.pad_h, g.in_w + 2 * g.pad_w, g.out_h * g.out_w);
 }
 
-inline bool use_tiled(const ConvGeometry& g) {
-  const batch_inner::Geometry p = tiled_packing(g);
-  return g.out_h * g.out_w <= kBatchInnerMaxPositions && 5 * p.blocks(g.batch) * p.images <= 6 * g.batch &&
-         batch_inner::fits_int32(p);
+inline bool use_tiled_forward(const ConvGeometry& g, int64_t nnz) {
+  return tiled_map_suits(g.out_h * g.out_w, nnz, g.out_channels) && tiled_batch_fits(tiled_packing(g), g);
+}
+
+// The weight gradient keeps the small maps only (its larger maps have not been measured on this path).
+inline bool use_tiled_weight_gradient(const ConvGeometry& g) {
+  return g.out_h * g.out_w <= kBatchInnerMaxPositions && tiled_batch_fits(tiled_packing(g), g);
 }
 
 // The tiled kernels' chunks of input channels (tiled::forward_tiles) for taps under the pointers `ptr` (one row per
@@ -216,7 +233,7 @@ inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const 
                              at::Tensor& out) {
   const wide::PackedGeometry p = input_packing(g);
   if (!wide::fits_int32(p)) return false;
-  if (use_tiled(g)) {
+  if (use_tiled_forward(g, cols.numel())) {
     conv_forward_tiled_f32(x, vals, rp, cols, bias, relu, g, out);
     return true;
   }
@@ -245,10 +262,8 @@ inline batch_inner::Geometry tiled_data_gradient_packing(const ConvGeometry& g) 
                         g.in_h * g.in_w);
 }
 
-inline bool use_tiled_data_gradient(const ConvGeometry& g) {
-  const batch_inner::Geometry p = tiled_data_gradient_packing(g);
-  return g.in_h * g.in_w <= kBatchInnerMaxPositions && 5 * p.blocks(g.batch) * p.images <= 6 * g.batch &&
-         batch_inner::fits_int32(p);
+inline bool use_tiled_data_gradient(const ConvGeometry& g, int64_t nnz) {
+  return tiled_map_suits(g.in_h * g.in_w, nnz, g.in_channels) && tiled_batch_fits(tiled_data_gradient_packing(g), g);
 }
 
 inline void conv_backward_input_tiled_f32(const at::Tensor& go, const at::Tensor& vals, const at::Tensor& cols,
@@ -275,7 +290,7 @@ inline bool conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals
                                     const at::Tensor& tp, const at::Tensor& tr, const at::Tensor& tperm,
                                     const ConvGeometry& g, at::Tensor& grad_input) {
   if (!backward_input_is_wide(g)) return false;
-  if (use_tiled_data_gradient(g)) {
+  if (use_tiled_data_gradient(g, cols.numel())) {
     conv_backward_input_tiled_f32(go, vals, cols, tp, tr, tperm, g, grad_input);
     return true;
   }
@@ -296,7 +311,7 @@ inline bool conv_backward_input_f32(const at::Tensor& go, const at::Tensor& vals
 // grad_values[e] = sum over images of <grad_output plane of e's row, the input window of e's tap>, both laid out wide.
 inline bool conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, const at::Tensor& rp,
                                      const at::Tensor& cols, const ConvGeometry& g, at::Tensor& grad_values) {
-  if (use_tiled(g)) {
+  if (use_tiled_weight_gradient(g)) {
     conv_backward_values_tiled_f32(go, x, rp, cols, g, grad_values);
     return true;
   }

@@ -44,9 +44,9 @@ inline batch_inner::Geometry packing(int64_t channels, int64_t padded_h, int64_t
 // How a task's tile of output positions finds its input (the forward's policy parameter Tiles):
 //  - PositionTiles: kP consecutive positions anywhere in the map, one input pointer per position. The general case
 //    (any stride, any map width); a partial last tile repeats its last position, computed and not written.
-//  - RowTiles: kR whole output rows of kC = out_w positions (stride_w 1). Position (r, c)'s window is row r's first
-//    window plus c * images floats, so the kernel addresses every input vector from kR row pointers with constant
-//    displacements. With a pointer per position, 16 of them outnumbered the general registers and GCC reloaded the
+//  - RowTiles: kR whole output rows of kC = out_w positions, or (kR = 1) a segment of kC positions of one row
+//    (stride_w 1). Position (r, c)'s window is row r's first window plus c * images floats, so the kernel addresses
+//    every input vector from kR row pointers with constant displacements. With a pointer per position, 16 of them outnumbered the general registers and GCC reloaded the
 //    spilled ones from the stack on every tap (7 loads per 16 FMAs at 8x8 on AVX-512).
 // Each provides kP (positions per tile), sources(block, first, count, src) (the pointers a tile needs) and
 // run(src, taps, count, init, accumulate, tile): taps of one row over the tile, into tile [kP][kV * kLanes], starting
@@ -76,7 +76,7 @@ template <int kV, int kR, int kC>
 struct RowTiles {
   static constexpr int kP = kR * kC;
   const int64_t* windows;
-  // Tiles are whole: the caller takes RowTiles only where kR divides the map's rows.
+  // Tiles are whole: the caller takes RowTiles only where they divide the map.
   void sources(const float* block, int64_t first, int64_t, const float** src) const {
     for (int r = 0; r < kR; ++r) src[r] = block + windows[first + r * kC];
   }
@@ -226,23 +226,48 @@ inline void forward_tiles(const float* packed, const batch_inner::Geometry& p, c
   });
 }
 
-// Row tiles where the map allows them: stride_w 1, a map width kC that leaves room for at least one whole row in the
-// register block, and kR (as many rows as fit, at most 4 pointers, a power of two) dividing the map's rows.
-// Returns false where it does not apply.
+// Row tiles of width kC where the map allows them (stride_w 1): kR whole rows where kC is the map's width (as many
+// rows as fit the register block, at most 4 pointers, a power of two dividing the map's rows), else one segment of
+// a row where kC divides the width. Taken only where they fill at least half the register block: fewer accumulators
+// feed fewer FMAs per broadcast. Returns false where they do not apply.
 template <int kV, int kC, typename Taps>
 inline bool forward_row_tiles(const float* packed, const batch_inner::Geometry& p, const std::vector<int64_t>& windows,
                               Taps taps, const ChannelChunks& chunks, int64_t rows, int64_t batch, int64_t out_h,
-                              const float* bias, bool relu, const wide::Layout& out_layout, float* out) {
+                              int64_t out_w, const float* bias, bool relu, const wide::Layout& out_layout,
+                              float* out) {
   if constexpr (kC * kV > kAccumulators) {
     return false;
   } else {
     constexpr int kFit = std::min(4, kAccumulators / (kC * kV));
-    constexpr int kR = kFit >= 4 ? 4 : kFit >= 2 ? 2 : 1;
-    if (out_h % kR != 0) return false;
-    forward_tiles<kV>(packed, p, RowTiles<kV, kR, kC>{windows.data()}, taps, chunks, rows, batch, out_h * kC,
-                      bias, relu, out_layout, out);
-    return true;
+    constexpr int kWholeRows = kFit >= 4 ? 4 : kFit >= 2 ? 2 : 1;
+    const auto run = [&](auto tiles) {
+      using Tiles = decltype(tiles);
+      if (2 * Tiles::kP * kV < kAccumulators) return false;
+      forward_tiles<kV>(packed, p, Tiles{windows.data()}, taps, chunks, rows, batch, out_h * out_w, bias, relu,
+                        out_layout, out);
+      return true;
+    };
+    if (out_w == kC && out_h % kWholeRows == 0) return run(RowTiles<kV, kWholeRows, kC>{});
+    if (out_w % kC == 0) return run(RowTiles<kV, 1, kC>{});
+    return false;
   }
+}
+
+// Widths of row tiles, tried widest first: powers of two for CIFAR-sized maps (32, 16, 8, 4, 2), 14 and 7 for
+// ImageNet-sized ones (56, 28, 14, 7).
+template <int kV, typename Taps>
+inline bool forward_any_row_tiles(const float* packed, const batch_inner::Geometry& p,
+                                  const std::vector<int64_t>& windows, Taps taps, const ChannelChunks& chunks,
+                                  int64_t rows, int64_t batch, int64_t out_h, int64_t out_w, const float* bias,
+                                  bool relu, const wide::Layout& out_layout, float* out) {
+  const auto width = [&](auto k) {
+    return forward_row_tiles<kV, decltype(k)::value>(packed, p, windows, taps, chunks, rows, batch, out_h, out_w,
+                                                     bias, relu, out_layout, out);
+  };
+  using std::integral_constant;
+  return width(integral_constant<int, 16>{}) || width(integral_constant<int, 14>{}) ||
+         width(integral_constant<int, 8>{}) || width(integral_constant<int, 7>{}) ||
+         width(integral_constant<int, 4>{}) || width(integral_constant<int, 2>{});
 }
 
 template <int kV, typename Taps>
@@ -251,21 +276,9 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps 
                       int64_t stride_h, int64_t stride_w, const float* bias, bool relu,
                       const wide::Layout& out_layout, float* out) {
   const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
-  if (stride_w == 1) {
-    const auto rows_of = [&](auto width) {
-      return forward_row_tiles<kV, decltype(width)::value>(packed, p, windows, taps, chunks, rows, batch, out_h,
-                                                           bias, relu, out_layout, out);
-    };
-    bool done = false;
-    switch (out_w) {
-      case 2: done = rows_of(std::integral_constant<int, 2>{}); break;
-      case 4: done = rows_of(std::integral_constant<int, 4>{}); break;
-      case 8: done = rows_of(std::integral_constant<int, 8>{}); break;
-      case 16: done = rows_of(std::integral_constant<int, 16>{}); break;
-      default: break;
-    }
-    if (done) return;
-  }
+  if (stride_w == 1 && forward_any_row_tiles<kV>(packed, p, windows, taps, chunks, rows, batch, out_h, out_w, bias,
+                                                 relu, out_layout, out))
+    return;
   forward_tiles<kV>(packed, p, PositionTiles<kV>{windows.data()}, taps, chunks, rows, batch, out_h * out_w,
                     bias, relu, out_layout, out);
 }
