@@ -264,6 +264,29 @@ def test_many_images_of_small_maps(backend, size, kernel, stride, padding, dilat
              torch.float32, generator)
 
 
+@NATIVE_CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("relu,with_bias", [(True, True), (False, True), (False, False)])
+def test_a_pattern_without_nonzeros_gives_the_bias(dtype, memory_format, relu, with_bias, generator):
+    """Global pruning empties whole layers (the 512-channel layers of VGG19 at 95%): the forward is the bias, relu'd
+    where asked, in the input's layout, and the input gradient is zero."""
+    mask = torch.zeros(7, 6, 3, 3, dtype=torch.bool)
+    p = ConvPattern.from_mask(mask)
+    x = torch.randn(64, 6, 4, 4, generator=generator).to(dtype).contiguous(memory_format=memory_format)
+    values = torch.zeros(0, dtype=dtype)
+    bias = torch.randn(7, generator=generator).to(dtype) if with_bias else None
+    out = torch.ops.ptd_sparse_kernels.conv_forward(x, values, p.row_ptr, p.col_idx, list(p.shape), bias, [1, 1],
+                                                    [1, 1], [1, 1], relu)
+    want = torch.zeros(64, 7, 4, 4, dtype=dtype) + (bias.view(1, 7, 1, 1) if with_bias else 0)
+    torch.testing.assert_close(out, want.relu() if relu else want, atol=0, rtol=0)
+    assert out.is_contiguous(memory_format=memory_format)
+    grad_input = torch.ops.ptd_sparse_kernels.conv_backward_input(
+        torch.randn(64, 7, 4, 4, generator=generator).to(dtype), values, p.col_idx, p.t_ptr, p.t_rows, p.t_perm,
+        list(p.shape), list(x.shape), [1, 1], [1, 1], [1, 1])
+    assert grad_input.shape == x.shape and not grad_input.any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("batch,size", [(3, (9, 7)), (40, (4, 4))])

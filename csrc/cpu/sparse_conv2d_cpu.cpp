@@ -103,6 +103,15 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
   const at::MemoryFormat format = output_memory_format(input);
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   if (out.numel() == 0) return out;
+  if (ci.numel() == 0) {
+    // No nonzeros (global pruning empties whole layers: the 512-channel layers of VGG19 at 95%): the output is the
+    // bias, relu'd, and the input is never read, where the kernels below would still pack it.
+    if (bias_c.defined())
+      out.copy_((relu ? bias_c.clamp_min(0) : bias_c).view({1, g.out_channels, 1, 1}).expand_as(out));
+    else
+      out.zero_();
+    return out;
+  }
   const bool f32 = input.scalar_type() == at::kFloat;
   const float* bias_f32 = f32 && bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr;
   if (f32 && cpu_isa::f32_kernels().conv_forward(input.contiguous(format), vals, rp, ci, bias_f32, relu, g, out))
@@ -155,6 +164,7 @@ at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tens
   const at::Tensor tp = t_ptr.contiguous(), tr = t_rows.contiguous(), tperm = t_perm.contiguous();
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
+  if (cols.numel() == 0) return grad_input.zero_();  // no nonzeros: nothing reaches the input
   if (go.scalar_type() == at::kFloat &&
       cpu_isa::f32_kernels().conv_backward_input(go, vals, cols, tp, tr, tperm, g, grad_input))
     return grad_input;
