@@ -288,6 +288,43 @@ def test_a_pattern_without_nonzeros_gives_the_bias(dtype, memory_format, relu, w
     assert grad_input.shape == x.shape and not grad_input.any()
 
 
+@NATIVE_CPU
+def test_packing_buffers_are_never_shared_between_live_calls(generator):
+    """The float32 kernels reuse their packing buffers across calls (csrc/cpu/isa/dispatch.h, packing_buffer): calls
+    from several Python threads at once, and the weight gradient's two packed operands, must each get their own."""
+    import concurrent.futures
+
+    ops = torch.ops.ptd_sparse_kernels
+    mask = random_mask((16, 12, 3, 3), 0.4, generator)
+    p = ConvPattern.from_mask(mask)
+    weight = torch.randn(16, 12, 3, 3, generator=generator)
+    values = p.gather(weight)
+    inputs = [torch.randn(batch, 12, size, size, generator=generator) for batch, size in
+              ((64, 8), (3, 21), (32, 4), (1, 30), (64, 8), (17, 6))]
+    grads = [torch.randn(x.shape[0], 16, x.shape[2], x.shape[3], generator=generator) for x in inputs]
+
+    def step(index):
+        x, grad_out = inputs[index], grads[index]
+        out = ops.conv_forward(x, values, p.row_ptr, p.col_idx, list(p.shape), None, [1, 1], [1, 1], [1, 1], False)
+        grad_values = ops.conv_backward_values(grad_out, x, p.row_ptr, p.col_idx, list(p.shape), [1, 1], [1, 1],
+                                               [1, 1])
+        return out, grad_values
+
+    serial = [step(i) for i in range(len(inputs))]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        parallel = list(pool.map(step, [i % len(inputs) for i in range(4 * len(inputs))]))
+    for i, (out, grad_values) in enumerate(parallel):
+        want_out, want_grad = serial[i % len(inputs)]
+        torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+        torch.testing.assert_close(grad_values, want_grad, atol=0, rtol=0)
+    x64 = inputs[0].double().requires_grad_()
+    w64 = (weight * mask).double().requires_grad_()
+    out64 = F.conv2d(x64, w64, padding=1)
+    (grad_w,) = torch.autograd.grad(out64, w64, grads[0].double())
+    assert_close(serial[0][0], out64, torch.float32, "output")
+    assert_close(serial[0][1], grad_w.reshape(-1)[p.flat_index], torch.float32, "grad_values")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("batch,size", [(3, (9, 7)), (40, (4, 4))])

@@ -325,7 +325,7 @@ inline bool conv_backward_values_f32(const at::Tensor& go, const at::Tensor& x, 
                                              g.batch, g.in_h, g.in_w, g.pad_h, g.pad_w, p);
   const int64_t length = p.wide_length();
   // grad_output in the wide layout, zero in the discarded columns so they add nothing.
-  at::Tensor go_wide = at::empty({g.batch * g.out_channels, length}, go.options());
+  at::Tensor go_wide = cpu_isa::packing_buffer(g.batch * g.out_channels * length);
   const float* go_ptr = go.const_data_ptr<float>();
   float* wide_ptr = go_wide.mutable_data_ptr<float>();
   at::parallel_for(0, g.batch * g.out_channels, 16, [&](int64_t begin, int64_t end) {

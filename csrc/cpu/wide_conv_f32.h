@@ -159,7 +159,7 @@ inline void pack_images_nhwc(const float* src, const Layout& src_layout, int64_t
 // Packs images [N, C, H, W] laid out as `src_layout` into [N, packed image] plus slack; zero outside the image.
 inline at::Tensor pack_images(const float* src, const Layout& src_layout, int64_t batch, int64_t in_h, int64_t in_w,
                               int64_t pad_h, int64_t pad_w, const PackedGeometry& p) {
-  at::Tensor packed = at::empty({batch * p.image() + p.slack()}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor packed = cpu_isa::packing_buffer(batch * p.image() + p.slack());
   float* base = packed.mutable_data_ptr<float>();
   std::fill(base + batch * p.image(), base + batch * p.image() + p.slack(), 0.0f);
   const int64_t channel_size = p.phase_h * p.phase_w * p.plane();
@@ -327,7 +327,7 @@ inline bool fits_int32(const Geometry& p) { return p.block() < (int64_t{1} << 31
 inline at::Tensor pack(const float* src, const wide::Layout& src_layout, int64_t batch, int64_t in_h, int64_t in_w,
                        int64_t pad_h, int64_t pad_w, const Geometry& p) {
   const int64_t blocks = p.blocks(batch), images = p.images, step = src_layout.position;
-  at::Tensor packed = at::empty({blocks * p.block()}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor packed = cpu_isa::packing_buffer(blocks * p.block());
   float* base = packed.mutable_data_ptr<float>();
   const int64_t plane = p.padded_h * p.padded_w * images;
   if (step != 1) {  // NHWC: as wide::pack_images_nhwc, a block of channels per task, each position one cache line

@@ -143,5 +143,26 @@ std::vector<std::string> missing_baseline_features() {
   return missing;
 }
 
+at::Tensor packing_buffer(int64_t numel) {
+  // In use while any tensor (the one handed out, or a view of it) holds its storage.
+  thread_local std::vector<at::Tensor> kept;
+  const auto is_free = [](const at::Tensor& t) { return t.storage().use_count() == 1; };
+  for (const at::Tensor& buffer : kept)
+    if (is_free(buffer) && buffer.numel() >= numel) return buffer.narrow(0, 0, numel);
+  at::Tensor fresh = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  if (numel * int64_t{sizeof(float)} <= kMaxKeptPackingBytes) {
+    if (kept.size() < kKeptPackingBuffers) {
+      kept.push_back(fresh);
+    } else {
+      // Replace the smallest free buffer, if any is free and smaller.
+      at::Tensor* smallest = nullptr;
+      for (at::Tensor& buffer : kept)
+        if (is_free(buffer) && (smallest == nullptr || buffer.numel() < smallest->numel())) smallest = &buffer;
+      if (smallest != nullptr && smallest->numel() < numel) *smallest = fresh;
+    }
+  }
+  return fresh;
+}
+
 }  // namespace cpu_isa
 }  // namespace ptd_sparse
