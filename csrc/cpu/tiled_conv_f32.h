@@ -1,18 +1,17 @@
-// Register-tiled kernels of the sparse convolution for batches of images on small maps ("tiled" path): the forward
-// (which also computes the data gradient, a convolution of grad_output with the transposed flipped pattern) and the
-// weight gradient.
+// Register-tiled kernels of the sparse convolution for batches of images ("tiled" path): the forward (which also
+// computes the data gradient, a convolution of grad_output with the transposed flipped pattern) and the weight
+// gradient. conv_f32.h decides which calls take it (small maps; larger ones with long rows for the forward).
 //
 // Images run innermost, as in batch_inner (wide_conv_f32.h): the input is packed [batch blocks][C][Hp][Wp][images]
 // with `images` = V full-width vectors, so every tap's input vector starts at a multiple of the vector width
 // (aligned loads: none straddles two cache lines). A register block is P output positions x V vectors of images,
-// P * V = kAccumulators (16 zmm on AVX-512, 12 of the 16 ymm/xmm registers elsewhere; one more holds the broadcast
-// weight), so each broadcast weight feeds kAccumulators FMAs whose input operands come straight from memory, and each
-// output is summed in a register over all of its row's taps and written once.
+// P * V <= kAccumulators (16 zmm on AVX-512, 12 of the 16 ymm/xmm registers elsewhere; one more holds the broadcast
+// weight), so each broadcast weight feeds up to kAccumulators FMAs whose input operands come straight from memory.
 //
-// A task is one batch block and one tile of P positions, over every output channel (or a range of them where
-// there are few tiles): its input is the tile's windows over all input channels, which (at the map sizes this path
-// takes) stays in the core's L2 cache while every row reads it. V is 1 where a map has enough positions, and grows
-// (fewer positions, more images) for 4x4 and 2x2 maps, so that small maps still fill the register block.
+// A forward task is one batch block and one tile of P positions, over every output channel (or a range of them where
+// there are few tiles), taken through the input channels a chunk at a time (forward_tiles). V is 1 where a map has
+// enough positions, and grows (fewer positions, more images) for 4x4 and 2x2 maps, so that small maps still fill the
+// register block.
 //
 // Compiled once per instruction set, like wide_conv_f32.h: included by csrc/cpu/isa/kernels_body.h after it.
 #ifndef PTD_ISA_VECTOR_BYTES

@@ -374,8 +374,8 @@ inline at::Tensor pack(const float* src, int64_t batch, int64_t in_h, int64_t in
   return pack(src, wide::Layout::nchw(p.channels, in_h * in_w), batch, in_h, in_w, pad_h, pad_w, p);
 }
 
-// Offset in a batch block of every output position's input window (at most kBatchInnerMaxPositions of them),
-// computed once per call so the inner loops divide nothing.
+// Offset in a batch block of every output position's input window, computed once per call so the inner loops divide
+// nothing.
 inline std::vector<int64_t> windows(const Geometry& p, int64_t out_h, int64_t out_w, int64_t stride_h,
                                     int64_t stride_w) {
   std::vector<int64_t> offsets(out_h * out_w);
