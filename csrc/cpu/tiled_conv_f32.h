@@ -50,6 +50,21 @@ inline batch_inner::Geometry packing(int64_t channels, int64_t padded_h, int64_t
 // Each provides kP (positions per tile), sources(block, first, count, src) (the pointers a tile needs) and
 // run(src, taps, count, init, accumulate, tile): taps of one row over the tile, into tile [kP][kV * kLanes], starting
 // from `init` or (accumulate) from what the tile holds.
+// One row's taps over a tile of kVectors accumulators, from `init` or (accumulate) from what the tile holds, into
+// tile [kVectors][kLanes]: accumulator i reads src[i / kPerPointer], (i % kPerPointer) vectors past each tap's offset.
+template <int kVectors, int kPerPointer, typename Taps>
+inline void sum_taps(const float* const* src, Taps taps, int64_t count, float init, bool accumulate, float* tile) {
+  vec a[kVectors];
+  for (int i = 0; i < kVectors; ++i) a[i] = accumulate ? load(tile + i * kLanes) : broadcast(init);
+  for (int64_t t = 0; t < count; ++t) {
+    const vec v = broadcast(taps.value(t));
+    const int64_t offset = taps.offset(t);
+#pragma GCC unroll 16
+    for (int i = 0; i < kVectors; ++i) a[i] += v * load(src[i / kPerPointer] + offset + (i % kPerPointer) * kLanes);
+  }
+  for (int i = 0; i < kVectors; ++i) store(tile + i * kLanes, a[i]);
+}
+
 template <int kV>
 struct PositionTiles {
   static constexpr int kP = kAccumulators / kV;
@@ -59,15 +74,7 @@ struct PositionTiles {
   }
   template <typename Taps>
   static void run(const float* const* src, Taps taps, int64_t count, float init, bool accumulate, float* tile) {
-    vec a[kP * kV];
-    for (int i = 0; i < kP * kV; ++i) a[i] = accumulate ? load(tile + i * kLanes) : broadcast(init);
-    for (int64_t t = 0; t < count; ++t) {
-      const vec v = broadcast(taps.value(t));
-      const int32_t offset = taps.offset(t);
-#pragma GCC unroll 16
-      for (int i = 0; i < kP * kV; ++i) a[i] += v * load(src[i / kV] + offset + (i % kV) * kLanes);
-    }
-    for (int i = 0; i < kP * kV; ++i) store(tile + i * kLanes, a[i]);
+    sum_taps<kP * kV, kV>(src, taps, count, init, accumulate, tile);
   }
 };
 
@@ -81,17 +88,7 @@ struct RowTiles {
   }
   template <typename Taps>
   static void run(const float* const* src, Taps taps, int64_t count, float init, bool accumulate, float* tile) {
-    constexpr int kRowVectors = kC * kV;
-    vec a[kR * kRowVectors];
-    for (int i = 0; i < kR * kRowVectors; ++i) a[i] = accumulate ? load(tile + i * kLanes) : broadcast(init);
-    for (int64_t t = 0; t < count; ++t) {
-      const vec v = broadcast(taps.value(t));
-      const int64_t offset = taps.offset(t);
-#pragma GCC unroll 16
-      for (int i = 0; i < kR * kRowVectors; ++i)
-        a[i] += v * load(src[i / kRowVectors] + offset + (i % kRowVectors) * kLanes);
-    }
-    for (int i = 0; i < kR * kRowVectors; ++i) store(tile + i * kLanes, a[i]);
+    sum_taps<kR * kC * kV, kC * kV>(src, taps, count, init, accumulate, tile);
   }
 };
 
