@@ -164,7 +164,7 @@ inline void conv_backward_values_batch_inner_f32(const at::Tensor& go, const at:
 // chunks of input channels, it measured 1.2-1.75x faster than the wide layout (128@16x16 and 128@28x28 at density
 // 0.1, 64@32x32 at 0.32 and 0.66, 256@14x14 at 0.1); with shorter rows it was level or slower (64@32x32 and 64@56x56
 // at 0.1, 58 taps per row: 0.9-1.0x), its per-row tile writes no longer small beside the row's work
-// (docs/benchmarks.md, "Roofline").
+// (docs/benchmarks.md, "Kernel roofline").
 constexpr int64_t kTiledMaxPositions = 64 * 64, kTiledMinTapsPerRow = 96;
 
 inline bool tiled_batch_fits(const batch_inner::Geometry& p, const ConvGeometry& g) {

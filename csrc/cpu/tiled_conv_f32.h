@@ -160,7 +160,7 @@ inline int64_t row_parts(int64_t pairs, int64_t rows) {
 // density 0.045 and 0.1, batch 64, whose single tile is split into tasks of 64 rows, ran 6-12% slower chunked).
 // Chosen by measurement on 256@8x8, 512@4x4 and 512@2x2 at densities 0.32 to 0.045, batch 64 (AVX-512, 32 KiB L1):
 // 16 and 32 KiB of windows, 16 to 32 taps, ran within a few percent of each other and 1.15-1.3x faster than no
-// chunks where they are taken (docs/benchmarks.md, "Roofline").
+// chunks where they are taken (docs/benchmarks.md, "Kernel roofline").
 constexpr int64_t kChunkBytes = 32 << 10, kMaxChunkBytes = 256 << 10, kMinChunkTaps = 16, kMinChunkReuse = 80;
 
 inline int64_t channels_per_chunk(const batch_inner::Geometry& p, int64_t batch, int64_t out_h, int64_t out_w,
