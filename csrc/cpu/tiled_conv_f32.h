@@ -40,16 +40,6 @@ inline batch_inner::Geometry packing(int64_t channels, int64_t padded_h, int64_t
   return {channels, padded_h, padded_w, vectors_for(positions) * kLanes};
 }
 
-// How a task's tile of output positions finds its input (the forward's policy parameter Tiles):
-//  - PositionTiles: kP consecutive positions anywhere in the map, one input pointer per position. The general case
-//    (any stride, any map width); a partial last tile repeats its last position, computed and not written.
-//  - RowTiles: kR whole output rows of kC = out_w positions, or (kR = 1) a segment of kC positions of one row
-//    (stride_w 1). Position (r, c)'s window is row r's first window plus c * images floats, so the kernel addresses
-//    every input vector from kR row pointers with constant displacements. With a pointer per position, 16 of them outnumbered the general registers and GCC reloaded the
-//    spilled ones from the stack on every tap (7 loads per 16 FMAs at 8x8 on AVX-512).
-// Each provides kP (positions per tile), sources(block, first, count, src) (the pointers a tile needs) and
-// run(src, taps, count, init, accumulate, tile): taps of one row over the tile, into tile [kP][kV * kLanes], starting
-// from `init` or (accumulate) from what the tile holds.
 // One row's taps over a tile of kVectors accumulators, from `init` or (accumulate) from what the tile holds, into
 // tile [kVectors][kLanes]: accumulator i reads src[i / kPerPointer], (i % kPerPointer) vectors past each tap's offset.
 template <int kVectors, int kPerPointer, typename Taps>
@@ -65,6 +55,16 @@ inline void sum_taps(const float* const* src, Taps taps, int64_t count, float in
   for (int i = 0; i < kVectors; ++i) store(tile + i * kLanes, a[i]);
 }
 
+// How a task's tile of output positions finds its input (the forward's policy parameter Tiles):
+//  - PositionTiles: kP consecutive positions anywhere in the map, one input pointer per position. The general case
+//    (any stride, any map width); a partial last tile repeats its last position, computed and not written.
+//  - RowTiles: kR whole output rows of kC = out_w positions, or (kR = 1) a segment of kC positions of one row
+//    (stride_w 1). Position (r, c)'s window is row r's first window plus c * images floats, so the kernel addresses
+//    every input vector from kR row pointers with constant displacements. With a pointer per position, 16 of them
+//    outnumbered the general registers and GCC reloaded the spilled ones from the stack on every tap (7 loads per 16
+//    FMAs at 8x8 on AVX-512).
+// Each provides kP (positions per tile), sources(block, first, count, src) (the pointers a tile needs) and
+// run(src, taps, count, init, accumulate, tile): sum_taps over the tile, into tile [kP][kV * kLanes].
 template <int kV>
 struct PositionTiles {
   static constexpr int kP = kAccumulators / kV;
@@ -206,8 +206,10 @@ inline void forward_tiles(const float* packed, const batch_inner::Geometry& p, c
   const int64_t pairs = blocks * tiles, parts = row_parts(pairs, rows);
   const int64_t rows_per_write = out_layout.position == 1 ? 1 : wide::kChannelBlock;
   at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float, wide::UninitializedAllocator<float>> partial((rows / parts + 1) * kTile + kLanes);
-    // A vector's own alignment is 16 bytes: the tiles start at the next cache line.
+    // The tiles a task holds at once: a block of rows without chunks, else all of its rows. They start at a vector
+    // boundary (a std::vector's own alignment is 16 bytes).
+    const int64_t held = chunks.count == 1 ? rows_per_write : rows / parts + 1;
+    std::vector<float, wide::UninitializedAllocator<float>> partial(held * kTile + kLanes);
     float* tiles_at = partial.data() + (-reinterpret_cast<uintptr_t>(partial.data()) / sizeof(float)) % kLanes;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / parts, part = task % parts;
