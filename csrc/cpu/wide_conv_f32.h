@@ -5,9 +5,9 @@
 // positions is a single contiguous run starting at a fixed offset, whatever the stride, dilation or padding. Output
 // positions are enumerated "wide", q = oh * Wq + ow with ow running over the full packed width Wq; the columns
 // ow >= OW are computed and discarded, which buys loops with no bounds checks. A sparse row is then a list of
-// (offset, value) taps and an output block is
-//     acc[q .. q + kBlock) = bias + sum_taps value * src[offset + q .. offset + q + kBlock)
-// with the kBlock accumulators held in registers across all taps of the row (register blocking). Work and traffic
+// (offset, value) taps and a pass over them computes a block of V vectors of outputs,
+//     acc[q .. q + V * lanes) = bias + sum_taps value * src[offset + q .. offset + q + V * lanes)
+// with the V accumulators held in registers across all taps of the row (register blocking). Work and traffic
 // scale with the nonzeros; nothing dense is ever built.
 //
 // Compiled once per instruction set: this file is included only by csrc/cpu/isa/kernels_body.h, inside a namespace
@@ -27,7 +27,6 @@ namespace wide {
 typedef float vec __attribute__((vector_size(PTD_ISA_VECTOR_BYTES)));
 typedef int32_t ivec __attribute__((vector_size(PTD_ISA_VECTOR_BYTES)));
 constexpr int64_t kLanes = PTD_ISA_VECTOR_BYTES / sizeof(float);
-constexpr int64_t kBlock = 4 * kLanes;  // outputs per register block
 
 inline vec load(const float* p) {
   vec v;
@@ -96,7 +95,7 @@ struct PackedGeometry {
   int64_t image() const { return channels * phase_h * phase_w * plane(); }
   int64_t wide_length() const { return round_up(out_h * cols, kLanes); }
   // Reads run up to one row plus a vector past the last plane: the slack after the last image.
-  int64_t slack() const { return cols + 2 * kBlock; }
+  int64_t slack() const { return cols + 8 * kLanes; }
   int32_t tap_offset(int64_t channel, int64_t tap_h, int64_t tap_w) const {
     const int64_t phase = (channel * phase_h + tap_h % phase_h) * phase_w + tap_w % phase_w;
     return static_cast<int32_t>(phase * plane() + (tap_h / phase_h) * cols + tap_w / phase_w);
@@ -188,56 +187,65 @@ inline at::Tensor pack_images(const float* src, const Layout& src_layout, int64_
   return packed;
 }
 
-// The last 1-3 vectors of a row (src and dst at their start) in one pass over the taps, even and odd taps in
-// separate accumulators: a single vector per pass would be one chain of dependent FMAs (latency-bound: about 4
-// cycles a tap against under 1 in the blocks), and the tail is a third to a half of the outputs of the 8x8 and 16x16
-// maps of a batch-1 call.
+// Vectors of accumulators per pass over a row's taps: 16 of the 32 zmm registers on AVX-512, 12 of the 16 ymm/xmm
+// elsewhere (one more holds the broadcast weight). Each tap's offset and value are loaded once per pass, so the more
+// outputs a pass covers the fewer loads per FMA; four vectors, as before, left 64@32x32 at batch 1 at ~18% of peak.
+constexpr int kRowAccumulators = PTD_ISA_VECTOR_BYTES >= 64 ? 16 : 12;
+
+// Fewer vectors than this in a pass are one chain of dependent FMAs each per tap: their taps are split between two
+// sets of accumulators (even and odd taps), so a short pass is not latency-bound (about 4 cycles a tap for a single
+// vector against under 1 in long passes).
+constexpr int kMinChainsPerPass = 4;
+
+// dst[0, kVectors * kLanes) = init + sum over the taps of value * src[offset ...], src and dst at the pass's start.
 template <int kVectors, typename Taps>
-inline void gather_tail(const float* src, Taps taps, int64_t count, float init, float* dst) {
-  vec even[kVectors], odd[kVectors];
+inline void gather_pass(const float* src, Taps taps, int64_t count, float init, float* dst) {
+  constexpr int kSets = kVectors < kMinChainsPerPass ? 2 : 1;
+  vec a[kSets][kVectors];
   for (int k = 0; k < kVectors; ++k) {
-    even[k] = broadcast(init);
-    odd[k] = vec{};
+    a[0][k] = broadcast(init);
+    if constexpr (kSets == 2) a[1][k] = vec{};
   }
   int64_t t = 0;
-  for (; t + 2 <= count; t += 2) {
-    const float* s0 = src + taps.offset(t);
-    const float* s1 = src + taps.offset(t + 1);
-    const vec v0 = broadcast(taps.value(t)), v1 = broadcast(taps.value(t + 1));
-    for (int k = 0; k < kVectors; ++k) {
-      even[k] += v0 * load(s0 + k * kLanes);
-      odd[k] += v1 * load(s1 + k * kLanes);
+  for (; t + kSets <= count; t += kSets)
+#pragma GCC unroll 2
+    for (int set = 0; set < kSets; ++set) {
+      const float* s = src + taps.offset(t + set);
+      const vec v = broadcast(taps.value(t + set));
+#pragma GCC unroll 16
+      for (int k = 0; k < kVectors; ++k) a[set][k] += v * load(s + k * kLanes);
     }
+  if (t < count) {
+    const float* s = src + taps.offset(t);
+    const vec v = broadcast(taps.value(t));
+    for (int k = 0; k < kVectors; ++k) a[0][k] += v * load(s + k * kLanes);
   }
-  if (t < count)
-    for (int k = 0; k < kVectors; ++k) even[k] += broadcast(taps.value(t)) * load(src + taps.offset(t) + k * kLanes);
-  for (int k = 0; k < kVectors; ++k) store(dst + k * kLanes, even[k] + odd[k]);
+  for (int k = 0; k < kVectors; ++k) {
+    vec sum = a[0][k];
+    if constexpr (kSets == 2) sum += a[1][k];
+    store(dst + k * kLanes, sum);
+  }
 }
 
-// dst[q] = init + sum over taps of value * src[offset + q], q in [0, length); length is a multiple of kLanes.
+// gather_pass<vectors> for a run-time count in [1, kRowAccumulators].
+template <typename Taps, int... kCounts>
+inline void gather_pass_of(int64_t vectors, const float* src, Taps taps, int64_t count, float init, float* dst,
+                           std::integer_sequence<int, kCounts...>) {
+  ((vectors == kCounts + 1 ? gather_pass<kCounts + 1>(src, taps, count, init, dst) : void()), ...);
+}
+
+// dst[q] = init + sum over taps of value * src[offset + q], q in [0, length); length is a multiple of kLanes. The
+// row's vectors are split into the fewest passes of at most kRowAccumulators, of equal size (68 vectors, 64@32x32's
+// wide row, as 14 + 14 + 14 + 13 + 13, rather than a short last pass with few chains).
 template <typename Taps>
 inline void gather_row(const float* src, Taps taps, int64_t count, float init, float* dst, int64_t length) {
-  int64_t q = 0;
-  for (; q + kBlock <= length; q += kBlock) {
-    vec a0 = broadcast(init), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t t = 0; t < count; ++t) {
-      const float* s = src + taps.offset(t) + q;
-      const vec v = broadcast(taps.value(t));
-      a0 += v * load(s);
-      a1 += v * load(s + kLanes);
-      a2 += v * load(s + 2 * kLanes);
-      a3 += v * load(s + 3 * kLanes);
-    }
-    store(dst + q, a0);
-    store(dst + q + kLanes, a1);
-    store(dst + q + 2 * kLanes, a2);
-    store(dst + q + 3 * kLanes, a3);
-  }
-  switch ((length - q) / kLanes) {
-    case 1: gather_tail<1>(src + q, taps, count, init, dst + q); break;
-    case 2: gather_tail<2>(src + q, taps, count, init, dst + q); break;
-    case 3: gather_tail<3>(src + q, taps, count, init, dst + q); break;
-    default: break;  // no tail
+  const int64_t vectors = length / kLanes;
+  const int64_t passes = (vectors + kRowAccumulators - 1) / kRowAccumulators;
+  for (int64_t pass = 0, first = 0; pass < passes; ++pass) {
+    const int64_t last = (pass + 1) * vectors / passes;
+    gather_pass_of(last - first, src + first * kLanes, taps, count, init, dst + first * kLanes,
+                   std::make_integer_sequence<int, kRowAccumulators>{});
+    first = last;
   }
 }
 
