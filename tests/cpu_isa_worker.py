@@ -3,7 +3,8 @@ tests/test_cpu_dispatch.py, one process per kernel set, since the set is chosen 
 
 Usage: python cpu_isa_worker.py ISA. Prints the kernel set in use and "ok", or fails with an AssertionError naming
 the case. The cases reach every dispatched entry point (the forward on NCHW and on channels_last inputs): the wide
-layout (long rows for the register-blocked loop, short ones for its tail, strides, dilation, bias and the fused ReLU),
+layout (rows of several passes and short rows of split taps, strides, dilation, bias and the fused ReLU), the patch
+layout (a few images on 4x4 maps and smaller),
 the batch-innermost layout (small maps at batch >= 16), the tiled forward, data gradient and weight gradient (small
 maps at batches that fill its image blocks; tiles of whole rows and of any positions, with and without chunks of
 input channels), the wide and batch-innermost data-gradient and weight-gradient layouts,
@@ -88,12 +89,21 @@ def main() -> None:
     isa = sys.argv[1]
     used = extension.cpu_kernel_isa()
     assert used == isa, f"PTD_CPU_ISA={isa} but the extension reports {used!r}"
-    # Wide layout: long rows (several 4-vector blocks of 8 or 16 lanes) and short ones (the tail loop only).
+    # Wide layout: long rows (several passes of 8 or 16 lanes) and short ones.
     conv_case("wide 3x3 s1", 2, 8, 6, (21, 19), 3, 1, 1, 1, 0.3, 1)
     conv_case("wide 3x3 s1 relu", 2, 8, 6, (21, 19), 3, 1, 1, 1, 0.3, 2, relu=True)
     conv_case("wide 3x3 s2 d2", 3, 5, 7, (17, 15), 3, 2, 2, 2, 0.4, 3)
     conv_case("wide 5x5 short rows", 2, 4, 4, (7, 6), 5, 1, 2, 1, 0.5, 4)
     conv_case("wide 1x1 dense", 2, 16, 16, (9, 9), 1, 1, 0, 1, 1.0, 5)
+    # A row of 1-3 vectors (AVX-512), whose taps are split between two sets of accumulators.
+    conv_case("wide 5x5 map short row", 1, 8, 6, (5, 5), 3, 1, 1, 1, 0.4, 23)
+    # Patch layout (a few images on maps of 16 outputs or fewer): one vector of outputs, several (13 images of 3x3,
+    # where the AVX2 and baseline copies take the wide layout), stride 2 with dilation, 20 rows (a partial block of
+    # NHWC rows), the fused ReLU.
+    conv_case("patches 4x4 b1", 1, 16, 12, (4, 4), 3, 1, 1, 1, 0.3, 19)
+    conv_case("patches 2x2 b5 relu", 5, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 20, relu=True)
+    conv_case("patches 4x4 s2 d2", 3, 6, 5, (8, 8), 3, 2, 2, 2, 0.5, 21)
+    conv_case("patches 3x3 b13", 13, 8, 20, (3, 3), 3, 1, 1, 1, 0.3, 22)
     # Batch-innermost layout: 6x6 and 4x4 maps at batch 16 and 20 (partial batch blocks).
     conv_case("batch-inner 6x6", 20, 8, 8, (6, 6), 3, 1, 1, 1, 0.3, 6)
     conv_case("batch-inner 4x4 relu", 16, 8, 8, (4, 4), 3, 1, 1, 1, 0.3, 7, relu=True)

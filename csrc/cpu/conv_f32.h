@@ -230,6 +230,28 @@ inline void conv_backward_values_tiled_f32(const at::Tensor& go, const at::Tenso
   });
 }
 
+// The patch path (patch_conv_f32.h) for a few images on maps of at most kPatchMaxPositions outputs (4x4 and
+// smaller), where the wide layout discards half or more of each vector, while all of a call's outputs fit one pass
+// of accumulators (up to 16 images at 4x4 on AVX-512, 4 on AVX2). Batches of 16 and more take the tiled or
+// batch-innermost paths first.
+constexpr int64_t kPatchMaxPositions = 16;
+
+inline bool use_patches(const ConvGeometry& g) {
+  const patches::Rows rows = patches::Rows::of(g.batch, g.out_h * g.out_w);
+  return g.out_h * g.out_w <= kPatchMaxPositions && rows.length <= wide::kRowAccumulators * wide::kLanes &&
+         g.in_channels * g.taps() * rows.pitch + wide::kLanes < (int64_t{1} << 31);
+}
+
+inline void conv_forward_patches_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
+                                     const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
+                                     at::Tensor& out) {
+  const patches::Rows rows = patches::Rows::of(g.batch, g.out_h * g.out_w);
+  const at::Tensor packed = patches::pack(x.const_data_ptr<float>(), activation_layout(x), g, rows);
+  patches::forward(packed.const_data_ptr<float>(), rows, cols.const_data_ptr<int32_t>(), vals.const_data_ptr<float>(),
+                   rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h * g.out_w, bias, relu,
+                   activation_layout(out), out.mutable_data_ptr<float>());
+}
+
 inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
                              const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                              at::Tensor& out) {
@@ -241,6 +263,10 @@ inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const 
   }
   if (use_batch_inner(g)) {
     conv_forward_batch_inner_f32(x, vals, rp, cols, bias, relu, g, out);
+    return true;
+  }
+  if (use_patches(g)) {
+    conv_forward_patches_f32(x, vals, rp, cols, bias, relu, g, out);
     return true;
   }
   const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,

@@ -192,37 +192,34 @@ inline at::Tensor pack_images(const float* src, const Layout& src_layout, int64_
 // outputs a pass covers the fewer loads per FMA; four vectors, as before, left 64@32x32 at batch 1 at ~18% of peak.
 constexpr int kRowAccumulators = PTD_ISA_VECTOR_BYTES >= 64 ? 16 : 12;
 
-// Fewer vectors than this in a pass are one chain of dependent FMAs each per tap: their taps are split between two
-// sets of accumulators (even and odd taps), so a short pass is not latency-bound (about 4 cycles a tap for a single
-// vector against under 1 in long passes).
+// A pass of fewer vectors than this would have that many chains of dependent FMAs, one FMA each per tap, and wait on
+// their latency (4 cycles a tap for a single vector, against 1 once four chains are in flight: 512@2x2 at batch 1
+// ran 2 cycles a tap with two): its taps are dealt in turn to kSets sets of accumulators, summed at the end.
 constexpr int kMinChainsPerPass = 4;
 
 // dst[0, kVectors * kLanes) = init + sum over the taps of value * src[offset ...], src and dst at the pass's start.
 template <int kVectors, typename Taps>
 inline void gather_pass(const float* src, Taps taps, int64_t count, float init, float* dst) {
-  constexpr int kSets = kVectors < kMinChainsPerPass ? 2 : 1;
+  constexpr int kSets = (kMinChainsPerPass + kVectors - 1) / kVectors;
   vec a[kSets][kVectors];
   for (int k = 0; k < kVectors; ++k) {
     a[0][k] = broadcast(init);
-    if constexpr (kSets == 2) a[1][k] = vec{};
+    for (int set = 1; set < kSets; ++set) a[set][k] = vec{};
   }
-  int64_t t = 0;
-  for (; t + kSets <= count; t += kSets)
-#pragma GCC unroll 2
-    for (int set = 0; set < kSets; ++set) {
-      const float* s = src + taps.offset(t + set);
-      const vec v = broadcast(taps.value(t + set));
-#pragma GCC unroll 16
-      for (int k = 0; k < kVectors; ++k) a[set][k] += v * load(s + k * kLanes);
-    }
-  if (t < count) {
+  const auto add_tap = [&](int set, int64_t t) {
     const float* s = src + taps.offset(t);
     const vec v = broadcast(taps.value(t));
-    for (int k = 0; k < kVectors; ++k) a[0][k] += v * load(s + k * kLanes);
-  }
+#pragma GCC unroll 16
+    for (int k = 0; k < kVectors; ++k) a[set][k] += v * load(s + k * kLanes);
+  };
+  int64_t t = 0;
+  for (; t + kSets <= count; t += kSets)
+#pragma GCC unroll 4
+    for (int set = 0; set < kSets; ++set) add_tap(set, t + set);
+  for (; t < count; ++t) add_tap(0, t);
   for (int k = 0; k < kVectors; ++k) {
     vec sum = a[0][k];
-    if constexpr (kSets == 2) sum += a[1][k];
+    for (int set = 1; set < kSets; ++set) sum += a[set][k];
     store(dst + k * kLanes, sum);
   }
 }

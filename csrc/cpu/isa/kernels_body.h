@@ -11,6 +11,7 @@ namespace ptd_sparse {
 namespace PTD_ISA_NAMESPACE {
 
 #include "../wide_conv_f32.h"
+#include "../patch_conv_f32.h"
 #include "../tiled_conv_f32.h"
 #include "../vec_math.h"
 #include "../conv_f32.h"

@@ -1,0 +1,99 @@
+// The forward of the sparse convolution for a few images on small maps ("patch" path): the input unrolled into one
+// row of patches per weight column, and each sparse row a sum of the rows its taps name.
+//
+// At batch 1 a 4x4 map's wide row (wide_conv_f32.h) is 4 x 6 columns, 16 of them kept: half of every vector is
+// discarded, a quarter at 2x2, and each tap's offset is looked up in a table before its input can be loaded. Here
+// patches[column][q], q = image * OH * OW + output position, holds the input that weight column (c, kh, kw) meets at
+// output q (zero in the padding), so a tap's input is the row at `column * pitch`: contiguous, every lane an output.
+// The rows are as long as the call's outputs (rounded up to a vector), so the path is taken where they are short
+// enough that one pass of wide::gather_row holds a whole row in registers: building the patches writes
+// C_in * KH * KW of them, small beside the nonzeros' work only while each is read by many taps.
+//
+// Compiled once per instruction set, like wide_conv_f32.h: included by csrc/cpu/isa/kernels_body.h after it.
+#ifndef PTD_ISA_VECTOR_BYTES
+#error "patch_conv_f32.h is compiled per instruction set: include csrc/cpu/isa/kernels_body.h instead"
+#endif
+
+namespace patches {
+
+using wide::kLanes;
+
+// Where a tap's row of patches starts: its column times the row pitch (no table: one multiply).
+struct ColumnTaps {
+  const int32_t* columns;
+  const float* values;
+  int64_t pitch;
+  int32_t offset(int64_t t) const { return static_cast<int32_t>(columns[t] * pitch); }
+  float value(int64_t t) const { return values[t]; }
+  ColumnTaps at(int64_t first) const { return {columns + first, values + first, pitch}; }
+};
+
+// A call's rows: `outputs` = images * OH * OW floats of patches each, `pitch` floats apart (outputs rounded up to 4,
+// so a 2x2 map at batch 1 packs 4 floats a column, not a vector of 16), summed over `length` floats (outputs rounded
+// up to a vector): a sum's lanes past `outputs` read the next rows' patches, or the zero slack after the last, and
+// are never written out.
+struct Rows {
+  int64_t outputs, pitch, length;
+  static Rows of(int64_t batch, int64_t positions) {
+    const int64_t outputs = batch * positions;
+    return {outputs, wide::round_up(outputs, 4), wide::round_up(outputs, kLanes)};
+  }
+};
+
+// patches [columns][pitch] of the input x laid out as `layout` ([N, C, H, W] logically), for a convolution of
+// geometry g, then kLanes zeros. Rows of patches are independent: one task per block of columns.
+inline at::Tensor pack(const float* x, const wide::Layout& layout, const ConvGeometry& g, const Rows& rows) {
+  const int64_t columns = g.in_channels * g.taps(), positions = g.out_h * g.out_w;
+  at::Tensor packed = cpu_isa::packing_buffer(columns * rows.pitch + kLanes);
+  float* base = packed.mutable_data_ptr<float>();
+  std::fill(base + columns * rows.pitch, base + columns * rows.pitch + kLanes, 0.0f);
+  at::parallel_for(0, columns, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t column = begin; column < end; ++column) {
+      const int64_t c = column / g.taps(), kh = column / g.kernel_w % g.kernel_h, kw = column % g.kernel_w;
+      float* row = base + column * rows.pitch;
+      for (int64_t q = rows.outputs; q < rows.pitch; ++q) row[q] = 0.0f;
+      for (int64_t n = 0; n < g.batch; ++n)
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
+          float* dst = row + n * positions + oh * g.out_w;
+          for (int64_t ow = 0; ow < g.out_w; ++ow) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
+            const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+            dst[ow] = inside ? x[layout.plane(n, c) + (ih * g.in_w + iw) * layout.position] : 0.0f;
+          }
+        }
+    }
+  });
+  return packed;
+}
+
+// out[n, r] = relu?(bias[r] + sum over row r's taps of value * patches row) for every image n and row r, out laid
+// out as `out_layout`. A task is a row (NCHW) or a block of kChannelBlock rows (NHWC, so each output position is
+// written as one run of channels), as in wide::sparse_rows.
+inline void forward(const float* packed, const Rows& patch_rows, const int32_t* columns, const float* values,
+                    const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t positions, const float* bias,
+                    bool relu, const wide::Layout& out_layout, float* out) {
+  const int64_t length = patch_rows.length;
+  const ColumnTaps taps{columns, values, patch_rows.pitch};
+  const int64_t block = out_layout.position == 1 ? 1 : wide::kChannelBlock;
+  const int64_t row_blocks = (rows + block - 1) / block;
+  at::parallel_for(0, row_blocks, std::max<int64_t>(1, 4096 / (block * length)), [&](int64_t begin, int64_t end) {
+    std::vector<float> sums(block * length);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first = task * block, count = std::min(block, rows - first);
+      for (int64_t k = 0; k < count; ++k)
+        wide::gather_row(packed, taps.at(row_ptr[first + k]), row_ptr[first + k + 1] - row_ptr[first + k],
+                         bias ? bias[first + k] : 0.0f, sums.data() + k * length, length);
+      for (int64_t n = 0; n < batch; ++n) {
+        float* dst = out + out_layout.plane(n, first);
+        for (int64_t q = 0; q < positions; ++q)
+          for (int64_t k = 0; k < count; ++k) {
+            const float value = sums[k * length + n * positions + q];
+            dst[q * out_layout.position + k * out_layout.channel] = relu ? std::max(value, 0.0f) : value;
+          }
+      }
+    }
+  });
+}
+
+}  // namespace patches
