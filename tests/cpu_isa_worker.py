@@ -114,6 +114,9 @@ def main() -> None:
     conv_case("tiled 8x8 channel blocks", 64, 32, 40, (8, 8), 3, 1, 1, 1, 0.2, 13)
     conv_case("tiled 7x7 relu partial block", 120, 12, 9, (7, 7), 3, 1, 1, 1, 0.3, 14, relu=True)
     conv_case("tiled 9x9 s2 d2", 64, 6, 5, (9, 9), 3, 2, 2, 2, 0.5, 15)
+    # NHWC packing and tile writes transpose whole vectors of images x channels and do the rest element by element:
+    # 24 input channels and 36 rows (a vector's worth and a remainder), 40 images (a last block of 8).
+    conv_case("tiled 8x8 vector transposes", 40, 24, 36, (8, 8), 3, 1, 1, 1, 0.3, 25, relu=True)
     # Chunks of input channels (tiled_conv_f32.h, channels_per_chunk): taken where a task's rows read each channel's
     # window at least 80 times (nnz / (tasks per tile x C_in); here 150-1150 with two threads for the forward and
     # the data gradient), so these layers are split into 3-7 chunks; the second has rows with empty chunks.
