@@ -152,24 +152,38 @@ struct Layout {
 constexpr int64_t kChannelBlock = 16;
 
 // pack_images from NHWC: a task is an image and a block of channels, so each input position is read as one cache
-// line and its channels written to their planes (one write stream per channel of the block).
+// line and its channels written to their planes (one write stream per channel of the block). Without a stride along
+// the width, kLanes positions x kLanes channels are one transpose (consecutive positions stay consecutive in a
+// channel's packed row); the rest, element by element.
 inline void pack_images_nhwc(const float* src, const Layout& src_layout, int64_t batch, int64_t in_h, int64_t in_w,
                              int64_t pad_h, int64_t pad_w, const PackedGeometry& p, float* base) {
   const int64_t channel_size = p.phase_h * p.phase_w * p.plane();
   const int64_t channel_blocks = (p.channels + kChannelBlock - 1) / kChannelBlock;
+  const int64_t step = src_layout.position;
   at::parallel_for(0, batch * channel_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / channel_blocks, first = (task % channel_blocks) * kChannelBlock;
       const int64_t count = std::min(kChannelBlock, p.channels - first);
+      const int64_t vector_channels = p.phase_w == 1 ? count / kLanes * kLanes : 0;
+      const int64_t vector_width = vector_channels > 0 ? in_w / kLanes * kLanes : 0;
       float* block_dst = base + (n * p.channels + first) * channel_size;
       std::fill(block_dst, block_dst + count * channel_size, 0.0f);
       for (int64_t h = 0; h < in_h; ++h) {
         const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
+        const float* from_row = src + src_layout.plane(n, first) + h * in_w * step;
+        for (int64_t w0 = 0; w0 < vector_width; w0 += kLanes)
+          for (int64_t c0 = 0; c0 < vector_channels; c0 += kLanes) {
+            vec r[kLanes];
+            for (int j = 0; j < kLanes; ++j) r[j] = load(from_row + (w0 + j) * step + c0);
+            transpose(r);
+            float* to = block_dst + ph * p.plane() + row * p.cols + w0 + pad_w;
+            for (int c = 0; c < kLanes; ++c) store(to + (c0 + c) * channel_size, r[c]);
+          }
         for (int64_t w = 0; w < in_w; ++w) {
           const int64_t pw = (w + pad_w) % p.phase_w, col = (w + pad_w) / p.phase_w;
-          const float* from = src + src_layout.plane(n, first) + (h * in_w + w) * src_layout.position;
+          const float* from = from_row + w * step;
           float* to = block_dst + (ph * p.phase_w + pw) * p.plane() + row * p.cols + col;
-          for (int64_t c = 0; c < count; ++c) to[c * channel_size] = from[c];
+          for (int64_t c = w < vector_width ? vector_channels : 0; c < count; ++c) to[c * channel_size] = from[c];
         }
       }
     }
@@ -407,17 +421,32 @@ inline at::Tensor pack(const float* src, const wide::Layout& src_layout, int64_t
     });
     return packed;
   }
+  // NCHW: a task is a batch block's plane of one channel. kLanes images x kLanes consecutive positions of the plane
+  // are one transpose into each position's run of images (a whole cache line with 16 lanes: written, never read); the
+  // rest element by element, into a plane zeroed first, so those scattered writes find their lines in cache.
+  const int64_t positions = in_h * in_w, vector_positions = positions / wide::kLanes * wide::kLanes;
+  const auto packed_at = [&](int64_t q) { return ((q / in_w + pad_h) * p.padded_w + q % in_w + pad_w) * images; };
   at::parallel_for(0, blocks * p.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task / p.channels, c = task % p.channels;
+      const int64_t present = std::min(images, batch - nb * images);
+      const int64_t vector_images = present / wide::kLanes * wide::kLanes;
       float* dst = base + task * plane;
-      zero_padding(dst, in_h, in_w, pad_h, pad_w, std::min(images, batch - nb * images), p);
-      for (int64_t i = 0; i < images && nb * images + i < batch; ++i) {
-        const float* image_plane = src + src_layout.plane(nb * images + i, c);  // NCHW
-        for (int64_t h = 0; h < in_h; ++h)
-          for (int64_t w = 0; w < in_w; ++w)
-            dst[((h + pad_h) * p.padded_w + w + pad_w) * images + i] = image_plane[h * in_w + w];
-      }
+      if (vector_images == present && vector_positions == positions)
+        zero_padding(dst, in_h, in_w, pad_h, pad_w, present, p);
+      else
+        std::fill(dst, dst + plane, 0.0f);
+      const float* block_src = src + src_layout.plane(nb * images, c);
+      for (int64_t q0 = 0; q0 < vector_positions; q0 += wide::kLanes)
+        for (int64_t i0 = 0; i0 < vector_images; i0 += wide::kLanes) {
+          wide::vec r[wide::kLanes];
+          for (int i = 0; i < wide::kLanes; ++i) r[i] = wide::load(block_src + (i0 + i) * src_layout.image + q0);
+          wide::transpose(r);
+          for (int j = 0; j < wide::kLanes; ++j) wide::store(dst + packed_at(q0 + j) + i0, r[j]);
+        }
+      for (int64_t i = 0; i < present; ++i)
+        for (int64_t q = i < vector_images ? vector_positions : 0; q < positions; ++q)
+          dst[packed_at(q) + i] = block_src[i * src_layout.image + q];
     }
   });
   return packed;
