@@ -13,7 +13,7 @@ Schemas, and which backend each one serves:
   torch.compile, and opcheck-clean under the Triton interpreter.
 - ptd_sparse::triton_sparse_conv2d and its backward (torch.library.triton_op, here): the `triton` backend while
   torch.compile traces a CUDA graph, so that the graph holds the Triton kernels themselves. Its opcheck fails under
-  the interpreter (docs/design.md, section 5), which is why the custom op above stays for eager calls.
+  the interpreter (docs/design.md, section 6), which is why the custom op above stays for eager calls.
 
 The gradient is one rule, written once per language: `autograd_rule` below for both Python schemas, and its C++
 twin for the extension's schema. A Python rule on the extension's operator would put a Python autograd node on every
