@@ -92,6 +92,23 @@ struct RowTiles {
   }
 };
 
+// write_tiles element by element: rows [k_begin, k_end) of the block, images [i_begin, i_end).
+inline void write_tile_elements(const float* tiles, int64_t tile_size, int64_t k_begin, int64_t k_end, int64_t i_begin,
+                                int64_t i_end, int64_t tile_positions, int64_t images, int64_t first_image,
+                                int64_t first_position, const wide::Layout& out_layout, int64_t row, bool relu,
+                                float* out) {
+  if (k_begin >= k_end) return;  // else the loops below would still walk every image and position
+  const int64_t step = out_layout.position, channel = out_layout.channel;
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    float* dst = out + out_layout.plane(first_image + i, row) + first_position * step;
+    for (int64_t p = 0; p < tile_positions; ++p)
+      for (int64_t k = k_begin; k < k_end; ++k) {
+        const float value = tiles[k * tile_size + p * images + i];
+        dst[p * step + k * channel] = relu ? std::max(value, 0.0f) : value;
+      }
+  }
+}
+
 // The tiles of `block_rows` consecutive rows from `row` (each [positions][images], `tile_size` floats apart) into out
 // (laid out as `out_layout`), clamped by relu. NCHW takes one row at a time; in NHWC a block of rows is a run of
 // channels of each output, written together: row by row, the images' power-of-two strides would map every store of a
@@ -128,16 +145,6 @@ inline void write_tiles(const float* tiles, int64_t tile_size, int64_t block_row
   }
   const int64_t vector_rows = out_layout.channel == 1 ? block_rows / kLanes * kLanes : 0;
   const int64_t vector_images = vector_rows > 0 ? live / kLanes * kLanes : 0;
-  const auto scalar = [&](int64_t k_begin, int64_t k_end, int64_t i_begin, int64_t i_end) {
-    for (int64_t i = i_begin; i < i_end; ++i) {
-      float* dst = out + out_layout.plane(first_image + i, row) + first_position * step;
-      for (int64_t p = 0; p < tile_positions; ++p)
-        for (int64_t k = k_begin; k < k_end; ++k) {
-          const float value = tiles[k * tile_size + p * images + i];
-          dst[p * step + k * out_layout.channel] = relu ? std::max(value, 0.0f) : value;
-        }
-    }
-  };
   for (int64_t k0 = 0; k0 < vector_rows; k0 += kLanes)
     for (int64_t i0 = 0; i0 < vector_images; i0 += kLanes)
       for (int64_t p = 0; p < tile_positions; ++p) {
@@ -150,8 +157,10 @@ inline void write_tiles(const float* tiles, int64_t tile_size, int64_t block_row
         for (int i = 0; i < kLanes; ++i)
           store(out + out_layout.plane(first_image + i0 + i, row + k0) + (first_position + p) * step, r[i]);
       }
-  scalar(0, vector_rows, vector_images, live);
-  scalar(vector_rows, block_rows, 0, live);
+  write_tile_elements(tiles, tile_size, 0, vector_rows, vector_images, live, tile_positions, images, first_image,
+                      first_position, out_layout, row, relu, out);
+  write_tile_elements(tiles, tile_size, vector_rows, block_rows, 0, live, tile_positions, images, first_image,
+                      first_position, out_layout, row, relu, out);
 }
 
 // Each row's taps split at input-channel boundaries into `count` chunks of consecutive taps: chunk k of row r is
