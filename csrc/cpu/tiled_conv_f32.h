@@ -114,7 +114,7 @@ inline void write_tile_elements(const float* tiles, int64_t tile_size, int64_t k
 // channels of each output, written together: row by row, the images' power-of-two strides would map every store of a
 // tile to a few L1 sets, which then evict each other's lines before the next row fills them. There, kLanes rows x
 // kLanes images of a position are one transpose (wide::transpose) of vectors of images into vectors of channels;
-// element by element, the writes were 5-10% of a low-density 4x4 or 2x2 call. In NCHW a tile of kLanes positions
+// element by element, the writes take 5-10% of a low-density 4x4 or 2x2 call. In NCHW a tile of kLanes positions
 // (a map with a position per accumulator, 8x8 and larger) is likewise transposed into runs of each image's row.
 inline void write_tiles(const float* tiles, int64_t tile_size, int64_t block_rows, int64_t tile_positions,
                         int64_t images, int64_t first_image, int64_t first_position, int64_t batch,
@@ -135,12 +135,9 @@ inline void write_tiles(const float* tiles, int64_t tile_size, int64_t block_row
         for (int i = 0; i < kLanes; ++i)
           store(out + out_layout.plane(first_image + i0 + i, row + k) + first_position, r[i]);
       }
-      for (int64_t i = full; i < live; ++i)
-        for (int64_t p = 0; p < tile_positions; ++p) {
-          const float value = tiles[k * tile_size + p * images + i];
-          out[out_layout.plane(first_image + i, row + k) + first_position + p] = relu ? std::max(value, 0.0f) : value;
-        }
     }
+    write_tile_elements(tiles, tile_size, 0, block_rows, full, live, tile_positions, images, first_image,
+                        first_position, out_layout, row, relu, out);
     return;
   }
   const int64_t vector_rows = out_layout.channel == 1 ? block_rows / kLanes * kLanes : 0;

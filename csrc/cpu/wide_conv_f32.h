@@ -224,7 +224,7 @@ inline at::Tensor pack_images(const float* src, const Layout& src_layout, int64_
 
 // Vectors of accumulators per pass over a row's taps: 16 of the 32 zmm registers on AVX-512, 12 of the 16 ymm/xmm
 // elsewhere (one more holds the broadcast weight). Each tap's offset and value are loaded once per pass, so the more
-// outputs a pass covers the fewer loads per FMA; four vectors, as before, left 64@32x32 at batch 1 at ~18% of peak.
+// outputs a pass covers the fewer loads per FMA (with four vectors a pass, 64@32x32 at batch 1 ran at ~18% of peak).
 constexpr int kRowAccumulators = PTD_ISA_VECTOR_BYTES >= 64 ? 16 : 12;
 
 // A pass of fewer vectors than this would have that many chains of dependent FMAs, one FMA each per tap, and wait on
@@ -364,8 +364,8 @@ struct Geometry {
 inline bool fits_int32(const Geometry& p) { return p.block() < (int64_t{1} << 31); }
 
 // Zeroes what packing leaves unwritten in one channel's plane [Hp][Wp][images]: the padding rows and columns, and
-// the images past `present` of a partial last batch block. Zeroing whole planes first wrote most of a small map's
-// packed input twice (a 2x2 map's interior is a quarter of its 4x4 plane).
+// the images past `present` of a partial last batch block. Zeroing whole planes first would write most of a small
+// map's packed input twice (a 2x2 map's interior is a quarter of its 4x4 plane).
 inline void zero_padding(float* plane, int64_t in_h, int64_t in_w, int64_t pad_h, int64_t pad_w, int64_t present,
                          const Geometry& p) {
   const int64_t row = p.padded_w * p.images;
@@ -398,7 +398,7 @@ inline at::Tensor pack(const float* src, const wide::Layout& src_layout, int64_t
         float* block_dst = base + (nb * p.channels + first) * plane;
         for (int64_t c = 0; c < count; ++c) zero_padding(block_dst + c * plane, in_h, in_w, pad_h, pad_w, present, p);
         // Images innermost: the block's planes take each position's images as one contiguous run. kLanes images x
-        // kLanes channels of a position are one transpose (a 2x2 map's input, packed element by element, took as
+        // kLanes channels of a position are one transpose (a 2x2 map's input, packed element by element, takes as
         // long as its 512-channel layer's taps at density 0.045, batch 64).
         const int64_t vector_images = present / wide::kLanes * wide::kLanes;
         const int64_t vector_channels = count / wide::kLanes * wide::kLanes;
