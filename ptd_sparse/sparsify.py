@@ -17,8 +17,11 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
 - Grouped and depthwise convolutions become grouped SparseConv2d layers (the same sparse kernels, see
   ptd_sparse.pattern). Layers SparseConv2d cannot express (asymmetric or non-zero padding) stay as they are, noted
   in the log.
-- 2x2 stride-2 max-pools become MaxPool2x2 (the same values; torch's NCHW max_pool2d on CPUs is several times
-  slower, a large share of a sparse VGG's time once its convolutions run sparse).
+- Max-pools in floor mode without indices become MaxPool2x2 (2x2, stride 2) or MaxPool2d (any other window): the
+  same values; torch's NCHW max_pool2d on CPUs is several times slower (10-30x on a ResNet stem's 3x3 pool), a
+  large share of a sparse network's time once its convolutions run sparse.
+- Other modules pruned with torch.nn.utils.prune (a Linear head) keep weight_orig * weight_mask as a plain weight,
+  instead of a hook recomputing it on every forward.
 - With memory_format=torch.channels_last the model converts its 4-D inputs to channels_last once and every layer
   keeps that layout (ptd_sparse.nn.activation_layout): the dense routes then convert nothing.
 """
@@ -29,11 +32,12 @@ import logging
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 from ptd_sparse.nn import module_graph
 from ptd_sparse.nn.activation_layout import keep_channels_last, wants_channels_last
 from ptd_sparse.nn.masked_conv2d import MaskedConv2d
-from ptd_sparse.nn.pooling import MaxPool2x2
+from ptd_sparse.nn.pooling import MaxPool2d, MaxPool2x2
 from ptd_sparse.nn.sparse_conv2d import SparseConv2d, explicit_padding
 from ptd_sparse.route_plan import apply_routes
 
@@ -72,6 +76,16 @@ def _copy(model: nn.Module) -> nn.Module:
         if hasattr(module, "weight_mask") and isinstance(weight, Tensor) and not weight.is_leaf:
             memo[id(weight)] = weight.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def _bake_prune_masks(model: nn.Module) -> None:
+    """Make torch.nn.utils.prune's masks permanent in the modules sparsify keeps (a pruned nn.Linear head, a
+    convolution left dense): its hook recomputes weight = weight_orig * weight_mask on every forward, 0.2 ms of a
+    batch-1 ResNet18's 14 ms for the 1000 x 512 head alone (2 cores, Zen 4); afterwards weight is that product."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
 
 
 def _convert(name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, backend: str | None):
@@ -172,7 +186,8 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
              fold_bn: bool = True, fast_pooling: bool = True, routes=None, memory_format=None) -> nn.Module:
     """Return `model` (a copy unless inplace) in inference form, in eval mode: pruned convolutions stored sparse
     (or dense where measured faster), BatchNorm folded and ReLU fused where they follow a pruned convolution (found
-    in the fx trace, see the module docstring), 2x2 max-pools as MaxPool2x2 (fast_pooling).
+    in the fx trace, see the module docstring), max-pools in floor mode as MaxPool2x2 (2x2)
+    or MaxPool2d (other windows) (fast_pooling).
 
     routes: how each SparseConv2d picks its inference route (ptd_sparse.nn.measured_route). None or "measure":
     timed on the first call of each shape bucket (bounded). "density": the deterministic density rule, for results
@@ -202,9 +217,12 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
             new = _convert(name, module, None, False, backend)
             if new is not None:
                 _replace(target, name, new)
+    _bake_prune_masks(target)
     if fast_pooling:
         for name, module in list(target.named_modules()):
             if MaxPool2x2.replaces(module):
                 _replace(target, name, MaxPool2x2())
+            elif MaxPool2d.replaces(module):
+                _replace(target, name, MaxPool2d.of(module))
     apply_routes(target, routes)
     return keep_channels_last(target) if channels_last else target
