@@ -34,6 +34,8 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+// The first `count` (< kLanes) lanes of v, where the memory past them belongs to another task.
+inline void store_first(float* p, vec v, int64_t count) { std::memcpy(p, &v, count * sizeof(float)); }
 // Every lane x, as one broadcast instruction. x - 0 is x for every x, so GCC drops the subtraction; `vec{} + x` is not
 // (-0.0f + 0.0f is +0.0f), and GCC added 0.0f before every broadcast, an add on each tap's dependency chain.
 template <typename V>
