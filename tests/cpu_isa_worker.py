@@ -95,6 +95,11 @@ def main() -> None:
     conv_case("wide 3x3 s2 d2", 3, 5, 7, (17, 15), 3, 2, 2, 2, 0.4, 3)
     conv_case("wide 5x5 short rows", 2, 4, 4, (7, 6), 5, 1, 2, 1, 0.5, 4)
     conv_case("wide 1x1 dense", 2, 16, 16, (9, 9), 1, 1, 0, 1, 1.0, 5)
+    # Strided packing copies only the phases some tap reads (one of four for a 1x1, stride 2; one of nine at stride
+    # 3), a stem's 7x7, stride 2, padding 3 all of them.
+    conv_case("wide 1x1 s2", 2, 24, 10, (15, 14), 1, 2, 0, 1, 0.6, 26)
+    conv_case("wide 1x1 s3", 1, 5, 7, (11, 16), 1, 3, 0, 1, 0.6, 27)
+    conv_case("wide 7x7 s2 p3", 2, 3, 8, (21, 18), 7, 2, 3, 1, 0.3, 28, relu=True)
     # A row of 1-3 vectors (AVX-512), whose taps are split between two sets of accumulators.
     conv_case("wide 5x5 map short row", 1, 8, 6, (5, 5), 3, 1, 1, 1, 0.4, 23)
     # Patch layout (a few images on maps of 16 outputs or fewer): one vector of outputs, several (13 images of 3x3,

@@ -90,8 +90,11 @@ inline wide::Layout activation_layout(const at::Tensor& t) {
 inline wide::Layout nchw_layout(int64_t channels, int64_t h, int64_t w) { return wide::Layout::nchw(channels, h * w); }
 
 inline wide::PackedGeometry input_packing(const ConvGeometry& g) {
-  return wide::packed_geometry(g.in_channels, g.in_h, g.in_w, g.pad_h, g.pad_w, g.stride_h, g.stride_w, g.out_h,
-                               g.out_w);
+  wide::PackedGeometry p = wide::packed_geometry(g.in_channels, g.in_h, g.in_w, g.pad_h, g.pad_w, g.stride_h,
+                                                 g.stride_w, g.out_h, g.out_w);
+  p.used_h = wide::phases_read(g.kernel_h, g.dil_h, g.stride_h);
+  p.used_w = wide::phases_read(g.kernel_w, g.dil_w, g.stride_w);
+  return p;
 }
 
 // Small feature maps with enough images go batch-innermost (see batch_inner in wide_conv_f32.h); the threshold is

@@ -114,6 +114,10 @@ struct ListedTaps {
 struct PackedGeometry {
   int64_t channels, phase_h, phase_w, rows, cols;  // cols = Wq, the wide row stride
   int64_t out_h, out_w;                            // valid output size
+  // Bit k set: some tap reads phase k of the height (width). The packers copy only those phases (the rest stay
+  // zero): a 1x1, stride-2 convolution reads one phase of four.
+  uint64_t used_h = ~uint64_t{0}, used_w = ~uint64_t{0};
+  bool uses(int64_t ph, int64_t pw) const { return ((used_h >> (ph & 63)) & (used_w >> (pw & 63)) & 1) != 0; }
   int64_t plane() const { return rows * cols; }
   int64_t image() const { return channels * phase_h * phase_w * plane(); }
   int64_t wide_length() const { return round_up(out_h * cols, kLanes); }
@@ -132,6 +136,15 @@ inline PackedGeometry packed_geometry(int64_t channels, int64_t in_h, int64_t in
   const int64_t padded_h = in_h + 2 * pad_h, padded_w = in_w + 2 * pad_w;
   return {channels, stride_h, stride_w, (padded_h + stride_h - 1) / stride_h, (padded_w + stride_w - 1) / stride_w,
           out_h, out_w};
+}
+
+// The phases (mod stride) that taps k * dilation, k < kernel, read: a mask for PackedGeometry::used_h / used_w (every
+// phase where the stride exceeds the mask's 64 bits).
+inline uint64_t phases_read(int64_t kernel, int64_t dilation, int64_t stride) {
+  if (stride > 64) return ~uint64_t{0};
+  uint64_t mask = 0;
+  for (int64_t k = 0; k < kernel; ++k) mask |= uint64_t{1} << ((k * dilation) % stride);
+  return mask;
 }
 
 inline bool fits_int32(const PackedGeometry& p) { return p.image() + p.slack() < (int64_t{1} << 31); }
@@ -172,6 +185,7 @@ inline void pack_images_nhwc(const float* src, const Layout& src_layout, int64_t
       std::fill(block_dst, block_dst + count * channel_size, 0.0f);
       for (int64_t h = 0; h < in_h; ++h) {
         const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
+        if (!p.uses(ph, 0) && p.phase_w == 1) continue;
         const float* from_row = src + src_layout.plane(n, first) + h * in_w * step;
         for (int64_t w0 = 0; w0 < vector_width; w0 += kLanes)
           for (int64_t c0 = 0; c0 < vector_channels; c0 += kLanes) {
@@ -183,6 +197,7 @@ inline void pack_images_nhwc(const float* src, const Layout& src_layout, int64_t
           }
         for (int64_t w = 0; w < in_w; ++w) {
           const int64_t pw = (w + pad_w) % p.phase_w, col = (w + pad_w) / p.phase_w;
+          if (!p.uses(ph, pw)) continue;
           const float* from = from_row + w * step;
           float* to = block_dst + (ph * p.phase_w + pw) * p.plane() + row * p.cols + col;
           for (int64_t c = w < vector_width ? vector_channels : 0; c < count; ++c) to[c * channel_size] = from[c];
@@ -212,11 +227,19 @@ inline at::Tensor pack_images(const float* src, const Layout& src_layout, int64_
       for (int64_t h = 0; h < in_h; ++h) {
         const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
         const float* row_src = plane_src + h * in_w;
+        float* phase_row = channel_dst + ph * p.phase_w * p.plane() + row * p.cols;
+        if (p.phase_w == 1) {
+          if (p.uses(ph, 0)) std::memcpy(phase_row + pad_w, row_src, in_w * sizeof(float));
+          continue;
+        }
         for (int64_t pw = 0; pw < p.phase_w; ++pw) {
-          float* row_dst = channel_dst + (ph * p.phase_w + pw) * p.plane() + row * p.cols;
-          // Input column w lands in phase (w + pad_w) % phase_w at column (w + pad_w) / phase_w.
+          if (!p.uses(ph, pw)) continue;
+          // Input column w lands in phase (w + pad_w) % phase_w at column (w + pad_w) / phase_w: from first_w on,
+          // every phase_w-th input column, at consecutive columns (no division per element: it took half the call
+          // of a 1x1, stride-2 layer at batch 1).
           const int64_t first_w = ((pw - pad_w) % p.phase_w + p.phase_w) % p.phase_w;
-          for (int64_t w = first_w; w < in_w; w += p.phase_w) row_dst[(w + pad_w) / p.phase_w] = row_src[w];
+          float* dst = phase_row + pw * p.plane() + (first_w + pad_w) / p.phase_w;
+          for (int64_t w = first_w; w < in_w; w += p.phase_w) *dst++ = row_src[w];
         }
       }
     }
