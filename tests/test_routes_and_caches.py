@@ -247,6 +247,27 @@ def test_a_route_that_raises_is_dropped_with_a_warning(generator, monkeypatch):
     torch.testing.assert_close(out, reference_output(model, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seconds_per_call, timed_runs", [(1e-5, measured_route.MAX_REPEATS),
+                                                            (1e-2, measured_route.MIN_REPEATS), (2.5e-3, 7)])
+def test_fast_routes_are_timed_more_often_and_every_measurement_is_bounded(monkeypatch, seconds_per_call, timed_runs):
+    # A clock that advances by seconds_per_call per route call: two routes, rounds until MIN_MEASURE_SECONDS
+    # (0.05 s) have passed in all, never fewer than MIN_REPEATS nor more than MAX_REPEATS.
+    now = [0.0]
+    monkeypatch.setattr(measured_route.time, "perf_counter", lambda: now[0])
+    calls = {"a": 0, "b": 0}
+
+    def route(name, cost):
+        def run(x):
+            calls[name] += 1
+            now[0] += cost
+        return run
+
+    best, medians = measured_route.fastest({"a": route("a", seconds_per_call), "b": route("b", 2 * seconds_per_call)},
+                                           torch.zeros(1))
+    assert best == "a" and medians == pytest.approx({"a": seconds_per_call, "b": 2 * seconds_per_call})
+    assert calls == {"a": 1 + timed_runs, "b": 1 + timed_runs}  # one warm-up each
+
+
 def test_fixed_routes_measure_nothing(generator, monkeypatch):
     monkeypatch.setattr(measured_route, "fastest", lambda *a: pytest.fail("a fixed route was measured"))
     x = torch.randn(2, 3, 8, 8, generator=generator)

@@ -35,7 +35,11 @@ ROUTES = (SPARSE, DENSE, DENSE_CHANNELS_LAST, DENSE_PREPACKED)
 MEASURE, DENSITY = "measure", "density"
 POLICIES = (MEASURE, DENSITY) + ROUTES
 MAX_BUCKETS = 8  # measured shape buckets per layer; further buckets borrow the nearest one's route
-REPEATS = 3  # timed runs per route, interleaved, after one warm-up each
+# Timed runs per route, interleaved, after one warm-up each: at least MIN_REPEATS, then more until the rounds have
+# taken MIN_MEASURE_SECONDS in all, at most MAX_REPEATS. With three runs, a layer of 0.2 ms (a ResNet18's 1x1
+# downsampling at batch 1) was decided by the noise of a shared machine (spikes of 2x on single runs are common there);
+# a large layer still takes three.
+MIN_REPEATS, MAX_REPEATS, MIN_MEASURE_SECONDS = 3, 15, 0.05
 
 
 def check_policy(policy: str | None) -> str:
@@ -109,10 +113,12 @@ def fastest(routes: dict[str, Callable[[Tensor], Tensor]], input: Tensor) -> tup
     if not working:
         raise first_error
     samples = {name: [] for name in working}
-    for _ in range(REPEATS):
+    for repeat in range(1, MAX_REPEATS + 1):
         for name, run in working.items():
             started = time.perf_counter()
             run(input)
             samples[name].append(time.perf_counter() - started)
+        if repeat >= MIN_REPEATS and sum(map(sum, samples.values())) >= MIN_MEASURE_SECONDS:
+            break
     medians = {name: statistics.median(times) for name, times in samples.items()}
     return min(medians, key=medians.get), medians
