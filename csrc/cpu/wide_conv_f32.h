@@ -34,8 +34,19 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-// The first `count` (< kLanes) lanes of v, where the memory past them belongs to another task.
-inline void store_first(float* p, vec v, int64_t count) { std::memcpy(p, &v, count * sizeof(float)); }
+// The first `count` (< kLanes) lanes of v, where the memory past them belongs to another task: one masked store on
+// AVX-512 and AVX2 (a memcpy of a run-time size was a library call, 8% of a 64@56x56 batch-64 forward).
+inline void store_first(float* p, vec v, int64_t count) {
+#if PTD_ISA_X86_COPIES && PTD_ISA_VECTOR_BYTES == 64
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), (__m512)v);
+#elif PTD_ISA_X86_COPIES && PTD_ISA_VECTOR_BYTES == 32
+  ivec lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
+  _mm256_maskstore_ps(p, (__m256i)(lane < static_cast<int32_t>(count)), (__m256)v);
+#else
+  for (int64_t i = 0; i < count; ++i) p[i] = v[i];
+#endif
+}
 // Every lane x, as one broadcast instruction. x - 0 is x for every x, so GCC drops the subtraction; `vec{} + x` is not
 // (-0.0f + 0.0f is +0.0f), and GCC added 0.0f before every broadcast, an add on each tap's dependency chain.
 template <typename V>

@@ -22,6 +22,8 @@
 // clang) only the baseline copy exists and dispatch always picks it.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PTD_ISA_X86_COPIES 1
+// The masked stores of the AVX2 and AVX-512 copies (wide::store_first); usable under their target pragmas.
+#include <immintrin.h>
 #else
 #define PTD_ISA_X86_COPIES 0
 #endif
