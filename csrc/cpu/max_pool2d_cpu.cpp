@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../conv_geometry.h"
+#include "huge_pages.h"
 
 #include <algorithm>
 #include <limits>
@@ -230,6 +231,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, 
   const bool two_by_two = pool.h.is_2x2() && pool.w.is_2x2();
   if (is_channels_last(input)) {
     at::Tensor out = at::empty(shape, input.options().memory_format(output_memory_format(input)));
+    advise_huge_pages(out);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "max_pool2d_cpu", [&] {
       if (two_by_two)
         return pool_positions_2x2(input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), input.size(0),
@@ -241,6 +243,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, 
   }
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty(shape, x.options());
+  advise_huge_pages(out);
   const int64_t in_h = x.size(-2), in_w = x.size(-1), out_h = shape[shape.size() - 2], out_w = shape.back();
   const int64_t planes = in_h * in_w == 0 ? 0 : x.numel() / (in_h * in_w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool2d_cpu", [&] {

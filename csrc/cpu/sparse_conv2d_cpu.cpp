@@ -13,6 +13,7 @@
 
 #include "../conv_geometry.h"
 #include "../csr_checks.h"
+#include "huge_pages.h"
 #include "isa/dispatch.h"
 
 namespace ptd_sparse {
@@ -103,6 +104,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
   const at::MemoryFormat format = output_memory_format(input);
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   if (ci.numel() == 0) {
     // No nonzeros (global pruning empties whole layers: the 512-channel layers of VGG19 at 95%): the output is the
     // bias, relu'd, and the input is never read, where the kernels below would still pack it.
@@ -163,6 +165,7 @@ at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tens
   const at::Tensor vals = values.contiguous(), cols = col_idx.contiguous();
   const at::Tensor tp = t_ptr.contiguous(), tr = t_rows.contiguous(), tperm = t_perm.contiguous();
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options());
+  advise_huge_pages(grad_input);
   if (grad_input.numel() == 0) return grad_input;
   if (cols.numel() == 0) return grad_input.zero_();  // no nonzeros: nothing reaches the input
   if (go.scalar_type() == at::kFloat &&

@@ -1,6 +1,8 @@
 // The choice of the float32 kernel copy (see dispatch.h). Compiled with the extension's ordinary flags.
 #include "dispatch.h"
 
+#include "../huge_pages.h"
+
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -150,6 +152,7 @@ at::Tensor packing_buffer(int64_t numel) {
   for (const at::Tensor& buffer : kept)
     if (is_free(buffer) && buffer.numel() >= numel) return buffer.narrow(0, 0, numel);
   at::Tensor fresh = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  advise_huge_pages(fresh);
   if (numel * int64_t{sizeof(float)} <= kMaxKeptPackingBytes) {
     if (kept.size() < kKeptPackingBuffers) {
       kept.push_back(fresh);
