@@ -21,7 +21,8 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
   same values; torch's NCHW max_pool2d on CPUs is several times slower (10-30x on a ResNet stem's 3x3 pool), a
   large share of a sparse network's time once its convolutions run sparse.
 - Other modules pruned with torch.nn.utils.prune (a Linear head) keep weight_orig * weight_mask as a plain weight,
-  instead of a hook recomputing it on every forward.
+  instead of a hook recomputing it on every forward (with inplace=True, the caller's modules lose their pruning
+  re-parametrisation: torch.nn.utils.prune.remove then finds nothing to remove).
 - With memory_format=torch.channels_last the model converts its 4-D inputs to channels_last once and every layer
   keeps that layout (ptd_sparse.nn.activation_layout): the dense routes then convert nothing.
 """

@@ -196,6 +196,32 @@ def test_the_window_kernel_takes_empty_and_tiny_inputs(shape):
         torch.testing.assert_close(got, F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape, window", [((1, 2, 1, 4), (2, 2, 0, 1)), ((1, 1, 1, 1), (2, 2, 0, 1)),
+                                           ((1, 3, 2, 1), (2, 2, 0, 1)), ((1, 2, 2, 2), (3, 2, 0, 1)),
+                                           ((2, 3, 5, 2), (2, 1, 0, 2))])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_a_window_larger_than_the_input_is_refused_as_by_torch(shape, window, layout):
+    # The span in + 2 * padding - dilation * (kernel - 1) - 1 is negative: no output (a truncating division gave one,
+    # which read past the input).
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError):
+        F.max_pool2d(x, *window)
+    with pytest.raises((ValueError, RuntimeError), match="smaller than the window|too small"):
+        MaxPool2d(*window)(x)
+    if _extension.extension_problem() is None:
+        with pytest.raises(ValueError, match=r"input of shape .* is smaller than the window"):
+            torch.ops.ptd_sparse_kernels.max_pool2d(x, *([v, v] for v in window))
+
+
+def test_max_pool2d_takes_the_argument_forms_nn_max_pool2d_takes():
+    x = torch.randn(2, 3, 9, 8)
+    for module in (nn.MaxPool2d([3]), nn.MaxPool2d(3, stride=()), nn.MaxPool2d((3, 2), stride=[2], padding=[1]),
+                   nn.MaxPool2d(2, padding=[0, 0], dilation=[1, 1])):
+        torch.testing.assert_close(MaxPool2d.of(module)(x), module(x), rtol=0, atol=0)
+
+
 @needs_extension
 def test_a_window_wholly_in_the_padding_gives_minus_infinity_as_torch():
     x = torch.randn(1, 2, 2, 2)  # kernel 2, dilation 3, padding 1: output 0's window reads input -1 and 2 only

@@ -38,7 +38,12 @@ inline T lowest() {
 // One spatial dimension of the window: output o reads inputs o * stride - padding + k * dilation, k < kernel.
 struct Window {
   int64_t kernel, stride, padding, dilation;
-  int64_t out_size(int64_t in_size) const { return (in_size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1; }
+  // Floor division, as torch's: a window that does not fit (a negative span) leaves no output, where C++'s division
+  // truncating toward zero would give one output reading past the input.
+  int64_t out_size(int64_t in_size) const {
+    const int64_t span = in_size + 2 * padding - dilation * (kernel - 1) - 1;
+    return span < 0 ? 0 : span / stride + 1;
+  }
   int64_t first(int64_t o) const { return o * stride - padding; }
   bool is_2x2() const { return kernel == 2 && stride == 2 && padding == 0 && dilation == 1; }
   // The outputs whose whole window lies in the input: first(o) >= 0 and first(o) + (kernel - 1) * dilation < size.

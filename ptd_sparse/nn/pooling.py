@@ -21,6 +21,12 @@ def _kernel(name: str):
     return _extension.kernel_operator(name)
 
 
+def _two(value) -> tuple[int, int]:
+    """An int or a sequence of one or two ints, as max_pool2d takes them, as a pair (what the kernel takes)."""
+    pair = _pair(value)
+    return (pair[0], pair[0]) if len(pair) == 1 else tuple(pair)
+
+
 def _runs_fused(input: Tensor) -> bool:
     return (input.device.type == "cpu" and input.dtype in FUSED_DTYPES and
             (input.is_contiguous() or is_channels_last(input)) and
@@ -38,10 +44,12 @@ class MaxPool2d(nn.Module):
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
         super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride if stride is not None and stride != [] else kernel_size)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = _two(kernel_size)
+        # As nn.MaxPool2d: no stride (None or an empty sequence) means the kernel size.
+        self.stride = _two(kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0)
+                           else stride)
+        self.padding = _two(padding)
+        self.dilation = _two(dilation)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() in (3, 4) and _runs_fused(input):
