@@ -128,7 +128,8 @@ struct PackedGeometry {
   // Bit k set: some tap reads phase k of the height (width). The packers copy only those phases (the rest stay
   // zero): a 1x1, stride-2 convolution reads one phase of four.
   uint64_t used_h = ~uint64_t{0}, used_w = ~uint64_t{0};
-  bool uses(int64_t ph, int64_t pw) const { return ((used_h >> (ph & 63)) & (used_w >> (pw & 63)) & 1) != 0; }
+  bool uses_row(int64_t ph) const { return ((used_h >> (ph & 63)) & 1) != 0; }
+  bool uses(int64_t ph, int64_t pw) const { return uses_row(ph) && ((used_w >> (pw & 63)) & 1) != 0; }
   int64_t plane() const { return rows * cols; }
   int64_t image() const { return channels * phase_h * phase_w * plane(); }
   int64_t wide_length() const { return round_up(out_h * cols, kLanes); }
@@ -196,7 +197,7 @@ inline void pack_images_nhwc(const float* src, const Layout& src_layout, int64_t
       std::fill(block_dst, block_dst + count * channel_size, 0.0f);
       for (int64_t h = 0; h < in_h; ++h) {
         const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
-        if (!p.uses(ph, 0) && p.phase_w == 1) continue;
+        if (!p.uses_row(ph)) continue;
         const float* from_row = src + src_layout.plane(n, first) + h * in_w * step;
         for (int64_t w0 = 0; w0 < vector_width; w0 += kLanes)
           for (int64_t c0 = 0; c0 < vector_channels; c0 += kLanes) {
@@ -245,10 +246,11 @@ inline at::Tensor pack_images(const float* src, const Layout& src_layout, int64_
       const float* plane_src = src + src_layout.plane(task / p.channels, task % p.channels);
       for (int64_t h = 0; h < in_h; ++h) {
         const int64_t ph = (h + pad_h) % p.phase_h, row = (h + pad_h) / p.phase_h;
+        if (!p.uses_row(ph)) continue;
         const float* row_src = plane_src + h * in_w;
         float* phase_row = channel_dst + ph * p.phase_w * p.plane() + row * p.cols;
-        if (p.phase_w == 1) {
-          if (p.uses(ph, 0)) std::memcpy(phase_row + pad_w, row_src, in_w * sizeof(float));
+        if (p.phase_w == 1) {  // the one phase of the width, which every tap reads
+          std::memcpy(phase_row + pad_w, row_src, in_w * sizeof(float));
           continue;
         }
         for (int64_t pw = 0; pw < p.phase_w; ++pw) {
