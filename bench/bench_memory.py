@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--routes", nargs="+", default=["measure", "sparse"])
     args = parser.parse_args()
     print(f"CPU: {cpu_vector_extensions()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'model':8} {'pruning':11} {'routes':8} {'dense MB':>9} {'sparsified MB':>13} "
-          + " ".join(f"{'after b' + str(b):>10}" for b in args.batches) + "  (share of dense)")
+    print(f"{'model':8} {'pruning':11} {'routes':8} {'dense MB':>9} {'sparsified MB':>15} "
+          + " ".join(f"{'after b' + str(b):>13}" for b in args.batches) + "  (share of dense)")
     for name in args.models:
         for pruning in args.prunings:
             pruned = pruned_model(name, pruning)
@@ -64,9 +64,9 @@ def main() -> None:
                     for batch in args.batches:
                         model(torch.randn(batch, 3, 32, 32))
                         after.append(resident_bytes(model))
-                shares = " ".join(f"{b / 1e6:6.1f} {100 * b / dense:3.0f}%" for b in after[1:])
+                shares = " ".join(f"{b / 1e6:6.1f} {100 * b / dense:5.1f}%" for b in after[1:])
                 print(f"{name:8} {pruning:11} {routes:8} {dense / 1e6:9.1f} {after[0] / 1e6:8.1f} "
-                      f"{100 * after[0] / dense:3.0f}% {shares}")
+                      f"{100 * after[0] / dense:5.1f}% {shares}")
 
 
 if __name__ == "__main__":

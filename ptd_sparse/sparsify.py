@@ -13,7 +13,8 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
 - It becomes a SparseConv2d with the folded weights. With the automatic backend, each of its inference calls runs
   the fastest of the sparse kernel and the dense F.conv2d (NCHW or channels_last), measured on the first call of
   each batch-size bucket on the real input (ptd_sparse.nn.measured_route): no density constant decides, and no
-  layer is slower than its dense form. A backend given to sparsify always runs.
+  layer is slower than its dense form by more than measured_route.DENSE_MARGIN (10%: a dense route holds a dense
+  copy of the weight, so it must earn it). A backend given to sparsify always runs.
 - Grouped and depthwise convolutions become grouped SparseConv2d layers (the same sparse kernels, see
   ptd_sparse.pattern). Layers SparseConv2d cannot express (asymmetric or non-zero padding) stay as they are, noted
   in the log.

@@ -268,6 +268,35 @@ def test_fast_routes_are_timed_more_often_and_every_measurement_is_bounded(monke
     assert calls == {"a": 1 + timed_runs, "b": 1 + timed_runs}  # one warm-up each
 
 
+@pytest.mark.parametrize("dense_share, expected", [(0.95, "sparse"), (0.91, "sparse"), (0.85, "dense"),
+                                                   (1.2, "sparse")])
+def test_a_dense_route_must_beat_the_sparse_kernel_by_the_margin(generator, monkeypatch, dense_share, expected):
+    # A layer on a clock where the sparse route takes 1 ms a call and every dense route dense_share of that: within
+    # DENSE_MARGIN (10%) the layer keeps the sparse kernel and holds no dense copy of its weight.
+    now = [0.0]
+    monkeypatch.setattr(measured_route.time, "perf_counter", lambda: now[0])
+    run = SparseConv2d._run
+
+    def timed(self, route, input):
+        now[0] += 1e-3 * (1.0 if route == measured_route.SPARSE else dense_share)
+        return run(self, route, input)
+
+    monkeypatch.setattr(SparseConv2d, "_run", timed)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.5, generator)).eval()
+    x = torch.randn(2, 4, 7, 7, generator=generator)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, F.conv2d(x, layer.sparse_weight.to_dense(), layer.bias, 1, 1), atol=1e-5,
+                               rtol=1e-5)
+    (route,) = layer.routes.values()
+    assert (route == measured_route.SPARSE) == (expected == "sparse")
+    if expected == "sparse":
+        assert layer._dense_cache is None and layer._prepacked is None
+    assert measured_route.preferred({"sparse": 1.0, "dense": 0.9 * (1 - 1e-9)}) == "dense"
+    assert measured_route.preferred({"dense": 2.0, "dense_channels_last": 1.0}) == "dense_channels_last"
+
+
 def test_fixed_routes_measure_nothing(generator, monkeypatch):
     monkeypatch.setattr(measured_route, "fastest", lambda *a: pytest.fail("a fixed route was measured"))
     x = torch.randn(2, 3, 8, 8, generator=generator)
