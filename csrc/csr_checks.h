@@ -50,16 +50,20 @@ inline void check_pointers(const at::Tensor& pointers, const char* name, int64_t
 // Entries per task of the column check's parallel pass.
 constexpr int64_t kCheckGrain = 65536;
 
-// row_ptr [C_out + 1] and col_idx [nnz] of a weight of geometry g: column = (c_in * KH + kh) * KW + kw.
-inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const ConvGeometry& g) {
-  check_index_tensor(col_idx, "col_idx");
-  const int64_t nnz = col_idx.numel();
-  check_pointers(row_ptr, "row_ptr", g.out_channels, nnz, "C_out");
-  if (!col_idx.device().is_cpu() || !row_ptr.device().is_cpu()) return;
+// col_idx: 1-D int32, or on the CPU int16 (the compact form an inference SparseConv2d holds where every column is
+// below 32768; only the CPU kernels read it).
+inline void check_column_tensor(const at::Tensor& col_idx) {
+  TORCH_CHECK_VALUE(col_idx.defined(), "col_idx must be a tensor, got None");
+  const bool compact = col_idx.scalar_type() == at::kShort && col_idx.device().is_cpu();
+  TORCH_CHECK_VALUE((col_idx.scalar_type() == at::kInt || compact) && col_idx.dim() == 1,
+                    "col_idx must be a 1-D int32 tensor (or int16 on the CPU), got ", col_idx.scalar_type(),
+                    " of shape ", col_idx.sizes(), " on ", col_idx.device());
+}
+
+// col_idx's range and order within each row (row_ptr already checked).
+template <typename Index>
+void check_columns(const int32_t* rp_ptr, const Index* ci_ptr, int64_t nnz, const ConvGeometry& g) {
   const int64_t columns = g.in_channels * g.taps();
-  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
-  const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
-  const int32_t* ci_ptr = ci.const_data_ptr<int32_t>();
   // These checks run on every call, so they must cost little next to a batch-1 convolution, which does a few
   // multiply-adds per nonzero: one vectorisable pass counts the entries not above their predecessor, over the whole
   // array. Such descents may lie only where a row starts; if every other entry ascends, each row's first entry >= 0
@@ -91,6 +95,19 @@ inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, cons
                         "; columns must be strictly ascending within a row");
     }
   }
+}
+
+// row_ptr [C_out + 1] and col_idx [nnz] of a weight of geometry g: column = (c_in * KH + kh) * KW + kw.
+inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const ConvGeometry& g) {
+  check_column_tensor(col_idx);
+  const int64_t nnz = col_idx.numel();
+  check_pointers(row_ptr, "row_ptr", g.out_channels, nnz, "C_out");
+  if (!col_idx.device().is_cpu() || !row_ptr.device().is_cpu()) return;
+  const at::Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  if (ci.scalar_type() == at::kShort)
+    check_columns(rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int16_t>(), nnz, g);
+  else
+    check_columns(rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(), nnz, g);
 }
 
 // values [nnz], one per col_idx entry, in the dtype of `like`.

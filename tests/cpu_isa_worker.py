@@ -56,6 +56,11 @@ def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation,
                                 bias, st, pad, dil, relu)
     assert got_nhwc.is_contiguous(memory_format=torch.channels_last), f"{name}: the NHWC forward's output layout"
     close(got_nhwc, want, f"{name} forward NHWC")
+    # col_idx in the compact int16 form an inference SparseConv2d holds on a CPU: the same kernels, the same bits.
+    compact = p.col_idx.to(torch.int16)
+    for layout_x, expected in ((x, got), (x.contiguous(memory_format=torch.channels_last), got_nhwc)):
+        assert torch.equal(ops.conv_forward(layout_x, values, p.row_ptr, compact, shape, bias, st, pad, dil, relu),
+                           expected), f"{extension.cpu_kernel_isa()}: {name}: forward with int16 col_idx"
 
     grad_out = torch.randn(want.shape, generator=g)
     want_x, want_w = torch.autograd.grad(want, (x64, dense), grad_out.double())
@@ -65,6 +70,10 @@ def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation,
         close(got_x, want_x, f"{name} grad_input")
         got_v = ops.conv_backward_values(grad_out, x, p.row_ptr, p.col_idx, shape, st, pad, dil)
         close(got_v, want_w.reshape(-1)[p.flat_index], f"{name} grad_values")
+        # The backward entry points widen a compact col_idx.
+        assert torch.equal(ops.conv_backward_values(grad_out, x, p.row_ptr, compact, shape, st, pad, dil), got_v)
+        assert torch.equal(ops.conv_backward_input(grad_out, values, compact, p.t_ptr, p.t_rows, p.t_perm, shape,
+                                                   list(x.shape), st, pad, dil), got_x)
 
 
 def kd_case(name, rows, classes, temperature, alpha, seed, dtype=torch.float32, minus_inf=False):

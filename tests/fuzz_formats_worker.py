@@ -125,6 +125,15 @@ def column_out_of_range(rng, pattern, values, shape):
     return f, values, shape, PY | COLUMNS
 
 
+def compact_column_out_of_range(rng, pattern, values, shape):
+    # col_idx as int16, the compact form the CPU kernels read (and nothing else takes), with an entry out of range.
+    f = fields(pattern)
+    columns = shape[1] * shape[2] * shape[3]
+    f["col_idx"] = f["col_idx"].to(torch.int16)
+    f["col_idx"][rng.randrange(pattern.nnz)] = rng.choice((-1, -(2**15), columns, columns + 7, 2**15 - 1))
+    return f, values, shape, PY | COLUMNS
+
+
 def columns_out_of_order(rng, pattern, values, shape):
     f = fields(pattern)
     counts = pattern.row_ptr[1:] - pattern.row_ptr[:-1]
@@ -187,8 +196,9 @@ def flat_index_wrong(rng, pattern, values, shape):
 def wrong_index_dtype(rng, pattern, values, shape):
     f = fields(pattern)
     name = rng.choice(INDEX)
+    # int16 col_idx is the CPU kernels' compact form, not a corruption there (compact_column_out_of_range).
     dtype = rng.choice([d for d in (torch.int64, torch.int32, torch.int16, torch.float32, torch.uint8)
-                        if d != getattr(pattern, name).dtype])
+                        if d != getattr(pattern, name).dtype and (name, d) != ("col_idx", torch.int16)])
     f[name] = f[name].to(dtype)
     seen_by = {"row_ptr": ROW_PTR, "col_idx": COLUMNS, "t_ptr": {"input"}, "t_rows": {"input"}, "t_perm": {"input"},
                "flat_index": set()}[name]
@@ -236,7 +246,8 @@ def mismatched_shape(rng, pattern, values, shape):
     return fields(pattern), values, other, SIZES | seen_by
 
 
-CORRUPTIONS = [truncate, extend, decreasing_pointers, pointers_off_the_ends, column_out_of_range, columns_out_of_order,
+CORRUPTIONS = [truncate, extend, decreasing_pointers, pointers_off_the_ends, column_out_of_range,
+               compact_column_out_of_range, columns_out_of_order,
                transposed_out_of_range, transposed_not_a_permutation, transposed_across_channels,
                transposed_rows_wrong, flat_index_wrong, wrong_index_dtype, index_not_1d, non_finite_values,
                wrong_values_dtype_or_shape, mismatched_shape]

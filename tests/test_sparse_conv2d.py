@@ -5,6 +5,7 @@ runs on the CPU."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,6 +204,27 @@ def test_opcheck(backend, generator):
 
 # BACKENDS holds pytest parameters, not names: the condition asks the backends module directly.
 NATIVE_CPU = pytest.mark.skipif(bool(unsupported_reasons("cpu", SPARSE_CONV, CPU)), reason="needs the C++ extension")
+
+
+@NATIVE_CPU
+def test_the_cpu_operators_take_compact_int16_columns(generator):
+    # The form an inference SparseConv2d holds on a CPU: the same results as int32 (forward and, widened, both
+    # backwards), opcheck-clean, and its corruptions refused by name.
+    for x, values, p, bias in op_samples(generator, CPU):
+        compact = SimpleNamespace(row_ptr=p.row_ptr, col_idx=p.col_idx.to(torch.int16), t_ptr=p.t_ptr,
+                                  t_rows=p.t_rows, t_perm=p.t_perm, shape=p.shape)
+        opcheck_conv_route("cpu", x, values, compact, bias, [2, 1], [1, 1], [1, 2])
+        args = (list(p.shape), bias, [2, 1], [1, 1], [1, 2], False)
+        kernels = torch.ops.ptd_sparse_kernels
+        x, values = x.detach(), values.detach()
+        assert torch.equal(kernels.conv_forward(x, values, p.row_ptr, compact.col_idx, *args),
+                           kernels.conv_forward(x, values, p.row_ptr, p.col_idx, *args))
+    bad = compact.col_idx.clone()
+    bad[0] = p.shape[1] * p.shape[2] * p.shape[3]
+    with pytest.raises(ValueError, match=r"col_idx\[0\] = \d+ is out of range"):
+        torch.ops.ptd_sparse_kernels.conv_forward(x, values, p.row_ptr, bad, *args)
+    with pytest.raises(ValueError, match="col_idx must be a 1-D int32 tensor \\(or int16 on the CPU\\), got Char"):
+        torch.ops.ptd_sparse_kernels.conv_forward(x, values, p.row_ptr, p.col_idx.to(torch.int8), *args)
 
 
 @NATIVE_CPU

@@ -1,6 +1,10 @@
-"""What a SparseConv2d holds: values, row_ptr and col_idx for inference; the transposed view the input gradient
-reads only while calls want gradients (derived on the first, dropped by eval()); the flat positions never."""
+"""What a SparseConv2d holds: values, row_ptr and col_idx for inference (col_idx as int16 on a CPU where the weight's
+columns allow it, int32 in state dicts and on other devices); the transposed view the input gradient reads, and
+col_idx as int32, only while calls want gradients (derived on the first, dropped by eval()); the flat positions
+never."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -33,7 +37,7 @@ def two_layer_model(generator) -> nn.Module:
 
 
 @pytest.mark.parametrize("route", ["sparse", "measure", "density"])
-def test_an_inference_model_holds_eight_bytes_per_nonzero(generator, route):
+def test_an_inference_model_holds_six_bytes_per_nonzero(generator, route):
     model = two_layer_model(generator)
     sparse = ptd_sparse.sparsify(model, routes=route)
     layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d)]
@@ -46,8 +50,10 @@ def test_an_inference_model_holds_eight_bytes_per_nonzero(generator, route):
         assert {name for name, _ in layer.named_buffers(recurse=False)} == {"row_ptr", "col_idx"}
         assert layer._index_views is None
         c_out = layer.weight_shape[0]
-        assert held_bytes(layer) == 8 * layer.nnz + 4 * (c_out + 1) + 4 * c_out  # values, col_idx; row_ptr; bias
+        assert layer.col_idx.dtype == torch.int16
+        assert held_bytes(layer) == 6 * layer.nnz + 4 * (c_out + 1) + 4 * c_out  # values, col_idx; row_ptr; bias
         assert not any(f"{name}" in layer.state_dict() for name in DERIVED_INDEX_NAMES)
+        assert layer.state_dict()["col_idx"].dtype == torch.int32  # the canonical format on disk
 
 
 def test_a_call_that_wants_gradients_derives_the_view_and_eval_drops_it(generator):
@@ -176,3 +182,61 @@ def test_a_layer_that_runs_dense_holds_one_dense_form(generator, monkeypatch):
     assert set(layer.routes.values()) == {measured_route.DENSE}
     assert all(set(routes) == {measured_route.SPARSE, measured_route.DENSE} for routes in offered[1:])
     assert layer._prepacked is None and list(layer._dense_cache[1]) == [False]
+
+
+def test_the_compact_column_form_keeps_every_result_and_the_canonical_file(generator, tmp_path):
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    mask = random_mask(conv.weight.shape, 0.4, generator)
+    layer = SparseConv2d.from_conv(conv, mask).eval()
+    x = torch.randn(3, 6, 7, 7, generator=generator)
+    dense = layer.sparse_weight.to_dense()
+    assert layer.col_idx.dtype == torch.int16 and layer.sparse_weight.pattern.col_idx.dtype == torch.int32
+    # Every inference route, and a call that wants gradients (which reads the int32 form, derived once).
+    with torch.no_grad():
+        for route in ("sparse", "dense", "dense_channels_last"):
+            torch.testing.assert_close(layer._run(route, x), F.conv2d(x, dense, layer.bias, 1, 1), atol=1e-5,
+                                       rtol=1e-5)
+    layer.backend = "cpu"  # the sparse kernel whatever the density
+    layer(x.requires_grad_()).sum().backward()
+    layer.backend = None
+    assert layer._index_views[1][0].dtype == torch.int32 and layer.values.grad is not None
+    # Files hold int32, and whatever is loaded (copied in, or assigned) is held compactly again.
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert state["col_idx"].dtype == torch.int32 and torch.equal(state["col_idx"], layer.sparse_weight.pattern.col_idx)
+    for assign in (False, True):
+        other = SparseConv2d.from_conv(nn.Conv2d(6, 8, 3, padding=1), mask)  # the same shapes, other values
+        other.load_state_dict(state, assign=assign)
+        assert other.col_idx.dtype == torch.int16 and torch.equal(other.col_idx, layer.col_idx)
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), layer(x))
+    # Another dtype (the generic loops, which widen it) and a copy.
+    with torch.no_grad():
+        torch.testing.assert_close(layer.double()(x.double()), F.conv2d(x.double(), dense.double(),
+                                   layer.bias.double(), 1, 1))
+    assert layer.col_idx.dtype == torch.int16 and copy.deepcopy(layer).col_idx.dtype == torch.int16
+
+
+@pytest.mark.parametrize("backend", device_backends("sparse_conv2d"))
+def test_backends_other_than_the_cpu_kernels_read_int32_columns(backend, generator):
+    conv = nn.Conv2d(5, 4, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.5, generator), backend=backend).eval()
+    layer = layer.to(on_device(backend, torch.empty(0)).device)
+    on_cpu = layer.col_idx.device.type == "cpu"
+    assert layer.col_idx.dtype == (torch.int16 if on_cpu else torch.int32)  # a GPU's kernels read int32
+    x = on_device(backend, torch.randn(2, 5, 6, 6, generator=generator))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.sparse_weight.to_dense(), layer.bias, 1, 1),
+                                   atol=1e-4, rtol=1e-4)
+    assert layer.cpu().col_idx.dtype == torch.int16
+
+
+def test_weights_with_more_columns_than_int16_holds_keep_int32(generator):
+    conv = nn.Conv2d(3700, 2, 3, padding=1, bias=False)  # 33300 columns
+    layer = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.01, generator))
+    assert layer.col_idx.dtype == torch.int32 and int(layer.col_idx.max()) >= 2 ** 15
+    x = torch.randn(1, 3700, 3, 3, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.sparse_weight.to_dense(), None, 1, 1), atol=1e-4,
+                                   rtol=1e-4)

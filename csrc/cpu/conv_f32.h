@@ -26,6 +26,15 @@ std::vector<int32_t> column_offsets(const ConvGeometry& g, const Packing& p, boo
   return table;
 }
 
+// Runs f(columns) with col_idx's entries as const int32_t* (the canonical format) or const int16_t* (the compact
+// form an inference SparseConv2d holds on a CPU where every column is below 32768: 6 bytes per nonzero with its
+// float32 value instead of 8). Only the forward reads the compact form; the backward entry points widen it.
+template <typename F>
+auto with_columns(const at::Tensor& col_idx, F f) {
+  if (col_idx.scalar_type() == at::kShort) return f(col_idx.const_data_ptr<int16_t>());
+  return f(col_idx.const_data_ptr<int32_t>());
+}
+
 // Entries per task of the tap-list builders: a 512-channel layer at density 0.1 has 236k taps.
 constexpr int64_t kTapGrain = 32768;
 
@@ -41,17 +50,18 @@ template <typename Packing, typename Kernel>
 void with_csr_taps(const at::Tensor* values, const at::Tensor& col_idx, const ConvGeometry& g, const Packing& p,
                    Kernel kernel) {
   const std::vector<int32_t> table = column_offsets(g, p, false, false);
-  const wide::CsrTaps csr{col_idx.const_data_ptr<int32_t>(), values ? values->const_data_ptr<float>() : nullptr,
-                          table.data()};
-  if (g.batch * g.out_h * g.out_w < kListedTapsMinOutputs) {
-    kernel(csr);
-    return;
-  }
-  wide::TapList listed(col_idx.numel());
-  at::parallel_for(0, col_idx.numel(), kTapGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) listed[e] = {csr.offset(e), csr.values ? csr.value(e) : 0.0f};
+  with_columns(col_idx, [&](auto columns) {
+    const wide::CsrTaps csr{columns, values ? values->const_data_ptr<float>() : nullptr, table.data()};
+    if (g.batch * g.out_h * g.out_w < kListedTapsMinOutputs) {
+      kernel(csr);
+      return;
+    }
+    wide::TapList listed(col_idx.numel());
+    at::parallel_for(0, col_idx.numel(), kTapGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) listed[e] = {csr.offset(e), csr.values ? csr.value(e) : 0.0f};
+    });
+    kernel(wide::ListedTaps{listed.data()});
   });
-  kernel(wide::ListedTaps{listed.data()});
 }
 
 // The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
@@ -212,10 +222,11 @@ inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, 
   const batch_inner::Geometry p = tiled_packing(g);
   const at::Tensor packed = batch_inner::pack(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
                                               g.in_w, g.pad_h, g.pad_w, p);
-  const int32_t* col_ptr = cols.const_data_ptr<int32_t>();
   const int64_t taps_per_channel = g.taps();
-  const tiled::ChannelChunks chunks = tiled_chunks(p, g, rp, g.out_h, g.out_w, g.stride_h, g.stride_w, cols.numel(),
-                                                   [&](int64_t e) { return col_ptr[e] / taps_per_channel; });
+  const tiled::ChannelChunks chunks = with_columns(cols, [&](auto columns) {
+    return tiled_chunks(p, g, rp, g.out_h, g.out_w, g.stride_h, g.stride_w, cols.numel(),
+                        [&](int64_t e) { return columns[e] / taps_per_channel; });
+  });
   with_csr_taps(&vals, cols, g, p, [&](auto taps) {
     tiled::forward(packed.const_data_ptr<float>(), p, taps, chunks, g.out_channels, g.batch, g.out_h, g.out_w,
                    g.stride_h, g.stride_w, bias, relu, activation_layout(out), out.mutable_data_ptr<float>());
@@ -250,9 +261,11 @@ inline void conv_forward_patches_f32(const at::Tensor& x, const at::Tensor& vals
                                      at::Tensor& out) {
   const patches::Rows rows = patches::Rows::of(g.batch, g.out_h * g.out_w);
   const at::Tensor packed = patches::pack(x.const_data_ptr<float>(), activation_layout(x), g, rows);
-  patches::forward(packed.const_data_ptr<float>(), rows, cols.const_data_ptr<int32_t>(), vals.const_data_ptr<float>(),
-                   rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h * g.out_w, bias, relu,
-                   activation_layout(out), out.mutable_data_ptr<float>());
+  with_columns(cols, [&](auto columns) {
+    patches::forward(packed.const_data_ptr<float>(), rows, columns, vals.const_data_ptr<float>(),
+                     rp.const_data_ptr<int32_t>(), g.out_channels, g.batch, g.out_h * g.out_w, bias, relu,
+                     activation_layout(out), out.mutable_data_ptr<float>());
+  });
 }
 
 inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,

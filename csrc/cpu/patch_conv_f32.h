@@ -19,8 +19,9 @@ namespace patches {
 using wide::kLanes;
 
 // Where a tap's row of patches starts: its column times the row pitch (no table: one multiply).
+template <typename Index>
 struct ColumnTaps {
-  const int32_t* columns;
+  const Index* columns;  // col_idx, int32 or (the compact inference form) int16
   const float* values;
   int64_t pitch;
   int32_t offset(int64_t t) const { return static_cast<int32_t>(columns[t] * pitch); }
@@ -70,11 +71,12 @@ inline at::Tensor pack(const float* x, const wide::Layout& layout, const ConvGeo
 // out[n, r] = relu?(bias[r] + sum over row r's taps of value * patches row) for every image n and row r, out laid
 // out as `out_layout`. A task is a row (NCHW) or a block of kChannelBlock rows (NHWC, so each output position is
 // written as one run of channels), as in wide::sparse_rows.
-inline void forward(const float* packed, const Rows& patch_rows, const int32_t* columns, const float* values,
+template <typename Index>
+inline void forward(const float* packed, const Rows& patch_rows, const Index* columns, const float* values,
                     const int32_t* row_ptr, int64_t rows, int64_t batch, int64_t positions, const float* bias,
                     bool relu, const wide::Layout& out_layout, float* out) {
   const int64_t length = patch_rows.length;
-  const ColumnTaps taps{columns, values, patch_rows.pitch};
+  const ColumnTaps<Index> taps{columns, values, patch_rows.pitch};
   const int64_t block = out_layout.position == 1 ? 1 : wide::kChannelBlock;
   const int64_t row_blocks = (rows + block - 1) / block;
   at::parallel_for(0, row_blocks, std::max<int64_t>(1, 4096 / (block * length)), [&](int64_t begin, int64_t end) {

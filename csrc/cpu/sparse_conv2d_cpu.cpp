@@ -77,6 +77,12 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the cpu backend, got ", t.device());
 }
 
+// col_idx as int32: the compact int16 form (check_column_tensor) is read by the float32 forward kernels only; the
+// generic loops and the backward kernels (training, which holds the int32 form) get it widened, once per call.
+at::Tensor int32_columns(const at::Tensor& col_idx) {
+  return col_idx.scalar_type() == at::kInt ? col_idx.contiguous() : col_idx.to(at::kInt).contiguous();
+}
+
 // float32 goes through the fast paths of csrc/cpu/conv_f32.h, in the copy for the best instruction set this CPU has
 // (csrc/cpu/isa/dispatch.h); other dtypes, and geometries those paths decline, use the generic loops above.
 
@@ -120,6 +126,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
     return out;
   const at::Tensor x = input.contiguous();
   at::Tensor nchw_out = format == at::MemoryFormat::Contiguous ? out : at::empty(out.sizes(), input.options());
+  const at::Tensor columns = int32_columns(ci);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -127,7 +134,7 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
     const scalar_t* v_ptr = vals.const_data_ptr<scalar_t>();
     const scalar_t* b_ptr = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     const int32_t* rp_ptr = rp.const_data_ptr<int32_t>();
-    const int32_t* ci_ptr = ci.const_data_ptr<int32_t>();
+    const int32_t* ci_ptr = columns.const_data_ptr<int32_t>();
     scalar_t* out_ptr = nchw_out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, g.batch * g.out_channels, plane_grain(g.out_plane()), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(g.out_plane());
@@ -159,10 +166,12 @@ at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tens
     check_cpu(*t, name);
   const ConvGeometry g = make_geometry(input_shape, weight_shape, stride, padding, dilation);
   check_grad_output(grad_output, g);
-  check_transposed(col_idx, t_ptr, t_rows, t_perm, g);
-  check_values(values, col_idx, grad_output, "grad_output");
+  check_column_tensor(col_idx);
+  const at::Tensor cols = int32_columns(col_idx);
+  check_transposed(cols, t_ptr, t_rows, t_perm, g);
+  check_values(values, cols, grad_output, "grad_output");
   const at::Tensor go = grad_output.contiguous();
-  const at::Tensor vals = values.contiguous(), cols = col_idx.contiguous();
+  const at::Tensor vals = values.contiguous();
   const at::Tensor tp = t_ptr.contiguous(), tr = t_rows.contiguous(), tperm = t_perm.contiguous();
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad_output.options());
   advise_huge_pages(grad_input);
@@ -215,7 +224,7 @@ at::Tensor conv_backward_values_cpu(const at::Tensor& grad_output, const at::Ten
   TORCH_CHECK_VALUE(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ", grad_output.scalar_type(),
                     " must match input dtype ", input.scalar_type());
   const at::Tensor go = grad_output.contiguous(), x = input.contiguous();
-  const at::Tensor rp = row_ptr.contiguous(), cols = col_idx.contiguous();
+  const at::Tensor rp = row_ptr.contiguous(), cols = int32_columns(col_idx);
   const int64_t nnz = cols.numel();
   at::Tensor grad_values = at::empty({nnz}, input.options());
   if (nnz == 0) return grad_values;

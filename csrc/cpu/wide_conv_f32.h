@@ -105,8 +105,9 @@ using TapList = std::vector<Tap, UninitializedAllocator<Tap>>;
 // (CsrTaps), or a list of (offset, value) pairs built per call (ListedTaps). conv_f32.h's with_csr_taps chooses for
 // the forward and the weight gradient; the data gradient's transposed, flipped taps are a permutation of the CSR's,
 // always listed.
+template <typename Index>  // int32_t, or int16_t for the compact inference form of col_idx
 struct CsrTaps {
-  const int32_t* columns;  // col_idx
+  const Index* columns;    // col_idx
   const float* values;     // null where only the offsets are read (the weight gradient)
   const int32_t* table;    // packed offset of every column
   int32_t offset(int64_t t) const { return table[columns[t]]; }

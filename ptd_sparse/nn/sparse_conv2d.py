@@ -20,6 +20,17 @@ _logger = logging.getLogger("ptd_sparse")
 
 # The parts of ConvPattern that SparseConv2d derives instead of holding (see its docstring).
 DERIVED_INDEX_NAMES = ("t_ptr", "t_rows", "t_perm", "flat_index")
+# The sparse backend whose forward reads the compact (int16) col_idx; every other reader gets it as int32.
+COMPACT_INDEX_BACKEND = "cpu"
+
+
+def column_dtype(weight_shape, device: torch.device) -> torch.dtype:
+    """The dtype SparseConv2d holds col_idx in: int16 on a CPU where every column (c_in * KH + kh) * KW + kw of the
+    weight is below 2^15 (any convolution up to 3640 input channels at 3x3), 6 bytes per float32 nonzero instead of
+    8; int32, the canonical format, elsewhere (the GPU kernels read int32)."""
+    c_out, c_in, kh, kw = weight_shape
+    fits = c_in * kh * kw <= torch.iinfo(torch.int16).max + 1
+    return torch.int16 if device.type == "cpu" and fits else torch.int32
 
 
 def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
@@ -55,13 +66,15 @@ class SparseConv2d(nn.Module):
     dense routes run F.conv2d with groups. Weights derived for the dense routes are keyed on the contents of values
     and pattern (ptd_sparse.fingerprint), so no way of changing values leaves a stale copy in use.
 
-    Held: values, row_ptr and col_idx (8 bytes per nonzero in float32), what the forward kernels read. The transposed
-    view that the input gradient needs (ptd_sparse.pattern.transposed_view, 8 more bytes per nonzero) is derived on the
-    first call that wants gradients and kept until the module is put in eval mode; calls that want none pass an empty
-    view. The flat positions of the nonzeros in the dense weight are derived only while a dense weight is built."""
+    Held: values, row_ptr and col_idx, what the forward kernels read: on a CPU col_idx is int16 where the weight's
+    columns allow it (column_dtype), 6 bytes per float32 nonzero; state dicts hold it as int32, the canonical format
+    (ptd_sparse.pattern), and so does a module on a GPU. The transposed view that the input gradient needs
+    (ptd_sparse.pattern.transposed_view, 8 more bytes per nonzero) and col_idx as int32 are derived on the first call
+    that wants gradients and kept until the module is put in eval mode; calls that want none pass an empty view. The
+    flat positions of the nonzeros in the dense weight are derived only while a dense weight is built."""
 
     route_policy: str = measured_route.MEASURE  # what a module unpickled from an older save lacks
-    _index_views: tuple[tuple, tuple[Tensor, Tensor, Tensor]] | None = None
+    _index_views: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
 
     def __init__(self, sparse_weight: SparseConvWeight, bias: Tensor | None = None, stride=1, padding=0,
                  dilation=1, backend: str | None = None, relu: bool = False, route: str | None = None):
@@ -69,7 +82,8 @@ class SparseConv2d(nn.Module):
         self.weight_shape = sparse_weight.shape  # full [C_out, C_in, KH, KW], what the kernels see
         self.groups = sparse_weight.groups
         self.register_buffer("row_ptr", sparse_weight.pattern.row_ptr)
-        self.register_buffer("col_idx", sparse_weight.pattern.col_idx)
+        col_idx = sparse_weight.pattern.col_idx
+        self.register_buffer("col_idx", col_idx.to(column_dtype(self.weight_shape, col_idx.device)))
         self.values = nn.Parameter(sparse_weight.values.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.stride, self.padding, self.dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), \
@@ -109,27 +123,33 @@ class SparseConv2d(nn.Module):
         # The contents of values (what optimizers and users change, in place or not) and the pattern.
         return content_key(self.values) + self._pattern_key()
 
-    def _transposed_view(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(t_ptr, t_rows, t_perm) for the input gradient, derived once per pattern and kept until eval(). While
-        tracing or compiling it is derived in the graph (a traced graph can neither key a cache on buffer addresses
-        nor write module state)."""
+    def _canonical_col_idx(self) -> Tensor:
+        """col_idx as int32, the canonical format (the buffer itself where it is held so)."""
+        return self.col_idx if self.col_idx.dtype == torch.int32 else self.col_idx.to(torch.int32)
+
+    def _training_indices(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(col_idx as int32, t_ptr, t_rows, t_perm) for calls that want gradients, derived once per pattern and kept
+        until eval(). While tracing or compiling they are derived in the graph (a traced graph can neither key a
+        cache on buffer addresses nor write module state)."""
         if _tracing():
-            return transposed_view(self.row_ptr, self.col_idx, self.weight_shape)
+            return (self._canonical_col_idx(), *transposed_view(self.row_ptr, self.col_idx, self.weight_shape))
         key = self._pattern_key()
         if self._index_views is not None and self._index_views[0] == key:
             return self._index_views[1]
         with torch.inference_mode(False), torch.no_grad():
-            view = transposed_view(self.row_ptr, self.col_idx, self.weight_shape)
+            view = (self._canonical_col_idx(), *transposed_view(self.row_ptr, self.col_idx, self.weight_shape))
         self._index_views = (key, view)
         return view
 
-    def _indices(self, wants_grad: bool) -> tuple[Tensor, ...]:
-        """The index tensors of a sparse kernel call: row_ptr, col_idx and the transposed view, which is empty when
-        no gradient is wanted (only the input gradient reads it)."""
+    def _indices(self, wants_grad: bool, backend: str) -> tuple[Tensor, ...]:
+        """The index tensors of a sparse kernel call on `backend`: row_ptr, col_idx and the transposed view, which is
+        empty when no gradient is wanted (only the input gradient reads it). col_idx goes in its compact form only
+        to the CPU kernels' forward; other backends get it as int32."""
         if wants_grad:
-            return (self.row_ptr, self.col_idx, *self._transposed_view())
+            return (self.row_ptr, *self._training_indices())
         absent = self.row_ptr.new_empty(0)
-        return self.row_ptr, self.col_idx, absent, absent, absent
+        col_idx = self.col_idx if backend == COMPACT_INDEX_BACKEND else self._canonical_col_idx()
+        return self.row_ptr, col_idx, absent, absent, absent
 
     def _scatter_dense(self) -> Tensor:
         """The dense (grouped) weight holding values at the pattern's positions (differentiable in values)."""
@@ -191,7 +211,7 @@ class SparseConv2d(nn.Module):
     def sparse_weight(self) -> SparseConvWeight:
         """The weight as a SparseConvWeight (its full pattern derived from row_ptr and col_idx, which were validated
         when the module was built or its state loaded)."""
-        pattern = ConvPattern._from_trusted_csr(self.weight_shape, self.row_ptr, self.col_idx, self.groups)
+        pattern = ConvPattern._from_trusted_csr(self.weight_shape, self.row_ptr, self._canonical_col_idx(), self.groups)
         return SparseConvWeight._trusted(pattern, self.values)
 
     @property
@@ -212,8 +232,8 @@ class SparseConv2d(nn.Module):
         # dropped.
         state_dict.pop(prefix + "dense_weight", None)
         derived = {name: state_dict.pop(prefix + name) for name in DERIVED_INDEX_NAMES if prefix + name in state_dict}
-        incoming = {name: state_dict.get(prefix + name, getattr(self, name))
-                    for name in ("row_ptr", "col_idx", "values")}
+        held = {"row_ptr": self.row_ptr, "col_idx": self._canonical_col_idx(), "values": self.values}
+        incoming = {name: state_dict.get(prefix + name, held[name]) for name in held}
         try:
             if derived and set(derived) != set(DERIVED_INDEX_NAMES):
                 raise ValueError(f"the state holds {sorted(derived)} but not the rest of {DERIVED_INDEX_NAMES}")
@@ -235,6 +255,25 @@ class SparseConv2d(nn.Module):
                               f"{self.weight_shape}: {error}") from None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._hold_columns_in_device_form()  # load_state_dict(assign=True) puts the file's int32 tensor in place
+
+    def _hold_columns_in_device_form(self) -> None:
+        wanted = column_dtype(self.weight_shape, self.col_idx.device)
+        if self.col_idx.dtype != wanted:
+            self.col_idx = self.col_idx.to(wanted)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # col_idx in the canonical int32 format, whatever form this module holds: files and state dicts stay the
+        # same on every device (ptd_sparse.pattern).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "col_idx"] = self._canonical_col_idx() if keep_vars else \
+            self._canonical_col_idx().detach()
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .cpu() and the like move col_idx in its dtype; it then takes the form of its new device.
+        super()._apply(fn, recurse)
+        self._hold_columns_in_device_form()
+        return self
 
     def forward(self, input: Tensor) -> Tensor:
         requested = requested_backend(self.backend)
@@ -310,7 +349,7 @@ class SparseConv2d(nn.Module):
             # one (no crossover applies; with density=None the automatic choice gives the sparse backend).
             backend = self.backend if self.backend is not None else \
                 choose_backend(SPARSE_CONV, input.device, None, None)
-            indices = self._indices(self._wants_grad(input))
+            indices = self._indices(self._wants_grad(input), backend)
             out = sparse_conv2d_indexed(input, self.values, indices, self.weight_shape, self._density, self.bias,
                                         self.stride, self.padding, self.dilation, backend=backend, relu=self.relu,
                                         groups=self.groups)
