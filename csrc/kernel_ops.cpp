@@ -3,7 +3,8 @@
 // to them when the `cpu` or `cuda` backend is chosen.
 //
 // Sparse weights come in the canonical CSR-by-output-channel format of docs/design.md, section 2.1:
-//   row_ptr int32 [C_out + 1], col_idx int32 [nnz] = (c_in * KH + kh) * KW + kw, values [nnz].
+//   row_ptr int32 [C_out + 1], col_idx int32 [nnz] = (c_in * KH + kh) * KW + kw, values [nnz]; on the CPU col_idx
+//   may also be int16 (the compact form of an inference SparseConv2d, docs/design.md section 2.1).
 // The data gradient walks a transposed (CSC-by-input-channel) view of the same nonzeros, built once per mask:
 //   t_ptr int32 [C_in + 1], t_rows int32 [nnz] (output channel of each entry), t_perm int32 [nnz] (its CSR position).
 #include <torch/extension.h>

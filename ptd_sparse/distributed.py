@@ -58,16 +58,24 @@ def mask_buffer_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] in ("mask", "weight_mask")]
 
 
+def pattern_buffer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of the sparse patterns' index buffers (`row_ptr`, `col_idx` of SparseConv2d)."""
+    return [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] in ("row_ptr", "col_idx")]
+
+
 def wrap(model: nn.Module) -> nn.Module:
     """DistributedDataParallel around `model` when running under torchrun, else `model` itself.
 
-    The pruning masks are left out of DDP's buffer broadcast. They are equal on every rank by construction (set from
-    the same synchronised weights, or loaded from the same checkpoint), and the broadcast before every forward would
-    copy them in place, moving their version counters, so every masked layer would rebuild its sparse pattern at
-    every step (on a GPU, a host synchronisation per layer per step). BatchNorm statistics are still broadcast."""
+    The pruning masks and the sparse patterns' index buffers are left out of DDP's buffer broadcast. They are equal on
+    every rank by construction (set from the same synchronised weights, or loaded from the same checkpoint), and the
+    broadcast before every forward would copy them in place, moving their version counters, so every masked layer
+    would rebuild its sparse pattern at every step (on a GPU, a host synchronisation per layer per step) and every
+    SparseConv2d its transposed view; an eval-mode SparseConv2d's int16 col_idx is a dtype gloo cannot broadcast.
+    BatchNorm statistics are still broadcast."""
     if not dist.is_initialized():
         return model
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, mask_buffer_names(model))
+    ignored = mask_buffer_names(model) + pattern_buffer_names(model)
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device = next(model.parameters()).device
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

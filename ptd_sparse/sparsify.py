@@ -13,8 +13,8 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
 - It becomes a SparseConv2d with the folded weights. With the automatic backend, each of its inference calls runs
   the fastest of the sparse kernel and the dense F.conv2d (NCHW or channels_last), measured on the first call of
   each batch-size bucket on the real input (ptd_sparse.nn.measured_route): no density constant decides, and no
-  layer is slower than its dense form by more than measured_route.DENSE_MARGIN (10%: a dense route holds a dense
-  copy of the weight, so it must earn it). A backend given to sparsify always runs.
+  layer takes more than 1/0.9 times its dense form's time (measured_route.DENSE_MARGIN: on a CPU a dense route holds
+  a dense copy of the weight, so it must take at most 90% of the sparse kernel's time). A backend given to sparsify always runs.
 - Grouped and depthwise convolutions become grouped SparseConv2d layers (the same sparse kernels, see
   ptd_sparse.pattern). Layers SparseConv2d cannot express (asymmetric or non-zero padding) stay as they are, noted
   in the log.
@@ -226,5 +226,6 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
                 _replace(target, name, MaxPool2x2())
             elif MaxPool2d.replaces(module):
                 _replace(target, name, MaxPool2d.of(module))
+    target.eval()  # the modules put in above too: an inference model holds what its routes read (SparseConv2d)
     apply_routes(target, routes)
     return keep_channels_last(target) if channels_last else target

@@ -92,10 +92,27 @@ DDP_SCRIPT = textwrap.dedent('''
         if step == 3:  # a mask change (one pruning step) must rebuild that layer's pattern once
             with torch.no_grad():
                 model[3].set_mask(model[3].mask & (torch.arange(model[3].mask.numel()).reshape(model[3].mask.shape) % 2 == 0))
+    # The inference form under DDP: its pattern buffers are not broadcast (an eval-mode SparseConv2d holds col_idx as
+    # int16, which gloo cannot send), and trained, each layer derives its transposed view once, not once per step.
+    import ptd_sparse
+    from ptd_sparse.nn import SparseConv2d, sparse_conv2d as sparse_module
+    builds_in_training = len(builds)
+    views = []
+    derive = sparse_module.transposed_view
+    sparse_module.transposed_view = lambda *args: views.append(1) or derive(*args)
+    inference = ptd_sparse.sparsify(model, backend="cpu")
+    with torch.no_grad():
+        distributed.wrap(inference)(torch.randn(2, 3, 6, 6))
+    training = ptd_sparse.sparsify(model, backend="cpu").train()
+    sparse_layers = sum(isinstance(m, SparseConv2d) for m in training.modules())
+    wrapped = distributed.wrap(training)
+    for step in range(3):
+        wrapped(torch.randn(4, 3, 6, 6)).square().mean().backward()
     # One file per rank: the two processes' stdout lines can interleave.
     with open(sys.argv[1] + f".rank{distributed.rank()}.json", "w") as report:
-        json.dump({"rank": distributed.rank(), "builds": len(builds), "bn_mean": model[1].running_mean.tolist()},
-                  report)
+        json.dump({"rank": distributed.rank(), "builds": builds_in_training, "bn_mean": model[1].running_mean.tolist(),
+                   "views": len(views), "sparse_layers": sparse_layers,
+                   "compact": str(inference[0].col_idx.dtype)}, report)
     # Both ranks done with every collective before the group goes: destroying it while the other rank's last
     # gradient all-reduce is in flight can abort gloo's worker thread (std::terminate, seen once in CI).
     distributed.barrier()
@@ -121,6 +138,7 @@ def test_ddp_builds_each_pattern_once_per_mask_change(tmp_path):
     for report in reports:
         # Two layers built on the first step, the second layer again after its one mask change: 3, not 2 per step.
         assert report["builds"] == 3, report
+        assert report["sparse_layers"] == 2 and report["views"] == 2 and report["compact"] == "torch.int16", report
     # BatchNorm statistics are still broadcast from rank 0 before each forward.
     assert reports[0]["bn_mean"] != [] and len({json.dumps(r["bn_mean"]) for r in reports}) >= 1
 

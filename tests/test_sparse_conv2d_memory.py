@@ -1,6 +1,6 @@
-"""What a SparseConv2d holds: values, row_ptr and col_idx for inference (col_idx as int16 on a CPU where the weight's
-columns allow it, int32 in state dicts and on other devices); the transposed view the input gradient reads, and
-col_idx as int32, only while calls want gradients (derived on the first, dropped by eval()); the flat positions
+"""What a SparseConv2d holds: values, row_ptr and col_idx for inference (col_idx as int16 in eval mode on a CPU where
+the weight's columns allow it, int32 in training mode, in state dicts and on other devices); the transposed view the
+input gradient reads only while calls want gradients (derived on the first, dropped by eval()); the flat positions
 never."""
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_the_compact_column_form_keeps_every_result_and_the_canonical_file(gener
     state = torch.load(path, weights_only=True)
     assert state["col_idx"].dtype == torch.int32 and torch.equal(state["col_idx"], layer.sparse_weight.pattern.col_idx)
     for assign in (False, True):
-        other = SparseConv2d.from_conv(nn.Conv2d(6, 8, 3, padding=1), mask)  # the same shapes, other values
+        other = SparseConv2d.from_conv(nn.Conv2d(6, 8, 3, padding=1), mask).eval()  # the same shapes, other values
         other.load_state_dict(state, assign=assign)
         assert other.col_idx.dtype == torch.int16 and torch.equal(other.col_idx, layer.col_idx)
         with torch.no_grad():
@@ -216,6 +216,10 @@ def test_the_compact_column_form_keeps_every_result_and_the_canonical_file(gener
         torch.testing.assert_close(layer.double()(x.double()), F.conv2d(x.double(), dense.double(),
                                    layer.bias.double(), 1, 1))
     assert layer.col_idx.dtype == torch.int16 and copy.deepcopy(layer).col_idx.dtype == torch.int16
+    # Training mode holds int32 (what the backward kernels read and DDP's gloo broadcast can send); eval compacts.
+    assert layer.train().col_idx.dtype == torch.int32 and layer.eval().col_idx.dtype == torch.int16
+    torch.save(layer, path)
+    assert torch.load(path, weights_only=False).col_idx.dtype == torch.int16
 
 
 @pytest.mark.parametrize("backend", device_backends("sparse_conv2d"))

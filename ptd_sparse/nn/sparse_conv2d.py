@@ -24,13 +24,14 @@ DERIVED_INDEX_NAMES = ("t_ptr", "t_rows", "t_perm", "flat_index")
 COMPACT_INDEX_BACKEND = "cpu"
 
 
-def column_dtype(weight_shape, device: torch.device) -> torch.dtype:
-    """The dtype SparseConv2d holds col_idx in: int16 on a CPU where every column (c_in * KH + kh) * KW + kw of the
-    weight is below 2^15 (any convolution up to 3640 input channels at 3x3), 6 bytes per float32 nonzero instead of
-    8; int32, the canonical format, elsewhere (the GPU kernels read int32)."""
+def column_dtype(weight_shape, device: torch.device, training: bool) -> torch.dtype:
+    """The dtype SparseConv2d holds col_idx in: in eval mode on a CPU, int16 where every column
+    (c_in * KH + kh) * KW + kw of the weight is below 2^15 (any convolution up to 3640 input channels at 3x3), 6 bytes
+    per float32 nonzero instead of 8; int32, the canonical format, elsewhere: in training mode (whose backward kernels
+    and DDP's gloo broadcasts read int32) and on GPUs (whose kernels read int32)."""
     c_out, c_in, kh, kw = weight_shape
     fits = c_in * kh * kw <= torch.iinfo(torch.int16).max + 1
-    return torch.int16 if device.type == "cpu" and fits else torch.int32
+    return torch.int16 if device.type == "cpu" and fits and not training else torch.int32
 
 
 def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
@@ -66,9 +67,9 @@ class SparseConv2d(nn.Module):
     dense routes run F.conv2d with groups. Weights derived for the dense routes are keyed on the contents of values
     and pattern (ptd_sparse.fingerprint), so no way of changing values leaves a stale copy in use.
 
-    Held: values, row_ptr and col_idx, what the forward kernels read: on a CPU col_idx is int16 where the weight's
-    columns allow it (column_dtype), 6 bytes per float32 nonzero; state dicts hold it as int32, the canonical format
-    (ptd_sparse.pattern), and so does a module on a GPU. The transposed view that the input gradient needs
+    Held: values, row_ptr and col_idx, what the forward kernels read: in eval mode on a CPU col_idx is int16 where the
+    weight's columns allow it (column_dtype), 6 bytes per float32 nonzero; state dicts hold it as int32, the
+    canonical format (ptd_sparse.pattern), and so does a module in training mode or on a GPU. The transposed view that the input gradient needs
     (ptd_sparse.pattern.transposed_view, 8 more bytes per nonzero) and col_idx as int32 are derived on the first call
     that wants gradients and kept until the module is put in eval mode; calls that want none pass an empty view. The
     flat positions of the nonzeros in the dense weight are derived only while a dense weight is built."""
@@ -82,8 +83,7 @@ class SparseConv2d(nn.Module):
         self.weight_shape = sparse_weight.shape  # full [C_out, C_in, KH, KW], what the kernels see
         self.groups = sparse_weight.groups
         self.register_buffer("row_ptr", sparse_weight.pattern.row_ptr)
-        col_idx = sparse_weight.pattern.col_idx
-        self.register_buffer("col_idx", col_idx.to(column_dtype(self.weight_shape, col_idx.device)))
+        self.register_buffer("col_idx", sparse_weight.pattern.col_idx)  # int32 while training (see column_dtype)
         self.values = nn.Parameter(sparse_weight.values.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.stride, self.padding, self.dilation = pair(stride, "stride", 1), pair(padding, "padding", 0), \
@@ -156,10 +156,13 @@ class SparseConv2d(nn.Module):
         return dense_weight(self.values, self.row_ptr, self.col_idx, list(self.weight_shape), self.groups)
 
     def train(self, mode: bool = True) -> "SparseConv2d":
-        # Eval mode marks an inference model: the transposed view is dropped, so it holds only what its routes read.
+        # Eval mode marks an inference model: the transposed view is dropped and col_idx goes compact, so it holds
+        # only what its routes read.
         if not mode:
             self._index_views = None
-        return super().train(mode)
+        super().train(mode)
+        self._hold_columns_in_device_form()
+        return self
 
     def _cached_dense_weight(self, channels_last: bool = False) -> Tensor:
         """The dense weight in NCHW or channels_last, cached (CPU only) while values and pattern hold the same bytes.
@@ -194,6 +197,11 @@ class SparseConv2d(nn.Module):
         state["_prepacked"] = None
         state["_index_views"] = None
         return state
+
+    def __setstate__(self, state):
+        # An unpickled module (torch.load of a whole model, perhaps with map_location) takes its device's form.
+        super().__setstate__(state)
+        self._hold_columns_in_device_form()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: Tensor | None = None, backend: str | None = None,
@@ -258,7 +266,7 @@ class SparseConv2d(nn.Module):
         self._hold_columns_in_device_form()  # load_state_dict(assign=True) puts the file's int32 tensor in place
 
     def _hold_columns_in_device_form(self) -> None:
-        wanted = column_dtype(self.weight_shape, self.col_idx.device)
+        wanted = column_dtype(self.weight_shape, self.col_idx.device, self.training)
         if self.col_idx.dtype != wanted:
             self.col_idx = self.col_idx.to(wanted)
 
