@@ -50,18 +50,21 @@ template <typename Packing, typename Kernel>
 void with_csr_taps(const at::Tensor* values, const at::Tensor& col_idx, const ConvGeometry& g, const Packing& p,
                    Kernel kernel) {
   const std::vector<int32_t> table = column_offsets(g, p, false, false);
+  const float* value_ptr = values ? values->const_data_ptr<float>() : nullptr;
+  if (g.batch * g.out_h * g.out_w < kListedTapsMinOutputs) {
+    with_columns(col_idx, [&](auto columns) { kernel(wide::CsrTaps{columns, value_ptr, table.data()}); });
+    return;
+  }
+  // Only the list's build reads the columns, so the kernel over the list has one instantiation and one call site
+  // whatever their type.
+  wide::TapList listed(col_idx.numel());
   with_columns(col_idx, [&](auto columns) {
-    const wide::CsrTaps csr{columns, values ? values->const_data_ptr<float>() : nullptr, table.data()};
-    if (g.batch * g.out_h * g.out_w < kListedTapsMinOutputs) {
-      kernel(csr);
-      return;
-    }
-    wide::TapList listed(col_idx.numel());
+    const wide::CsrTaps csr{columns, value_ptr, table.data()};
     at::parallel_for(0, col_idx.numel(), kTapGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) listed[e] = {csr.offset(e), csr.values ? csr.value(e) : 0.0f};
+      for (int64_t e = begin; e < end; ++e) listed[e] = {csr.offset(e), value_ptr ? csr.value(e) : 0.0f};
     });
-    kernel(wide::ListedTaps{listed.data()});
   });
+  kernel(wide::ListedTaps{listed.data()});
 }
 
 // The data gradient of a stride-1 convolution is a convolution of grad_output with the transposed, flipped kernel
