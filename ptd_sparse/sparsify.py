@@ -14,7 +14,8 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
   the fastest of the sparse kernel and the dense F.conv2d (NCHW or channels_last), measured on the first call of
   each batch-size bucket on the real input (ptd_sparse.nn.measured_route): no density constant decides, and no
   layer takes more than 1/0.9 times its dense form's time (measured_route.DENSE_MARGIN: on a CPU a dense route holds
-  a dense copy of the weight, so it must take at most 90% of the sparse kernel's time). A backend given to sparsify always runs.
+  a dense copy of the weight, so it must take at most 90% of the sparse kernel's time). A backend given to sparsify
+  always runs.
 - Grouped and depthwise convolutions become grouped SparseConv2d layers (the same sparse kernels, see
   ptd_sparse.pattern). Layers SparseConv2d cannot express (asymmetric or non-zero padding) stay as they are, noted
   in the log.

@@ -6,12 +6,12 @@ CPUs). Every route computes the same convolution and returns its output in its i
 
 A layer's route policy says how its route is chosen:
 - `measure` (the default): the first inference call of each shape bucket times every route on that very input and
-  keeps the fastest; on a CPU a dense route only where it takes at most 90% of the sparse kernel's time
-  (DENSE_MARGIN: it holds a dense copy of the weight). A fixed density crossover cannot say whether a layer gains from its sparse kernel: that depends
-  on its channels and map size, the batch, and the CPU. Buckets round the batch and the map's height and width up
-  to powers of two, and a layer measures at most MAX_BUCKETS of them; a call in a further bucket takes the route of
-  the nearest bucket measured, so varying input sizes cost a bounded number of measurements and memory. The choice
-  depends on timings, so two runs may pick different routes, whose results differ in the last bits.
+  keeps the fastest; on a CPU a dense route only where it takes at most 90% of the sparse kernel's time (DENSE_MARGIN:
+  it holds a dense copy of the weight). A fixed density crossover cannot say whether a layer gains from its sparse
+  kernel: that depends on its channels and map size, the batch, and the CPU. Buckets round the batch and the map's
+  height and width up to powers of two, and a layer measures at most MAX_BUCKETS of them; a call in a further bucket
+  takes the route of the nearest bucket measured, so varying input sizes cost a bounded number of measurements and
+  memory. The choice depends on timings, so two runs may pick different routes, whose results differ in the last bits.
 - `density`: the sparse kernel where the weight is at most as dense as the device's crossover
   (ptd_sparse.backends.dense_crossover), the dense NCHW route above it. Deterministic: what a stored artefact (a
   teacher-logit cache) uses, so that its bytes depend only on the weights and the inputs.
@@ -43,10 +43,11 @@ MAX_BUCKETS = 8  # measured shape buckets per layer; further buckets borrow the 
 MIN_REPEATS, MAX_REPEATS, MIN_MEASURE_SECONDS = 3, 15, 0.05
 # On a CPU a dense route holds a dense copy of the weight, 1 / density times the sparse form's bytes (20x at density
 # 0.05), kept as long as the route is: it is taken over the sparse kernel only where its median is at least
-# DENSE_MARGIN below the kernel's (elsewhere the dense weight is scattered per call and the fastest route wins). Closer than that, the two are within the noise of one measurement on a shared machine: a
-# CIFAR VGG19 at 95% sparsity measured two of its 256- and 512-channel layers faster dense in one run at batch 1
-# (7 MB of dense copies, 19% of the dense model's weight bytes instead of 10%) and sparse in the next, and its
-# first layers, dense by 3-9% when measured, flipped likewise.
+# DENSE_MARGIN below the kernel's (elsewhere the dense weight is scattered per call and the fastest route wins).
+# Closer than that, the two are within the noise of one measurement on a shared machine: a CIFAR VGG19 at 95% sparsity
+# measured two of its 256- and 512-channel layers faster dense in one run at batch 1 (7 MB of dense copies, 19% of the
+# dense model's weight bytes instead of 10%) and sparse in the next, and its first layers, dense by 3-9% when
+# measured, flipped likewise.
 DENSE_MARGIN = 0.1
 
 
@@ -114,9 +115,9 @@ def preferred(medians: dict[str, float], dense_margin: float = DENSE_MARGIN) -> 
 
 def fastest(routes: dict[str, Callable[[Tensor], Tensor]], input: Tensor) -> tuple[str, dict[str, float]]:
     """(the route to take on `input`, as `preferred` picks it: with DENSE_MARGIN on a CPU, else the fastest; median
-    seconds of each). Runs are interleaved so that
-    a drift of the machine's speed during the measurement hits every route alike. A route that raises is dropped with
-    a warning naming it and the error; if every route raises, the first error propagates."""
+    seconds of each). Runs are interleaved so that a drift of the machine's speed during the measurement hits every
+    route alike. A route that raises is dropped with a warning naming it and the error; if every route raises, the
+    first error propagates."""
     working, first_error = {}, None
     for name, run in routes.items():
         try:

@@ -68,11 +68,12 @@ class SparseConv2d(nn.Module):
     and pattern (ptd_sparse.fingerprint), so no way of changing values leaves a stale copy in use.
 
     Held: values, row_ptr and col_idx, what the forward kernels read: in eval mode on a CPU col_idx is int16 where the
-    weight's columns allow it (column_dtype), 6 bytes per float32 nonzero; state dicts hold it as int32, the
-    canonical format (ptd_sparse.pattern), and so does a module in training mode or on a GPU. The transposed view that the input gradient needs
-    (ptd_sparse.pattern.transposed_view, 8 more bytes per nonzero) and col_idx as int32 are derived on the first call
-    that wants gradients and kept until the module is put in eval mode; calls that want none pass an empty view. The
-    flat positions of the nonzeros in the dense weight are derived only while a dense weight is built."""
+    weight's columns allow it (column_dtype), 6 bytes per float32 nonzero; state dicts hold it as int32, the canonical
+    format (ptd_sparse.pattern), and so does a module in training mode or on a GPU. The transposed view that the input
+    gradient needs (ptd_sparse.pattern.transposed_view, 8 more bytes per nonzero) and col_idx as int32 are derived on
+    the first call that wants gradients and kept until the module is put in eval mode; calls that want none pass an
+    empty view. The flat positions of the nonzeros in the dense weight are derived only while a dense weight is
+    built."""
 
     route_policy: str = measured_route.MEASURE  # what a module unpickled from an older save lacks
     _index_views: tuple[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
@@ -274,8 +275,8 @@ class SparseConv2d(nn.Module):
         # col_idx in the canonical int32 format, whatever form this module holds: files and state dicts stay the
         # same on every device (ptd_sparse.pattern).
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "col_idx"] = self._canonical_col_idx() if keep_vars else \
-            self._canonical_col_idx().detach()
+        if self.col_idx.dtype != torch.int32:
+            destination[prefix + "col_idx"] = self.col_idx.to(torch.int32)
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .cpu() and the like move col_idx in its dtype; it then takes the form of its new device.
