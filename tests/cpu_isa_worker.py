@@ -113,8 +113,9 @@ def main() -> None:
     conv_case("wide 5x5 map short row", 1, 8, 6, (5, 5), 3, 1, 1, 1, 0.4, 23)
     # Patch layout (a few images on maps of 16 outputs or fewer): one vector of outputs, several (13 images of 3x3,
     # where the AVX2 and baseline copies take the wide layout), stride 2 with dilation, 20 rows (a partial block of
-    # NHWC rows), the fused ReLU.
+    # NHWC rows), the fused ReLU, 20 input channels (NHWC packing: a full block of channels and a partial one).
     conv_case("patches 4x4 b1", 1, 16, 12, (4, 4), 3, 1, 1, 1, 0.3, 19)
+    conv_case("patches 4x4 b2 20 channels", 2, 20, 7, (4, 4), 3, 1, 1, 1, 0.3, 29)
     conv_case("patches 2x2 b5 relu", 5, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 20, relu=True)
     conv_case("patches 4x4 s2 d2", 3, 6, 5, (8, 8), 3, 2, 2, 2, 0.5, 21)
     conv_case("patches 3x3 b13", 13, 8, 20, (3, 3), 3, 1, 1, 1, 0.3, 22)

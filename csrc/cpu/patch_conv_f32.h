@@ -41,28 +41,62 @@ struct Rows {
   }
 };
 
+// Where each output position q of tap t = kh * KW + kw reads its input plane: source[t * OH * OW + q] = ih * W + iw,
+// or -1 in the padding. Built once per call (taps x positions entries), so that packing a column is one lookup per
+// element: no bounds checks, no index arithmetic.
+inline std::vector<int32_t> tap_sources(const ConvGeometry& g) {
+  const int64_t positions = g.out_h * g.out_w;
+  std::vector<int32_t> source(g.taps() * positions);
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh)
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw)
+      for (int64_t oh = 0; oh < g.out_h; ++oh)
+        for (int64_t ow = 0; ow < g.out_w; ++ow) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h, iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
+          const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
+          source[(kh * g.kernel_w + kw) * positions + oh * g.out_w + ow] =
+              inside ? static_cast<int32_t>(ih * g.in_w + iw) : -1;
+        }
+  return source;
+}
+
 // patches [columns][pitch] of the input x laid out as `layout` ([N, C, H, W] logically), for a convolution of
-// geometry g, then kLanes zeros. Rows of patches are independent: one task per block of columns.
+// geometry g, then kLanes zeros. Column c * KH * KW + t is filled from channel c's plane of each image through
+// tap_sources. A task is a block of input channels: one channel in NCHW, whose planes are read in place; kChannelBlock
+// channels in NHWC, whose planes are first transposed into the task's buffer, each input position read as one run of
+// channels (column by column, every element of a 512-channel map was a load from a line of its own: the pack then
+// took as long as the taps' sums at batch 1 on 4x4 maps).
 inline at::Tensor pack(const float* x, const wide::Layout& layout, const ConvGeometry& g, const Rows& rows) {
-  const int64_t columns = g.in_channels * g.taps(), positions = g.out_h * g.out_w;
+  const int64_t taps = g.taps(), positions = g.out_h * g.out_w, plane = g.in_h * g.in_w;
+  const int64_t columns = g.in_channels * taps;
   at::Tensor packed = cpu_isa::packing_buffer(columns * rows.pitch + kLanes);
   float* base = packed.mutable_data_ptr<float>();
   std::fill(base + columns * rows.pitch, base + columns * rows.pitch + kLanes, 0.0f);
-  at::parallel_for(0, columns, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t column = begin; column < end; ++column) {
-      const int64_t c = column / g.taps(), kh = column / g.kernel_w % g.kernel_h, kw = column % g.kernel_w;
-      float* row = base + column * rows.pitch;
-      for (int64_t q = rows.outputs; q < rows.pitch; ++q) row[q] = 0.0f;
-      for (int64_t n = 0; n < g.batch; ++n)
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
-          float* dst = row + n * positions + oh * g.out_w;
-          for (int64_t ow = 0; ow < g.out_w; ++ow) {
-            const int64_t iw = ow * g.stride_w - g.pad_w + kw * g.dil_w;
-            const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
-            dst[ow] = inside ? x[layout.plane(n, c) + (ih * g.in_w + iw) * layout.position] : 0.0f;
+  const std::vector<int32_t> sources = tap_sources(g);
+  const bool channels_last = layout.position != 1;
+  const int64_t block = channels_last ? wide::kChannelBlock : 1;
+  const int64_t blocks = (g.in_channels + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, 4096 / (block * taps * rows.pitch));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> planes(channels_last ? block * plane : 0);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * block, count = std::min(block, g.in_channels - c0);
+      for (int64_t n = 0; n < g.batch; ++n) {
+        if (channels_last)
+          for (int64_t i = 0; i < plane; ++i) {
+            const float* at = x + layout.plane(n, c0) + i * layout.position;
+            for (int64_t k = 0; k < count; ++k) planes[k * plane + i] = at[k];
+          }
+        for (int64_t k = 0; k < count; ++k) {
+          const float* in = channels_last ? planes.data() + k * plane : x + layout.plane(n, c0 + k);
+          for (int64_t t = 0; t < taps; ++t) {
+            const int32_t* source = sources.data() + t * positions;
+            float* dst = base + ((c0 + k) * taps + t) * rows.pitch + n * positions;
+            for (int64_t q = 0; q < positions; ++q) dst[q] = source[q] >= 0 ? in[source[q]] : 0.0f;
           }
         }
+      }
+      for (int64_t column = c0 * taps; column < (c0 + count) * taps; ++column)
+        std::fill(base + column * rows.pitch + rows.outputs, base + (column + 1) * rows.pitch, 0.0f);
     }
   });
   return packed;
