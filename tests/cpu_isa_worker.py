@@ -116,6 +116,10 @@ def main() -> None:
     # NHWC rows), the fused ReLU, 20 input channels (NHWC packing: a full block of channels and a partial one).
     conv_case("patches 4x4 b1", 1, 16, 12, (4, 4), 3, 1, 1, 1, 0.3, 19)
     conv_case("patches 4x4 b2 20 channels", 2, 20, 7, (4, 4), 3, 1, 1, 1, 0.3, 29)
+    # One image of 8x8 outputs whose columns are each read by at least 32 taps (conv_f32.h, use_patches: the AVX-512
+    # copy's patch path; the others, and 7x7 maps, the wide layout).
+    conv_case("patches 8x8 b1 dense columns", 1, 4, 80, (8, 8), 3, 1, 1, 1, 0.9, 30, relu=True)
+    conv_case("wide 7x7 b1 dense columns", 1, 3, 72, (7, 7), 3, 1, 1, 1, 0.95, 31)
     conv_case("patches 2x2 b5 relu", 5, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 20, relu=True)
     conv_case("patches 4x4 s2 d2", 3, 6, 5, (8, 8), 3, 2, 2, 2, 0.5, 21)
     conv_case("patches 3x3 b13", 13, 8, 20, (3, 3), 3, 1, 1, 1, 0.3, 22)
