@@ -212,7 +212,7 @@ inline ChannelChunks channel_chunks(const int32_t* row_ptr, int64_t rows, int64_
 }
 
 // Tasks per (batch block, tile) pair: rows are split too where the pairs alone would leave threads idle (a 2x2 map at
-// batch 64 is a single pair): about four tasks per thread.
+// batch 64 is two pairs): about four tasks per thread.
 inline int64_t row_parts(int64_t pairs, int64_t rows) {
   return std::clamp<int64_t>((4 * at::get_num_threads() + pairs - 1) / pairs, 1, rows);
 }
@@ -222,12 +222,14 @@ inline int64_t row_parts(int64_t pairs, int64_t rows) {
 // by row over all channels, at density 0.32 most of those loads missed L1), yet at least kMinChunkTaps taps per row
 // and chunk on average, since each row's accumulators are stored and reloaded once per chunk; at most kMaxChunkBytes
 // of windows, so a chunk still fits L2. No chunks (all channels at once) where a task's rows read each channel's
-// window fewer than kMinChunkReuse times in all: there the reloads cost more than the misses they save (512@2x2 at
-// density 0.045 and 0.1, batch 64, whose single tile is split into tasks of 64 rows, ran 6-12% slower chunked).
+// window fewer than kMinChunkReuse times in all: there the reloads cost more than the misses they save. Nor on maps
+// of at most kMaxUnchunkedPositions outputs (2x2), whatever the reuse: 512@2x2 at densities 0.045 to 0.3, batch 64
+// and 128, ran 1.1-1.35x faster without chunks (Xeon, AVX-512, blocks of 32 images; 6-12% on Zen 4 in blocks of 64).
 // Chosen by measurement on 256@8x8, 512@4x4 and 512@2x2 at densities 0.32 to 0.045, batch 64 (AVX-512, 32 KiB L1):
 // 16 and 32 KiB of windows, 16 to 32 taps, ran within a few percent of each other and 1.15-1.3x faster than no
 // chunks where they are taken (docs/benchmarks.md, "Kernel roofline").
 constexpr int64_t kChunkBytes = 32 << 10, kMaxChunkBytes = 256 << 10, kMinChunkTaps = 16, kMinChunkReuse = 80;
+constexpr int64_t kMaxUnchunkedPositions = 4;
 
 inline int64_t channels_per_chunk(const batch_inner::Geometry& p, int64_t batch, int64_t out_h, int64_t out_w,
                                   int64_t stride_h, int64_t stride_w, int64_t kernel_extent_h,
@@ -235,7 +237,7 @@ inline int64_t channels_per_chunk(const batch_inner::Geometry& p, int64_t batch,
   const int64_t positions_per_tile = kAccumulators / vectors_for(out_h * out_w);
   const int64_t pairs = p.blocks(batch) * ((out_h * out_w + positions_per_tile - 1) / positions_per_tile);
   const int64_t reuse = nnz / std::max<int64_t>(1, row_parts(pairs, rows) * p.channels);
-  if (reuse < kMinChunkReuse) return p.channels;
+  if (reuse < kMinChunkReuse || out_h * out_w <= kMaxUnchunkedPositions) return p.channels;
   // A tile within one output row (maps at least a tile wide) reads kernel_extent_h input rows of its own width; one
   // of whole rows (narrower maps) the full padded width of its rows and the kernel's. Counted as whole padded rows,
   // a within-row tile's windows would make 128@28x28's chunks a third as wide: 1.15x slower at density 0.1, batch 64
