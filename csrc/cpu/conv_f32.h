@@ -208,15 +208,15 @@ inline bool use_tiled_weight_gradient(const ConvGeometry& g) {
 // The tiled kernels' chunks of input channels (tiled::forward_tiles) for taps under the pointers `ptr` (one row per
 // output channel of the call: row_ptr for the forward, t_ptr for the data gradient) over an out_h x out_w map, the
 // input (packing `p`) read with the kernel's height.
-template <typename ChannelOf>
+template <typename KeyOf>
 tiled::ChannelChunks tiled_chunks(const batch_inner::Geometry& p, const ConvGeometry& g, const at::Tensor& ptr,
                                   int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, int64_t nnz,
-                                  ChannelOf channel_of) {
+                                  KeyOf key_of, int64_t keys_per_channel) {
   const int64_t rows = ptr.numel() - 1;
   const int64_t per_chunk = tiled::channels_per_chunk(p, g.batch, out_h, out_w, stride_h, stride_w,
                                                       (g.kernel_h - 1) * g.dil_h + 1, (g.kernel_w - 1) * g.dil_w + 1,
                                                       rows, nnz);
-  return tiled::channel_chunks(ptr.const_data_ptr<int32_t>(), rows, p.channels, per_chunk, channel_of);
+  return tiled::channel_chunks(ptr.const_data_ptr<int32_t>(), rows, p.channels, per_chunk, key_of, keys_per_channel);
 }
 
 inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
@@ -225,10 +225,9 @@ inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, 
   const batch_inner::Geometry p = tiled_packing(g);
   const at::Tensor packed = batch_inner::pack(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
                                               g.in_w, g.pad_h, g.pad_w, p);
-  const int64_t taps_per_channel = g.taps();
   const tiled::ChannelChunks chunks = with_columns(cols, [&](auto columns) {
     return tiled_chunks(p, g, rp, g.out_h, g.out_w, g.stride_h, g.stride_w, cols.numel(),
-                        [&](int64_t e) { return columns[e] / taps_per_channel; });
+                        [&](int64_t e) { return int64_t{columns[e]}; }, g.taps());
   });
   with_csr_taps(&vals, cols, g, p, [&](auto taps) {
     tiled::forward(packed.const_data_ptr<float>(), p, taps, chunks, g.out_channels, g.batch, g.out_h, g.out_w,
@@ -333,7 +332,7 @@ inline void conv_backward_input_tiled_f32(const at::Tensor& go, const at::Tensor
   const wide::ListedTaps taps{listed.data()};
   const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();  // the output channel (here the input's) of every tap
   const tiled::ChannelChunks chunks = tiled_chunks(p, g, tp, g.in_h, g.in_w, 1, 1, cols.numel(),
-                                                   [&](int64_t j) { return tr_ptr[j]; });
+                                                   [&](int64_t j) { return int64_t{tr_ptr[j]}; }, 1);
   tiled::forward(packed.const_data_ptr<float>(), p, taps, chunks, g.in_channels, g.batch, g.in_h, g.in_w, 1, 1,
                  nullptr, false, nchw_layout(g.in_channels, g.in_h, g.in_w), grad_input.mutable_data_ptr<float>());
 }

@@ -184,13 +184,16 @@ struct ChannelChunks {
   int32_t begin(int64_t row, int64_t chunk) const { return ptr[row * (count + 1) + chunk]; }
 };
 
-// The chunks of `channels_per_chunk` input channels; channel_of(e): the input channel of tap e. Each boundary is a
-// binary search within the row, from the previous boundary on: taps ascend by channel within a row (the CSR order,
-// and the transposed view's); were they not, the boundaries would still split each row into consecutive ranges that
-// cover it once, so only the cache reuse, never the sum, depends on the order. One chunk is the rows themselves.
-template <typename ChannelOf>
+// The chunks of `channels_per_chunk` input channels. key_of(e): a key of tap e that ascends with its input channel,
+// key / keys_per_channel being the channel (the forward's column index, keys_per_channel = KH * KW; the data
+// gradient's input channel itself, 1): each boundary compares keys against k * channels_per_chunk * keys_per_channel,
+// where dividing every probed column by KH * KW took half of this pass. Each boundary is a binary search within the
+// row, from the previous boundary on: taps ascend by channel within a row (the CSR order, and the transposed view's);
+// were they not, the boundaries would still split each row into consecutive ranges that cover it once, so only the
+// cache reuse, never the sum, depends on the order. One chunk is the rows themselves.
+template <typename KeyOf>
 inline ChannelChunks channel_chunks(const int32_t* row_ptr, int64_t rows, int64_t channels, int64_t channels_per_chunk,
-                                    ChannelOf channel_of) {
+                                    KeyOf key_of, int64_t keys_per_channel) {
   const int64_t count = (channels + channels_per_chunk - 1) / channels_per_chunk;
   ChannelChunks chunks{count, std::vector<int32_t>(rows * (count + 1))};
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
@@ -198,10 +201,15 @@ inline ChannelChunks channel_chunks(const int32_t* row_ptr, int64_t rows, int64_
       int32_t* ptr = chunks.ptr.data() + r * (count + 1);
       ptr[0] = row_ptr[r];
       for (int64_t k = 1; k < count; ++k) {
-        int32_t low = ptr[k - 1], high = row_ptr[r + 1];  // the first tap at or past channel k * channels_per_chunk
-        while (low < high) {
-          const int32_t mid = low + (high - low) / 2;
-          if (channel_of(mid) < k * channels_per_chunk) low = mid + 1; else high = mid;
+        // The first tap at or past channel k * channels_per_chunk, by a binary search whose steps select instead of
+        // branch (half of the comparisons would be mispredicted).
+        const int64_t first_key = k * channels_per_chunk * keys_per_channel;
+        int32_t low = ptr[k - 1], length = row_ptr[r + 1] - low;
+        while (length > 0) {
+          const int32_t half = length / 2;
+          const bool below = key_of(low + half) < first_key;
+          low = below ? low + half + 1 : low;
+          length = below ? length - half - 1 : half;
         }
         ptr[k] = low;
       }
