@@ -11,7 +11,7 @@ from conftest import device_backends, device_for, on_device, random_mask
 from torch import nn
 
 import ptd_sparse
-from ptd_sparse import functional
+from ptd_sparse import _extension, functional
 from ptd_sparse.backends import DENSE_CROSSOVER, SPARSE_CONV
 from ptd_sparse.conv_geometry import is_channels_last
 from ptd_sparse.nn import MaskedConv2d, SparseConv2d, activation_layout, measured_route
@@ -145,6 +145,47 @@ def test_sparse_conv2d_module(backend, generator):
     restored.load_state_dict(sparse.state_dict())
     with pytest.raises(ValueError, match="symmetric zero padding"):
         SparseConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+@pytest.mark.skipif(_extension.extension_problem() is not None, reason="the C++ extension is not built")
+def test_sparse_conv2d_inference_calls_take_the_forward_operator(generator, monkeypatch):
+    """Inference calls on the CPU kernel skip the public function's checks and autograd layer (SparseConv2d's
+    _runs_forward_only); their results, layouts and errors stay those of the public function."""
+    from ptd_sparse.native import sparse_conv2d as native
+
+    conv = nn.Conv2d(6, 10, 3, padding=1, bias=True)
+    mask = random_mask(conv.weight.shape, 0.3, generator)
+    sparse = SparseConv2d.from_conv(conv, mask, route="sparse").eval()
+    sparse.relu = True
+    assert sparse.col_idx.dtype == torch.int16  # the compact columns, read as they are
+    calls = []
+    direct = native.forward_only
+    monkeypatch.setattr(native, "forward_only", lambda *args: calls.append(1) or direct(*args))
+    x = torch.randn(3, 6, 9, 7, generator=generator)
+    want = F.relu(F.conv2d(x, conv.weight * mask, conv.bias, padding=1))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), want, atol=1e-5, rtol=1e-5)
+        out = sparse(x.contiguous(memory_format=torch.channels_last))
+        assert is_channels_last(out)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        narrow = x[:, :, :, 1:]  # not contiguous
+        torch.testing.assert_close(sparse(narrow), F.relu(F.conv2d(narrow, conv.weight * mask, conv.bias, padding=1)),
+                                   atol=1e-5, rtol=1e-5)
+        assert sparse(x[:0]).shape == (0, 10, 9, 7)
+        # The operator checks the geometry itself, naming the argument.
+        with pytest.raises(ValueError, match="input has 5 channels"):
+            sparse(torch.randn(2, 5, 8, 8))
+        assert len(calls) == 5
+        # Anything else takes the public function, with its messages.
+        with pytest.raises(TypeError, match="dtype"):
+            sparse(x.double())
+        torch.testing.assert_close(sparse(x[0]), want[0], atol=1e-5, rtol=1e-5)  # 3-D: unbatched
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert sparse(x).dtype == torch.bfloat16
+    assert len(calls) == 5
+    x.requires_grad_(True)
+    sparse(x).sum().backward()  # a call that wants gradients keeps the differentiable operator
+    assert len(calls) == 5 and x.grad is not None
 
 
 class SmallNet(nn.Module):

@@ -18,6 +18,10 @@ from ptd_sparse.conv_geometry import conv_output_shape, output_memory_format
 # -> output: the C++ operator itself, bound once.
 differentiable = kernel_operator("sparse_conv2d")
 
+# (input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu=False) -> output: the forward
+# kernel operator alone, without the autograd layer, for calls that want no gradient (SparseConv2d's inference calls).
+forward_only = kernel_operator("conv_forward")
+
 
 def _forward_output(input, weight_shape, stride, padding, dilation):
     """The forward's output, empty: its shape, and the input's layout (channels_last in, channels_last out)."""
