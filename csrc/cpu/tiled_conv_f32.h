@@ -230,13 +230,15 @@ inline int64_t row_parts(int64_t pairs, int64_t rows) {
 // by row over all channels, at density 0.32 most of those loads missed L1), yet at least kMinChunkTaps taps per row
 // and chunk on average, since each row's accumulators are stored and reloaded once per chunk; at most kMaxChunkBytes
 // of windows, so a chunk still fits L2. No chunks (all channels at once) where a task's rows read each channel's
-// window fewer than kMinChunkReuse times in all: there the reloads cost more than the misses they save. Nor on maps
+// window fewer than kMinChunkReuse times in all: there the reloads cost more than the misses they save (40 on the
+// Xeon, AVX-512: 512@4x4 at batch 64, density 0.024 (reuse 55), and 256@4x4 at 0.05 ran 1.1-1.13x faster chunked,
+// 512@4x4 at batch 16, density 0.1 (reuse 57) level; between 20 and 40, level or within 3%). Nor on maps
 // of at most kMaxUnchunkedPositions outputs (2x2), whatever the reuse: 512@2x2 at densities 0.045 to 0.3, batch 64
 // and 128, ran 1.1-1.35x faster without chunks (Xeon, AVX-512, blocks of 32 images; 6-12% on Zen 4 in blocks of 64).
 // Chosen by measurement on 256@8x8, 512@4x4 and 512@2x2 at densities 0.32 to 0.045, batch 64 (AVX-512, 32 KiB L1):
 // 16 and 32 KiB of windows, 16 to 32 taps, ran within a few percent of each other and 1.15-1.3x faster than no
 // chunks where they are taken (docs/benchmarks.md, "Kernel roofline").
-constexpr int64_t kChunkBytes = 32 << 10, kMaxChunkBytes = 256 << 10, kMinChunkTaps = 16, kMinChunkReuse = 80;
+constexpr int64_t kChunkBytes = 32 << 10, kMaxChunkBytes = 256 << 10, kMinChunkTaps = 16, kMinChunkReuse = 40;
 constexpr int64_t kMaxUnchunkedPositions = 4;
 
 inline int64_t channels_per_chunk(const batch_inner::Geometry& p, int64_t batch, int64_t out_h, int64_t out_w,
