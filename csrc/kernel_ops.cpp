@@ -24,6 +24,13 @@ TORCH_LIBRARY(ptd_sparse_kernels, m) {
       "conv_forward(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int[] weight_shape, "
       "Tensor? bias, int[] stride, int[] padding, int[] dilation, bool relu=False) -> Tensor");
   // relu=True clamps the output at 0 in the kernel's epilogue (inference with folded BatchNorm and ReLU).
+  // max_pool2d(conv_forward(...), pool_kernel_size, pool_stride, pool_padding, pool_dilation) (floor mode), for an
+  // inference layer whose output only a max-pool reads; CPU only (its caller, SparseConv2d, runs the two operators
+  // on other devices). The pooled output's layout is the one the two operators would give.
+  m.def(
+      "conv_forward_max_pool(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int[] weight_shape, "
+      "Tensor? bias, int[] stride, int[] padding, int[] dilation, bool relu, int[2] pool_kernel_size, "
+      "int[2] pool_stride, int[2] pool_padding, int[2] pool_dilation) -> Tensor");
   m.def(
       "conv_backward_input(Tensor grad_output, Tensor values, Tensor col_idx, Tensor t_ptr, Tensor t_rows, "
       "Tensor t_perm, int[] weight_shape, int[] input_shape, int[] stride, int[] padding, int[] dilation) -> Tensor");

@@ -21,7 +21,10 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
   in the log.
 - Max-pools in floor mode without indices become MaxPool2x2 (2x2, stride 2) or MaxPool2d (any other window): the
   same values; torch's NCHW max_pool2d on CPUs is several times slower (10-30x on a ResNet stem's 3x3 pool), a
-  large share of a sparse network's time once its convolutions run sparse.
+  large share of a sparse network's time once its convolutions run sparse. A max-pool that is the only reader of a
+  folded Conv-BN(-ReLU) chain (a ResNet stem's, a VGG block's last) moves into the SparseConv2d (its `max_pool`)
+  and becomes nn.Identity: the kernel then pools in its epilogue where it can, and never writes the full-size
+  output (SparseConv2d's docstring).
 - Other modules pruned with torch.nn.utils.prune (a Linear head) keep weight_orig * weight_mask as a plain weight,
   instead of a hook recomputing it on every forward (with inplace=True, the caller's modules lose their pruning
   re-parametrisation: torch.nn.utils.prune.remove then finds nothing to remove).
@@ -118,10 +121,20 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _graph_patterns(model: nn.Module) -> list[tuple[str, str | None, str | None]] | None:
-    """(conv, bn or None, relu module or None) qualified names of the Conv-BN(-ReLU) chains that module replacement can
-    fold, read from the fx trace; None when the model cannot be traced. A chain qualifies when each module is called
-    once and each step is the previous one's only reader. A fused ReLU that is a function call (F.relu) stays in
+def _only_module_reader(model: nn.Module, node, calls, accepts) -> str | None:
+    """The qualified name of node's only reader where that is a module called once that `accepts`, else None."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1 \
+            and accepts(module_graph.module_of(model, users[0])):
+        return users[0].target
+    return None
+
+
+def _graph_patterns(model: nn.Module) -> list[tuple[str, str | None, str | None, str | None]] | None:
+    """(conv, bn or None, relu module or None, max-pool module or None) qualified names of the Conv-BN(-ReLU)(-MaxPool)
+    chains that module replacement can fold, read from the fx trace; None when the model cannot be traced. A chain
+    qualifies when each module is called once and each step is the previous one's only reader; the pool is one that
+    MaxPool2d computes exactly (floor mode, no indices). A fused ReLU that is a function call (F.relu) stays in
     forward: applying it again to the fused output changes nothing, but the call is not removed, so it is not fused."""
     graph = module_graph.trace(model)
     if graph is None:
@@ -136,41 +149,49 @@ def _graph_patterns(model: nn.Module) -> list[tuple[str, str | None, str | None]
         bn_node = users[0] if len(users) == 1 else None
         bn = module_graph.module_of(model, bn_node) if bn_node is not None else None
         if not _plain_batch_norm(bn) or calls[bn_node.target] != 1 or bn.num_features != conv.out_channels:
-            found.append((node.target, None, None))
+            found.append((node.target, None, None, None))
             continue
-        relu_name = None
+        relu_name, last = None, bn_node
         after = list(bn_node.users)
         if len(after) == 1 and after[0].op == "call_module" and module_graph.is_relu(model, after[0]) \
                 and calls[after[0].target] == 1:
-            relu_name = after[0].target
-        found.append((node.target, bn_node.target, relu_name))
+            relu_name, last = after[0].target, after[0]
+        pool_name = _only_module_reader(model, last, calls, MaxPool2d.replaces)
+        found.append((node.target, bn_node.target, relu_name, pool_name))
     return found
 
 
-def _fold_sequential(target: nn.Module, backend: str | None, handled: set) -> None:
-    """The fallback for models fx cannot trace: Conv-BN(-ReLU) runs inside nn.Sequential containers."""
+def _fuse_pool(new: SparseConv2d, pool: nn.Module) -> None:
+    new.max_pool = MaxPool2d.of(pool)
+
+
+def _fold_sequential(target: nn.Module, backend: str | None, fuse_pools: bool, handled: set) -> None:
+    """The fallback for models fx cannot trace: Conv-BN(-ReLU)(-MaxPool) runs inside nn.Sequential containers."""
     for parent_name, parent in list(target.named_modules()):
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
         for i, (child_name, child) in enumerate(children):
-            following = [c for _, c in children[i + 1:i + 3]]
+            following = [c for _, c in children[i + 1:i + 4]]
             if not isinstance(child, nn.Conv2d) or not following or not _plain_batch_norm(following[0]):
                 continue
             relu = len(following) > 1 and isinstance(following[1], nn.ReLU)
+            pool_at = 2 if relu else 1  # the position in `following` of a max-pool that may follow
+            pool = fuse_pools and len(following) > pool_at and MaxPool2d.replaces(following[pool_at])
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
             new = _convert(full_name, child, following[0], relu, backend)
             if new is None:
                 continue
+            if pool:
+                _fuse_pool(new, following[pool_at])
             setattr(parent, child_name, new)
-            setattr(parent, children[i + 1][0], nn.Identity())
-            if relu:
-                setattr(parent, children[i + 2][0], nn.Identity())
+            for k in range(1 + relu + pool):
+                setattr(parent, children[i + 1 + k][0], nn.Identity())
             handled.add(id(new))
 
 
-def _fold_traced(target: nn.Module, patterns: list, backend: str | None, handled: set) -> None:
-    for conv_name, bn_name, relu_name in patterns:
+def _fold_traced(target: nn.Module, patterns: list, backend: str | None, fuse_pools: bool, handled: set) -> None:
+    for conv_name, bn_name, relu_name, pool_name in patterns:
         if bn_name is None:
             continue
         new = _convert(conv_name, target.get_submodule(conv_name), target.get_submodule(bn_name),
@@ -181,6 +202,9 @@ def _fold_traced(target: nn.Module, patterns: list, backend: str | None, handled
         _replace(target, bn_name, nn.Identity())
         if relu_name is not None:
             _replace(target, relu_name, nn.Identity())
+        if fuse_pools and pool_name is not None:
+            _fuse_pool(new, target.get_submodule(pool_name))
+            _replace(target, pool_name, nn.Identity())
         handled.add(id(new))
 
 
@@ -190,7 +214,7 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
     """Return `model` (a copy unless inplace) in inference form, in eval mode: pruned convolutions stored sparse
     (or dense where measured faster), BatchNorm folded and ReLU fused where they follow a pruned convolution (found
     in the fx trace, see the module docstring), max-pools in floor mode as MaxPool2x2 (2x2)
-    or MaxPool2d (other windows) (fast_pooling).
+    or MaxPool2d (other windows), or fused into the convolution they follow (fast_pooling).
 
     routes: how each SparseConv2d picks its inference route (ptd_sparse.nn.measured_route). None or "measure":
     timed on the first call of each shape bucket (bounded). "density": the deterministic density rule, for results
@@ -212,9 +236,9 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
         if patterns is None:
             _logger.info("ptd_sparse.sparsify: torch.fx cannot trace %s; folding BatchNorm only inside nn.Sequential",
                          type(target).__name__)
-            _fold_sequential(target, backend, handled)
+            _fold_sequential(target, backend, fast_pooling, handled)
         else:
-            _fold_traced(target, patterns, backend, handled)
+            _fold_traced(target, patterns, backend, fast_pooling, handled)
     for name, module in list(target.named_modules()):
         if isinstance(module, nn.Conv2d) and id(module) not in handled:
             new = _convert(name, module, None, False, backend)

@@ -3,7 +3,8 @@ tests/test_cpu_dispatch.py, one process per kernel set, since the set is chosen 
 
 Usage: python cpu_isa_worker.py ISA. Prints the kernel set in use and "ok", or fails with an AssertionError naming
 the case. The cases reach every dispatched entry point (the forward on NCHW and on channels_last inputs): the wide
-layout (rows of several passes and short rows of split taps, strides, dilation, bias and the fused ReLU), the patch
+layout (rows of several passes and short rows of split taps, strides, dilation, bias and the fused ReLU; the
+forward with a max-pool in its epilogue), the patch
 layout (a few images on 4x4 maps and smaller),
 the batch-innermost layout (small maps at batch >= 16), the tiled forward, data gradient and weight gradient (small
 maps at batches that fill its image blocks; tiles of whole rows and of any positions, with and without chunks of
@@ -31,8 +32,20 @@ def close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 2e-5) -
                                msg=lambda m: f"{extension.cpu_kernel_isa()}: {what}: {m}")
 
 
+def pool_case(name, x, values, p, shape, bias, st, pad, dil, relu, want, pool):
+    """conv_forward_max_pool against max_pool2d of the oracle, in NCHW and channels_last, int32 and int16 columns."""
+    want_pooled = F.max_pool2d(want.detach(), *pool)
+    compact = p.col_idx.to(torch.int16)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for columns in (p.col_idx, compact):
+            got = ops.conv_forward_max_pool(x.contiguous(memory_format=layout), values, p.row_ptr, columns, shape,
+                                            bias, st, pad, dil, relu, *pool)
+            assert got.is_contiguous(memory_format=layout), f"{name}: the pooled output's layout"
+            close(got, want_pooled, f"{name} forward + max-pool {pool} ({layout}, {columns.dtype})")
+
+
 def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation, density, seed, relu=False,
-              half_rows_skip_half_channels=False):
+              half_rows_skip_half_channels=False, pool=None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, c_in, *size, generator=g)
     weight = torch.randn(c_out, c_in, kernel, kernel, generator=g)
@@ -61,6 +74,10 @@ def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation,
     for layout_x, expected in ((x, got), (x.contiguous(memory_format=torch.channels_last), got_nhwc)):
         assert torch.equal(ops.conv_forward(layout_x, values, p.row_ptr, compact, shape, bias, st, pad, dil, relu),
                            expected), f"{extension.cpu_kernel_isa()}: {name}: forward with int16 col_idx"
+
+    if pool is not None:  # (kernel_size, stride, padding, dilation) of a max-pool fused after the forward
+        pool_case(name, x, values, p, shape, bias, st, pad, dil, relu, want, pool)
+        return
 
     grad_out = torch.randn(want.shape, generator=g)
     want_x, want_w = torch.autograd.grad(want, (x64, dense), grad_out.double())
@@ -152,6 +169,16 @@ def main() -> None:
     torch.set_num_threads(max(2, torch.get_num_threads()))
     conv_case("tiled 2x2 rows split", 64, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 16)
     # Under 256 outputs per tap (batch x output positions) the forward and the weight gradient read the taps from the
+    # The forward with a max-pool in its epilogue (conv_forward_max_pool): a ResNet stem's pool on the wide layout
+    # (20 channels: a partial block of NHWC planes), a 2x2 pool leaving an odd row and column out, a dilated pool of
+    # unequal windows with padding, no relu; on a tiled layer the operator runs the forward and the pool in turn.
+    stem_pool = ([3, 3], [2, 2], [1, 1], [1, 1])
+    conv_case("wide 7x7 s2 p3 + stem pool", 2, 3, 20, (23, 21), 7, 2, 3, 1, 0.3, 32, relu=True, pool=stem_pool)
+    conv_case("wide 3x3 + 2x2 pool", 2, 8, 6, (21, 19), 3, 1, 1, 1, 0.3, 33, pool=([2, 2], [2, 2], [0, 0], [1, 1]))
+    conv_case("wide 3x3 + dilated pool", 1, 5, 17, (19, 20), 3, 1, 1, 1, 0.4, 34, relu=True,
+              pool=([3, 2], [1, 2], [1, 0], [2, 1]))
+    conv_case("tiled 8x8 + 2x2 pool (unfused)", 64, 16, 20, (8, 8), 3, 1, 1, 1, 0.3, 35, relu=True,
+              pool=([2, 2], [2, 2], [0, 0], [1, 1]))
     # CSR arrays instead of a list (conv_f32.h, with_csr_taps): the cases above all list them except the wide short
     # rows, the strided wide case and the 1x1; these two take the tiled and the batch-innermost layouts that way.
     conv_case("tiled 2x2 csr taps", 60, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 17)

@@ -310,7 +310,7 @@ def test_sparsify_torch_prune_model(generator):
 @pytest.mark.parametrize("routes", ["measure", "sparse", "dense", "dense_prepacked"])
 def test_sparsify_channels_last_keeps_every_activation_nhwc(generator, routes):
     """memory_format=torch.channels_last: the model converts its input once, and every layer (sparse kernel, dense
-    routes, the one-pass max-pool, a grouped layer) reads and writes NHWC, with the model's output."""
+    routes, the max-pool fused into the first one, a grouped layer) reads and writes NHWC, with the model's output."""
     model = nn.Sequential(MaskedConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                           MaskedConv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
                           MaskedConv2d(8, 16, 3, stride=2, padding=1)).eval()
@@ -327,7 +327,8 @@ def test_sparsify_channels_last_keeps_every_activation_nhwc(generator, routes):
     with torch.no_grad():
         out = sparse(x)
         torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
-    assert [name for name, _, _ in seen] == ["SparseConv2d", "MaxPool2x2", "SparseConv2d", "SparseConv2d"]
+    assert [name for name, _, _ in seen] == ["SparseConv2d", "SparseConv2d", "SparseConv2d"]
+    assert sparse[0].max_pool is not None and isinstance(sparse[3], nn.Identity)
     for name, given, produced in seen:
         assert is_channels_last(given) and is_channels_last(produced), name
     assert is_channels_last(out)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ptd_sparse import _extension, sparsify
-from ptd_sparse.nn import MaxPool2d, MaxPool2x2, pooling
+from ptd_sparse.nn import MaxPool2d, MaxPool2x2, SparseConv2d, pooling
 from ptd_sparse.pipeline.models import build_model
 from ptd_sparse.pipeline.pruning import prune_to
 
@@ -45,7 +45,9 @@ def test_sparsify_replaces_the_pools_of_a_vgg_and_keeps_its_output():
     model = build_model("vgg_fmnist", in_channels=1, image_size=28).eval()
     prune_to(model, 0.9)
     fast = sparsify(model)
-    assert sum(isinstance(m, MaxPool2x2) for m in fast.modules()) == 3
+    # Each pool is a Conv-BN-ReLU chain's only reader: it moves into the convolution (tests/test_fused_max_pool.py).
+    fused = [m.max_pool for m in fast.modules() if isinstance(m, SparseConv2d) and m.max_pool is not None]
+    assert len(fused) == 3 and all(pool.kernel_size == (2, 2) for pool in fused)
     assert not any(isinstance(m, nn.MaxPool2d) for m in fast.modules())
     assert any(isinstance(m, nn.MaxPool2d) for m in sparsify(model, fast_pooling=False).modules())
     x = torch.randn(5, 1, 28, 28)
@@ -276,7 +278,10 @@ def test_sparsify_replaces_a_stem_pool_and_bakes_the_prune_masks_of_what_it_keep
     prune.l1_unstructured(model.conv, "weight", 0.8)
     prune.l1_unstructured(model.fc, "weight", 0.5)
     fast = sparsify(model, routes="sparse")
-    assert isinstance(fast.pool, MaxPool2d) and (fast.pool.kernel_size, fast.pool.padding) == ((3, 3), (1, 1))
+    # The pool reads the ReLU alone: it moves into the convolution (tests/test_fused_max_pool.py).
+    assert isinstance(fast.pool, nn.Identity)
+    pool = fast.conv.max_pool
+    assert isinstance(pool, MaxPool2d) and (pool.kernel_size, pool.padding) == ((3, 3), (1, 1))
     # The head keeps weight_orig * weight_mask as its plain weight, with no hook recomputing it per forward.
     assert not fast.fc._forward_pre_hooks and not hasattr(fast.fc, "weight_mask")
     assert isinstance(fast.fc.weight, nn.Parameter)

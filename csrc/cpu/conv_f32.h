@@ -280,6 +280,19 @@ inline void conv_forward_patches_f32(const at::Tensor& x, const at::Tensor& vals
   });
 }
 
+// The wide layout's forward (wide_conv_f32.h), out laid out as the operator gave it; with `pool`, out is the pooled
+// map (conv_forward_max_pool_f32).
+inline void conv_forward_wide_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
+                                  const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
+                                  const wide::PackedGeometry& p, const Pool* pool, at::Tensor& out) {
+  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
+                                             g.in_w, g.pad_h, g.pad_w, p);
+  with_csr_taps(&vals, cols, g, p, [&](auto taps) {
+    wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
+                      bias, relu, activation_layout(out), out.mutable_data_ptr<float>(), pool);
+  });
+}
+
 inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
                              const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                              at::Tensor& out) {
@@ -297,12 +310,22 @@ inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const 
     conv_forward_patches_f32(x, vals, rp, cols, bias, relu, g, out);
     return true;
   }
-  const at::Tensor packed = wide::pack_images(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
-                                             g.in_w, g.pad_h, g.pad_w, p);
-  with_csr_taps(&vals, cols, g, p, [&](auto taps) {
-    wide::sparse_rows(packed.const_data_ptr<float>(), p, taps, rp.const_data_ptr<int32_t>(), g.out_channels, g.batch,
-                      bias, relu, activation_layout(out), out.mutable_data_ptr<float>());
-  });
+  conv_forward_wide_f32(x, vals, rp, cols, bias, relu, g, p, nullptr, out);
+  return true;
+}
+
+// The forward with its max-pool fused into the epilogue, where the forward takes the wide layout: each task pools the
+// planes it has just computed, so the full-size output is never written (a ResNet stem's 64 x 112 x 112 floats an
+// image, pooled 3x3 / 2 to a quarter of that). Elsewhere false: the tiled, batch-innermost and patch paths write
+// tiles of positions, not whole planes.
+inline bool conv_forward_max_pool_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
+                                      const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
+                                      const Pool& pool, at::Tensor& out) {
+  const wide::PackedGeometry p = input_packing(g);
+  if (!wide::fits_int32(p) || use_tiled_forward(g, cols.numel()) || use_batch_inner(g) ||
+      use_patches(g, cols.numel()))
+    return false;
+  conv_forward_wide_f32(x, vals, rp, cols, bias, relu, g, p, &pool, out);
   return true;
 }
 

@@ -14,6 +14,7 @@
 
 #include "../conv_geometry.h"
 #include "huge_pages.h"
+#include "max_pool_window.h"
 
 #include <algorithm>
 #include <limits>
@@ -21,59 +22,6 @@
 
 namespace ptd_sparse {
 namespace {
-
-// The larger of a and b, NaN if either is (std::max would return a when b is NaN). Two selects rather than one with
-// `||`, which GCC compiled to branches: on random data they mispredicted half the time.
-template <typename T>
-inline T nan_max(T a, T b) {
-  const T larger = a > b ? a : b;  // b where b is NaN
-  return a != a ? a : larger;
-}
-
-template <typename T>
-inline T lowest() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-// One spatial dimension of the window: output o reads inputs o * stride - padding + k * dilation, k < kernel.
-struct Window {
-  int64_t kernel, stride, padding, dilation;
-  // Floor division, as torch's: a window that does not fit (a negative span) leaves no output, where C++'s division
-  // truncating toward zero would give one output reading past the input.
-  int64_t out_size(int64_t in_size) const {
-    const int64_t span = in_size + 2 * padding - dilation * (kernel - 1) - 1;
-    return span < 0 ? 0 : span / stride + 1;
-  }
-  int64_t first(int64_t o) const { return o * stride - padding; }
-  bool is_2x2() const { return kernel == 2 && stride == 2 && padding == 0 && dilation == 1; }
-  // The outputs whose whole window lies in the input: first(o) >= 0 and first(o) + (kernel - 1) * dilation < size.
-  OutputRange interior(int64_t in_size, int64_t out) const {
-    const OutputRange first_tap = valid_output_range(-padding, stride, in_size, out);
-    const OutputRange last_tap = valid_output_range((kernel - 1) * dilation - padding, stride, in_size, out);
-    const int64_t begin = std::max(first_tap.begin, last_tap.begin);
-    return {begin, std::max(begin, std::min(first_tap.end, last_tap.end))};
-  }
-};
-
-struct Pool {
-  Window h, w;
-};
-
-Pool checked_pool(at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                  at::IntArrayRef dilation) {
-  const auto pair = [](at::IntArrayRef values, const char* name, int64_t minimum) {
-    TORCH_CHECK_VALUE(values.size() == 2 && values[0] >= minimum && values[1] >= minimum, "max_pool2d: ", name,
-                      " must be two integers >= ", minimum, ", got ", values);
-  };
-  pair(kernel_size, "kernel_size", 1);
-  pair(stride, "stride", 1);
-  pair(padding, "padding", 0);
-  pair(dilation, "dilation", 1);
-  TORCH_CHECK_VALUE(2 * padding[0] <= kernel_size[0] && 2 * padding[1] <= kernel_size[1],
-                    "max_pool2d: padding must be at most half of kernel_size (as in torch's max_pool2d), got "
-                    "padding ", padding, " for kernel_size ", kernel_size);
-  return {{kernel_size[0], stride[0], padding[0], dilation[0]}, {kernel_size[1], stride[1], padding[1], dilation[1]}};
-}
 
 std::vector<int64_t> pooled_shape(const at::Tensor& input, const Pool& pool) {
   TORCH_CHECK_VALUE(input.dim() >= 3, "max_pool2d: input must be [..., H, W] with at least one leading dimension, "
@@ -87,18 +35,6 @@ std::vector<int64_t> pooled_shape(const at::Tensor& input, const Pool& pool) {
   shape[shape.size() - 1] = out_w;
   return shape;
 }
-
-// The input rows an output row reads: k in [begin, end) with 0 <= window.first(o) + k * dilation < size.
-struct Taps {
-  int64_t begin, end;
-  static Taps of(const Window& window, int64_t o, int64_t size) {
-    const int64_t first = window.first(o);
-    int64_t begin = 0, end = window.kernel;
-    while (begin < end && first + begin * window.dilation < 0) ++begin;
-    while (end > begin && first + (end - 1) * window.dilation >= size) --end;
-    return {begin, end};
-  }
-};
 
 // The 2x2, stride-2 pool without padding (VGG's), in one pass: each output row reads its two input rows once. The
 // general loops below, with their window bounds and a pass per kernel tap, took 2-4x as long on these maps (64 x 64 x
@@ -141,30 +77,6 @@ void pool_positions_2x2(const T* in, T* out, int64_t batch, int64_t channels, in
   });
 }
 
-// dst[o] = the maximum of row[window.first(o) + k * dilation] over k < kernel, for the outputs o in `interior`
-// (windows wholly in the row): kernel tap by tap, each a pass over the outputs with a constant stride, which the
-// compiler vectorises where the stride is known (1 and 2, the common pools, are instantiated).
-template <int64_t kStride, typename T>
-void interior_max_strided(const T* row, T* dst, OutputRange interior, const Window& window, int64_t stride) {
-  const int64_t step = kStride > 0 ? kStride : stride;
-  const T* src = row + window.first(interior.begin);
-  const int64_t count = interior.end - interior.begin;
-  T* out = dst + interior.begin;
-  for (int64_t o = 0; o < count; ++o) out[o] = src[o * step];
-  for (int64_t k = 1; k < window.kernel; ++k) {
-    const T* tap = src + k * window.dilation;
-    for (int64_t o = 0; o < count; ++o) out[o] = nan_max(out[o], tap[o * step]);
-  }
-}
-
-template <typename T>
-void interior_max(const T* row, T* dst, OutputRange interior, const Window& window) {
-  if (interior.begin >= interior.end) return;
-  if (window.stride == 1) return interior_max_strided<1>(row, dst, interior, window, 1);
-  if (window.stride == 2) return interior_max_strided<2>(row, dst, interior, window, 2);
-  interior_max_strided<0>(row, dst, interior, window, window.stride);
-}
-
 // NCHW: each output row is the window maximum along the elementwise maximum of its input rows (`rows`, one row of
 // in_w per task).
 template <typename T>
@@ -177,28 +89,8 @@ void pool_rows(const T* in, T* out, int64_t planes, int64_t in_h, int64_t in_w, 
     std::vector<T> rows(in_w);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / out_h, oh = row % out_h;
-      const Taps taps_h = Taps::of(pool.h, oh, in_h);
-      T* dst = out + row * out_w;
-      if (taps_h.begin == taps_h.end) {
-        std::fill(dst, dst + out_w, lowest<T>());
-        continue;
-      }
-      const T* top = in + (plane * in_h + pool.h.first(oh) + taps_h.begin * pool.h.dilation) * in_w;
-      std::copy(top, top + in_w, rows.data());
-      for (int64_t kh = taps_h.begin + 1; kh < taps_h.end; ++kh) {
-        const T* src = top + (kh - taps_h.begin) * pool.h.dilation * in_w;
-        for (int64_t iw = 0; iw < in_w; ++iw) rows[iw] = nan_max(rows[iw], src[iw]);
-      }
-      for (int64_t ow = 0; ow < out_w; ++ow) {  // the edges, where windows reach into the padding
-        if (ow == interior.begin) ow = interior.end;
-        if (ow >= out_w) break;
-        const Taps taps_w = Taps::of(pool.w, ow, in_w);
-        const T* window = rows.data() + pool.w.first(ow);
-        T value = lowest<T>();
-        for (int64_t kw = taps_w.begin; kw < taps_w.end; ++kw) value = nan_max(value, window[kw * pool.w.dilation]);
-        dst[ow] = value;
-      }
-      interior_max(rows.data(), dst, interior, pool.w);
+      pool_output_row<false>(in + plane * in_h * in_w, in_w, in_h, in_w, oh, pool, interior, rows.data(),
+                             out + row * out_w, out_w);
     }
   });
 }
@@ -211,9 +103,9 @@ void pool_positions(const T* in, T* out, int64_t batch, int64_t channels, int64_
   at::parallel_for(0, batch * out_h, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / out_h, oh = row % out_h;
-      const Taps taps_h = Taps::of(pool.h, oh, in_h);
+      const PoolTaps taps_h = PoolTaps::of(pool.h, oh, in_h);
       for (int64_t ow = 0; ow < out_w; ++ow) {
-        const Taps taps_w = Taps::of(pool.w, ow, in_w);
+        const PoolTaps taps_w = PoolTaps::of(pool.w, ow, in_w);
         T* o = out + (row * out_w + ow) * channels;
         std::fill(o, o + channels, lowest<T>());
         for (int64_t kh = taps_h.begin; kh < taps_h.end; ++kh) {

@@ -86,10 +86,16 @@ at::Tensor int32_columns(const at::Tensor& col_idx) {
 // float32 goes through the fast paths of csrc/cpu/conv_f32.h, in the copy for the best instruction set this CPU has
 // (csrc/cpu/isa/dispatch.h); other dtypes, and geometries those paths decline, use the generic loops above.
 
-at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
-                            const at::Tensor& col_idx, at::IntArrayRef weight_shape,
-                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, bool relu) {
+// The forward's operands, checked (each error names the argument) and made contiguous; bias undefined when absent.
+struct ForwardOperands {
+  ConvGeometry g;
+  at::Tensor vals, rp, ci, bias;
+};
+
+ForwardOperands checked_forward_operands(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                                         const at::Tensor& col_idx, at::IntArrayRef weight_shape,
+                                         const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
   for (auto [t, name] : {std::pair{&input, "input"}, {&values, "values"}, {&row_ptr, "row_ptr"}, {&col_idx, "col_idx"}})
     check_cpu(*t, name);
   const ConvGeometry g = make_geometry(input.sizes(), weight_shape, stride, padding, dilation);
@@ -102,9 +108,17 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
                       "bias must have C_out = ", g.out_channels, " entries of dtype ", input.scalar_type());
     bias_c = bias->contiguous();
   }
-  const at::Tensor vals = values.contiguous();
-  const at::Tensor rp = row_ptr.contiguous();
-  const at::Tensor ci = col_idx.contiguous();
+  return {g, values.contiguous(), row_ptr.contiguous(), col_idx.contiguous(), bias_c};
+}
+
+at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                            const at::Tensor& col_idx, at::IntArrayRef weight_shape,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool relu) {
+  const ForwardOperands operands =
+      checked_forward_operands(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation);
+  const ConvGeometry& g = operands.g;
+  const at::Tensor &vals = operands.vals, &rp = operands.rp, &ci = operands.ci, &bias_c = operands.bias;
   // The output takes the input's layout (channels_last in, channels_last out); the float32 kernels read and write
   // NHWC directly, the generic loops below run NCHW and the result is copied.
   const at::MemoryFormat format = output_memory_format(input);
@@ -259,10 +273,53 @@ at::Tensor conv_backward_values_cpu(const at::Tensor& grad_output, const at::Ten
   return grad_values;
 }
 
+// conv_forward, then max_pool2d(pool_kernel, pool_stride, pool_padding, pool_dilation) of its output, in one call
+// (an inference SparseConv2d whose output only a max-pool reads: ptd_sparse.sparsify). float32 forwards in the wide
+// layout pool in their epilogue (csrc/cpu/conv_f32.h, conv_forward_max_pool_f32) and never write the full-size
+// output; every other call runs the two operators one after the other. The values are the same either way.
+at::Tensor conv_forward_max_pool_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                                     const at::Tensor& col_idx, at::IntArrayRef weight_shape,
+                                     const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, bool relu,
+                                     at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride,
+                                     at::IntArrayRef pool_padding, at::IntArrayRef pool_dilation) {
+  const ForwardOperands operands =
+      checked_forward_operands(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation);
+  const ConvGeometry& g = operands.g;
+  const at::Tensor &vals = operands.vals, &rp = operands.rp, &ci = operands.ci, &bias_c = operands.bias;
+  const Pool pool = checked_pool(pool_kernel, pool_stride, pool_padding, pool_dilation, "conv_forward_max_pool",
+                                 "pool_");
+  const int64_t out_h = pool.h.out_size(g.out_h), out_w = pool.w.out_size(g.out_w);
+  TORCH_CHECK_VALUE(out_h >= 1 && out_w >= 1, "conv_forward_max_pool: the convolution's ", g.out_h, "x", g.out_w,
+                    " output is smaller than the pool's window (pool_kernel_size ", pool_kernel, ", pool_dilation ",
+                    pool_dilation, ", pool_padding ", pool_padding, ")");
+  if (input.scalar_type() == at::kFloat && g.batch > 0 && g.out_channels > 0 && ci.numel() > 0) {
+    // The layout the two operators would give: the convolution's output takes the input's, the pool its input's.
+    const at::MemoryFormat conv_format = output_memory_format(input);
+    const at::Tensor conv_like = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                                           input.options().device(at::kMeta).memory_format(conv_format));
+    at::Tensor out = at::empty({g.batch, g.out_channels, out_h, out_w},
+                               input.options().memory_format(output_memory_format(conv_like)));
+    advise_huge_pages(out);
+    const float* bias_f32 = bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr;
+    if (cpu_isa::f32_kernels().conv_forward_max_pool(input.contiguous(conv_format), vals, rp, ci, bias_f32, relu, g,
+                                                     pool, out))
+      return out;
+  }
+  static auto max_pool2d = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ptd_sparse_kernels::max_pool2d", "")
+                               .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                                 at::IntArrayRef)>();
+  return max_pool2d.call(
+      conv_forward_cpu(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu),
+      pool_kernel, pool_stride, pool_padding, pool_dilation);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ptd_sparse_kernels, CPU, m) {
   m.impl("conv_forward", &conv_forward_cpu);
+  m.impl("conv_forward_max_pool", &conv_forward_max_pool_cpu);
   m.impl("conv_backward_input", &conv_backward_input_cpu);
   m.impl("conv_backward_values", &conv_backward_values_cpu);
 }

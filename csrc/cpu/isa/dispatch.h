@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../../conv_geometry.h"
+#include "../max_pool_window.h"
 
 namespace ptd_sparse {
 namespace cpu_isa {
@@ -30,6 +31,11 @@ struct F32Kernels {
   bool (*conv_forward)(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                        const at::Tensor& col_idx, const float* bias, bool relu, const ConvGeometry& g,
                        at::Tensor& out);
+  // conv_forward followed by the max-pool `pool` (conv_forward_max_pool): out is the pooled map. Fused only where
+  // the forward takes the wide layout; false elsewhere (the caller then runs the two operators).
+  bool (*conv_forward_max_pool)(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                                const at::Tensor& col_idx, const float* bias, bool relu, const ConvGeometry& g,
+                                const Pool& pool, at::Tensor& out);
   bool (*conv_backward_input)(const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& col_idx,
                               const at::Tensor& t_ptr, const at::Tensor& t_rows, const at::Tensor& t_perm,
                               const ConvGeometry& g, at::Tensor& grad_input);
