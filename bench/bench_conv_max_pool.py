@@ -2,8 +2,9 @@
 forward's epilogue) against the same two operators in turn (conv_forward then max_pool2d) and against torch (F.conv2d
 on the dense pruned weight, ReLU, F.max_pool2d): a torchvision ResNet stem (3 -> 64 channels, 7x7, stride 2, padding
 3, 224 x 224 input, ReLU, 3x3 / 2 / 1 pool) at the density global L1 pruning to 90% leaves it (0.107, random mask),
-and a CIFAR VGG block's last layer with its 2x2 pool (64 -> 64, 3x3, 32 x 32, density 0.3), NCHW and channels_last,
-batch 1 and 64. All forms timed alternately in one process (one call each per round, after warm-up), medians, ratios
+and the last layers of CIFAR VGG blocks with their 2x2 pools (3x3, densities as in VGG19 at 90%: 256@8x8 at 0.32,
+512@4x4 and 512@2x2 at 0.045; 128@16x16 at 0.5, whose tiles are single rows, takes the two operators), NCHW and
+channels_last, batch 1 and 64. All forms timed alternately in one process (one call each per round, after warm-up), medians, ratios
 of medians; the outputs are checked equal first.
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_conv_max_pool.py
@@ -21,7 +22,10 @@ from ptd_sparse.pattern import ConvPattern
 
 CASES = [  # (name, c_in, c_out, size, kernel, stride, padding, density, pool (kernel, stride, padding))
     ("ResNet stem", 3, 64, 224, 7, 2, 3, 0.107, (3, 2, 1)),
-    ("VGG block end", 64, 64, 32, 3, 1, 1, 0.3, (2, 2, 0)),
+    ("VGG 128@16x16", 128, 128, 16, 3, 1, 1, 0.5, (2, 2, 0)),
+    ("VGG 256@8x8", 256, 256, 8, 3, 1, 1, 0.32, (2, 2, 0)),
+    ("VGG 512@4x4", 512, 512, 4, 3, 1, 1, 0.045, (2, 2, 0)),
+    ("VGG 512@2x2", 512, 512, 2, 3, 1, 1, 0.045, (2, 2, 0)),
 ]
 
 

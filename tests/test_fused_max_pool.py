@@ -1,5 +1,5 @@
 """The max-pool fused after a sparse convolution: the kernel operator conv_forward_max_pool (the pool in the wide
-layout's epilogue, the two operators in turn elsewhere) equals max_pool2d of the forward on every input it takes and
+layout's epilogue, a 2x2 pool in the tiled layout's, the two operators in turn elsewhere) equals max_pool2d of the forward on every input it takes and
 names what it refuses; SparseConv2d's `max_pool` applies the pool on every route, and sparsify moves the max-pool
 that is a Conv-BN(-ReLU) chain's only reader into the convolution."""
 from __future__ import annotations
@@ -64,7 +64,10 @@ def call(x, weight, mask, bias, p, stride, padding, dilation, relu, pool, dtype=
     (0, 4, 9, (13, 16), 3, 1, 1, 1, 0.4, STEM_POOL),  # an empty batch
     (2, 4, 6, (9, 8), 3, 1, 1, 1, 0.0, STEM_POOL),  # no nonzeros: the bias, pooled
     (2, 4, 6, (9, 8), 3, 1, 1, 1, 1.0, ([2, 2], [2, 2], [0, 0], [1, 1])),  # every weight kept
-    (32, 16, 12, (8, 8), 3, 1, 1, 1, 0.4, ([2, 2], [2, 2], [0, 0], [1, 1])),  # a tiled forward: the two in turn
+    (32, 16, 12, (8, 8), 3, 1, 1, 1, 0.4, ([2, 2], [2, 2], [0, 0], [1, 1])),  # tiled: each row-pair tile pooled
+    (40, 16, 12, (4, 4), 3, 1, 1, 1, 0.4, ([2, 2], [2, 2], [0, 0], [1, 1])),  # tiled, a partial last batch block
+    (16, 20, 8, (16, 16), 3, 1, 1, 1, 0.6, ([2, 2], [2, 2], [0, 0], [1, 1])),  # tiled in rows: the two in turn
+    (32, 16, 12, (8, 8), 3, 1, 1, 1, 0.4, STEM_POOL),  # tiled, not a 2x2 pool: the two in turn
 ])
 def test_the_operator_equals_max_pool2d_of_the_forward(generator, dtype, layout, relu, case):
     batch, c_in, c_out, size, kernel, stride, padding, dilation, density, pool = case

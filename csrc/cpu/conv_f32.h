@@ -219,9 +219,10 @@ tiled::ChannelChunks tiled_chunks(const batch_inner::Geometry& p, const ConvGeom
   return tiled::channel_chunks(ptr.const_data_ptr<int32_t>(), rows, p.channels, per_chunk, key_of, keys_per_channel);
 }
 
+// With `pool`, out is the 2x2, stride-2 max-pool of the forward (tiled::pools_row_pairs must hold).
 inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
                                    const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
-                                   at::Tensor& out) {
+                                   at::Tensor& out, bool pool = false) {
   const batch_inner::Geometry p = tiled_packing(g);
   const at::Tensor packed = batch_inner::pack(x.const_data_ptr<float>(), activation_layout(x), g.batch, g.in_h,
                                               g.in_w, g.pad_h, g.pad_w, p);
@@ -231,7 +232,7 @@ inline void conv_forward_tiled_f32(const at::Tensor& x, const at::Tensor& vals, 
   });
   with_csr_taps(&vals, cols, g, p, [&](auto taps) {
     tiled::forward(packed.const_data_ptr<float>(), p, taps, chunks, g.out_channels, g.batch, g.out_h, g.out_w,
-                   g.stride_h, g.stride_w, bias, relu, activation_layout(out), out.mutable_data_ptr<float>());
+                   g.stride_h, g.stride_w, bias, relu, activation_layout(out), out.mutable_data_ptr<float>(), pool);
   });
 }
 
@@ -314,17 +315,30 @@ inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const 
   return true;
 }
 
-// The forward with its max-pool fused into the epilogue, where the forward takes the wide layout: each task pools the
-// planes it has just computed, so the full-size output is never written (a ResNet stem's 64 x 112 x 112 floats an
-// image, pooled 3x3 / 2 to a quarter of that). Elsewhere false: the tiled, batch-innermost and patch paths write
-// tiles of positions, not whole planes.
+// Whether conv_forward_max_pool_f32 fuses `pool` into this forward's epilogue, so that the full-size output is never
+// written: where the forward takes the wide layout, each task pools the planes it has just computed (any window: a
+// ResNet stem's 64 x 112 x 112 floats an image, pooled 3x3 / 2 to a quarter of that); where it takes the tiled
+// layout with tiles of whole row pairs (8x8, 4x4 and 2x2 maps: tiled::pools_row_pairs), a 2x2, stride-2 pool (a VGG
+// block's) reduces each tile before it is written. Not elsewhere: the other tilings, the batch-innermost and the
+// patch layouts write tiles of positions that no pool window fits.
+inline bool fuses_max_pool_f32(const ConvGeometry& g, int64_t nnz, const Pool& pool) {
+  if (!wide::fits_int32(input_packing(g))) return false;
+  if (use_tiled_forward(g, nnz))
+    return pool.h.is_2x2() && pool.w.is_2x2() && tiled::pools_row_pairs(g.out_h, g.out_w, g.stride_w);
+  return !use_batch_inner(g) && !use_patches(g, nnz);
+}
+
+// The forward with `pool` fused (where fuses_max_pool_f32 holds; false, nothing written, elsewhere): out is the
+// pooled map.
 inline bool conv_forward_max_pool_f32(const at::Tensor& x, const at::Tensor& vals, const at::Tensor& rp,
                                       const at::Tensor& cols, const float* bias, bool relu, const ConvGeometry& g,
                                       const Pool& pool, at::Tensor& out) {
+  if (!fuses_max_pool_f32(g, cols.numel(), pool)) return false;
+  if (use_tiled_forward(g, cols.numel())) {
+    conv_forward_tiled_f32(x, vals, rp, cols, bias, relu, g, out, true);
+    return true;
+  }
   const wide::PackedGeometry p = input_packing(g);
-  if (!wide::fits_int32(p) || use_tiled_forward(g, cols.numel()) || use_batch_inner(g) ||
-      use_patches(g, cols.numel()))
-    return false;
   conv_forward_wide_f32(x, vals, rp, cols, bias, relu, g, p, &pool, out);
   return true;
 }

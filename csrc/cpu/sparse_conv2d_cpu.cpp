@@ -111,12 +111,8 @@ ForwardOperands checked_forward_operands(const at::Tensor& input, const at::Tens
   return {g, values.contiguous(), row_ptr.contiguous(), col_idx.contiguous(), bias_c};
 }
 
-at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
-                            const at::Tensor& col_idx, at::IntArrayRef weight_shape,
-                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, bool relu) {
-  const ForwardOperands operands =
-      checked_forward_operands(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation);
+// The forward of checked operands.
+at::Tensor forward_checked(const at::Tensor& input, const ForwardOperands& operands, bool relu) {
   const ConvGeometry& g = operands.g;
   const at::Tensor &vals = operands.vals, &rp = operands.rp, &ci = operands.ci, &bias_c = operands.bias;
   // The output takes the input's layout (channels_last in, channels_last out); the float32 kernels read and write
@@ -169,6 +165,15 @@ at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, c
   });
   if (!nchw_out.is_same(out)) out.copy_(nchw_out);
   return out;
+}
+
+at::Tensor conv_forward_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                            const at::Tensor& col_idx, at::IntArrayRef weight_shape,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool relu) {
+  return forward_checked(
+      input, checked_forward_operands(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation),
+      relu);
 }
 
 at::Tensor conv_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& values, const at::Tensor& col_idx,
@@ -293,7 +298,8 @@ at::Tensor conv_forward_max_pool_cpu(const at::Tensor& input, const at::Tensor& 
   TORCH_CHECK_VALUE(out_h >= 1 && out_w >= 1, "conv_forward_max_pool: the convolution's ", g.out_h, "x", g.out_w,
                     " output is smaller than the pool's window (pool_kernel_size ", pool_kernel, ", pool_dilation ",
                     pool_dilation, ", pool_padding ", pool_padding, ")");
-  if (input.scalar_type() == at::kFloat && g.batch > 0 && g.out_channels > 0 && ci.numel() > 0) {
+  if (input.scalar_type() == at::kFloat && g.batch > 0 && g.out_channels > 0 && ci.numel() > 0 &&
+      cpu_isa::f32_kernels().fuses_max_pool(g, ci.numel(), pool)) {
     // The layout the two operators would give: the convolution's output takes the input's, the pool its input's.
     const at::MemoryFormat conv_format = output_memory_format(input);
     const at::Tensor conv_like = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
@@ -302,17 +308,17 @@ at::Tensor conv_forward_max_pool_cpu(const at::Tensor& input, const at::Tensor& 
                                input.options().memory_format(output_memory_format(conv_like)));
     advise_huge_pages(out);
     const float* bias_f32 = bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr;
-    if (cpu_isa::f32_kernels().conv_forward_max_pool(input.contiguous(conv_format), vals, rp, ci, bias_f32, relu, g,
-                                                     pool, out))
-      return out;
+    const bool fused = cpu_isa::f32_kernels().conv_forward_max_pool(input.contiguous(conv_format), vals, rp, ci,
+                                                                     bias_f32, relu, g, pool, out);
+    TORCH_CHECK(fused, "conv_forward_max_pool: the kernel declined a pool that fuses_max_pool accepted");
+    return out;
   }
   static auto max_pool2d = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("ptd_sparse_kernels::max_pool2d", "")
                                .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                                                  at::IntArrayRef)>();
-  return max_pool2d.call(
-      conv_forward_cpu(input, values, row_ptr, col_idx, weight_shape, bias, stride, padding, dilation, relu),
-      pool_kernel, pool_stride, pool_padding, pool_dilation);
+  return max_pool2d.call(forward_checked(input, operands, relu), pool_kernel, pool_stride, pool_padding,
+                         pool_dilation);
 }
 
 }  // namespace

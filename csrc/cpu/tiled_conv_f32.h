@@ -78,6 +78,7 @@ inline void sum_taps(const float* const* src, Taps taps, int64_t count, float in
 template <int kV>
 struct PositionTiles {
   static constexpr int kP = kAccumulators / kV;
+  static constexpr bool kRowPairs = false;  // see RowTiles
   const int64_t* windows;
   void sources(const float* block, int64_t first, int64_t count, const float** src) const {
     for (int q = 0; q < kP; ++q) src[q] = block + windows[first + std::min<int64_t>(q, count - 1)];
@@ -90,7 +91,10 @@ struct PositionTiles {
 
 template <int kV, int kR, int kC>
 struct RowTiles {
-  static constexpr int kP = kR * kC;
+  static constexpr int kP = kR * kC, kRows = kR, kWidth = kC;
+  // Whether a tile is pairs of whole rows of an even width, which a 2x2, stride-2 max-pool reduces within the tile
+  // (where the width is the map's: pools_row_pairs).
+  static constexpr bool kRowPairs = kR % 2 == 0 && kC % 2 == 0;
   const int64_t* windows;
   // Tiles are whole: the caller takes RowTiles only where they divide the map.
   void sources(const float* block, int64_t first, int64_t, const float** src) const {
@@ -268,15 +272,41 @@ inline int64_t channels_per_chunk(const batch_inner::Geometry& p, int64_t batch,
   return std::clamp<int64_t>(chunk, 1, p.channels);
 }
 
+// The 2x2, stride-2 max-pool of `block_rows` tiles of kR whole rows of kC positions ([kR * kC][kImages] each, kTile
+// floats apart) into `pooled` ([kR / 2 * kC / 2][kImages] each, as many floats apart), each value clamped at 0 first
+// where relu; NaN propagates as in max_pool2d.
+inline vec pooled_value(const float* at, bool relu) {
+  const vec v = load(at);
+  return relu ? (v < vec{} ? vec{} : v) : v;  // as std::max(value, 0.0f): NaN stays NaN
+}
+
+inline vec nan_max(vec a, vec b) { return a != a ? a : (a > b ? a : b); }  // b where b is NaN
+
+template <int kImages, int kR, int kC>
+inline void pool_row_pairs(const float* tiles, int64_t block_rows, bool relu, float* pooled) {
+  constexpr int64_t kTile = kR * kC * kImages, kPooledTile = kTile / 4;
+  for (int64_t k = 0; k < block_rows; ++k)
+    for (int pr = 0; pr < kR / 2; ++pr)
+      for (int pc = 0; pc < kC / 2; ++pc)
+        for (int i = 0; i < kImages; i += kLanes) {
+          const float* top = tiles + k * kTile + ((2 * pr) * kC + 2 * pc) * kImages + i;
+          const float* bottom = top + kC * kImages;
+          store(pooled + k * kPooledTile + (pr * (kC / 2) + pc) * kImages + i,
+                nan_max(nan_max(pooled_value(top, relu), pooled_value(top + kImages, relu)),
+                        nan_max(pooled_value(bottom, relu), pooled_value(bottom + kImages, relu))));
+        }
+}
+
 // A task is one batch block, one tile of positions and a range of rows. Chunk by chunk of input channels, every row
 // of the range adds its taps of the chunk to its accumulators (kept in `partial`, [rows of the range][tile]), so a
 // chunk's input windows are loaded into L1 once and then read by every row; the finished tiles are written out
-// (with bias and relu) a block of rows at a time.
+// (with bias and relu) a block of rows at a time. With `pool` (tiles of whole row pairs: pools_row_pairs), a block's
+// tiles are max-pooled 2x2 first and the pooled tiles written to the pooled map `out`.
 template <int kV, typename Tiles, typename Taps>
 inline void forward_tiles(const float* packed, const batch_inner::Geometry& p, const Tiles& tiling, Taps taps,
                           const ChannelChunks& chunks, int64_t rows, int64_t batch,
                           int64_t positions, const float* bias, bool relu, const wide::Layout& out_layout,
-                          float* out) {
+                          float* out, bool pool) {
   constexpr int kP = Tiles::kP;
   constexpr int64_t kImages = kV * kLanes, kTile = kP * kImages;
   const int64_t blocks = p.blocks(batch);
@@ -289,6 +319,8 @@ inline void forward_tiles(const float* packed, const batch_inner::Geometry& p, c
     const int64_t held = chunks.count == 1 ? rows_per_write : rows / parts + 1;
     std::vector<float, wide::UninitializedAllocator<float>> partial(held * kTile + kLanes);
     float* tiles_at = partial.data() + (-reinterpret_cast<uintptr_t>(partial.data()) / sizeof(float)) % kLanes;
+    std::vector<float, wide::UninitializedAllocator<float>> pooled(pool ? rows_per_write * kTile / 4 + kLanes : 0);
+    float* pooled_at = pooled.data() + (-reinterpret_cast<uintptr_t>(pooled.data()) / sizeof(float)) % kLanes;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / parts, part = task % parts;
       const int64_t first_row = part * rows / parts, last_row = (part + 1) * rows / parts;
@@ -306,94 +338,129 @@ inline void forward_tiles(const float* packed, const batch_inner::Geometry& p, c
             if (k == 0 || to > from)
               Tiles::run(src, taps.at(from), to - from, bias ? bias[r] : 0.0f, k > 0, tiles_at + (r - g) * kTile);
           }
-        for (int64_t r = g; r < g_end; r += rows_per_write)
-          write_tiles(tiles_at + (r - g) * kTile, kTile, std::min(rows_per_write, g_end - r), count, kImages,
-                      nb * kImages, first, batch, out_layout, r, relu, out);
+        for (int64_t r = g; r < g_end; r += rows_per_write) {
+          const int64_t block_rows = std::min(rows_per_write, g_end - r);
+          if constexpr (Tiles::kRowPairs) {
+            if (pool) {
+              pool_row_pairs<kImages, Tiles::kRows, Tiles::kWidth>(tiles_at + (r - g) * kTile, block_rows, relu,
+                                                                    pooled_at);
+              write_tiles(pooled_at, kTile / 4, block_rows, kP / 4, kImages, nb * kImages, first / 4, batch,
+                          out_layout, r, false, out);
+              continue;
+            }
+          }
+          write_tiles(tiles_at + (r - g) * kTile, kTile, block_rows, count, kImages, nb * kImages, first, batch,
+                      out_layout, r, relu, out);
+        }
       }
     }
   });
 }
 
-// Row tiles of width kC where the map allows them (stride_w 1): kR whole rows where kC is the map's width (as many
-// rows as fit the register block, at most 4 pointers, a power of two dividing the map's rows), else one segment of
-// a row where kC divides the width. Taken only where they fill at least half the register block: fewer accumulators
-// feed fewer FMAs per broadcast. Returns false where they do not apply.
-template <int kV, int kC, typename Taps>
-inline bool forward_row_tiles(const float* packed, const batch_inner::Geometry& p, const std::vector<int64_t>& windows,
-                              Taps taps, const ChannelChunks& chunks, int64_t rows, int64_t batch, int64_t out_h,
-                              int64_t out_w, const float* bias, bool relu, const wide::Layout& out_layout,
-                              float* out) {
-  if constexpr (kC * kV > kAccumulators) {
-    return false;
-  } else {
-    constexpr int kFit = std::min(4, kAccumulators / (kC * kV));
-    constexpr int kWholeRows = kFit >= 4 ? 4 : kFit >= 2 ? 2 : 1;
-    const auto run = [&](auto tiles) {
-      using Tiles = decltype(tiles);
-      if (2 * Tiles::kP * kV < kAccumulators) return false;
-      forward_tiles<kV>(packed, p, Tiles{windows.data()}, taps, chunks, rows, batch, out_h * out_w, bias, relu,
-                        out_layout, out);
-      return true;
-    };
-    if (out_w == kC && out_h % kWholeRows == 0) return run(RowTiles<kV, kWholeRows, kC>{});
-    if constexpr (kWholeRows == 4)  // a 2x2 map in blocks of two vectors: two rows of two positions
-      if (out_w == kC && out_h % 2 == 0) return run(RowTiles<kV, 2, kC>{});
-    if (out_w % kC == 0) return run(RowTiles<kV, 1, kC>{});
-    return false;
+// The tiling of a map in row tiles (RowTiles): `rows` whole rows of width out_w, or (rows 1) segments of `width`
+// positions; rows 0 where none applies. Widths are tried widest first: powers of two for CIFAR-sized maps (32, 16,
+// 8, 4, 2), 14 and 7 for ImageNet-sized ones (56, 28, 14, 7). Whole rows where the width is the map's (as many as fit
+// the register block, at most 4 pointers, a power of two dividing the map's rows), else one segment of a row where
+// the width divides the map's. Taken only where the tile fills at least half the register block: fewer accumulators
+// feed fewer FMAs per broadcast.
+struct RowTiling {
+  int rows, width;
+};
+
+template <int kV>
+inline RowTiling row_tiling(int64_t out_h, int64_t out_w) {
+  for (const int width : {16, 14, 8, 7, 4, 2}) {
+    if (width * kV > kAccumulators) continue;
+    const int fit = std::min(4, kAccumulators / (width * kV));
+    const int whole_rows = fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
+    const auto fills = [&](int rows) { return 2 * rows * width * kV >= kAccumulators; };
+    int rows = 0;
+    if (out_w == width && out_h % whole_rows == 0)
+      rows = whole_rows;
+    else if (whole_rows == 4 && out_w == width && out_h % 2 == 0)  // a 2x2 map in blocks of two vectors
+      rows = 2;
+    else if (out_w % width == 0)
+      rows = 1;
+    if (rows > 0 && fills(rows)) return {rows, width};
   }
+  return {0, 0};
 }
 
-// Widths of row tiles, tried widest first: powers of two for CIFAR-sized maps (32, 16, 8, 4, 2), 14 and 7 for
-// ImageNet-sized ones (56, 28, 14, 7).
-template <int kV, typename Taps>
-inline bool forward_any_row_tiles(const float* packed, const batch_inner::Geometry& p,
-                                  const std::vector<int64_t>& windows, Taps taps, const ChannelChunks& chunks,
-                                  int64_t rows, int64_t batch, int64_t out_h, int64_t out_w, const float* bias,
-                                  bool relu, const wide::Layout& out_layout, float* out) {
-  const auto width = [&](auto k) {
-    return forward_row_tiles<kV, decltype(k)::value>(packed, p, windows, taps, chunks, rows, batch, out_h, out_w,
-                                                     bias, relu, out_layout, out);
+// run(RowTiles<kV, rows, width>{}) for a run-time tiling (one of row_tiling's); false where it is none.
+template <int kV, typename Run>
+inline bool with_row_tiles(RowTiling tiling, Run run) {
+  bool ran = false;
+  const auto width = [&](auto c) {
+    constexpr int kC = decltype(c)::value;
+    if (tiling.width != kC) return;
+    const auto rows = [&](auto r) {
+      constexpr int kR = decltype(r)::value;
+      if constexpr (kR * kC * kV <= kAccumulators)
+        if (tiling.rows == kR) {
+          run(RowTiles<kV, kR, kC>{});
+          ran = true;
+        }
+    };
+    using std::integral_constant;
+    rows(integral_constant<int, 1>{}), rows(integral_constant<int, 2>{}), rows(integral_constant<int, 4>{});
   };
   using std::integral_constant;
-  return width(integral_constant<int, 16>{}) || width(integral_constant<int, 14>{}) ||
-         width(integral_constant<int, 8>{}) || width(integral_constant<int, 7>{}) ||
-         width(integral_constant<int, 4>{}) || width(integral_constant<int, 2>{});
+  width(integral_constant<int, 16>{}), width(integral_constant<int, 14>{}), width(integral_constant<int, 8>{});
+  width(integral_constant<int, 7>{}), width(integral_constant<int, 4>{}), width(integral_constant<int, 2>{});
+  return ran;
+}
+
+// Whether the forward of an out_h x out_w map takes tiles of pairs of whole rows that a fused 2x2,
+// stride-2 max-pool can reduce in its epilogue (forward_tiles with `pool`): rows 2 or 4 of an even width.
+inline bool pools_row_pairs(int64_t out_h, int64_t out_w, int64_t stride_w) {
+  if (stride_w != 1) return false;
+  const auto pairs = [&](RowTiling t) { return t.rows % 2 == 0 && t.rows > 0 && t.width == out_w && t.width % 2 == 0; };
+  switch (vectors_for(out_h * out_w)) {
+    case 1: return pairs(row_tiling<1>(out_h, out_w));
+    case 2: return pairs(row_tiling<2>(out_h, out_w));
+    default: return pairs(row_tiling<4>(out_h, out_w));
+  }
 }
 
 template <int kV, typename Taps>
 inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps taps,
                       const ChannelChunks& chunks, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                       int64_t stride_h, int64_t stride_w, const float* bias, bool relu,
-                      const wide::Layout& out_layout, float* out) {
+                      const wide::Layout& out_layout, float* out, bool pool) {
   const std::vector<int64_t> windows = batch_inner::windows(p, out_h, out_w, stride_h, stride_w);
-  if (stride_w == 1 && forward_any_row_tiles<kV>(packed, p, windows, taps, chunks, rows, batch, out_h, out_w, bias,
-                                                 relu, out_layout, out))
-    return;
-  forward_tiles<kV>(packed, p, PositionTiles<kV>{windows.data()}, taps, chunks, rows, batch, out_h * out_w,
-                    bias, relu, out_layout, out);
+  const auto run = [&](auto tiles) {
+    forward_tiles<kV>(packed, p, decltype(tiles){windows.data()}, taps, chunks, rows, batch, out_h * out_w, bias,
+                      relu, out_layout, out, pool);
+  };
+  const RowTiling tiling = stride_w == 1 ? row_tiling<kV>(out_h, out_w) : RowTiling{0, 0};
+  // The caller checks pools_row_pairs: out is the pooled map, which any other tiles would overrun.
+  TORCH_CHECK(!pool || (tiling.rows > 0 && tiling.rows % 2 == 0 && tiling.width == out_w && out_w % 2 == 0),
+              "tiled forward: a fused max-pool needs tiles of whole row pairs (pools_row_pairs)");
+  if (with_row_tiles<kV>(tiling, run)) return;
+  run(PositionTiles<kV>{});
 }
 
 // out[n, r, oh, ow] = relu?(bias[r] + sum over the taps of row r of value * input window), every image n, out laid
-// out as `out_layout`.
+// out as `out_layout`; with `pool` (where pools_row_pairs holds), its 2x2, stride-2 max-pool, out the pooled map.
 // packed: the input packed by batch_inner::pack with `p` from packing(); taps in CSR order with offsets into one
 // batch block, each row's split into chunks of input channels by channel_chunks().
 template <typename Taps>
 inline void forward(const float* packed, const batch_inner::Geometry& p, Taps taps,
                     const ChannelChunks& chunks, int64_t rows, int64_t batch, int64_t out_h, int64_t out_w,
                     int64_t stride_h, int64_t stride_w, const float* bias, bool relu, const wide::Layout& out_layout,
-                    float* out) {
+                    float* out, bool pool = false) {
   switch (p.images / kLanes) {
     case 1:
       forward_v<1>(packed, p, taps, chunks, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
-                   out);
+                   out, pool);
       break;
     case 2:
       forward_v<2>(packed, p, taps, chunks, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
-                   out);
+                   out, pool);
       break;
     default:
       forward_v<4>(packed, p, taps, chunks, rows, batch, out_h, out_w, stride_h, stride_w, bias, relu, out_layout,
-                   out);
+                   out, pool);
   }
 }
 

@@ -32,7 +32,9 @@ struct F32Kernels {
                        const at::Tensor& col_idx, const float* bias, bool relu, const ConvGeometry& g,
                        at::Tensor& out);
   // conv_forward followed by the max-pool `pool` (conv_forward_max_pool): out is the pooled map. Fused only where
-  // the forward takes the wide layout; false elsewhere (the caller then runs the two operators).
+  // fuses_max_pool says so (the layouts whose epilogue can pool); false elsewhere (the caller then runs the two
+  // operators).
+  bool (*fuses_max_pool)(const ConvGeometry& g, int64_t nnz, const Pool& pool);
   bool (*conv_forward_max_pool)(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                                 const at::Tensor& col_idx, const float* bias, bool relu, const ConvGeometry& g,
                                 const Pool& pool, at::Tensor& out);

@@ -17,9 +17,9 @@ namespace PTD_ISA_NAMESPACE {
 #include "../conv_f32.h"
 #include "../kd_row_f32.h"
 
-const cpu_isa::F32Kernels kernels = {PTD_ISA_NAME,          conv_forward_f32, conv_forward_max_pool_f32,
-                                     conv_backward_input_f32,  conv_backward_values_f32, kd_row_f32,
-                                     wide::kLanes};
+const cpu_isa::F32Kernels kernels = {PTD_ISA_NAME,           conv_forward_f32,        fuses_max_pool_f32,
+                                     conv_forward_max_pool_f32, conv_backward_input_f32, conv_backward_values_f32,
+                                     kd_row_f32,                wide::kLanes};
 
 }  // namespace PTD_ISA_NAMESPACE
 }  // namespace ptd_sparse
