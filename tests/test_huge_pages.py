@@ -1,5 +1,6 @@
 """The float32 CPU kernels ask for transparent huge pages for their large outputs (csrc/cpu/huge_pages.h): faulting in
-a fresh 200 MB output 4 KiB at a time cost a ResNet stem at batch 64 about half its time."""
+a fresh 200 MB output 4 KiB at a time cost a ResNet stem at batch 64 about half its time. Large outputs come from
+buffers the calling thread's earlier outputs released (cpu_isa::output_tensor), never from one still held."""
 from __future__ import annotations
 
 import sys
@@ -48,3 +49,42 @@ def test_large_outputs_ask_for_transparent_huge_pages():
                 flags = line.split()[1:]
                 break
     assert flags is not None and "hg" in flags
+
+
+def _large_layer():
+    x = torch.randn(2, 2, 300, 300)
+    weight = torch.randn(64, 2, 3, 3)
+    sparse = SparseConvWeight.from_dense(weight, torch.rand(weight.shape) < 0.5)
+    args = (sparse.values, sparse.pattern.row_ptr, sparse.pattern.col_idx, [64, 2, 3, 3], None, [1, 1], [1, 1],
+            [1, 1], True)
+    want = F.relu(F.conv2d(x, sparse.to_dense(), padding=1))
+    return x, args, want
+
+
+@needs_extension
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_large_outputs_reuse_released_buffers_and_never_held_ones(layout):
+    # 2 x 64 x 300 x 300 floats (46 MB) is above the 32 MiB at which outputs come from the kept buffers.
+    x, args, want = _large_layer()
+    x = x.contiguous(memory_format=layout)
+    forward = torch.ops.ptd_sparse_kernels.conv_forward
+    first = forward(x, *args)
+    assert first.nbytes >= 32 << 20 and first.is_contiguous(memory_format=layout) and first._base is None
+    torch.testing.assert_close(first, want, atol=1e-4, rtol=1e-4)
+    held = first.clone()
+    second = forward(x, *args)  # the first is still held: a buffer of its own
+    assert second.data_ptr() != first.data_ptr()
+    torch.testing.assert_close(first, held, rtol=0, atol=0)
+    address = second.data_ptr()
+    del second
+    third = forward(x, *args)  # the second's buffer, released
+    assert third.data_ptr() == address and third.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(third, want, atol=1e-4, rtol=1e-4)
+    # A view of an output holds its buffer too.
+    corner = third[:, :, :10, :10]
+    del third
+    fourth = forward(x, *args)
+    assert fourth.data_ptr() != address
+    torch.testing.assert_close(corner, want[:, :, :10, :10], atol=1e-4, rtol=1e-4)
+    pooled = torch.ops.ptd_sparse_kernels.max_pool2d(fourth, [1, 1], [1, 1], [0, 0], [1, 1])
+    torch.testing.assert_close(pooled, fourth, rtol=0, atol=0)

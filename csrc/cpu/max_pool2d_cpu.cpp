@@ -14,6 +14,7 @@
 
 #include "../conv_geometry.h"
 #include "huge_pages.h"
+#include "isa/dispatch.h"
 #include "max_pool_window.h"
 
 #include <algorithm>
@@ -127,8 +128,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, 
   const std::vector<int64_t> shape = pooled_shape(input, pool);
   const bool two_by_two = pool.h.is_2x2() && pool.w.is_2x2();
   if (is_channels_last(input)) {
-    at::Tensor out = at::empty(shape, input.options().memory_format(output_memory_format(input)));
-    advise_huge_pages(out);
+    at::Tensor out = cpu_isa::output_tensor(shape, input.options().memory_format(output_memory_format(input)));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "max_pool2d_cpu", [&] {
       if (two_by_two)
         return pool_positions_2x2(input.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), input.size(0),
@@ -139,8 +139,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, 
     return out;
   }
   const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty(shape, x.options());
-  advise_huge_pages(out);
+  at::Tensor out = cpu_isa::output_tensor(shape, x.options());
   const int64_t in_h = x.size(-2), in_w = x.size(-1), out_h = shape[shape.size() - 2], out_w = shape.back();
   const int64_t planes = in_h * in_w == 0 ? 0 : x.numel() / (in_h * in_w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "max_pool2d_cpu", [&] {

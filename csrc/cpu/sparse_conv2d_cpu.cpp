@@ -118,9 +118,9 @@ at::Tensor forward_checked(const at::Tensor& input, const ForwardOperands& opera
   // The output takes the input's layout (channels_last in, channels_last out); the float32 kernels read and write
   // NHWC directly, the generic loops below run NCHW and the result is copied.
   const at::MemoryFormat format = output_memory_format(input);
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
+  at::Tensor out = cpu_isa::output_tensor({g.batch, g.out_channels, g.out_h, g.out_w},
+                                          input.options().memory_format(format));
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
   if (ci.numel() == 0) {
     // No nonzeros (global pruning empties whole layers: the 512-channel layers of VGG19 at 95%): the output is the
     // bias, relu'd, and the input is never read, where the kernels below would still pack it.
@@ -304,9 +304,8 @@ at::Tensor conv_forward_max_pool_cpu(const at::Tensor& input, const at::Tensor& 
     const at::MemoryFormat conv_format = output_memory_format(input);
     const at::Tensor conv_like = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                                            input.options().device(at::kMeta).memory_format(conv_format));
-    at::Tensor out = at::empty({g.batch, g.out_channels, out_h, out_w},
-                               input.options().memory_format(output_memory_format(conv_like)));
-    advise_huge_pages(out);
+    at::Tensor out = cpu_isa::output_tensor({g.batch, g.out_channels, out_h, out_w},
+                                            input.options().memory_format(output_memory_format(conv_like)));
     const float* bias_f32 = bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr;
     const bool fused = cpu_isa::f32_kernels().conv_forward_max_pool(input.contiguous(conv_format), vals, rp, ci,
                                                                      bias_f32, relu, g, pool, out);

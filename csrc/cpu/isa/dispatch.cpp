@@ -167,5 +167,42 @@ at::Tensor packing_buffer(int64_t numel) {
   return fresh;
 }
 
+at::Tensor output_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  // The strides of `options`' memory format, from a tensor that allocates nothing.
+  const at::Tensor like = at::empty(sizes, options.device(at::kMeta));
+  const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
+  if (bytes < kHugePageAdviceMinBytes || bytes > kMaxKeptOutputBytes || !options.device().is_cpu()) {
+    at::Tensor out = at::empty(sizes, options);
+    advise_huge_pages(out);
+    return out;
+  }
+  // Flat byte buffers, each free while only this list holds its storage; the smallest free one that fits is taken.
+  thread_local std::vector<at::Tensor> kept;
+  const auto is_free = [](const at::Tensor& t) { return t.storage().use_count() == 1; };
+  at::Tensor* chosen = nullptr;
+  for (at::Tensor& buffer : kept)
+    if (is_free(buffer) && buffer.numel() >= bytes && (chosen == nullptr || buffer.numel() < chosen->numel()))
+      chosen = &buffer;
+  at::Tensor buffer;
+  if (chosen != nullptr) {
+    buffer = *chosen;
+  } else {
+    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+    advise_huge_pages(buffer);
+    if (kept.size() < static_cast<size_t>(kKeptOutputBuffers)) {
+      kept.push_back(buffer);
+    } else {
+      // Replace the smallest free buffer, if any is free and smaller.
+      at::Tensor* smallest = nullptr;
+      for (at::Tensor& held : kept)
+        if (is_free(held) && (smallest == nullptr || held.numel() < smallest->numel())) smallest = &held;
+      if (smallest != nullptr && smallest->numel() < bytes) *smallest = buffer;
+    }
+  }
+  at::Tensor out = at::empty({0}, options.memory_format(c10::nullopt));
+  out.set_(buffer.storage(), 0, like.sizes(), like.strides());
+  return out;
+}
+
 }  // namespace cpu_isa
 }  // namespace ptd_sparse
