@@ -145,25 +145,34 @@ std::vector<std::string> missing_baseline_features() {
   return missing;
 }
 
+namespace {
+
+// A kept buffer is in use while any tensor other than the list's own (the one handed out, a view of it, a tensor
+// sharing its storage) holds its storage.
+bool is_free(const at::Tensor& buffer) { return buffer.storage().use_count() == 1; }
+
+// Keeps `fresh` among at most `limit` buffers: appended while there is room, else in place of the smallest free
+// buffer, if any is free and smaller.
+void keep(std::vector<at::Tensor>& kept, const at::Tensor& fresh, int limit) {
+  if (kept.size() < static_cast<size_t>(limit)) {
+    kept.push_back(fresh);
+    return;
+  }
+  at::Tensor* smallest = nullptr;
+  for (at::Tensor& buffer : kept)
+    if (is_free(buffer) && (smallest == nullptr || buffer.numel() < smallest->numel())) smallest = &buffer;
+  if (smallest != nullptr && smallest->numel() < fresh.numel()) *smallest = fresh;
+}
+
+}  // namespace
+
 at::Tensor packing_buffer(int64_t numel) {
-  // In use while any tensor (the one handed out, or a view of it) holds its storage.
   thread_local std::vector<at::Tensor> kept;
-  const auto is_free = [](const at::Tensor& t) { return t.storage().use_count() == 1; };
   for (const at::Tensor& buffer : kept)
     if (is_free(buffer) && buffer.numel() >= numel) return buffer.narrow(0, 0, numel);
   at::Tensor fresh = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
   advise_huge_pages(fresh);
-  if (numel * int64_t{sizeof(float)} <= kMaxKeptPackingBytes) {
-    if (kept.size() < kKeptPackingBuffers) {
-      kept.push_back(fresh);
-    } else {
-      // Replace the smallest free buffer, if any is free and smaller.
-      at::Tensor* smallest = nullptr;
-      for (at::Tensor& buffer : kept)
-        if (is_free(buffer) && (smallest == nullptr || buffer.numel() < smallest->numel())) smallest = &buffer;
-      if (smallest != nullptr && smallest->numel() < numel) *smallest = fresh;
-    }
-  }
+  if (numel * int64_t{sizeof(float)} <= kMaxKeptPackingBytes) keep(kept, fresh, kKeptPackingBuffers);
   return fresh;
 }
 
@@ -176,9 +185,8 @@ at::Tensor output_tensor(at::IntArrayRef sizes, const at::TensorOptions& options
     advise_huge_pages(out);
     return out;
   }
-  // Flat byte buffers, each free while only this list holds its storage; the smallest free one that fits is taken.
+  // Flat byte buffers; the smallest free one that fits is taken.
   thread_local std::vector<at::Tensor> kept;
-  const auto is_free = [](const at::Tensor& t) { return t.storage().use_count() == 1; };
   at::Tensor* chosen = nullptr;
   for (at::Tensor& buffer : kept)
     if (is_free(buffer) && buffer.numel() >= bytes && (chosen == nullptr || buffer.numel() < chosen->numel()))
@@ -189,15 +197,7 @@ at::Tensor output_tensor(at::IntArrayRef sizes, const at::TensorOptions& options
   } else {
     buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
     advise_huge_pages(buffer);
-    if (kept.size() < static_cast<size_t>(kKeptOutputBuffers)) {
-      kept.push_back(buffer);
-    } else {
-      // Replace the smallest free buffer, if any is free and smaller.
-      at::Tensor* smallest = nullptr;
-      for (at::Tensor& held : kept)
-        if (is_free(held) && (smallest == nullptr || held.numel() < smallest->numel())) smallest = &held;
-      if (smallest != nullptr && smallest->numel() < bytes) *smallest = buffer;
-    }
+    keep(kept, buffer, kKeptOutputBuffers);
   }
   at::Tensor out = at::empty({0}, options.memory_format(c10::nullopt));
   out.set_(buffer.storage(), 0, like.sizes(), like.strides());
