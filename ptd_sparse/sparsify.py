@@ -24,7 +24,8 @@ torch.nn.utils.prune (`weight_orig` and `weight_mask`). For each one:
   large share of a sparse network's time once its convolutions run sparse. A max-pool that is the only reader of a
   folded Conv-BN(-ReLU) chain (a ResNet stem's, a VGG block's last) moves into the SparseConv2d (its `max_pool`)
   and becomes nn.Identity: the kernel then pools in its epilogue where it can, and never writes the full-size
-  output (SparseConv2d's docstring).
+  output (SparseConv2d's docstring). Only the fx trace shows that a pool is the only reader: a model fx cannot trace
+  keeps its pools as modules.
 - Other modules pruned with torch.nn.utils.prune (a Linear head) keep weight_orig * weight_mask as a plain weight,
   instead of a hook recomputing it on every forward (with inplace=True, the caller's modules lose their pruning
   re-parametrisation: torch.nn.utils.prune.remove then finds nothing to remove).
@@ -161,32 +162,27 @@ def _graph_patterns(model: nn.Module) -> list[tuple[str, str | None, str | None,
     return found
 
 
-def _fuse_pool(new: SparseConv2d, pool: nn.Module) -> None:
-    new.max_pool = MaxPool2d.of(pool)
-
-
-def _fold_sequential(target: nn.Module, backend: str | None, fuse_pools: bool, handled: set) -> None:
-    """The fallback for models fx cannot trace: Conv-BN(-ReLU)(-MaxPool) runs inside nn.Sequential containers."""
+def _fold_sequential(target: nn.Module, backend: str | None, handled: set) -> None:
+    """The fallback for models fx cannot trace: Conv-BN(-ReLU) runs inside nn.Sequential containers. Max-pools stay
+    where they are: without a trace, nothing shows that the pool is the ReLU's only reader (a forward that runs
+    `features[:6]` reads the activation between the ReLU and the pool)."""
     for parent_name, parent in list(target.named_modules()):
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
         for i, (child_name, child) in enumerate(children):
-            following = [c for _, c in children[i + 1:i + 4]]
+            following = [c for _, c in children[i + 1:i + 3]]
             if not isinstance(child, nn.Conv2d) or not following or not _plain_batch_norm(following[0]):
                 continue
             relu = len(following) > 1 and isinstance(following[1], nn.ReLU)
-            pool_at = 2 if relu else 1  # the position in `following` of a max-pool that may follow
-            pool = fuse_pools and len(following) > pool_at and MaxPool2d.replaces(following[pool_at])
             full_name = f"{parent_name}.{child_name}" if parent_name else child_name
             new = _convert(full_name, child, following[0], relu, backend)
             if new is None:
                 continue
-            if pool:
-                _fuse_pool(new, following[pool_at])
             setattr(parent, child_name, new)
-            for k in range(1 + relu + pool):
-                setattr(parent, children[i + 1 + k][0], nn.Identity())
+            setattr(parent, children[i + 1][0], nn.Identity())
+            if relu:
+                setattr(parent, children[i + 2][0], nn.Identity())
             handled.add(id(new))
 
 
@@ -203,7 +199,7 @@ def _fold_traced(target: nn.Module, patterns: list, backend: str | None, fuse_po
         if relu_name is not None:
             _replace(target, relu_name, nn.Identity())
         if fuse_pools and pool_name is not None:
-            _fuse_pool(new, target.get_submodule(pool_name))
+            new.max_pool = MaxPool2d.of(target.get_submodule(pool_name))
             _replace(target, pool_name, nn.Identity())
         handled.add(id(new))
 
@@ -236,7 +232,7 @@ def sparsify(model: nn.Module, inplace: bool = False, backend: str | None = None
         if patterns is None:
             _logger.info("ptd_sparse.sparsify: torch.fx cannot trace %s; folding BatchNorm only inside nn.Sequential",
                          type(target).__name__)
-            _fold_sequential(target, backend, fast_pooling, handled)
+            _fold_sequential(target, backend, handled)
         else:
             _fold_traced(target, patterns, backend, fast_pooling, handled)
     for name, module in list(target.named_modules()):

@@ -169,23 +169,26 @@ def main() -> None:
     # A 2x2 map: few (batch block, tile) pairs, so the rows are split across tasks too (with two threads or more).
     torch.set_num_threads(max(2, torch.get_num_threads()))
     conv_case("tiled 2x2 rows split", 64, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 16)
-    # Under 256 outputs per tap (batch x output positions) the forward and the weight gradient read the taps from the
     # The forward with a max-pool in its epilogue (conv_forward_max_pool): a ResNet stem's pool on the wide layout
     # (20 channels: a partial block of NHWC planes), a 2x2 pool leaving an odd row and column out, a dilated pool of
-    # unequal windows with padding, no relu; the tiled layout's 2x2 pools of row-pair tiles (8x8, 4x4 and 2x2 maps,
-    # a partial last batch block, chunks of input channels); where the tiles are not row pairs (16x16 maps, rows of
-    # one segment) or the pool is not 2x2, the operator runs the forward and the pool in turn.
+    # unequal windows with padding, no relu, and full blocks of 16 NHWC planes pooled to rows of 16 and more (their
+    # transposed writes); the tiled layout's 2x2 pools of row-pair tiles (on AVX-512 8x8, 4x4 and 2x2 maps, in the
+    # AVX2 and baseline copies 4x4: the others run unfused there), a partial last batch block, chunks of input
+    # channels; where the tiles are not row pairs (16x16 maps, rows of one segment) or the pool is not 2x2, the
+    # operator runs the forward and the pool in turn.
     stem_pool, pool_2x2 = ([3, 3], [2, 2], [1, 1], [1, 1]), ([2, 2], [2, 2], [0, 0], [1, 1])
     conv_case("wide 7x7 s2 p3 + stem pool", 2, 3, 20, (23, 21), 7, 2, 3, 1, 0.3, 32, relu=True, pool=stem_pool)
     conv_case("wide 3x3 + 2x2 pool", 2, 8, 6, (21, 19), 3, 1, 1, 1, 0.3, 33, pool=pool_2x2)
     conv_case("wide 3x3 + dilated pool", 1, 5, 17, (19, 20), 3, 1, 1, 1, 0.4, 34, relu=True,
               pool=([3, 2], [1, 2], [1, 0], [2, 1]))
+    conv_case("wide 3x3 + 2x2 pool, 32 channels", 1, 6, 32, (36, 34), 3, 1, 1, 1, 0.3, 41, relu=True, pool=pool_2x2)
     conv_case("tiled 8x8 + 2x2 pool", 64, 16, 20, (8, 8), 3, 1, 1, 1, 0.3, 35, relu=True, pool=pool_2x2)
     conv_case("tiled 8x8 + 2x2 pool partial block", 40, 16, 36, (8, 8), 3, 1, 1, 1, 0.3, 36, pool=pool_2x2)
     conv_case("tiled 4x4 + 2x2 pool chunks", 32, 96, 40, (4, 4), 3, 1, 1, 1, 0.5, 37, relu=True, pool=pool_2x2)
     conv_case("tiled 2x2 + 2x2 pool", 64, 16, 24, (2, 2), 3, 1, 1, 1, 0.4, 38, relu=True, pool=pool_2x2)
     conv_case("tiled 16x16 + 2x2 pool (unfused)", 16, 20, 20, (16, 16), 3, 1, 1, 1, 0.6, 39, pool=pool_2x2)
     conv_case("tiled 8x8 + stem pool (unfused)", 64, 16, 20, (8, 8), 3, 1, 1, 1, 0.3, 40, pool=stem_pool)
+    # Under 256 outputs per tap (batch x output positions) the forward and the weight gradient read the taps from the
     # CSR arrays instead of a list (conv_f32.h, with_csr_taps): the cases above all list them except the wide short
     # rows, the strided wide case and the 1x1; these two take the tiled and the batch-innermost layouts that way.
     conv_case("tiled 2x2 csr taps", 60, 16, 9, (2, 2), 3, 1, 1, 1, 0.4, 17)

@@ -192,7 +192,9 @@ def test_pools_that_are_not_the_only_reader_or_not_exact_stay_unfused():
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_an_untraceable_model_fuses_the_pool_of_a_sequential():
+def test_an_untraceable_model_keeps_its_pools_unfused():
+    """Without the fx trace nothing shows that a pool is the ReLU's only reader (a forward may run features[:3]):
+    the nn.Sequential fallback folds BatchNorm and ReLU and leaves the pools as (fast) modules."""
     class Untraceable(nn.Module):
         def __init__(self):
             super().__init__()
@@ -209,9 +211,9 @@ def test_an_untraceable_model_fuses_the_pool_of_a_sequential():
     for index in (0, 4):
         prune.l1_unstructured(model.body[index], "weight", 0.7)
     fast = ptd_sparse.sparsify(model, routes="sparse")
-    assert [type(m).__name__ for m in fast.body] == ["SparseConv2d", "Identity", "Identity", "Identity",
-                                                      "SparseConv2d", "Identity", "Identity"]
-    assert fast.body[0].max_pool.kernel_size == (2, 2) and fast.body[4].max_pool.kernel_size == (3, 3)
+    assert [type(m).__name__ for m in fast.body] == ["SparseConv2d", "Identity", "Identity", "MaxPool2x2",
+                                                      "SparseConv2d", "Identity", "MaxPool2d"]
+    assert fast.body[0].max_pool is None and fast.body[4].max_pool is None
     x = torch.randn(2, 3, 15, 13)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
@@ -240,6 +242,16 @@ def test_the_module_pools_on_calls_that_want_gradients_and_in_compiled_graphs(ge
         eager = sparse(x.detach())
         compiled = torch.compile(sparse, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x.detach()), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_max_pool_takes_only_the_pool_the_fused_operator_computes(generator):
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    sparse = SparseConv2d.from_conv(conv, random_mask(conv.weight.shape, 0.3, generator))
+    with pytest.raises(TypeError, match="max_pool must be a ptd_sparse.nn.MaxPool2d or None, got MaxPool2d"):
+        sparse.max_pool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+    sparse.max_pool = MaxPool2d.of(nn.MaxPool2d(3, 2, 1))
+    sparse.max_pool = None
+    assert sparse.max_pool is None
 
 
 def test_the_fused_pool_survives_copies_saves_and_old_pickles(generator):

@@ -88,3 +88,17 @@ def test_large_outputs_reuse_released_buffers_and_never_held_ones(layout):
     torch.testing.assert_close(corner, want[:, :, :10, :10], atol=1e-4, rtol=1e-4)
     pooled = torch.ops.ptd_sparse_kernels.max_pool2d(fourth, [1, 1], [1, 1], [0, 0], [1, 1])
     torch.testing.assert_close(pooled, fourth, rtol=0, atol=0)
+
+
+@needs_extension
+def test_an_output_moved_into_shared_memory_is_never_written_again():
+    # Sending a tensor to another process moves its storage into shared memory in place; that process may still read
+    # it after this one has let go, so the buffer is dropped from the kept ones.
+    x, args, _ = _large_layer()
+    forward = torch.ops.ptd_sparse_kernels.conv_forward
+    out = forward(x, *args)
+    out.share_memory_()
+    shared = out.data_ptr()
+    del out
+    for _ in range(3):
+        assert forward(x, *args).data_ptr() != shared

@@ -318,7 +318,8 @@ inline bool conv_forward_f32(const at::Tensor& x, const at::Tensor& vals, const 
 // Whether conv_forward_max_pool_f32 fuses `pool` into this forward's epilogue, so that the full-size output is never
 // written: where the forward takes the wide layout, each task pools the planes it has just computed (any window: a
 // ResNet stem's 64 x 112 x 112 floats an image, pooled 3x3 / 2 to a quarter of that); where it takes the tiled
-// layout with tiles of whole row pairs (8x8, 4x4 and 2x2 maps: tiled::pools_row_pairs), a 2x2, stride-2 pool (a VGG
+// layout with tiles of whole row pairs (tiled::pools_row_pairs: on AVX-512 8x8, 4x4 and 2x2 maps, in the AVX2 and
+// baseline copies, whose register blocks are smaller, 4x4), a 2x2, stride-2 pool (a VGG
 // block's) reduces each tile before it is written. Not elsewhere: the other tilings, the batch-innermost and the
 // patch layouts write tiles of positions that no pool window fits.
 inline bool fuses_max_pool_f32(const ConvGeometry& g, int64_t nnz, const Pool& pool) {

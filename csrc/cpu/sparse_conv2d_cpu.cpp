@@ -279,9 +279,10 @@ at::Tensor conv_backward_values_cpu(const at::Tensor& grad_output, const at::Ten
 }
 
 // conv_forward, then max_pool2d(pool_kernel, pool_stride, pool_padding, pool_dilation) of its output, in one call
-// (an inference SparseConv2d whose output only a max-pool reads: ptd_sparse.sparsify). float32 forwards in the wide
-// layout pool in their epilogue (csrc/cpu/conv_f32.h, conv_forward_max_pool_f32) and never write the full-size
-// output; every other call runs the two operators one after the other. The values are the same either way.
+// (an inference SparseConv2d whose output only a max-pool reads: ptd_sparse.sparsify). float32 forwards whose layout
+// can pool in its epilogue (csrc/cpu/conv_f32.h, fuses_max_pool_f32: the wide layout, the tiled layout's row-pair
+// tiles) never write the full-size output; every other call runs the two operators one after the other. The values
+// are the same either way.
 at::Tensor conv_forward_max_pool_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                                      const at::Tensor& col_idx, at::IntArrayRef weight_shape,
                                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,

@@ -72,8 +72,9 @@ class SparseConv2d(nn.Module):
     `max_pool` (None, or a ptd_sparse.nn.MaxPool2d that sparsify moves here when it is the only reader of this
     layer's output) is applied to every route's output. An inference call that goes straight to the CPU forward
     operator runs ptd_sparse_kernels::conv_forward_max_pool instead, which pools in the kernel's epilogue where the
-    forward takes the wide layout: a ResNet stem's full-size output (64 x 112 x 112 floats an image) is then never
-    written (64 images, channels_last, density 0.1: 90 -> 53 ms, Xeon).
+    forward's layout allows it (the wide layout, any window; the tiled layout's row-pair tiles, 2x2): a ResNet stem's
+    full-size output (64 x 112 x 112 floats an image) is then never written (64 images, channels_last, density 0.1:
+    77 -> 47 ms, Xeon).
 
     Held: values, row_ptr and col_idx, what the forward kernels read: in eval mode on a CPU col_idx is int16 where the
     weight's columns allow it (column_dtype), 6 bytes per float32 nonzero; state dicts hold it as int32, the canonical
@@ -369,6 +370,17 @@ class SparseConv2d(nn.Module):
     def _wants_grad(self, input: Tensor) -> bool:
         return torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad or
                                             (self.bias is not None and self.bias.requires_grad))
+
+    def __setattr__(self, name, value):
+        if name == "max_pool" and value is not None:
+            from ptd_sparse.nn.pooling import MaxPool2d  # pooling imports this module
+
+            # The fused operator reads the pool's window alone: only a pool that is exactly that window (floor mode,
+            # no indices) gives every route the same result.
+            if not isinstance(value, MaxPool2d):
+                raise TypeError(f"max_pool must be a ptd_sparse.nn.MaxPool2d or None, got {type(value).__name__} "
+                                f"(ptd_sparse.nn.MaxPool2d.of converts an nn.MaxPool2d in floor mode)")
+        super().__setattr__(name, value)
 
     def _sparse_backend(self, input: Tensor) -> str:
         # The sparse kernel of the device's preferred backend, whatever the density: the sparse route is the sparse

@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -176,32 +177,53 @@ at::Tensor packing_buffer(int64_t numel) {
   return fresh;
 }
 
+namespace {
+
+// An output buffer and the memory it was allocated with.
+struct KeptOutput {
+  at::Tensor buffer;
+  const void* memory;
+};
+
+// `buffer` as a tensor of `sizes` in `options`' memory format, sharing its storage.
+at::Tensor shaped(const at::Tensor& buffer, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const at::Tensor like = at::empty(sizes, options.device(at::kMeta));  // the format's strides, nothing allocated
+  at::Tensor out = at::empty({0}, options.memory_format(c10::nullopt));
+  out.set_(buffer.storage(), 0, like.sizes(), like.strides());
+  return out;
+}
+
+}  // namespace
+
 at::Tensor output_tensor(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  // The strides of `options`' memory format, from a tensor that allocates nothing.
-  const at::Tensor like = at::empty(sizes, options.device(at::kMeta));
-  const int64_t bytes = like.numel() * static_cast<int64_t>(like.element_size());
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
   if (bytes < kHugePageAdviceMinBytes || bytes > kMaxKeptOutputBytes || !options.device().is_cpu()) {
     at::Tensor out = at::empty(sizes, options);
     advise_huge_pages(out);
     return out;
   }
-  // Flat byte buffers; the smallest free one that fits is taken.
-  thread_local std::vector<at::Tensor> kept;
-  at::Tensor* chosen = nullptr;
-  for (at::Tensor& buffer : kept)
-    if (is_free(buffer) && buffer.numel() >= bytes && (chosen == nullptr || buffer.numel() < chosen->numel()))
-      chosen = &buffer;
-  at::Tensor buffer;
-  if (chosen != nullptr) {
-    buffer = *chosen;
+  thread_local std::vector<KeptOutput> kept;
+  // A buffer whose storage no longer holds the memory it was allocated with was moved (into shared memory, to be sent
+  // to another process, which may still read it after this one has let go): dropped, never handed out again.
+  kept.erase(std::remove_if(kept.begin(), kept.end(),
+                            [](const KeptOutput& k) { return k.buffer.storage().data() != k.memory; }),
+             kept.end());
+  // Only a buffer of exactly the output's size is reused: the output's storage then holds the output and nothing
+  // else (no bytes of an earlier call go with a copy or a torch.save of it), and a network's layers repeat their
+  // sizes on every forward.
+  for (const KeptOutput& k : kept)
+    if (is_free(k.buffer) && k.buffer.numel() == bytes) return shaped(k.buffer, sizes, options);
+  at::Tensor fresh = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  advise_huge_pages(fresh);
+  const KeptOutput entry{fresh, fresh.storage().data()};
+  if (kept.size() < static_cast<size_t>(kKeptOutputBuffers)) {
+    kept.push_back(entry);
   } else {
-    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    advise_huge_pages(buffer);
-    keep(kept, buffer, kKeptOutputBuffers);
+    // In place of a free buffer of another size, if any.
+    const auto free = std::find_if(kept.begin(), kept.end(), [](const KeptOutput& k) { return is_free(k.buffer); });
+    if (free != kept.end()) *free = entry;
   }
-  at::Tensor out = at::empty({0}, options.memory_format(c10::nullopt));
-  out.set_(buffer.storage(), 0, like.sizes(), like.strides());
-  return out;
+  return shaped(fresh, sizes, options);
 }
 
 }  // namespace cpu_isa

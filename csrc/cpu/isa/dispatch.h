@@ -70,11 +70,12 @@ constexpr int64_t kMaxKeptPackingBytes = int64_t{512} << 20;
 at::Tensor packing_buffer(int64_t numel);
 
 // An uninitialised tensor of `sizes` (dtype, device and memory format from `options`) for an operator's output.
-// Outputs of at least kHugePageAdviceMinBytes come from buffers this calling thread's earlier outputs released
-// (at most kKeptOutputBuffers of at most kMaxKeptOutputBytes each): a fresh allocation of that size is mapped anew by
-// the C library and its pages faulted in and zeroed on first write, 8% of a torchvision ResNet18's forward at batch
-// 64 (perf, Xeon), every forward again. Smaller outputs are heap blocks the C library reuses itself. The tensor
-// shares the buffer's storage (no view of it): it is free again once no tensor holds that storage.
+// Outputs of at least kHugePageAdviceMinBytes come from buffers of exactly their size that this calling thread's
+// earlier outputs released (at most kKeptOutputBuffers of at most kMaxKeptOutputBytes each): a fresh allocation of
+// that size is mapped anew by the C library and its pages faulted in and zeroed on first write, 8% of a torchvision
+// ResNet18's forward at batch 64 (perf, Xeon), every forward again. Smaller outputs are heap blocks the C library
+// reuses itself. The tensor shares the buffer's storage (no view of it): it is free again once no tensor holds that
+// storage, and never again once the storage was moved into shared memory.
 constexpr int kKeptOutputBuffers = 4;
 constexpr int64_t kMaxKeptOutputBytes = int64_t{512} << 20;
 at::Tensor output_tensor(at::IntArrayRef sizes, const at::TensorOptions& options);
