@@ -11,7 +11,7 @@ from torch.nn.modules.utils import _pair
 
 from ptd_sparse import _extension
 from ptd_sparse.conv_geometry import is_channels_last
-from ptd_sparse.nn.sparse_conv2d import _tracing
+from ptd_sparse.nn.tracing import tracing as _tracing
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

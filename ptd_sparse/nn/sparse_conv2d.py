@@ -16,6 +16,8 @@ from ptd_sparse.fingerprint import content_key
 from ptd_sparse.functional import sparse_conv2d_indexed
 from ptd_sparse.native import sparse_conv2d as native_sparse_conv2d
 from ptd_sparse.nn import measured_route
+from ptd_sparse.nn.pooling import MaxPool2d
+from ptd_sparse.nn.tracing import tracing as _tracing
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight, dense_weight, transposed_view
 
 _logger = logging.getLogger("ptd_sparse")
@@ -47,11 +49,6 @@ def explicit_padding(conv: nn.Conv2d) -> list[int] | None:
         left_w, right_w, left_h, right_h = conv._reversed_padding_repeated_twice
         return [left_h, left_w] if (left_h, left_w) == (right_h, right_w) else None
     return list(conv.padding)
-
-
-def _tracing() -> bool:
-    """Whether this call is being traced (torch.jit.trace) or compiled/exported (torch.compile, torch.export)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class SparseConv2d(nn.Module):
@@ -373,8 +370,6 @@ class SparseConv2d(nn.Module):
 
     def __setattr__(self, name, value):
         if name == "max_pool" and value is not None:
-            from ptd_sparse.nn.pooling import MaxPool2d  # pooling imports this module
-
             # The fused operator reads the pool's window alone: only a pool that is exactly that window (floor mode,
             # no indices) gives every route the same result.
             if not isinstance(value, MaxPool2d):
