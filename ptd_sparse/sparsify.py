@@ -122,12 +122,11 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _only_module_reader(model: nn.Module, node, calls, accepts) -> str | None:
-    """The qualified name of node's only reader where that is a module called once that `accepts`, else None."""
+def _only_module_reader(node, calls, accepts):
+    """node's only reader where that is a module call, of a module called once, that `accepts` (a node), else None."""
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1 \
-            and accepts(module_graph.module_of(model, users[0])):
-        return users[0].target
+    if len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1 and accepts(users[0]):
+        return users[0]
     return None
 
 
@@ -152,13 +151,11 @@ def _graph_patterns(model: nn.Module) -> list[tuple[str, str | None, str | None,
         if not _plain_batch_norm(bn) or calls[bn_node.target] != 1 or bn.num_features != conv.out_channels:
             found.append((node.target, None, None, None))
             continue
-        relu_name, last = None, bn_node
-        after = list(bn_node.users)
-        if len(after) == 1 and after[0].op == "call_module" and module_graph.is_relu(model, after[0]) \
-                and calls[after[0].target] == 1:
-            relu_name, last = after[0].target, after[0]
-        pool_name = _only_module_reader(model, last, calls, MaxPool2d.replaces)
-        found.append((node.target, bn_node.target, relu_name, pool_name))
+        relu = _only_module_reader(bn_node, calls, lambda reader: module_graph.is_relu(model, reader))
+        pool = _only_module_reader(bn_node if relu is None else relu, calls,
+                                   lambda reader: MaxPool2d.replaces(module_graph.module_of(model, reader)))
+        found.append((node.target, bn_node.target, None if relu is None else relu.target,
+                      None if pool is None else pool.target))
     return found
 
 

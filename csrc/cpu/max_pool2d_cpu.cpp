@@ -13,12 +13,10 @@
 #include <torch/library.h>
 
 #include "../conv_geometry.h"
-#include "huge_pages.h"
 #include "isa/dispatch.h"
 #include "max_pool_window.h"
 
 #include <algorithm>
-#include <limits>
 #include <vector>
 
 namespace ptd_sparse {

@@ -272,9 +272,6 @@ inline int64_t channels_per_chunk(const batch_inner::Geometry& p, int64_t batch,
   return std::clamp<int64_t>(chunk, 1, p.channels);
 }
 
-// The 2x2, stride-2 max-pool of `block_rows` tiles of kR whole rows of kC positions ([kR * kC][kImages] each, kTile
-// floats apart) into `pooled` ([kR / 2 * kC / 2][kImages] each, as many floats apart), each value clamped at 0 first
-// where relu; NaN propagates as in max_pool2d.
 inline vec pooled_value(const float* at, bool relu) {
   const vec v = load(at);
   return relu ? (v < vec{} ? vec{} : v) : v;  // as std::max(value, 0.0f): NaN stays NaN
@@ -282,6 +279,9 @@ inline vec pooled_value(const float* at, bool relu) {
 
 inline vec nan_max(vec a, vec b) { return a != a ? a : (a > b ? a : b); }  // b where b is NaN
 
+// The 2x2, stride-2 max-pool of `block_rows` tiles of kR whole rows of kC positions ([kR * kC][kImages] each, kTile
+// floats apart) into `pooled` ([kR / 2 * kC / 2][kImages] each, as many floats apart), each value clamped at 0 first
+// where relu; NaN propagates as in max_pool2d.
 template <int kImages, int kR, int kC>
 inline void pool_row_pairs(const float* tiles, int64_t block_rows, bool relu, float* pooled) {
   constexpr int64_t kTile = kR * kC * kImages, kPooledTile = kTile / 4;
