@@ -65,6 +65,13 @@ def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation,
         want = want.clamp_min(0)
     got = ops.conv_forward(x, values, p.row_ptr, p.col_idx, shape, bias, st, pad, dil, relu)
     close(got, want, f"{name} forward")
+    # Every output is summed within one task, so the threads' split of the work never changes a bit of it.
+    threads = torch.get_num_threads()
+    for count in (1, max(2, threads)):
+        torch.set_num_threads(count)
+        assert torch.equal(ops.conv_forward(x, values, p.row_ptr, p.col_idx, shape, bias, st, pad, dil, relu), got), \
+            f"{extension.cpu_kernel_isa()}: {name}: the forward with {count} threads"
+    torch.set_num_threads(threads)
     # channels_last in, channels_last out: the packers and output writers of every layout read and write NHWC.
     got_nhwc = ops.conv_forward(x.contiguous(memory_format=torch.channels_last), values, p.row_ptr, p.col_idx, shape,
                                 bias, st, pad, dil, relu)
@@ -129,6 +136,14 @@ def main() -> None:
     conv_case("wide 7x7 s2 p3", 2, 3, 8, (21, 18), 7, 2, 3, 1, 0.3, 28, relu=True)
     # A row of 1-3 vectors (AVX-512), whose taps are split between two sets of accumulators.
     conv_case("wide 5x5 map short row", 1, 8, 6, (5, 5), 3, 1, 1, 1, 0.4, 23)
+    # Chunks of input channels on the wide layout (conv_f32.h, wide_channels_per_chunk): where an image's packed
+    # input exceeds 32 KiB, each thread runs its rows of an image chunk by chunk. A 7x7 map of 320 channels at batch 1
+    # (4 chunks, three blocks of NHWC rows), rows with empty chunks, images split between threads (batch 3, stride 2:
+    # four phase planes a channel) and rows of several passes (30x30), the fused ReLU and a fused pool.
+    conv_case("wide 7x7 b1 channel chunks", 1, 320, 40, (7, 7), 3, 1, 1, 1, 0.1, 42)
+    conv_case("wide 7x7 empty chunks", 1, 320, 24, (7, 7), 3, 1, 1, 1, 0.1, 43, half_rows_skip_half_channels=True)
+    conv_case("wide 20x18 s2 chunks b3 relu", 3, 48, 20, (20, 18), 3, 2, 1, 1, 0.3, 44, relu=True)
+    conv_case("wide 30x30 chunks several passes", 2, 40, 12, (30, 30), 3, 1, 1, 1, 0.3, 45)
     # Patch layout (a few images on maps of 16 outputs or fewer): one vector of outputs, several (13 images of 3x3,
     # where the AVX2 and baseline copies take the wide layout), stride 2 with dilation, 20 rows (a partial block of
     # NHWC rows), the fused ReLU, 20 input channels (NHWC packing: a full block of channels and a partial one).
@@ -182,6 +197,7 @@ def main() -> None:
     conv_case("wide 3x3 + dilated pool", 1, 5, 17, (19, 20), 3, 1, 1, 1, 0.4, 34, relu=True,
               pool=([3, 2], [1, 2], [1, 0], [2, 1]))
     conv_case("wide 3x3 + 2x2 pool, 32 channels", 1, 6, 32, (36, 34), 3, 1, 1, 1, 0.3, 41, relu=True, pool=pool_2x2)
+    conv_case("wide 14x14 chunks + 2x2 pool", 1, 160, 20, (14, 14), 3, 1, 1, 1, 0.2, 46, relu=True, pool=pool_2x2)
     conv_case("tiled 8x8 + 2x2 pool", 64, 16, 20, (8, 8), 3, 1, 1, 1, 0.3, 35, relu=True, pool=pool_2x2)
     conv_case("tiled 8x8 + 2x2 pool partial block", 40, 16, 36, (8, 8), 3, 1, 1, 1, 0.3, 36, pool=pool_2x2)
     conv_case("tiled 4x4 + 2x2 pool chunks", 32, 96, 40, (4, 4), 3, 1, 1, 1, 0.5, 37, relu=True, pool=pool_2x2)

@@ -119,7 +119,7 @@ inline void forward(const float* packed, const Rows& patch_rows, const Index* co
       const int64_t first = task * block, count = std::min(block, rows - first);
       for (int64_t k = 0; k < count; ++k)
         wide::gather_row(packed, taps.at(row_ptr[first + k]), row_ptr[first + k + 1] - row_ptr[first + k],
-                         bias ? bias[first + k] : 0.0f, sums.data() + k * length, length);
+                         bias ? bias[first + k] : 0.0f, false, sums.data() + k * length, length);
       for (int64_t n = 0; n < batch; ++n) {
         float* dst = out + out_layout.plane(n, first);
         for (int64_t q = 0; q < positions; ++q)

@@ -10,6 +10,7 @@
 namespace ptd_sparse {
 namespace PTD_ISA_NAMESPACE {
 
+#include "../channel_chunks.h"
 #include "../wide_conv_f32.h"
 #include "../patch_conv_f32.h"
 #include "../tiled_conv_f32.h"
