@@ -137,13 +137,16 @@ def main() -> None:
     # A row of 1-3 vectors (AVX-512), whose taps are split between two sets of accumulators.
     conv_case("wide 5x5 map short row", 1, 8, 6, (5, 5), 3, 1, 1, 1, 0.4, 23)
     # Chunks of input channels on the wide layout (conv_f32.h, wide_channels_per_chunk): where an image's packed
-    # input exceeds 32 KiB, each thread runs its rows of an image chunk by chunk. A 7x7 map of 320 channels at batch 1
-    # (4 chunks, three blocks of NHWC rows), rows with empty chunks, images split between threads (batch 3, stride 2:
-    # four phase planes a channel) and rows of several passes (30x30), the fused ReLU and a fused pool.
+    # input exceeds 32 KiB (for the data gradient, grad_output's), each thread runs its rows of an image chunk by
+    # chunk. A 7x7 map of 320 channels at batch 1 (4 chunks, three blocks of NHWC rows), rows with empty chunks,
+    # images split between threads (batch 3, stride 2: four phase planes a channel) and rows of several passes
+    # (30x30), the fused ReLU and a fused pool.
     conv_case("wide 7x7 b1 channel chunks", 1, 320, 40, (7, 7), 3, 1, 1, 1, 0.1, 42)
     conv_case("wide 7x7 empty chunks", 1, 320, 24, (7, 7), 3, 1, 1, 1, 0.1, 43, half_rows_skip_half_channels=True)
     conv_case("wide 20x18 s2 chunks b3 relu", 3, 48, 20, (20, 18), 3, 2, 1, 1, 0.3, 44, relu=True)
     conv_case("wide 30x30 chunks several passes", 2, 40, 12, (30, 30), 3, 1, 1, 1, 0.3, 45)
+    # The data gradient runs the wide layout over grad_output, chunked by output channel: 320 of them at 7x7.
+    conv_case("wide 7x7 data gradient chunks", 1, 24, 320, (7, 7), 3, 1, 1, 1, 0.1, 47)
     # Patch layout (a few images on maps of 16 outputs or fewer): one vector of outputs, several (13 images of 3x3,
     # where the AVX2 and baseline copies take the wide layout), stride 2 with dilation, 20 rows (a partial block of
     # NHWC rows), the fused ReLU, 20 input channels (NHWC packing: a full block of channels and a partial one).
