@@ -12,10 +12,9 @@
 // batch_inner::Geometry), tap (kh, kw) flipped when `flipped` (the data gradient's kernel) and the channel term left
 // out when `without_channel`. A table of C_in * KH * KW entries built per call makes each nonzero's tap one load:
 // decoding every column with three integer divisions cost more than the arithmetic itself at batch 1, where each
-// tap is applied to a few dozen outputs only.
-// Both packings' offsets are linear in the channel, so each tap's spatial term is computed once (with the packing's
-// divisions by the stride) and the channels add multiples of one stride: per channel and tap, the divisions took
-// ~7 us of a 512-channel layer's call at batch 1.
+// tap is applied to a few dozen outputs only. Both packings' offsets are linear in the channel, so each tap's
+// spatial term is computed once (with the packing's divisions by the stride) and the channels add multiples of one
+// stride: computed per channel and tap, the divisions took ~7 us of a 512-channel layer's call at batch 1.
 template <typename Packing>
 std::vector<int32_t> column_offsets(const ConvGeometry& g, const Packing& p, bool flipped, bool without_channel) {
   const int64_t taps = g.taps();
@@ -215,9 +214,9 @@ inline bool use_tiled_weight_gradient(const ConvGeometry& g) {
 // output channel of the call: row_ptr for the forward, t_ptr for the data gradient) over an out_h x out_w map, the
 // input (packing `p`) read with the kernel's height.
 template <typename KeyOf>
-ChannelChunks tiled_chunks(const batch_inner::Geometry& p, const ConvGeometry& g, const at::Tensor& ptr,
-                                  int64_t out_h, int64_t out_w, int64_t stride_h, int64_t stride_w, int64_t nnz,
-                                  KeyOf key_of, int64_t keys_per_channel) {
+ChannelChunks tiled_chunks(const batch_inner::Geometry& p, const ConvGeometry& g, const at::Tensor& ptr, int64_t out_h,
+                           int64_t out_w, int64_t stride_h, int64_t stride_w, int64_t nnz, KeyOf key_of,
+                           int64_t keys_per_channel) {
   const int64_t rows = ptr.numel() - 1;
   const int64_t per_chunk = tiled::channels_per_chunk(p, g.batch, out_h, out_w, stride_h, stride_w,
                                                       (g.kernel_h - 1) * g.dil_h + 1, (g.kernel_w - 1) * g.dil_w + 1,
@@ -404,7 +403,7 @@ inline void conv_backward_input_tiled_f32(const at::Tensor& go, const at::Tensor
   const wide::ListedTaps taps{listed.data()};
   const int32_t* tr_ptr = tr.const_data_ptr<int32_t>();  // the output channel (here the input's) of every tap
   const ChannelChunks chunks = tiled_chunks(p, g, tp, g.in_h, g.in_w, 1, 1, cols.numel(),
-                                                   [&](int64_t j) { return int64_t{tr_ptr[j]}; }, 1);
+                                            [&](int64_t j) { return int64_t{tr_ptr[j]}; }, 1);
   tiled::forward(packed.const_data_ptr<float>(), p, taps, chunks, g.in_channels, g.batch, g.in_h, g.in_w, 1, 1,
                  nullptr, false, nchw_layout(g.in_channels, g.in_h, g.in_w), grad_input.mutable_data_ptr<float>());
 }
