@@ -93,6 +93,12 @@ def conv_case(name, batch, c_in, c_out, size, kernel, stride, padding, dilation,
                                     st, pad, dil) if not relu else None
     if got_x is not None:
         close(got_x, want_x, f"{name} grad_input")
+        for count in (1, max(2, threads)):  # the data gradient, too, sums each input element within one task
+            torch.set_num_threads(count)
+            assert torch.equal(ops.conv_backward_input(grad_out, values, p.col_idx, p.t_ptr, p.t_rows, p.t_perm, shape,
+                                                       list(x.shape), st, pad, dil), got_x), \
+                f"{extension.cpu_kernel_isa()}: {name}: the data gradient with {count} threads"
+        torch.set_num_threads(threads)
         got_v = ops.conv_backward_values(grad_out, x, p.row_ptr, p.col_idx, shape, st, pad, dil)
         close(got_v, want_w.reshape(-1)[p.flat_index], f"{name} grad_values")
         # The backward entry points widen a compact col_idx.
