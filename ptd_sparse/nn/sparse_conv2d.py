@@ -305,7 +305,13 @@ class SparseConv2d(nn.Module):
             return self._run(self.static_route(), input)
         if self._wants_grad(input):
             return self._run(self._training_route(input), input)
-        return self._run(measured_route.runnable(self._inference_route(input), input), input)
+        route = measured_route.runnable(self._inference_route(input), input)
+        if route == measured_route.SPARSE and self.backend is None and self._takes_forward_operator(input):
+            # No backend was asked for (requested_backend above), so the sparse route's is the device's automatic
+            # choice, the cpu backend wherever the extension loads: _run would take the forward operator too, after
+            # looking the backend up again (about 4 us of a 13 us call's Python, Xeon).
+            return self._forward_operator(input)
+        return self._run(route, input)
 
     def static_route(self) -> str:
         """The route of a traced, compiled or exported graph: the fixed route, else the one most buckets measured
@@ -360,9 +366,26 @@ class SparseConv2d(nn.Module):
         geometry itself, each error naming the argument. Only inputs the public function would pass to that operator
         unchanged take this way: 4-D, on the CPU, of the weight's dtype, outside autocast and tracing; others take
         the public function and its messages."""
-        return (backend == COMPACT_INDEX_BACKEND and input.dim() == 4 and input.device.type == "cpu"
-                and input.dtype == self.values.dtype and not torch.is_autocast_enabled("cpu") and not _tracing()
-                and extension_problem() is None)
+        return backend == COMPACT_INDEX_BACKEND and input.dim() == 4 and not _tracing() and \
+            self._takes_forward_operator(input)
+
+    def _takes_forward_operator(self, input: Tensor) -> bool:
+        """The part of _runs_forward_only that the input and this process decide: on the CPU, of the weight's dtype,
+        outside autocast, with the extension loaded."""
+        return (input.device.type == "cpu" and input.dtype == self.values.dtype
+                and not torch.is_autocast_enabled("cpu") and extension_problem() is None)
+
+    def _forward_operator(self, input: Tensor) -> Tensor:
+        """The CPU forward operator's output for an inference call (where _runs_forward_only holds), max-pooled in its
+        epilogue where a pool is fused."""
+        pool = self.max_pool
+        if pool is None:
+            return native_sparse_conv2d.forward_only(input, self.values, self.row_ptr, self.col_idx,
+                                                     list(self.weight_shape), self.bias, self.stride, self.padding,
+                                                     self.dilation, self.relu)
+        return native_sparse_conv2d.forward_max_pool(
+            input, self.values, self.row_ptr, self.col_idx, list(self.weight_shape), self.bias, self.stride,
+            self.padding, self.dilation, self.relu, pool.kernel_size, pool.stride, pool.padding, pool.dilation)
 
     def _wants_grad(self, input: Tensor) -> bool:
         return torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad or
@@ -385,15 +408,12 @@ class SparseConv2d(nn.Module):
     def _run(self, route: str, input: Tensor) -> Tensor:
         """The route's output, max-pooled where a pool is fused (max_pool): in the forward kernel's epilogue where the
         call goes straight to it, else by the pool module after the convolution."""
-        pool = self.max_pool
-        if pool is None:
-            return self._run_conv(route, input)
         if route == measured_route.SPARSE and not self._wants_grad(input) \
                 and self._runs_forward_only(self._sparse_backend(input), input):
-            return native_sparse_conv2d.forward_max_pool(
-                input, self.values, self.row_ptr, self.col_idx, list(self.weight_shape), self.bias, self.stride,
-                self.padding, self.dilation, self.relu, pool.kernel_size, pool.stride, pool.padding, pool.dilation)
-        return pool(self._run_conv(route, input))
+            return self._forward_operator(input)
+        pool = self.max_pool
+        out = self._run_conv(route, input)
+        return out if pool is None else pool(out)
 
     def _run_conv(self, route: str, input: Tensor) -> Tensor:
         # Every route returns its output in the caller's layout (NCHW, or channels_last when the input is), the
@@ -403,12 +423,7 @@ class SparseConv2d(nn.Module):
         caller_format = output_memory_format(input)
         if route == measured_route.SPARSE:
             backend = self._sparse_backend(input)
-            wants_grad = self._wants_grad(input)
-            if not wants_grad and self._runs_forward_only(backend, input):
-                return native_sparse_conv2d.forward_only(input, self.values, self.row_ptr, self.col_idx,
-                                                         list(self.weight_shape), self.bias, self.stride,
-                                                         self.padding, self.dilation, self.relu)
-            indices = self._indices(wants_grad, backend)
+            indices = self._indices(self._wants_grad(input), backend)
             out = sparse_conv2d_indexed(input, self.values, indices, self.weight_shape, self._density, self.bias,
                                         self.stride, self.padding, self.dilation, backend=backend, relu=self.relu,
                                         groups=self.groups)
