@@ -367,15 +367,24 @@ inline bool with_row_tiles(RowTiling tiling, Run run) {
   return ran;
 }
 
-// Whether the forward of an out_h x out_w map takes tiles of pairs of whole rows that a fused 2x2,
-// stride-2 max-pool can reduce in its epilogue (forward_tiles with `pool`): rows 2 or 4 of an even width.
+// The forward's row tiling at this stride: row tiles only where the stride along the width is 1.
+template <int kV>
+inline RowTiling forward_row_tiling(int64_t out_h, int64_t out_w, int64_t stride_w) {
+  return stride_w == 1 ? row_tiling<kV>(out_h, out_w) : RowTiling{0, 0};
+}
+
+// Whether tiling `t` of an out_w-wide map is tiles of pairs of whole rows of an even width (2 or 4 rows), which a
+// fused 2x2, stride-2 max-pool reduces in the forward's epilogue (forward_tiles with `pool`).
+inline bool is_row_pairs(RowTiling t, int64_t out_w) {
+  return t.rows > 0 && t.rows % 2 == 0 && t.width == out_w && out_w % 2 == 0;
+}
+
+// Whether the forward of an out_h x out_w map takes such tiles.
 inline bool pools_row_pairs(int64_t out_h, int64_t out_w, int64_t stride_w) {
-  if (stride_w != 1) return false;
-  const auto pairs = [&](RowTiling t) { return t.rows % 2 == 0 && t.rows > 0 && t.width == out_w && t.width % 2 == 0; };
   switch (vectors_for(out_h * out_w)) {
-    case 1: return pairs(row_tiling<1>(out_h, out_w));
-    case 2: return pairs(row_tiling<2>(out_h, out_w));
-    default: return pairs(row_tiling<4>(out_h, out_w));
+    case 1: return is_row_pairs(forward_row_tiling<1>(out_h, out_w, stride_w), out_w);
+    case 2: return is_row_pairs(forward_row_tiling<2>(out_h, out_w, stride_w), out_w);
+    default: return is_row_pairs(forward_row_tiling<4>(out_h, out_w, stride_w), out_w);
   }
 }
 
@@ -389,9 +398,9 @@ inline void forward_v(const float* packed, const batch_inner::Geometry& p, Taps 
     forward_tiles<kV>(packed, p, decltype(tiles){windows.data()}, taps, chunks, rows, batch, out_h * out_w, bias,
                       relu, out_layout, out, pool);
   };
-  const RowTiling tiling = stride_w == 1 ? row_tiling<kV>(out_h, out_w) : RowTiling{0, 0};
+  const RowTiling tiling = forward_row_tiling<kV>(out_h, out_w, stride_w);
   // The caller checks pools_row_pairs: out is the pooled map, which any other tiles would overrun.
-  TORCH_CHECK(!pool || (tiling.rows > 0 && tiling.rows % 2 == 0 && tiling.width == out_w && out_w % 2 == 0),
+  TORCH_CHECK(!pool || is_row_pairs(tiling, out_w),
               "tiled forward: a fused max-pool needs tiles of whole row pairs (pools_row_pairs)");
   if (with_row_tiles<kV>(tiling, run)) return;
   run(PositionTiles<kV>{});
