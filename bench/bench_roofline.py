@@ -9,6 +9,12 @@ is timed through the raw forward operator (torch.ops.ptd_sparse_kernels.conv_for
 every CPU kernel copy this build and CPU have (PTD_CPU_ISA is read once per process, so each copy runs in a process
 of its own), beside F.conv2d on the dense weight in the same process. Medians after warm-up.
 
+A second ceiling, measured per kernel copy in its worker (bench/fma_ceiling.cpp, compiled there with that copy's
+vector width): the multiply-adds a second of the kernel's own inner loop on inputs in L1, one broadcast weight and a
+block of FMAs that each load an input vector, beside the same loop with two and four FMAs per loaded vector. Where a
+core loads fewer vectors a cycle than it runs FMAs, that loop, and so any kernel that loads one input vector per
+nonzero multiply-add, stays below this ceiling; each layer's share of it is printed beside its share of the peak.
+
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_roofline.py [--batches 64 1] [--densities 0.1 0.05]
 """
 from __future__ import annotations
@@ -45,6 +51,26 @@ def layer_case(channels: int, size: int, batch: int, density: float):
     return x, weight * mask, mask
 
 
+# Per kernel copy: the -m flags, floats per vector and register block of csrc/cpu/isa/kernels_<isa>.cpp.
+CEILING_BUILDS = {"avx512": (["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"], 16, 16),
+                  "avx2": (["-mavx2", "-mfma"], 8, 12), "baseline": ([], 4, 12)}
+
+
+def load_fed_ceilings(isa: str) -> dict:
+    """GMAC/s of bench/fma_ceiling.cpp's loops for this kernel copy, all threads: one vector load per FMA (the sparse
+    kernel's inner loop) and two and four FMAs per loaded vector. Compiled on first use (torch.utils.cpp_extension,
+    ninja; about half a minute)."""
+    from torch.utils.cpp_extension import load
+
+    flags, lanes, accumulators = CEILING_BUILDS[isa]
+    module = load(name=f"ptd_fma_ceiling_{isa}", sources=[str(Path(__file__).with_name("fma_ceiling.cpp"))],
+                  extra_cflags=["-O2", "-fopenmp", *flags, f"-DPTD_CEILING_LANES={lanes}",
+                                f"-DPTD_CEILING_ACCUMULATORS={accumulators}"],
+                  extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for is OpenMP in torch's CPU builds
+    return {"one_load_per_fma": module.one_load_per_fma_gmacs(), "two_fmas_per_load": module.two_fmas_per_load_gmacs(),
+            "four_fmas_per_load": module.four_fmas_per_load_gmacs()}
+
+
 def measure_layers(batches, densities, repeats: int) -> list[dict]:
     """Rows for this process's kernel copy."""
     from ptd_sparse import _C
@@ -79,31 +105,41 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure_layers(args.batches, args.densities, args.repeats)))
+        from ptd_sparse import _C
+
+        print(json.dumps({"ceilings": load_fed_ceilings(_C.cpu_kernel_isa()),
+                          "rows": measure_layers(args.batches, args.densities, args.repeats)}))
         return
 
     from ptd_sparse import _C
 
     isas = args.isas or list(_C.cpu_kernel_isas())
     peaks = [sgemm_gmacs() for _ in range(3)]
-    rows = []
+    rows, ceilings = [], {}
     for isa in isas:
         command = [sys.executable, __file__, "--worker", "--repeats", str(args.repeats), "--batches",
                    *map(str, args.batches), "--densities", *map(str, args.densities)]
         result = subprocess.run(command, env={**os.environ, "PTD_CPU_ISA": isa}, capture_output=True, text=True,
                                 check=True)
-        rows += json.loads(result.stdout.strip().splitlines()[-1])
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        rows += report["rows"]
+        ceilings[isa] = report["ceilings"]
     peaks += [sgemm_gmacs() for _ in range(3)]
     peak = max(peaks)
     print(f"CPU: {cpu_vector_extensions()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"peak (2048^3 sgemm, fastest of 6 in this run): {peak:.1f} GMAC/s "
           f"(all: {', '.join(f'{p:.1f}' for p in peaks)})")
+    for isa, ceiling in ceilings.items():
+        print(f"load-fed ceiling, {isa} copy (bench/fma_ceiling.cpp, inputs in L1): one load per FMA "
+              f"{ceiling['one_load_per_fma']:.1f} GMAC/s ({100 * ceiling['one_load_per_fma'] / peak:.1f}% of peak), "
+              f"two FMAs per load {ceiling['two_fmas_per_load']:.1f}, four {ceiling['four_fmas_per_load']:.1f}")
     print(f"{'isa':8} {'layer':22} {'batch':>5} {'density':>7} {'sparse ms':>10} {'GMAC/s':>7} {'of peak':>7} "
-          f"{'F.conv2d ms':>11} {'its GMAC/s':>10} {'speed-up':>8}")
+          f"{'of ceiling':>10} {'F.conv2d ms':>11} {'its GMAC/s':>10} {'speed-up':>8}")
     for row in rows:
+        ceiling = ceilings[row["isa"]]["one_load_per_fma"]
         print(f"{row['isa']:8} {row['layer']:22} {row['batch']:5d} {row['density']:7.2f} {row['sparse_ms']:10.3f} "
-              f"{row['gmacs']:7.1f} {100 * row['gmacs'] / peak:6.1f}% {row['dense_ms']:11.3f} "
-              f"{row['dense_gmacs']:10.1f} {row['dense_ms'] / row['sparse_ms']:7.2f}x")
+              f"{row['gmacs']:7.1f} {100 * row['gmacs'] / peak:6.1f}% {100 * row['gmacs'] / ceiling:9.1f}% "
+              f"{row['dense_ms']:11.3f} {row['dense_gmacs']:10.1f} {row['dense_ms'] / row['sparse_ms']:7.2f}x")
 
 
 if __name__ == "__main__":
