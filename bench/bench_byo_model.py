@@ -1,7 +1,8 @@
 """A user's own model for inference: the torchvision-style ResNet18 (and MobileNetV2) of examples/user_models.py,
 random weights and BatchNorm statistics, pruned with torch.nn.utils.prune (the authors' seven rounds of 20%: 79%, or
 global L1 90% in one step), through ptd_sparse.sparsify (Conv-BN(-ReLU) found in the fx trace, grouped and depthwise
-layers sparse too; timed in the caller's NCHW and with memory_format=torch.channels_last, the faster form counts)
+layers sparse too; timed in the caller's NCHW, with memory_format=torch.channels_last, and that form through
+ptd_sparse.fuse_graph (ReLUs and residual additions fused); the fastest form counts)
 against the same pruned network in eager PyTorch and in the best dense form PyTorch offers (BatchNorm folded,
 torch.jit.freeze + optimize_for_inference, NCHW and channels_last). One run, every form timed
 round-robin (the machine may be shared), medians after warm-up, ratios of medians; ImageNet-size input (224 x 224,
@@ -75,7 +76,8 @@ def main() -> None:
     print(f"float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"GOMP_CPU_AFFINITY={os.environ.get('GOMP_CPU_AFFINITY', 'unset')}; CPU: {cpu_vector_extensions()}")
     print(f"{'model':>12} {'pruning':>10} {'sparsity':>8} {'batch':>5} {'eager':>9} {'best dense':>10} {'ptd':>9} "
-          f"{'ptd cl':>9} {'vs eager':>8} {'vs dense':>8}  (ms; ratios are speed-ups of the faster ptd_sparse form)")
+          f"{'ptd cl':>9} {'ptd fused':>9} {'vs eager':>8} {'vs dense':>8}  (ms; ratios are speed-ups of the fastest "
+          f"ptd_sparse form)")
     rows = []
     for name in args.models:
         for pruning in args.prunings:
@@ -83,17 +85,20 @@ def main() -> None:
             dense = eager_dense(model)
             fast = ptd_sparse.sparsify(model)
             fast_cl = ptd_sparse.sparsify(model, memory_format=torch.channels_last)
+            fused_cl = ptd_sparse.fuse_graph(fast_cl, example_input=torch.randn(1, 3, args.size, args.size))
             sparsity = sparsity_of(model)
             for batch in args.batches:
                 x = torch.randn(batch, 3, args.size, args.size)
                 with torch.no_grad():
-                    fast(x), fast_cl(x)  # the first call of a batch size measures each layer's route
-                    torch.testing.assert_close(fast(x), dense(x), atol=1e-3, rtol=1e-3)
-                    torch.testing.assert_close(fast_cl(x), dense(x), atol=1e-3, rtol=1e-3)
-                    runs = {"eager": dense, **best_dense_forms(dense, x), "ptd": fast, "ptd cl": fast_cl}
+                    fast(x), fast_cl(x), fused_cl(x)  # the first call of a batch size measures each layer's route
+                    for form in (fast, fast_cl, fused_cl):
+                        torch.testing.assert_close(form(x), dense(x), atol=1e-3, rtol=1e-3)
+                    runs = {"eager": dense, **best_dense_forms(dense, x), "ptd": fast, "ptd cl": fast_cl,
+                            "ptd fused": fused_cl}
                     measured = interleaved_medians_ms(runs, x, args.repeats)
                 eager_ms, nchw_ms, cl_ms = measured.pop("eager"), measured.pop("ptd"), measured.pop("ptd cl")
-                ptd_ms = min(nchw_ms, cl_ms)
+                fused_ms = measured.pop("ptd fused")
+                ptd_ms = min(nchw_ms, cl_ms, fused_ms)
                 form_ms = measured
                 best_dense_ms = min(eager_ms, *form_ms.values())
                 routes = {}
@@ -105,10 +110,10 @@ def main() -> None:
                 rows.append(dict(model=name, pruning=pruning, sparsity=round(sparsity, 4), batch=batch,
                                  size=args.size, eager_ms=eager_ms, dense_forms_ms=form_ms,
                                  best_dense_ms=best_dense_ms, ptd_ms=ptd_ms, ptd_nchw_ms=nchw_ms,
-                                 ptd_channels_last_ms=cl_ms, routes=routes,
+                                 ptd_channels_last_ms=cl_ms, ptd_fused_graph_ms=fused_ms, routes=routes,
                                  speedup_vs_eager=eager_ms / ptd_ms, speedup_vs_best_dense=best_dense_ms / ptd_ms))
                 print(f"{name:>12} {pruning:>10} {sparsity:>8.3f} {batch:>5} {eager_ms:>9.2f} {best_dense_ms:>10.2f} "
-                      f"{nchw_ms:>9.2f} {cl_ms:>9.2f} {eager_ms / ptd_ms:>8.2f} {best_dense_ms / ptd_ms:>8.2f}  "
+                      f"{nchw_ms:>9.2f} {cl_ms:>9.2f} {fused_ms:>9.2f} {eager_ms / ptd_ms:>8.2f} {best_dense_ms / ptd_ms:>8.2f}  "
                       f"routes {routes}",
                       flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,14 @@ Operators (each with the backends reference / cpu / cuda / triton, see ptd_spars
     kd_loss(student_logits, teacher_logits, ...) fused temperature-softmax distillation loss; the teacher may be
                                                  a TopKTeacher (its k largest classes, see topk_teacher)
 Modules: ptd_sparse.nn.MaskedConv2d, ptd_sparse.nn.SparseConv2d, ptd_sparse.nn.KDLoss; sparsify(model), and its
-inference routes saved and loaded as plans (route_plan, save_route_plan, load_route_plan).
+inference routes saved and loaded as plans (route_plan, save_route_plan, load_route_plan); fuse_graph(model): a
+sparsified model's forward as an fx graph with its ReLUs and residual additions fused.
 export(model, "model.onnx", example_input): a pruned model to ONNX, pruned weights as zeros (ptd_sparse.onnx_export).
 """
 from ptd_sparse import nn
 from ptd_sparse.backends import BACKENDS, choose_backend
 from ptd_sparse.functional import kd_loss, masked_conv2d, sparse_conv2d
+from ptd_sparse.fuse_graph import fuse_graph
 from ptd_sparse.pattern import ConvPattern, SparseConvWeight
 from ptd_sparse.route_plan import load_route_plan, route_plan, save_route_plan
 from ptd_sparse.sparsify import sparsify
@@ -36,5 +38,5 @@ def export(*args, **kwargs):
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "ConvPattern", "SparseConvWeight", "choose_backend", "kd_loss", "masked_conv2d", "nn",
-           "sparse_conv2d", "sparsify", "design_student", "export", "route_plan", "save_route_plan", "load_route_plan",
-           "TopKTeacher", "topk_teacher"]
+           "sparse_conv2d", "sparsify", "fuse_graph", "design_student", "export", "route_plan", "save_route_plan",
+           "load_route_plan", "TopKTeacher", "topk_teacher"]

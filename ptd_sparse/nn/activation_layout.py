@@ -32,6 +32,11 @@ def keep_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+def keeps_channels_last(model: nn.Module) -> bool:
+    """Whether keep_channels_last converts `model`'s inputs."""
+    return bool(getattr(model, _MARK, False))
+
+
 def wants_channels_last(memory_format) -> bool:
     """sparsify's `memory_format`: None or torch.contiguous_format keep the caller's layout (False);
     torch.channels_last keeps activations NHWC from the model's input on (True). Anything else is refused."""

@@ -30,15 +30,20 @@ RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, "relu", "relu_"}
 
 
 class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_types: tuple = LEAF_TYPES):
+        super().__init__()
+        self.leaf_types = leaf_types
+
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, LEAF_TYPES) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, self.leaf_types) or super().is_leaf_module(module, qualified_name)
 
 
-def trace(model: nn.Module) -> torch.fx.Graph | None:
-    """The fx graph of `model`'s forward with its layers as leaves (call_module nodes named by their qualified
-    module names), or None when fx cannot trace it (the reason goes to the debug log)."""
+def trace(model: nn.Module, leaf_types: tuple = LEAF_TYPES) -> torch.fx.Graph | None:
+    """The fx graph of `model`'s forward with its layers (`leaf_types`, and torch.nn's own modules) as leaves
+    (call_module nodes named by their qualified module names), or None when fx cannot trace it (the reason goes to
+    the debug log)."""
     try:
-        return _LeafTracer().trace(model)
+        return _LeafTracer(leaf_types).trace(model)
     except Exception as error:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         _logger.debug("ptd_sparse: torch.fx cannot trace %s: %s", type(model).__name__, error)
         return None
