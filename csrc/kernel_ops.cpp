@@ -87,6 +87,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "The compiler flags of the extension's CPU code that decide where it runs (optimisation, -march).");
   module.def("fingerprint", &ptd_sparse::fingerprint, pybind11::arg("tensor"),
              "A 64-bit hash of a CPU tensor's bytes (caches derived from a weight key on it; ptd_sparse/fingerprint.py).");
+  module.def("weight_key", &ptd_sparse::weight_key, pybind11::arg("values"), pybind11::arg("row_ptr"),
+             pybind11::arg("col_idx"),
+             "The key of a weight derived from sparse values under a pattern (ptd_sparse/fingerprint.py, weight_key).");
   module.def("missing_cpu_features", &ptd_sparse::cpu_isa::missing_baseline_features,
              "CPU features the build's -march assumes that this CPU lacks (empty for a portable build).");
 }

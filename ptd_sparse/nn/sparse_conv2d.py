@@ -12,7 +12,7 @@ from ptd_sparse._extension import extension_problem
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import DENSE, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.conv_geometry import output_memory_format
-from ptd_sparse.fingerprint import content_key
+from ptd_sparse.fingerprint import weight_key
 from ptd_sparse.functional import sparse_conv2d_indexed
 from ptd_sparse.native import sparse_conv2d as native_sparse_conv2d
 from ptd_sparse.nn import measured_route
@@ -128,8 +128,9 @@ class SparseConv2d(nn.Module):
                      for item in (index.data_ptr(), -1 if index.is_inference() else index._version))
 
     def _weight_key(self) -> tuple:
-        # The contents of values (what optimizers and users change, in place or not) and the pattern.
-        return content_key(self.values) + self._pattern_key()
+        # The contents of values (what optimizers and users change, in place or not) and the pattern, as
+        # _pattern_key keys it.
+        return weight_key(self.values, self.row_ptr, self.col_idx)
 
     def _canonical_col_idx(self) -> Tensor:
         """col_idx as int32, the canonical format (the buffer itself where it is held so)."""
@@ -177,6 +178,8 @@ class SparseConv2d(nn.Module):
         Made outside inference mode, so a weight first built under torch.inference_mode can serve later calls that
         record autograd."""
         key = self._weight_key()
+        if self._dense_cache is not None and self._dense_cache[0] == key and channels_last in self._dense_cache[1]:
+            return self._dense_cache[1][channels_last]  # without entering the grad modes (see _prepacked_weight)
         with torch.inference_mode(False), torch.no_grad():
             if self._dense_cache is None or self._dense_cache[0] != key:
                 self._dense_cache = (key, {})
@@ -442,13 +445,13 @@ class SparseConv2d(nn.Module):
         out = out.relu_() if self.relu and not out.requires_grad else (F.relu(out) if self.relu else out)
         return out.contiguous(memory_format=caller_format) if out.dim() == 4 else out
 
-    @torch.no_grad()
     def _prepacked_weight(self, input: Tensor) -> Tensor:
         """The dense weight in oneDNN's blocked layout for the prepacked route, reordered once (for the first input's
-        shape; any shape runs on it) and rebuilt whenever values or pattern change, as the dense copy is."""
+        shape; any shape runs on it) and rebuilt whenever values or pattern change, as the dense copy is. The grad
+        modes are entered only to build it: entered on every call, they took ~10 us of a batch-1 layer's call."""
         key = self._weight_key()
         if self._prepacked is None or self._prepacked[0] != key:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 weight = self._scatter_dense().detach().to_mkldnn()
                 packed = torch._C._nn.mkldnn_reorder_conv2d_weight(weight, self.padding, self.stride, self.dilation,
                                                                    self.groups, list(input.shape))
