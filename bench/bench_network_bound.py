@@ -1,8 +1,9 @@
 """How fast a pruned network could run on this CPU at best, from the two ceilings of bench_roofline.py: the
 multiply-adds a second of a large sgemm (the FMA peak, what oneDNN's dense convolutions approach) and of the sparse
-kernel's inner loop with one vector load per FMA (bench/fma_ceiling.cpp, the load-fed ceiling). Each convolution
-takes the faster of its dense multiply-adds at the peak and its nonzero ones at the load-fed ceiling (what a per-layer
-route choice between oneDNN and any sparse kernel that loads one input vector per nonzero multiply-add could reach);
+kernel's inner loop with one vector load per FMA, all loads from L1 (bench/fma_ceiling.cpp, the load-fed ceiling).
+Each convolution takes the faster of its dense multiply-adds at the peak and its nonzero ones at the load-fed ceiling
+(what a per-layer route choice between oneDNN and any sparse kernel that loads one input vector per nonzero
+multiply-add from L1 could reach);
 everything else (pools, ReLUs, the classifier, Python) counts as free. The sum is a lower bound on the network's
 time, so eager / bound and best dense / bound are upper bounds on the speed-ups the issue's whole-network targets ask
 for. Printed beside the eager and best dense times measured in the same run; the speed-ups ptd_sparse reaches are
@@ -63,9 +64,9 @@ def main() -> None:
 
     isa = _C.cpu_kernel_isa()
     peak = max(sgemm_gmacs() for _ in range(3))
-    ceiling = load_fed_ceilings(isa)["one_load_per_fma"]
+    ceiling = load_fed_ceilings(isa)["l1"]
     print(f"CPU: {cpu_vector_extensions()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"peak (2048^3 sgemm, fastest of 3) {peak:.1f} GMAC/s; load-fed ceiling ({isa} copy) {ceiling:.1f} GMAC/s "
+    print(f"peak (2048^3 sgemm, fastest of 3) {peak:.1f} GMAC/s; load-fed ceiling ({isa} copy, L1) {ceiling:.1f} GMAC/s "
           f"({100 * ceiling / peak:.1f}% of peak): a layer runs sparse at best below density {ceiling / peak:.2f}")
     print(f"{'network':18} {'batch':>5} {'convs at peak':>13} {'bound':>8} {'eager':>8} {'best dense':>10} "
           f"{'eager/bound':>11} {'dense/bound':>11}  (ms)")

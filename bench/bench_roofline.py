@@ -9,11 +9,14 @@ is timed through the raw forward operator (torch.ops.ptd_sparse_kernels.conv_for
 every CPU kernel copy this build and CPU have (PTD_CPU_ISA is read once per process, so each copy runs in a process
 of its own), beside F.conv2d on the dense weight in the same process. Medians after warm-up.
 
-A second ceiling, measured per kernel copy in its worker (bench/fma_ceiling.cpp, compiled there with that copy's
-vector width): the multiply-adds a second of the kernel's own inner loop on inputs in L1, one broadcast weight and a
-block of FMAs that each load an input vector, beside the same loop with two and four FMAs per loaded vector. Where a
-core loads fewer vectors a cycle than it runs FMAs, that loop, and so any kernel that loads one input vector per
-nonzero multiply-add, stays below this ceiling; each layer's share of it is printed beside its share of the peak.
+Two more ceilings, measured per kernel copy in its worker (bench/fma_ceiling.cpp, compiled there with that copy's
+vector width): the multiply-adds a second of the kernel's own inner loop, one broadcast weight and a block of FMAs
+that each load an input vector, with its inputs in L1 and in L2, beside the same loop with two and four FMAs per
+vector loaded from L1. Where a core loads fewer vectors a cycle than it runs FMAs, that loop, and so any kernel that
+loads one input vector per nonzero multiply-add, stays below the ceiling of the level its loads come from; each
+layer's share of the L1 ceiling is printed beside its share of the peak. Last, the kernel's loop as a chunked task
+runs it (rows of listed (offset, value) taps, each row's accumulators reloaded from its tile), from L1 and from L2:
+what the forward's inner loop gives alone, without packing, tap lists or writing the outputs.
 
     GOMP_CPU_AFFINITY="0 1" OMP_NUM_THREADS=2 python bench/bench_roofline.py [--batches 64 1] [--densities 0.1 0.05]
 """
@@ -56,10 +59,17 @@ CEILING_BUILDS = {"avx512": (["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512
                   "avx2": (["-mavx2", "-mfma"], 8, 12), "baseline": ([], 4, 12)}
 
 
+# Inputs per thread of the ceilings' loops: within any of the machines' L1 (32-48 KiB), and beyond it within L2.
+L1_KIB, L2_KIB = 16, 512
+# Taps per output row and chunk of the kernel-shaped loop (tap_rows): about what the tiled forward's chunks hold at
+# density 0.1 (csrc/cpu/tiled_conv_f32.h: at least kMinChunkTaps = 16 a row).
+TAPS_PER_ROW = 18
+
+
 def load_fed_ceilings(isa: str) -> dict:
     """GMAC/s of bench/fma_ceiling.cpp's loops for this kernel copy, all threads: one vector load per FMA (the sparse
-    kernel's inner loop) and two and four FMAs per loaded vector. Compiled on first use (torch.utils.cpp_extension,
-    ninja; about half a minute)."""
+    kernel's inner loop) from L1 and from L2, and two and four FMAs per vector loaded from L1. Compiled on first use
+    (torch.utils.cpp_extension, ninja; about half a minute)."""
     from torch.utils.cpp_extension import load
 
     flags, lanes, accumulators = CEILING_BUILDS[isa]
@@ -67,8 +77,11 @@ def load_fed_ceilings(isa: str) -> dict:
                   extra_cflags=["-O2", "-fopenmp", *flags, f"-DPTD_CEILING_LANES={lanes}",
                                 f"-DPTD_CEILING_ACCUMULATORS={accumulators}"],
                   extra_ldflags=["-fopenmp"], verbose=False)  # at::parallel_for is OpenMP in torch's CPU builds
-    return {"one_load_per_fma": module.one_load_per_fma_gmacs(), "two_fmas_per_load": module.two_fmas_per_load_gmacs(),
-            "four_fmas_per_load": module.four_fmas_per_load_gmacs()}
+    return {"l1": module.one_load_per_fma_gmacs(L1_KIB), "l2": module.one_load_per_fma_gmacs(L2_KIB),
+            "two_fmas_per_load": module.two_fmas_per_load_gmacs(L1_KIB),
+            "four_fmas_per_load": module.four_fmas_per_load_gmacs(L1_KIB),
+            "tap_rows_l1": module.tap_rows_gmacs(L1_KIB, TAPS_PER_ROW),
+            "tap_rows_l2": module.tap_rows_gmacs(L2_KIB, TAPS_PER_ROW)}
 
 
 def measure_layers(batches, densities, repeats: int) -> list[dict]:
@@ -130,13 +143,16 @@ def main() -> None:
     print(f"peak (2048^3 sgemm, fastest of 6 in this run): {peak:.1f} GMAC/s "
           f"(all: {', '.join(f'{p:.1f}' for p in peaks)})")
     for isa, ceiling in ceilings.items():
-        print(f"load-fed ceiling, {isa} copy (bench/fma_ceiling.cpp, inputs in L1): one load per FMA "
-              f"{ceiling['one_load_per_fma']:.1f} GMAC/s ({100 * ceiling['one_load_per_fma'] / peak:.1f}% of peak), "
-              f"two FMAs per load {ceiling['two_fmas_per_load']:.1f}, four {ceiling['four_fmas_per_load']:.1f}")
+        print(f"load-fed ceilings, {isa} copy (bench/fma_ceiling.cpp): one vector load per FMA from L1 "
+              f"{ceiling['l1']:.1f} GMAC/s ({100 * ceiling['l1'] / peak:.1f}% of peak), from L2 {ceiling['l2']:.1f} "
+              f"({100 * ceiling['l2'] / peak:.1f}%); two FMAs per load {ceiling['two_fmas_per_load']:.1f}, four "
+              f"{ceiling['four_fmas_per_load']:.1f}; the kernel's own loop (rows of {TAPS_PER_ROW} listed taps, each "
+              f"row's tile reloaded) from L1 {ceiling['tap_rows_l1']:.1f} ({100 * ceiling['tap_rows_l1'] / peak:.1f}%), "
+              f"from L2 {ceiling['tap_rows_l2']:.1f} ({100 * ceiling['tap_rows_l2'] / peak:.1f}%)")
     print(f"{'isa':8} {'layer':22} {'batch':>5} {'density':>7} {'sparse ms':>10} {'GMAC/s':>7} {'of peak':>7} "
-          f"{'of ceiling':>10} {'F.conv2d ms':>11} {'its GMAC/s':>10} {'speed-up':>8}")
+          f"{'of L1 ceil':>10} {'F.conv2d ms':>11} {'its GMAC/s':>10} {'speed-up':>8}")
     for row in rows:
-        ceiling = ceilings[row["isa"]]["one_load_per_fma"]
+        ceiling = ceilings[row["isa"]]["l1"]
         print(f"{row['isa']:8} {row['layer']:22} {row['batch']:5d} {row['density']:7.2f} {row['sparse_ms']:10.3f} "
               f"{row['gmacs']:7.1f} {100 * row['gmacs'] / peak:6.1f}% {100 * row['gmacs'] / ceiling:9.1f}% "
               f"{row['dense_ms']:11.3f} {row['dense_gmacs']:10.1f} {row['dense_ms'] / row['sparse_ms']:7.2f}x")
