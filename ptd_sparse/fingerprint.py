@@ -46,7 +46,8 @@ def content_key(*tensors: Tensor) -> tuple:
     return tuple(key)
 
 
-def _version(tensor: Tensor) -> int:
+def version_of(tensor: Tensor) -> int:
+    """The tensor's version counter, -1 for an inference tensor (which has none)."""
     return -1 if tensor.is_inference() else tensor._version
 
 
@@ -61,5 +62,5 @@ def weight_key(values: Tensor, row_ptr: Tensor, col_idx: Tensor) -> tuple:
     for tensor in (values, row_ptr, col_idx):
         if tensor.device.type != "cpu":
             raise ValueError(f"weight_key: values, row_ptr and col_idx must be on the CPU; got one on {tensor.device}")
-    return (_hash_bytes(values.detach()), str(values.dtype), values.numel(), row_ptr.data_ptr(), _version(row_ptr),
-            col_idx.data_ptr(), _version(col_idx))
+    return (_hash_bytes(values.detach()), str(values.dtype), values.numel(), row_ptr.data_ptr(), version_of(row_ptr),
+            col_idx.data_ptr(), version_of(col_idx))

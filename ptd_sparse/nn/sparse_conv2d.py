@@ -12,7 +12,7 @@ from ptd_sparse._extension import extension_problem
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import DENSE, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.conv_geometry import output_memory_format
-from ptd_sparse.fingerprint import weight_key
+from ptd_sparse.fingerprint import version_of, weight_key
 from ptd_sparse.functional import sparse_conv2d_indexed
 from ptd_sparse.native import sparse_conv2d as native_sparse_conv2d
 from ptd_sparse.nn import measured_route
@@ -124,8 +124,7 @@ class SparseConv2d(nn.Module):
     def _pattern_key(self) -> tuple:
         # The pattern buffers by identity and version: they change only by load_state_dict, .to() or a rebuilt
         # module, each of which moves one of those.
-        return tuple(item for index in (self.row_ptr, self.col_idx)
-                     for item in (index.data_ptr(), -1 if index.is_inference() else index._version))
+        return tuple(item for index in (self.row_ptr, self.col_idx) for item in (index.data_ptr(), version_of(index)))
 
     def _weight_key(self) -> tuple:
         # The contents of values (what optimizers and users change, in place or not) and the pattern, as
