@@ -79,8 +79,27 @@ __attribute__((noinline)) void tap_rows(const float* inputs, const Tap* taps, in
   }
 }
 
-// GMAC/s of tap_rows over `footprint_kib` KiB of inputs per thread with `taps_per_row` taps a row, every thread at
-// once, the fastest of `trials` runs.
+// The fastest of `trials` runs of run(thread) on every thread of the pool at once (the kernels' threads), in GMAC/s for
+// `macs` multiply-adds a thread: a busy moment on a shared machine only ever lowers it. run returns a value that
+// depends on every FMA (so none is dropped); each thread's data is made before the clock starts.
+template <typename Run>
+double fastest_gmacs(int64_t trials, double macs, Run run) {
+  const int64_t threads = at::get_num_threads();
+  double best = 0;
+  for (int64_t trial = 0; trial < trials; ++trial) {
+    std::vector<float> sink(threads);
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t thread = begin; thread < end; ++thread) sink[thread] = run(thread);
+    });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    TORCH_CHECK(sink[0] == sink[0], "fma_ceiling: the loop produced NaN");
+    best = std::max(best, static_cast<double>(threads) * macs / seconds / 1e9);
+  }
+  return best;
+}
+
+// GMAC/s of tap_rows over `footprint_kib` KiB of inputs per thread with `taps_per_row` taps a row, all threads.
 double tap_rows_gmacs(int64_t footprint_kib, int64_t taps_per_row, int64_t trials) {
   TORCH_CHECK_VALUE(footprint_kib >= 1 && taps_per_row >= 1, "fma_ceiling: footprint_kib and taps_per_row must be at "
                     "least 1, got ", footprint_kib, " and ", taps_per_row);
@@ -89,35 +108,25 @@ double tap_rows_gmacs(int64_t footprint_kib, int64_t taps_per_row, int64_t trial
   const int64_t taps = kTileRows * taps_per_row;
   const int64_t reps = std::max<int64_t>(1, (int64_t{1} << 26) / (taps * window));  // ~64M multiply-adds a run
   const int64_t threads = at::get_num_threads();
-  double best = 0;
-  for (int64_t trial = 0; trial < trials; ++trial) {
-    std::vector<float> sink(threads);
-    const auto start = std::chrono::steady_clock::now();
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t thread = begin; thread < end; ++thread) {
-        std::vector<vec> inputs(floats / kLanes, vec{} + 1e-3f);
-        std::vector<vec> tiles(kTileRows * kAccumulators, vec{});
-        std::vector<Tap> list(taps);
-        uint64_t state = 0x9E3779B97F4A7C15ULL * (thread + 1);
-        for (Tap& tap : list) {  // a vector-aligned window anywhere in the inputs (an LCG: reproducible, cheap)
-          state = state * 6364136223846793005ULL + 1442695040888963407ULL;
-          tap = {static_cast<int32_t>((state >> 33) % ((floats - window) / kLanes + 1) * kLanes), 1e-3f};
-        }
-        for (int64_t r = 0; r < reps; ++r)
-          tap_rows(reinterpret_cast<const float*>(inputs.data()), list.data(), taps_per_row,
-                   reinterpret_cast<float*>(tiles.data()));
-        sink[thread] = tiles[0][0];
-      }
-    });
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    TORCH_CHECK(sink[0] == sink[0], "fma_ceiling: the loop produced NaN");
-    best = std::max(best, static_cast<double>(threads) * reps * taps * window / seconds / 1e9);
+  std::vector<std::vector<vec>> inputs(threads, std::vector<vec>(floats / kLanes, vec{} + 1e-3f));
+  std::vector<std::vector<vec>> tiles(threads, std::vector<vec>(kTileRows * kAccumulators, vec{}));
+  std::vector<std::vector<Tap>> lists(threads, std::vector<Tap>(taps));
+  for (int64_t thread = 0; thread < threads; ++thread) {
+    uint64_t state = 0x9E3779B97F4A7C15ULL * (thread + 1);
+    for (Tap& tap : lists[thread]) {  // a vector-aligned window anywhere in the inputs (an LCG: reproducible, cheap)
+      state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+      tap = {static_cast<int32_t>((state >> 33) % ((floats - window) / kLanes + 1) * kLanes), 1e-3f};
+    }
   }
-  return best;
+  return fastest_gmacs(trials, static_cast<double>(reps) * taps * window, [&](int64_t thread) {
+    for (int64_t r = 0; r < reps; ++r)
+      tap_rows(reinterpret_cast<const float*>(inputs[thread].data()), lists[thread].data(), taps_per_row,
+               reinterpret_cast<float*>(tiles[thread].data()));
+    return tiles[thread][0][0];
+  });
 }
 
-// GMAC/s of fma_loop<kFmasPerLoad> over `footprint_kib` KiB of inputs per thread, on every thread of the pool at once
-// (the kernels' threads), the fastest of `trials` runs: a busy moment on a shared machine only ever lowers it.
+// GMAC/s of fma_loop<kFmasPerLoad> over `footprint_kib` KiB of inputs per thread, all threads.
 template <int kFmasPerLoad>
 double gmacs(int64_t footprint_kib, int64_t trials) {
   constexpr int64_t kTaps = 4096, kReps = 1000;
@@ -126,24 +135,14 @@ double gmacs(int64_t footprint_kib, int64_t trials) {
   int64_t slots = 1;  // the largest power of two whose slots fit the footprint
   while (2 * slots * kSlotBytes <= footprint_kib * 1024) slots *= 2;
   const int64_t threads = at::get_num_threads();
-  std::vector<float> weights(kTaps, 1e-3f);
-  double best = 0;
-  for (int64_t trial = 0; trial < trials; ++trial) {
-    std::vector<float> sink(threads);
-    const auto start = std::chrono::steady_clock::now();
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t thread = begin; thread < end; ++thread) {
-        // Each thread's own aligned inputs, so no two threads share a cache line.
-        std::vector<vec> inputs(slots * kAccumulators / kFmasPerLoad, vec{} + 1e-3f);
-        sink[thread] = fma_loop<kFmasPerLoad>(reinterpret_cast<const float*>(inputs.data()), slots, weights.data(),
-                                              kTaps, kReps);
-      }
-    });
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    TORCH_CHECK(sink[0] == sink[0], "fma_ceiling: the loop produced NaN");  // keeps the sums live
-    best = std::max(best, static_cast<double>(threads) * kTaps * kReps * kAccumulators * kLanes / seconds / 1e9);
-  }
-  return best;
+  const std::vector<float> weights(kTaps, 1e-3f);
+  // Each thread's own aligned inputs, so no two threads share a cache line.
+  const std::vector<std::vector<vec>> inputs(threads, std::vector<vec>(slots * kAccumulators / kFmasPerLoad,
+                                                                       vec{} + 1e-3f));
+  return fastest_gmacs(trials, static_cast<double>(kTaps) * kReps * kAccumulators * kLanes, [&](int64_t thread) {
+    return fma_loop<kFmasPerLoad>(reinterpret_cast<const float*>(inputs[thread].data()), slots, weights.data(), kTaps,
+                                  kReps);
+  });
 }
 
 }  // namespace
