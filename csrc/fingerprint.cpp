@@ -59,20 +59,12 @@ int64_t fingerprint(const at::Tensor& tensor) {
   return out;
 }
 
-namespace {
-
-int64_t address_of(const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr())); }
-
-int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
-
-}  // namespace
-
 WeightKey weight_key(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx) {
   TORCH_CHECK_VALUE(values.device().is_cpu() && row_ptr.device().is_cpu() && col_idx.device().is_cpu(),
                     "weight_key: values, row_ptr and col_idx must be on the CPU, got ", values.device(), ", ",
                     row_ptr.device(), " and ", col_idx.device());
-  return {fingerprint(values), static_cast<int64_t>(values.scalar_type()), values.numel(), address_of(row_ptr),
-          version_of(row_ptr), address_of(col_idx), version_of(col_idx)};
+  return {fingerprint(values), static_cast<int64_t>(values.scalar_type()), values.numel(), fingerprint(row_ptr),
+          fingerprint(col_idx), static_cast<int64_t>(col_idx.scalar_type()), col_idx.numel()};
 }
 
 }  // namespace ptd_sparse

@@ -16,11 +16,11 @@ namespace ptd_sparse {
 // hashed: callers key on them separately.
 int64_t fingerprint(const at::Tensor& tensor);
 
-// The key of a weight derived from sparse `values` under the pattern (row_ptr, col_idx): (fingerprint of values,
-// their dtype, their count, then each index tensor's data address and version counter, -1 for an inference
-// tensor, which has none). The values are keyed on their contents; the pattern tensors change only by
-// load_state_dict, .to() or a rebuilt module, each of which moves their address or version. One call where the same
-// key built in Python took ~30 us of a batch-1 layer's call (ptd_sparse/fingerprint.py, weight_key).
+// The key of a weight derived from sparse `values` under the pattern (row_ptr, col_idx), all keyed on their contents:
+// (fingerprint of values, their dtype, their count, fingerprint of row_ptr, fingerprint of col_idx, its dtype, its
+// count). Contents, not addresses or version counters: `.data` edits, NumPy writes and a load_state_dict under
+// inference mode change a tensor without moving its version, and a freed tensor's address is reused. One call
+// where the same key built in Python took ~30 us of a batch-1 layer's call (ptd_sparse/fingerprint.py, weight_key).
 using WeightKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 WeightKey weight_key(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx);
 

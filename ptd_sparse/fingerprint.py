@@ -53,14 +53,13 @@ def version_of(tensor: Tensor) -> int:
 
 def weight_key(values: Tensor, row_ptr: Tensor, col_idx: Tensor) -> tuple:
     """The key of a weight derived from sparse `values` under the pattern (row_ptr, col_idx) (SparseConv2d's dense
-    copies and prepacked weight, CPU tensors): the contents of values (bytes, dtype, count) and the pattern tensors by
-    address and version counter (they change only by load_state_dict, .to() or a rebuilt module, each of which moves
-    one of those). One extension call (csrc/fingerprint.cpp, weight_key): built here in Python it took ~30 us of a
-    batch-1 layer's call."""
+    copies, prepacked weight and transposed view; CPU tensors): the contents of all three (bytes, dtype, count), so
+    no way of changing any of them leaves the key as it was. One extension call (csrc/fingerprint.cpp, weight_key):
+    built here in Python it took ~30 us of a batch-1 layer's call."""
     if _compiled() is not None:
         return _compiled().weight_key(values, row_ptr, col_idx)  # a Parameter passes as it is
     for tensor in (values, row_ptr, col_idx):
         if tensor.device.type != "cpu":
             raise ValueError(f"weight_key: values, row_ptr and col_idx must be on the CPU; got one on {tensor.device}")
-    return (_hash_bytes(values.detach()), str(values.dtype), values.numel(), row_ptr.data_ptr(), version_of(row_ptr),
-            col_idx.data_ptr(), version_of(col_idx))
+    return (_hash_bytes(values.detach()), str(values.dtype), values.numel(), _hash_bytes(row_ptr),
+            _hash_bytes(col_idx), str(col_idx.dtype), col_idx.numel())

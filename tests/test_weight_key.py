@@ -1,7 +1,7 @@
-"""weight_key, the key of SparseConv2d's derived dense weights: it changes whenever the values' contents change,
-however they were changed (in place, through .data, through a NumPy view), and whenever a pattern tensor is replaced
-or written in place; it stays the same while nothing changes. The extension's key and the Python fallback of a
-reference-only install behave alike."""
+"""weight_key, the key of SparseConv2d's derived dense weights: it changes whenever the contents of the values or of
+the pattern change, however they were changed (in place, through .data, through a NumPy view, under inference mode);
+it stays the same while they hold the same bytes. The extension's key and the Python fallback of a reference-only
+install behave alike."""
 from __future__ import annotations
 
 import pytest
@@ -52,20 +52,34 @@ def test_every_change_of_the_values_changes_the_key(key_of, change):
     assert key_of(values, row_ptr, col_idx) != before
 
 
-def test_a_replaced_or_edited_pattern_changes_the_key(key_of):
+@pytest.mark.parametrize("change", ["in_place", "numpy", "data", "inference_mode", "dtype"])
+def test_every_change_of_the_pattern_changes_the_key(key_of, change):
     values, row_ptr, col_idx = tensors()
     before = key_of(values, row_ptr, col_idx)
-    assert key_of(values, row_ptr, col_idx.clone()) != before  # another tensor (load_state_dict, .to())
-    col_idx[0] = 1  # an in-place write moves the version counter
+    if change == "in_place":
+        col_idx[0] = 1
+    elif change == "numpy":
+        col_idx.numpy()[1] = 0  # moves no version counter
+    elif change == "data":
+        row_ptr.data[1] = 19
+    elif change == "inference_mode":
+        with torch.inference_mode():  # load_state_dict under inference mode: an inference tensor written in place
+            frozen = col_idx.clone()
+        before = key_of(values, row_ptr, frozen)
+        with torch.inference_mode():
+            frozen[2] = 5
+        col_idx = frozen
+    else:
+        col_idx = col_idx.to(torch.int16)  # the compact form eval() builds
     assert key_of(values, row_ptr, col_idx) != before
-    assert key_of(values.detach().double(), row_ptr, col_idx) != key_of(values, row_ptr, col_idx)
 
 
-def test_inference_tensors_are_keyed_by_address(key_of):
+def test_the_key_follows_contents_not_identity(key_of):
     values, row_ptr, col_idx = tensors()
-    with torch.inference_mode():
-        frozen = col_idx.clone()
-    assert key_of(values, row_ptr, frozen) == key_of(values, row_ptr, frozen)
+    # A new tensor with the same contents (load_state_dict of the same state, a freed buffer's reused address) keys
+    # the same; another dtype of the values does not.
+    assert key_of(values, row_ptr.clone(), col_idx.clone()) == key_of(values, row_ptr, col_idx)
+    assert key_of(values.detach().double(), row_ptr, col_idx) != key_of(values, row_ptr, col_idx)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -12,7 +12,7 @@ from ptd_sparse._extension import extension_problem
 from ptd_sparse._validation import pair
 from ptd_sparse.backends import DENSE, SPARSE_CONV, choose_backend, requested_backend
 from ptd_sparse.conv_geometry import output_memory_format
-from ptd_sparse.fingerprint import version_of, weight_key
+from ptd_sparse.fingerprint import content_key, version_of, weight_key
 from ptd_sparse.functional import sparse_conv2d_indexed
 from ptd_sparse.native import sparse_conv2d as native_sparse_conv2d
 from ptd_sparse.nn import measured_route
@@ -122,13 +122,15 @@ class SparseConv2d(nn.Module):
                 self._cached_dense_weight()
 
     def _pattern_key(self) -> tuple:
-        # The pattern buffers by identity and version: they change only by load_state_dict, .to() or a rebuilt
-        # module, each of which moves one of those.
+        # On a CPU the pattern's contents: `.data` edits, NumPy writes and load_state_dict under inference mode move
+        # no version counter, and a freed buffer's address is reused (eval() builds a new col_idx). Elsewhere, where
+        # hashing would copy the pattern to the host, the buffers' address and version counter.
+        if self.row_ptr.device.type == "cpu":
+            return content_key(self.row_ptr, self.col_idx)
         return tuple(item for index in (self.row_ptr, self.col_idx) for item in (index.data_ptr(), version_of(index)))
 
     def _weight_key(self) -> tuple:
-        # The contents of values (what optimizers and users change, in place or not) and the pattern, as
-        # _pattern_key keys it.
+        # The contents of values (what optimizers and users change, in place or not) and of the pattern.
         return weight_key(self.values, self.row_ptr, self.col_idx)
 
     def _canonical_col_idx(self) -> Tensor:
