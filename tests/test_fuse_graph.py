@@ -4,6 +4,8 @@ exactly the steps it may (a ReLU module applied at two places, `out += identity;
 may not (an output read twice, an in-place addition into a tensor that other code reads)."""
 from __future__ import annotations
 
+import copy
+import pickle
 import sys
 from pathlib import Path
 
@@ -14,9 +16,8 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 import ptd_sparse
-from ptd_sparse.fuse_graph import add_relu_into
+from ptd_sparse.fuse_graph import add_relu_into, to_channels_last
 from ptd_sparse.nn import SparseConv2d
-from ptd_sparse.nn.activation_layout import keeps_channels_last
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import user_models  # noqa: E402
@@ -60,7 +61,8 @@ def test_resnet18_fuses_every_relu_and_addition_with_the_same_output(routes, cha
     assert all(fused.get_submodule(f"layer{i}.{j}.conv1").relu for i in range(1, 5) for j in range(2))
     # The model given is not changed (fuse_graph copies it by default).
     assert not any(sparse.get_submodule(f"layer{i}.{j}.conv1").relu for i in range(1, 5) for j in range(2))
-    assert keeps_channels_last(fused) == channels_last
+    # The channels_last conversion sparsify's pre-hook does runs inside the graph.
+    assert len(call_nodes(fused, lambda n: n.target is to_channels_last)) == (1 if channels_last else 0)
     for batch in (0, 1, 3):
         x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
@@ -77,6 +79,29 @@ def test_fused_model_keeps_the_routes_and_names_a_plan_reads():
     assert ptd_sparse.route_plan(fused) == ptd_sparse.route_plan(sparse)
     inplace = ptd_sparse.fuse_graph(sparse, inplace=True)
     assert inplace.get_submodule("layer1.0.conv1") is sparse.get_submodule("layer1.0.conv1")
+
+
+def layer_input_layouts(model) -> list[bool]:
+    """Whether each SparseConv2d of `model` gets a channels_last input, over one call on an NCHW batch."""
+    layouts = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: layouts.append(args[0].is_contiguous(
+        memory_format=torch.channels_last))) for m in model.modules() if isinstance(m, SparseConv2d)]
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    for hook in hooks:
+        hook.remove()
+    return layouts, out
+
+
+def test_copies_pickles_and_a_second_fusion_keep_the_graph():
+    sparse = ptd_sparse.sparsify(pruned_resnet18(), routes="sparse", memory_format=torch.channels_last)
+    fused = ptd_sparse.fuse_graph(sparse)
+    layouts, expected = layer_input_layouts(fused)
+    assert all(layouts)
+    for other in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused)), ptd_sparse.fuse_graph(fused)):
+        other_layouts, got = layer_input_layouts(other)
+        assert other_layouts == layouts
+        torch.testing.assert_close(got, expected)
 
 
 def test_gradients_match_with_autograd():
@@ -140,8 +165,42 @@ class ConvCalledTwice(nn.Module):
         return F.relu(self.conv(F.relu(self.conv(x))))
 
 
+class KeywordReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = sparse_conv()
+
+    def forward(self, x):
+        return torch.relu(input=self.conv(x) + x)  # the ReLU's input by keyword
+
+
+class IdentitySubclass(nn.Identity):
+    def forward(self, x):
+        return x * 2
+
+
+class ComputesInAnIdentity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = sparse_conv()
+        self.scale = IdentitySubclass()
+
+    def forward(self, x):
+        return self.scale(F.relu(self.conv(x)))
+
+
+class AddsANumber(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = sparse_conv()
+
+    def forward(self, x):
+        return F.relu(self.conv(x) + x.size(0))
+
+
 @pytest.mark.parametrize("model_type, fused_relus, fused_additions", [
-    (OutputReadTwice, 0, 0), (BroadcastResidual, 0, 1), (ConvCalledTwice, 0, 0)])
+    (OutputReadTwice, 0, 0), (BroadcastResidual, 0, 1), (ConvCalledTwice, 0, 0), (KeywordReLU, 0, 0),
+    (ComputesInAnIdentity, 1, 0), (AddsANumber, 0, 1)])
 def test_fuses_only_what_is_safe(model_type, fused_relus, fused_additions):
     torch.manual_seed(0)
     model = model_type().eval()
@@ -153,6 +212,30 @@ def test_fuses_only_what_is_safe(model_type, fused_relus, fused_additions):
     torch.testing.assert_close(got, expected)
     assert len(call_nodes(fused, lambda n: n.target is add_relu_into)) == fused_additions
     assert sum(m.relu for m in fused.modules() if isinstance(m, SparseConv2d)) == fused_relus
+
+
+def test_a_layer_with_forward_hooks_is_not_fused():
+    torch.manual_seed(0)
+    model = BroadcastResidual().eval()
+    seen = []
+    model.conv.register_forward_hook(lambda module, args, out: seen.append(out.clone()))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+        fused = ptd_sparse.fuse_graph(model, example_input=x)
+        got = fused(x)
+    torch.testing.assert_close(got, expected)
+    assert call_nodes(fused, lambda n: n.target is add_relu_into) == []
+    torch.testing.assert_close(seen[-1], seen[0])  # the hook saw the convolution's own output every time
+
+
+def test_the_example_check_leaves_training_state_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(sparse_conv(), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU()).train()
+    statistics = model[1].running_mean.clone()
+    fused = ptd_sparse.fuse_graph(model, example_input=torch.randn(2, 4, 6, 6))
+    torch.testing.assert_close(model[1].running_mean, statistics)  # eval mode: no statistics updated, no dropout
+    assert model.training and model[1].training and fused.training
 
 
 def test_a_graph_that_loses_an_in_place_addition_is_refused():
