@@ -147,8 +147,9 @@ def main() -> None:
               f"{ceiling['l1']:.1f} GMAC/s ({100 * ceiling['l1'] / peak:.1f}% of peak), from L2 {ceiling['l2']:.1f} "
               f"({100 * ceiling['l2'] / peak:.1f}%); two FMAs per load {ceiling['two_fmas_per_load']:.1f}, four "
               f"{ceiling['four_fmas_per_load']:.1f}; the kernel's own loop (rows of {TAPS_PER_ROW} listed taps, each "
-              f"row's tile reloaded) from L1 {ceiling['tap_rows_l1']:.1f} ({100 * ceiling['tap_rows_l1'] / peak:.1f}%), "
-              f"from L2 {ceiling['tap_rows_l2']:.1f} ({100 * ceiling['tap_rows_l2'] / peak:.1f}%)")
+              f"row's tile reloaded; tiles and taps streamed as in the kernel) with its input windows in L1 "
+              f"{ceiling['tap_rows_l1']:.1f} ({100 * ceiling['tap_rows_l1'] / peak:.1f}%), in L2 "
+              f"{ceiling['tap_rows_l2']:.1f} ({100 * ceiling['tap_rows_l2'] / peak:.1f}%)")
     print(f"{'isa':8} {'layer':22} {'batch':>5} {'density':>7} {'sparse ms':>10} {'GMAC/s':>7} {'of peak':>7} "
           f"{'of L1 ceil':>10} {'F.conv2d ms':>11} {'its GMAC/s':>10} {'speed-up':>8}")
     for row in rows:

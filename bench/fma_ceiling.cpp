@@ -56,7 +56,9 @@ __attribute__((noinline)) float fma_loop(const float* inputs, int64_t slots, con
 // The sparse kernel's loop as a chunked task runs it (csrc/cpu/tiled_conv_f32.h, forward_tiles and sum_taps): output
 // rows of `taps_per_row` taps, each tap an (offset, value) pair read from memory (the listed taps) and kAccumulators
 // FMAs loading the input vectors at that offset, each row's accumulators loaded from its tile in memory before its
-// taps and stored after them (once per row and chunk of input channels). Offsets are spread over the inputs.
+// taps and stored after them (once per row and chunk of input channels). Offsets are spread over the inputs, whose
+// footprint decides where the input loads are served; the 256 tiles (256 KiB on AVX-512) and the tap list stream
+// through the caches as a chunked task's do.
 struct Tap {
   int32_t offset;
   float value;
