@@ -113,7 +113,8 @@ def main() -> None:
                                  ptd_channels_last_ms=cl_ms, ptd_fused_graph_ms=fused_ms, routes=routes,
                                  speedup_vs_eager=eager_ms / ptd_ms, speedup_vs_best_dense=best_dense_ms / ptd_ms))
                 print(f"{name:>12} {pruning:>10} {sparsity:>8.3f} {batch:>5} {eager_ms:>9.2f} {best_dense_ms:>10.2f} "
-                      f"{nchw_ms:>9.2f} {cl_ms:>9.2f} {fused_ms:>9.2f} {eager_ms / ptd_ms:>8.2f} {best_dense_ms / ptd_ms:>8.2f}  "
+                      f"{nchw_ms:>9.2f} {cl_ms:>9.2f} {fused_ms:>9.2f} {eager_ms / ptd_ms:>8.2f} "
+                      f"{best_dense_ms / ptd_ms:>8.2f}  "
                       f"routes {routes}",
                       flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

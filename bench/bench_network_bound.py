@@ -45,15 +45,15 @@ NETWORKS = [("CIFAR VGG19 79%", lambda: pruned_model("vgg19", "authors"), 32),
 def convolution_macs(model: nn.Module, size: int) -> list[tuple[int, int]]:
     """(dense, nonzero) multiply-adds of each convolution of `model` for one size x size image."""
     positions = {}
-    hooks = [m.register_forward_hook(lambda module, _, out: positions.__setitem__(module, out.shape[-2] * out.shape[-1]))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    def record(module, _, out):
+        positions[module] = out.shape[-2] * out.shape[-1]
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         model(torch.randn(1, 3, size, size))
     for hook in hooks:
         hook.remove()
-    per_position = {m: m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3] for m in positions}
-    return [(m.weight.numel() * count, int((m.weight != 0).sum()) * count) for m, count in positions.items()
-            if per_position[m] > 0]
+    return [(m.weight.numel() * count, int((m.weight != 0).sum()) * count) for m, count in positions.items()]
 
 
 def main() -> None:
@@ -69,15 +69,16 @@ def main() -> None:
     ceilings = load_fed_ceilings(isa)
     ceiling, kernel_loop = ceilings["l1"], ceilings["tap_rows_l1"]
     print(f"CPU: {cpu_vector_extensions()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"peak (2048^3 sgemm, fastest of 3) {peak:.1f} GMAC/s; load-fed ceiling ({isa} copy, L1) {ceiling:.1f} GMAC/s "
+    print(f"peak (2048^3 sgemm, fastest of 3) {peak:.1f} GMAC/s; load-fed ceiling ({isa} copy, L1) {ceiling:.1f} "
+          f"GMAC/s "
           f"({100 * ceiling / peak:.1f}% of peak): a layer runs sparse at best below density {ceiling / peak:.2f}; the "
           f"kernel's own loop from L1 {kernel_loop:.1f} GMAC/s ({100 * kernel_loop / peak:.1f}%)")
     print(f"{'network':18} {'batch':>5} {'convs at peak':>13} {'bound':>8} {'kernel bound':>12} {'eager':>8} "
           f"{'best dense':>10} {'eager/bound':>11} {'dense/bound':>11} {'eager/kernel b.':>15}  (ms)")
     for label, build, size in NETWORKS:
         model = build()
-        macs = convolution_macs(model, size)
-        dense = eager_dense(model)
+        dense = eager_dense(model)  # weight * mask as plain layers: the zeros are in the weights
+        macs = convolution_macs(dense, size)
         for batch in args.batches:
             at_peak_ms = sum(d for d, _ in macs) * batch / peak / 1e6
             bound_ms = sum(min(d / peak, nz / ceiling) for d, nz in macs) * batch / 1e6

@@ -61,5 +61,4 @@ def weight_key(values: Tensor, row_ptr: Tensor, col_idx: Tensor) -> tuple:
     for tensor in (values, row_ptr, col_idx):
         if tensor.device.type != "cpu":
             raise ValueError(f"weight_key: values, row_ptr and col_idx must be on the CPU; got one on {tensor.device}")
-    return (_hash_bytes(values.detach()), str(values.dtype), values.numel(), _hash_bytes(row_ptr),
-            _hash_bytes(col_idx), str(col_idx.dtype), col_idx.numel())
+    return content_key(values, row_ptr, col_idx)

@@ -14,9 +14,9 @@ each call site is its own node, so:
 Everything else runs as the model's forward does, with the same modules. A layer with forward hooks is not fused
 (its hooks would see the fused output, or one overwritten by the addition after them); hooks registered on the fused
 graph's layers see what the layers compute there. A model whose inputs sparsify converts to channels_last does the
-conversion inside the graph (to_channels_last), so copies and pickles of the fused graph keep it. On a CIFAR-size torchvision-style
-ResNet18 this removes 16 of its 17 ReLU calls and makes its 8 additions single passes (docs/benchmarks.md, "On the
-Intel Xeon machine").
+conversion inside the graph (to_channels_last), so copies and pickles of the fused graph keep it. On a CIFAR-size
+torchvision-style ResNet18 this removes 16 of its 17 ReLU calls and makes its 8 additions single passes
+(docs/benchmarks.md, "On the Intel Xeon machine").
 
 The rewrite is exact: each fused step computes what the calls it replaces computed (max(0, x) in the kernel's
 epilogue, or the addition then max(0, .)), and add_relu_into falls back to the two operations wherever the in-place
